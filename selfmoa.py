@@ -1,6 +1,1302 @@
-"""selfmoa: Mixture-of-Agents, Self-MoA and Self-MoA-Seq (work in progress)."""
-__version__ = "0.1.0.dev0"
+#!/usr/bin/env python3
+"""selfmoa: Mixture-of-Agents, Self-MoA and Self-MoA-Seq in one standard-library file.
+
+This module is the reference implementation of the LLM ensembling methods of *Rethinking
+Mixture-of-Agents: Is Mixing Different Large Language Models Beneficial?* (Li, Lin, Xia, Jin, 2025,
+arXiv 2502.00674), built on *Mixture-of-Agents Enhances Large Language Model Capabilities* (Wang et al.,
+2024, arXiv 2406.04692). It talks to any OpenAI-compatible ``/v1/chat/completions`` server (vLLM, SGLang,
+llama.cpp, Ollama, hosted APIs), each model on its own server if you like. Copy this one file into a
+project and it works: it needs nothing outside the Python standard library (3.10 or newer).
+
+The three methods
+-----------------
+**MoA** (Wang et al.): several *proposer* models answer the prompt; an *aggregator* model receives their
+answers, numbered, in its system message and synthesizes one better answer. Layers stack: each proposer of
+layer ``l`` sees the answers of layer ``l - 1``. Layers are counted as the papers count them, the aggregator
+included: a 2-layer MoA is one layer of proposers plus the aggregator.
+
+**Self-MoA** (Li et al.): the proposers are one single model, the best one, sampled ``n`` times at a
+temperature above zero; the same model aggregates by default. Diversity comes from sampling one strong
+model, not from mixing weaker ones, and the paper finds it wins in most settings (AlpacaEval 2.0 LC 65.7
+vs 59.1 for mixed MoA; +3.8 points on average over MMLU, CRUX and MATH), because the aggregate is far more
+sensitive to the *quality* of the proposals than to their *diversity*.
+
+**Self-MoA-Seq** (Li et al.): a sequential Self-MoA for many samples. A sliding *window* of ``window``
+responses is aggregated per round: round 1 aggregates the first ``window`` samples; every later round
+aggregates the previous round's synthesis, repeated ``carry`` times to bias the aggregator towards it,
+together with the next ``window - carry`` new samples. Each round starts as soon as its samples exist,
+so samples can still be arriving. With ``n`` samples there are ``1 + ceil((n - window) / (window - carry))``
+rounds (one if ``n <= window``) and ``n`` + rounds calls.
+
+Public API
+----------
+==========================  =================================================================
+``moa``                     Mixture-of-Agents over layers of (possibly different) proposers
+``self_moa``                Self-MoA: ``n`` samples of one model, then one aggregation
+``self_moa_seq``            Self-MoA-Seq: rounds over a sliding window with a carried synthesis
+``HTTPClient``              the default completion function: OpenAI-compatible servers over HTTP
+``Endpoint``                one server: base URL and the API key that belongs to it
+``Request`` / ``Reply``     what crosses the seam between the methods and a model
+``Result`` / ``Call``       the final answer, with a trace of every call made
+``inject_references``       the aggregator prompt: messages + instruction + numbered references
+``read_references``         the inverse: the references an aggregator prompt holds
+``seq_rounds``              the number of Self-MoA-Seq rounds for ``n``, ``window``, ``carry``
+``run_batch``               many prompts, concurrently, written out line by line, resumable
+``vendi_score``             the diversity of a set of outputs (Vendi score)
+``main``                    the command line
+==========================  =================================================================
+
+Errors form one small tree, rooted in ``SelfMoAError``::
+
+    SelfMoAError
+     +-- ConfigError            a bad argument, flag or input file (also a ValueError)
+     +-- ModelError             a model call failed for good: model, url, status, body, attempts
+     +-- NotEnoughProposals     fewer than ``min_ok`` proposers of a layer succeeded
+
+Every error raised after work began carries that work as ``error.partial`` (a ``Result``).
+
+Usage
+-----
+A model is anything that takes a ``Request`` and returns text: ``HTTPClient`` for real servers, or a plain
+function in tests and lessons. Here is a toy model that reports what it saw:
+
+>>> def toy(request):
+...     refs = read_references(request.messages)
+...     return f"{request.model} read {len(refs)} responses" if refs else f"{request.model} draft"
+>>> result = moa("Name a prime.", proposers=["a", "b", "c"], aggregator="z", complete=toy)
+>>> result.answer
+'z read 3 responses'
+>>> [(call.role, call.model) for call in result.trace]
+[('proposer', 'a'), ('proposer', 'b'), ('proposer', 'c'), ('aggregator', 'z')]
+
+Self-MoA asks one model for ``n`` samples, then aggregates them. The samples go in one request with ``n``;
+``toy`` returns a single text, as a server that ignores ``n`` does, so the missing samples are asked for one
+by one (sample ``i`` with seed ``seed + i``):
+
+>>> result = self_moa("Name a prime.", "a", n=4, complete=toy, seed=7)
+>>> result.answer, result.calls, result.requests
+('a read 4 responses', 5, 5)
+>>> [(call.indices, call.n, call.seed) for call in result.trace]
+[([0, 1, 2, 3], 4, 7), ([1], 1, 8), ([2], 1, 9), ([3], 1, 10), ([0], 1, 7)]
+
+Self-MoA-Seq aggregates 10 samples through a window of 6 that carries the synthesis 3 times:
+
+>>> result = self_moa_seq("Name a prime.", "a", n=10, window=6, carry=3, complete=toy)
+>>> [(call.round, call.carried, call.references) for call in result.trace if call.role == "aggregator"]
+[(1, 0, [0, 1, 2, 3, 4, 5]), (2, 3, [6, 7, 8]), (3, 3, [9])]
+>>> seq_rounds(30, window=6, carry=3)
+9
+
+Against a real server, pass an ``HTTPClient``; give each model its own endpoint where needed::
+
+    client = HTTPClient("http://localhost:8000/v1",                    # vLLM, serving "qwen"
+                        endpoints={"gpt-4o": Endpoint("https://api.openai.com/v1", api_key=KEY)})
+    print(self_moa("Explain RAID 5.", "qwen", n=6, complete=client).answer)
+
+On the command line (``python selfmoa.py --help`` for every flag)::
+
+    selfmoa --base-url http://localhost:8000/v1 -m qwen "Explain RAID 5."
+    selfmoa --method moa -p qwen -p llama -p mistral -a qwen "Explain RAID 5."
+    selfmoa --method self-moa-seq -m qwen -n 30 --window 6 --carry 3 --json "Explain RAID 5."
+    selfmoa -m qwen -i prompts.jsonl -o answers.jsonl          # batch; re-run to resume
+
+The exact behaviour (invariants, wire format, prompt format) is specified in the ``spec/`` folder of the
+project; the tests check every invariant by name.
+
+Licence: MIT. Copyright (c) 2026 the selfmoa authors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import email.utils
+import hashlib
+import http.client
+import itertools
+import json
+import math
+import os
+import queue
+import random
+import re
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Union
+
+__version__ = "0.1.0"
+__all__ = [
+    "Call",
+    "ConfigError",
+    "DEFAULT_INSTRUCTION",
+    "Endpoint",
+    "HTTPClient",
+    "ModelError",
+    "NotEnoughProposals",
+    "Reply",
+    "Request",
+    "Result",
+    "SelfMoAError",
+    "inject_references",
+    "main",
+    "moa",
+    "read_references",
+    "run_batch",
+    "self_moa",
+    "self_moa_seq",
+    "seq_rounds",
+    "vendi_score",
+]
 
 
-def main(argv=None):
-    return 0
+# ======================================================================================================
+# Errors
+# ======================================================================================================
+
+
+class SelfMoAError(Exception):
+    """The root of every error selfmoa raises on purpose.
+
+    ``partial`` holds the work done before the error (a ``Result`` whose trace lists every call made), or
+    ``None`` when nothing had been done yet.
+    """
+
+    partial: Result | None = None
+
+
+class ConfigError(SelfMoAError, ValueError):
+    """A bad argument, command-line flag or input file. The message names it and says how to fix it."""
+
+
+class ModelError(SelfMoAError):
+    """A model call that failed for good (retries, if any, are spent).
+
+    Carries ``model``, ``url`` (the endpoint, without credentials), ``status`` (the HTTP status, or
+    ``None`` when no response came), ``body`` (the start of the server's reply), ``attempts`` and
+    ``retryable`` (whether the last failure was of a kind worth retrying later).
+    """
+
+    def __init__(self, message: str, *, model: str = "", url: str = "", status: int | None = None,
+                 body: str = "", attempts: int = 1, retryable: bool = False):
+        self.message, self.model, self.url, self.status = message, model, url, status
+        self.body, self.attempts, self.retryable = body, attempts, retryable
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        where = f"model {self.model!r}" + (f" at {self.url}" if self.url else "")
+        status = f"HTTP {self.status}: " if self.status is not None else ""
+        tries = f" (after {self.attempts} attempts)" if self.attempts > 1 else ""
+        body = f"; server said: {self.body}" if self.body else ""
+        return f"{where}: {status}{self.message}{tries}{body}"
+
+
+class NotEnoughProposals(SelfMoAError):
+    """Fewer than ``min_ok`` proposers of a layer (or samples of Self-MoA-Seq) succeeded.
+
+    ``failures`` lists the ``ModelError`` of each failed proposer, in configuration order.
+    """
+
+    def __init__(self, message: str, failures: Sequence[ModelError] = ()):
+        self.failures = list(failures)
+        super().__init__(message)
+
+
+def _check(ok: bool, name: str, value: Any, why: str, fix: str) -> None:
+    """Refuse a bad public argument, naming it, its value, the reason and the fix."""
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}; {fix}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ======================================================================================================
+# The aggregator prompt
+# ======================================================================================================
+#
+# An aggregator (and every proposer from layer 2 on) receives the caller's messages with an instruction
+# and the numbered references added to the system message. Each reference sits between two marker lines
+# that carry a key found in none of the texts, so no proposer output, whatever it contains, can fake
+# where a reference begins or ends. spec/wire.md section 6 fixes this format to the byte.
+
+DEFAULT_INSTRUCTION = (
+    "Several AI assistants have answered the latest user message. Their responses are listed below. "
+    "Synthesize them into one response of the highest quality. Weigh each response critically: some may "
+    "be wrong, biased or incomplete, so do not simply copy any one of them. Give a single reply that is "
+    "accurate, complete and well organised, and that follows the user's instructions."
+)
+REFERENCES_HEADER = "Responses from models:"
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+Prompt = Union[str, Sequence[Message]]
+
+
+def as_messages(prompt: Prompt) -> list[Message]:
+    """Turn a prompt into chat messages, checking their shape.
+
+    >>> as_messages("Hi")
+    [{'role': 'user', 'content': 'Hi'}]
+    """
+    if isinstance(prompt, str):
+        _check(prompt.strip() != "", "prompt", prompt, "the prompt is empty", "pass the question to ask")
+        return [{"role": "user", "content": prompt}]
+    _check(isinstance(prompt, Sequence) and len(prompt) > 0, "prompt", prompt,
+           "a prompt is a string or a non-empty list of chat messages", 'pass "text" or [{"role": "user", ...}]')
+    messages = []
+    for i, message in enumerate(prompt):
+        _check(isinstance(message, Mapping) and isinstance(message.get("role"), str)
+               and isinstance(message.get("content"), str), f"prompt[{i}]", message,
+               "each message needs a string 'role' and a string 'content'",
+               'write it as {"role": "user", "content": "..."}')
+        messages.append(dict(message))
+    return messages
+
+
+def reference_key(texts: Sequence[str]) -> str:
+    """The 8-hex-digit key of a reference block: derived from the texts, and found in none of them.
+
+    >>> reference_key(["4", "5"])
+    'a45a6337'
+    """
+    joined = "\0".join(texts)
+    for counter in itertools.count():
+        key = hashlib.sha256(f"{joined}\0{counter}".encode("utf-8")).hexdigest()[:8]
+        if not any(key in text for text in texts):
+            return key
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def format_references(references: Sequence[str], instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """The system-message block: the instruction, a header, then each reference between its markers.
+
+    >>> print(format_references(["Paris.", "Lyon."], instruction="Combine these."))
+    Combine these.
+    <BLANKLINE>
+    Responses from models:
+    <BLANKLINE>
+    <<<response 1 of 2, key 29d190ab>>>
+    Paris.
+    <<<end of response 1, key 29d190ab>>>
+    <BLANKLINE>
+    <<<response 2 of 2, key 29d190ab>>>
+    Lyon.
+    <<<end of response 2, key 29d190ab>>>
+    """
+    key, count = reference_key(references), len(references)
+    blocks = [f"<<<response {i} of {count}, key {key}>>>\n{text}\n<<<end of response {i}, key {key}>>>"
+              for i, text in enumerate(references, 1)]
+    return f"{instruction}\n\n{REFERENCES_HEADER}\n\n" + "\n\n".join(blocks)
+
+
+def inject_references(messages: Sequence[Message], references: Sequence[str],
+                      instruction: str = DEFAULT_INSTRUCTION) -> list[Message]:
+    """A new message list: ``messages`` with the instruction and references in the system message.
+
+    An existing system message gets the block appended after a blank line; otherwise one system message
+    is put first. The other messages pass through unchanged, and ``messages`` itself is never modified.
+    With no references, the messages come back as they are (a copy).
+
+    >>> inject_references([{"role": "user", "content": "Q"}], ["A1"], "Merge.")[0]["content"][:32]
+    'Merge.\\n\\nResponses from models:\\n\\n'
+    >>> inject_references([{"role": "system", "content": "Be brief."}], ["A1"], "Merge.")[0]["content"][:18]
+    'Be brief.\\n\\nMerge.\\n'
+    """
+    out = [dict(message) for message in messages]
+    if not references:
+        return out
+    block = format_references(references, instruction)
+    if out and out[0].get("role") == "system":
+        out[0]["content"] = f"{out[0]['content']}\n\n{block}"
+    else:
+        out.insert(0, {"role": "system", "content": block})
+    return out
+
+
+_FIRST_MARKER = re.compile(r"^<<<response 1 of (\d+), key ([0-9a-f]{8})>>>$", re.MULTILINE)
+
+
+def read_references(prompt: str | Sequence[Message]) -> list[str]:
+    """The references held by an aggregator prompt (a system text or a message list), in order.
+
+    >>> read_references(inject_references([{"role": "user", "content": "Q"}], ["x", "<<<end of response 1"]))
+    ['x', '<<<end of response 1']
+    >>> read_references([{"role": "user", "content": "no references here"}])
+    []
+    """
+    if not isinstance(prompt, str):
+        system = [m["content"] for m in prompt[:1] if m.get("role") == "system"]
+        prompt = system[0] if system else ""
+    found = _FIRST_MARKER.search(prompt)
+    if not found:
+        return []
+    count, key = int(found.group(1)), found.group(2)
+    references, position = [], found.start()
+    for i in range(1, count + 1):
+        begin = f"<<<response {i} of {count}, key {key}>>>\n"
+        end = f"\n<<<end of response {i}, key {key}>>>"
+        start = prompt.find(begin, position)
+        stop = prompt.find(end, start + len(begin) - 1) if start >= 0 else -1
+        if start < 0 or stop < 0:
+            break
+        references.append(prompt[start + len(begin):stop])
+        position = stop + len(end)
+    return references
+
+
+# ======================================================================================================
+# The seam: every model call goes through one completion function
+# ======================================================================================================
+#
+# A completion function takes a Request and returns a Reply, a string or a list of strings. It may return
+# fewer texts than request.n (some servers ignore n); the methods then ask for each missing sample in a
+# request of its own. It signals a failed call by raising ModelError; anything else it raises is treated
+# as a bug and propagates. HTTPClient is the completion function for real servers.
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One chat-completion request, as the methods hand it to the completion function."""
+
+    model: str
+    messages: tuple  # of Message dicts; never mutated
+    temperature: float = 0.7
+    max_tokens: int | None = None
+    n: int = 1
+    seed: int | None = None
+    stream: Callable[[str], None] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+
+@dataclasses.dataclass
+class Reply:
+    """What a completion function returns: one text per choice, with what the server reported."""
+
+    texts: list[str]
+    finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    retries: int = 0
+    url: str | None = None
+
+
+def _as_reply(value: Any, request: Request) -> Reply:
+    """Normalise what a completion function returned; refuse anything that is not text."""
+    if isinstance(value, str):
+        value = Reply([value])
+    elif isinstance(value, (list, tuple)) and all(isinstance(text, str) for text in value):
+        value = Reply(list(value))
+    if not isinstance(value, Reply) or not all(isinstance(text, str) for text in value.texts):
+        raise TypeError(f"a completion function must return a Reply, a str or a list of str, "
+                        f"not {type(value).__name__} (model {request.model!r})")
+    if not value.texts:
+        raise ModelError("the reply holds no choices", model=request.model, url=value.url or "")
+    value.texts = value.texts[:request.n]
+    value.finish_reasons = (list(value.finish_reasons) + [None] * request.n)[:len(value.texts)]
+    return value
+
+
+# ======================================================================================================
+# HTTPClient: the completion function for OpenAI-compatible servers
+# ======================================================================================================
+
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class Endpoint:
+    """One OpenAI-compatible server: its base URL (ending in ``/v1``) and the API key that belongs to it.
+
+    The key is sent to this URL only, and never shown: not in ``repr``, traces or error messages.
+
+    >>> Endpoint("http://localhost:8080/v1", api_key="sk-secret")
+    Endpoint('http://localhost:8080/v1', api_key='***')
+    """
+
+    __slots__ = ("base_url", "api_key", "_parts")
+
+    def __init__(self, base_url: str, api_key: str | None = None):
+        parts = urllib.parse.urlsplit(base_url) if isinstance(base_url, str) else None
+        _check(parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname),
+               "base_url", _public_url(base_url) if isinstance(base_url, str) else base_url,
+               "it is not an http(s) URL", "pass a URL like http://localhost:8000/v1")
+        _check(api_key is None or (isinstance(api_key, str) and "\n" not in api_key), "api_key", "***",
+               "an API key is a single-line string", "pass the key itself, or None")
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key or None
+        self._parts = parts
+
+    def __repr__(self) -> str:
+        key = ", api_key='***'" if self.api_key else ""
+        return f"Endpoint({_public_url(self.base_url)!r}{key})"
+
+    @property
+    def url(self) -> str:
+        """The chat-completions URL, without credentials: safe to show."""
+        return _public_url(self.base_url) + "/chat/completions"
+
+
+def _public_url(url: str) -> str:
+    """A URL with any user:password and query string removed, so that it can be shown.
+
+    >>> _public_url("https://user:pw@example.com:8443/v1?api-key=s")
+    'https://example.com:8443/v1'
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class _Retry(Exception):
+    """Internal: a failure worth retrying (a 429, a 5xx, a timeout, a dropped or truncated reply)."""
+
+    def __init__(self, message: str, status: int | None = None, body: str = "",
+                 retry_after: float | None = None, stale: bool = False):
+        super().__init__(message)
+        self.message, self.status, self.body = message, status, body
+        self.retry_after, self.stale = retry_after, stale
+
+
+class HTTPClient:
+    """A completion function that calls ``POST {base_url}/chat/completions`` over HTTP(S).
+
+    - ``base_url`` / ``api_key``: the default endpoint; ``endpoints`` maps a model name to its own
+      ``Endpoint`` (or a URL string), so a local vLLM model and a hosted model can be mixed. A key is only
+      ever sent to the endpoint it was given with.
+    - Connections are kept alive and reused (one per thread and host). Every call has a ``timeout`` (seconds
+      for connecting and for each read).
+    - 408, 409, 429 and 5xx replies, timeouts, refused, dropped or truncated connections are retried up to
+      ``retries`` times with exponential backoff and full jitter (``backoff`` doubling up to ``max_backoff``
+      seconds), waiting at least what ``Retry-After`` asks (unless that exceeds ``max_retry_after``, which
+      fails at once). Other 4xx replies fail at once. A failure raises ``ModelError``, never returns ``None``.
+    - ``n > 1`` is sent as one request; the reply may hold fewer choices if the server ignores ``n``.
+    - With ``request.stream`` set, the reply is streamed (server-sent events) and each text piece is
+      passed to ``request.stream`` as it arrives.
+    """
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 endpoints: Mapping[str, Endpoint | str] | None = None, timeout: float = 120.0,
+                 retries: int = 4, backoff: float = 0.5, max_backoff: float = 30.0,
+                 max_retry_after: float = 120.0, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None):
+        self.default = Endpoint(base_url, api_key) if base_url is not None else None
+        _check(api_key is None or base_url is not None, "api_key", "***",
+               "a key needs the endpoint it belongs to", "pass base_url too")
+        self.endpoints: dict[str, Endpoint] = {}
+        for model, endpoint in (endpoints or {}).items():
+            _check(isinstance(model, str) and model != "", "endpoints", model, "a model name is a non-empty string",
+                   'map names to endpoints: {"qwen": Endpoint("http://host:8000/v1")}')
+            self.endpoints[model] = endpoint if isinstance(endpoint, Endpoint) else Endpoint(endpoint)
+        for name, value, low in (("timeout", timeout, 0), ("backoff", backoff, 0), ("max_backoff", max_backoff, 0),
+                                 ("max_retry_after", max_retry_after, 0)):
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
+                   and math.isfinite(value) and (name != "timeout" or value > 0), name, value,
+                   "it must be a finite number of seconds" + (" above 0" if name == "timeout" else " >= 0"),
+                   f"pass e.g. {name}=30")
+        _check(_is_int(retries) and retries >= 0, "retries", retries, "it counts extra attempts",
+               "pass an integer >= 0 (0 disables retrying)")
+        self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
+        self.max_retry_after, self.sleep = max_retry_after, sleep
+        self.rng = rng or random.Random()
+        self._local = threading.local()
+        self._all_connections: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"HTTPClient(default={self.default!r}, endpoints={self.endpoints!r})"
+
+    def endpoint_for(self, model: str) -> Endpoint:
+        """The endpoint that serves ``model``: its own if it has one, else the default."""
+        endpoint = self.endpoints.get(model, self.default)
+        if endpoint is None:
+            raise ConfigError(f"model {model!r} has no endpoint: give HTTPClient a base_url, or "
+                              f"endpoints={{{model!r}: Endpoint(...)}} (on the command line: --base-url "
+                              f"or --endpoint {model}=URL)")
+        return endpoint
+
+    def __call__(self, request: Request) -> Reply:
+        endpoint = self.endpoint_for(request.model)
+        body: dict[str, Any] = {"model": request.model, "messages": list(request.messages),
+                                "temperature": request.temperature}
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.n > 1:
+            body["n"] = request.n
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.stream is not None:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        attempt, retries = 0, 0
+        while True:
+            attempt += 1
+            try:
+                reply = self._send(endpoint, payload, request)
+                reply.retries = retries
+                return reply
+            except _Retry as failure:
+                if failure.stale and attempt == 1:
+                    continue  # a kept-alive connection the server had closed: reconnect, not a retry
+                wait = min(self.max_backoff, self.backoff * 2 ** retries) * self.rng.random()
+                if failure.retry_after is not None:
+                    if failure.retry_after > self.max_retry_after:
+                        raise self._error(endpoint, request, f"{failure.message}; the server asked to wait "
+                                          f"{failure.retry_after:g} s, more than max_retry_after="
+                                          f"{self.max_retry_after:g}", failure, attempt) from failure
+                    wait = max(wait, failure.retry_after)
+                if retries >= self.retries:
+                    raise self._error(endpoint, request, failure.message, failure, attempt) from failure
+                retries += 1
+                self.sleep(wait)
+
+    def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None,
+               attempts: int, status: int | None = None, body: str = "", retryable: bool = True) -> ModelError:
+        if failure is not None:
+            status, body = failure.status, failure.body
+        return ModelError(message, model=request.model, url=endpoint.url, status=status,
+                          body=_redact(body, endpoint.api_key), attempts=attempts, retryable=retryable)
+
+    def _connection(self, endpoint: Endpoint, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's kept-alive connection to the endpoint's host, and whether it was used before."""
+        parts = endpoint._parts
+        host_key = (parts.scheme, parts.hostname, parts.port)
+        pool = getattr(self._local, "connections", None)
+        if pool is None:
+            pool = self._local.connections = {}
+        connection = pool.get(host_key)
+        if connection is not None and not fresh:
+            return connection, True
+        if connection is not None:
+            connection.close()
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=self.timeout)
+        pool[host_key] = connection
+        with self._lock:
+            self._all_connections.append(connection)
+        return connection, False
+
+    def _send(self, endpoint: Endpoint, payload: bytes, request: Request) -> Reply:
+        """One attempt: send, read, parse. Raises _Retry for what may pass, ModelError for what will not."""
+        connection, reused = self._connection(endpoint)
+        parts = endpoint._parts
+        path = (parts.path.rstrip("/") + "/chat/completions") + (f"?{parts.query}" if parts.query else "")
+        headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
+                   "Accept": "text/event-stream" if request.stream else "application/json"}
+        if endpoint.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        try:
+            connection.request("POST", path, body=payload, headers=headers)
+            response = connection.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+            connection.close()
+            raise _Retry(f"connection dropped before a reply ({type(exc).__name__})", stale=reused) from None
+        except (TimeoutError, socket.timeout):
+            connection.close()
+            raise _Retry(f"no reply within timeout={self.timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise _Retry(f"could not reach the server ({type(exc).__name__}: {exc})") from None
+        try:
+            if response.status != 200 or not request.stream:
+                raw = response.read()
+            else:
+                return self._read_stream(response, endpoint, request)
+        except (TimeoutError, socket.timeout):
+            connection.close()
+            raise _Retry(f"the reply stalled beyond timeout={self.timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise _Retry(f"the reply was cut off ({type(exc).__name__})") from None
+        if response.will_close:
+            connection.close()
+        text = raw.decode("utf-8", errors="replace")
+        if response.status != 200:
+            detail = _error_message(text)
+            retry_after = _retry_after(response.getheader("Retry-After"))
+            if response.status in RETRY_STATUSES:
+                raise _Retry(detail, status=response.status, body=text[:500], retry_after=retry_after)
+            raise self._error(endpoint, request, detail, None, 1, status=response.status, body=text[:500],
+                              retryable=False)
+        return self._parse(text, endpoint, request)
+
+    def _parse(self, text: str, endpoint: Endpoint, request: Request) -> Reply:
+        """A chat-completions JSON body -> Reply, or a ModelError that says what is wrong with it."""
+        def bad(what: str) -> ModelError:
+            return self._error(endpoint, request, f"the reply is not a chat completion: {what}", None, 1,
+                               status=200, body=text[:500], retryable=False)
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise bad("its body is not JSON") from None
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or not choices:
+            raise bad("it has no 'choices' list")
+        texts, reasons = [], []
+        for choice in sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0):
+            message = choice.get("message") if isinstance(choice, dict) else None
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, str):
+                raise bad("a choice has no string 'message.content'")
+            texts.append(content)
+            reasons.append(choice.get("finish_reason"))
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        return Reply(texts, reasons, _int_or_none(usage.get("prompt_tokens")),
+                     _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
+
+    def _read_stream(self, response: http.client.HTTPResponse, endpoint: Endpoint, request: Request) -> Reply:
+        """Read server-sent events, passing each text piece on as it arrives."""
+        pieces: list[str] = []
+        reason, usage = None, {}
+        try:
+            for raw in response:
+                line = raw.decode("utf-8", errors="replace").strip()
+                if not line.startswith("data:"):
+                    continue  # blank lines between events, ":" comments, "event:" fields
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise self._error(endpoint, request, "a streamed event is not JSON", None, 1, status=200,
+                                      body=data[:500], retryable=False) from None
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    piece = delta.get("content")
+                    if isinstance(piece, str) and piece:
+                        pieces.append(piece)
+                        request.stream(piece)
+                    reason = choice.get("finish_reason") or reason
+            else:
+                raise OSError("the stream ended without data: [DONE]")
+        except (OSError, http.client.HTTPException) as exc:
+            response.close()
+            message = f"the stream broke ({type(exc).__name__}: {exc})"
+            if not pieces:
+                raise _Retry(message) from None
+            raise self._error(endpoint, request, f"{message} after {sum(map(len, pieces))} characters had "
+                              f"been streamed", None, 1, status=200) from None
+        return Reply(["".join(pieces)], [reason], _int_or_none(usage.get("prompt_tokens")),
+                     _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
+
+    def close(self) -> None:
+        """Close every kept-alive connection this client opened, in all threads."""
+        with self._lock:
+            connections, self._all_connections = self._all_connections, []
+        for connection in connections:
+            connection.close()
+
+    def __enter__(self) -> HTTPClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if _is_int(value) else None
+
+
+def _redact(text: str, secret: str | None) -> str:
+    """``text`` with every occurrence of ``secret`` blanked out."""
+    return text.replace(secret, "***") if secret else text
+
+
+def _error_message(body: str) -> str:
+    """The message of an OpenAI-shaped error body, or the start of whatever the body is."""
+    try:
+        error = json.loads(body).get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"][:300]
+        if isinstance(error, str):
+            return error[:300]
+    except (ValueError, AttributeError):
+        pass
+    return (body.strip()[:300] or "(empty body)")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (a number or an HTTP date); None if absent or unreadable.
+
+    >>> _retry_after("3"), _retry_after(None), _retry_after("soon")
+    (3.0, None, None)
+    """
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+# ======================================================================================================
+# Results and traces
+# ======================================================================================================
+
+
+@dataclasses.dataclass
+class Call:
+    """One request in a trace: who was asked, what went in, what came out, and what it cost.
+
+    ``indices`` are the proposer positions (MoA) or sample numbers (Self-MoA-Seq) the request asked for
+    (``outputs`` holds fewer when the server ignored ``n``; the rest then have requests of their own);
+    ``references`` the positions, in the previous layer, of the responses it was shown, in order (for a
+    Self-MoA-Seq round: the numbers of the new samples); ``carried`` how many copies of the previous
+    round's synthesis came first. Token counts are ``None`` when the server did not report them.
+    """
+
+    role: str  # "proposer" or "aggregator"
+    layer: int
+    model: str
+    indices: list[int]
+    references: list[int] = dataclasses.field(default_factory=list)
+    round: int | None = None
+    carried: int = 0
+    n: int = 1
+    seed: int | None = None
+    temperature: float = 0.7
+    max_tokens: int | None = None
+    outputs: list[str] = dataclasses.field(default_factory=list)
+    finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency: float = 0.0
+    retries: int = 0
+    url: str | None = None
+    error: str | None = None
+
+    def sort_key(self) -> tuple:
+        """Trace order: by layer, round, proposers before the aggregator, position; never by timing."""
+        return (self.layer, self.round or 0, self.role == "aggregator", self.indices[0] if self.indices else 0,
+                -self.n)
+
+
+@dataclasses.dataclass
+class Result:
+    """The final answer of a method, with every call made (``trace``) and the totals.
+
+    ``calls`` counts the generations the paper counts (each sample and each aggregation is one);
+    ``requests`` counts HTTP requests (one request can carry ``n`` samples).
+    """
+
+    answer: str
+    method: str
+    trace: list[Call]
+    params: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def calls(self) -> int:
+        return sum(len(call.outputs) for call in self.trace)
+
+    @property
+    def requests(self) -> int:
+        return len(self.trace)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Token totals over the trace; ``unreported`` counts requests whose server gave no usage."""
+        prompt = sum(call.prompt_tokens or 0 for call in self.trace)
+        completion = sum(call.completion_tokens or 0 for call in self.trace)
+        unreported = sum(call.prompt_tokens is None and call.error is None for call in self.trace)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion, "unreported": unreported}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON-serialisable data."""
+        return {"answer": self.answer, "method": self.method, "params": self.params,
+                "calls": self.calls, "requests": self.requests,
+                "retries": sum(call.retries for call in self.trace), "usage": self.usage,
+                "trace": [dataclasses.asdict(call) for call in self.trace]}
+
+
+# ======================================================================================================
+# Running calls: a bounded pool, and one run's bookkeeping
+# ======================================================================================================
+
+
+class _Pool:
+    """A fixed number of worker threads taking calls in priority order (lowest first, then FIFO).
+
+    Priorities let an aggregation that is ready jump ahead of samples still queued, and, in a batch, let
+    earlier items finish first. Unlike ThreadPoolExecutor, a queued call can be overtaken.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def submit(self, priority: tuple, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((priority, next(self._order), future, fn, args))
+        with self._lock:
+            if len(self._threads) < self.workers:
+                thread = threading.Thread(target=self._work, name=f"selfmoa-{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            _, _, future, fn, args = self._queue.get()
+            if future is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Cancel what is still queued and let the workers finish their current call and stop."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        while True:
+            try:
+                _, _, future, _, _ = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if future is not None:
+                future.cancel()
+        for _ in threads:
+            self._queue.put(((math.inf,), next(self._order), None, None, None))
+
+
+Outcome = Union[str, ModelError]  # a sample's text, or why it failed
+
+
+class _Run:
+    """One method run: the completion function, the pool, and the trace of every request made."""
+
+    def __init__(self, complete: Callable[[Request], Any], pool: _Pool, priority: tuple = ()):
+        self.complete, self.pool, self.priority = complete, pool, priority
+        self.trace: list[Call] = []
+        self._lock = threading.Lock()
+
+    def request(self, rank: tuple, call: Call, request: Request) -> concurrent.futures.Future:
+        """Queue one request; its future gives the Reply, or the ModelError the call failed with."""
+        return self.pool.submit(self.priority + rank, self._call, call, request)
+
+    def _call(self, call: Call, request: Request) -> Reply | ModelError:
+        started = time.perf_counter()
+        try:
+            outcome: Reply | ModelError = _as_reply(self.complete(request), request)
+        except ModelError as exc:
+            outcome = exc
+        call.latency = round(time.perf_counter() - started, 6)
+        if isinstance(outcome, ModelError):
+            call.error, call.url = str(outcome), outcome.url or None
+            call.retries = max(0, outcome.attempts - 1)
+        else:
+            call.outputs, call.finish_reasons = outcome.texts, outcome.finish_reasons
+            call.prompt_tokens, call.completion_tokens = outcome.prompt_tokens, outcome.completion_tokens
+            call.retries, call.url = outcome.retries, outcome.url
+        with self._lock:
+            self.trace.append(call)
+        return outcome
+
+    def samples(self, rank: tuple, layer: int, model: str, messages: list[Message], first: int, count: int,
+                references: list[int], params: _Params, group: bool) -> list[concurrent.futures.Future]:
+        """Ask ``model`` for samples ``first .. first+count-1`` of one prompt: one future per sample.
+
+        With ``group``, all ``count`` samples go in one request with ``n = count`` and seed ``S + first``;
+        any the server did not return are then asked for one by one, sample ``i`` with seed ``S + i``
+        (spec/wire.md section 4). Each future resolves as soon as its own sample exists.
+        """
+        slots = [concurrent.futures.Future() for _ in range(count)]
+        frozen = tuple(messages)
+
+        def ask(start: int, size: int) -> None:
+            seed = None if params.seed is None else params.seed + first + start
+            call = Call("proposer", layer, model, list(range(first + start, first + start + size)),
+                        list(references), n=size, seed=seed, temperature=params.temperature,
+                        max_tokens=params.max_tokens)
+            request = Request(model, frozen, params.temperature, params.max_tokens, size, seed)
+            future = self.request(rank + (first + start,), call, request)
+            future.add_done_callback(lambda done: deliver(start, size, done))
+
+        def deliver(start: int, size: int, done: concurrent.futures.Future) -> None:
+            try:
+                outcome = done.result()
+            except BaseException as exc:  # a bug in the completion function: surface it to the waiter
+                for slot in slots[start:start + size]:
+                    slot.set_exception(exc)
+                return
+            if isinstance(outcome, ModelError):
+                for slot in slots[start:start + size]:
+                    slot.set_result(outcome)
+                return
+            for offset, text in enumerate(outcome.texts):
+                slots[start + offset].set_result(text)
+            for missing in range(start + len(outcome.texts), start + size):
+                ask(missing, 1)  # the server ignored n: one request per missing sample
+
+        if group:
+            ask(0, count)
+        else:
+            for start in range(count):
+                ask(start, 1)
+        return slots
+
+    def aggregate(self, rank: tuple, call: Call, messages: list[Message], params: _Params,
+                  stream: Callable[[str], None] | None = None) -> str:
+        """One aggregation call, waited for. A failure raises its ModelError."""
+        request = Request(call.model, tuple(messages), params.temperature, params.max_tokens, 1, params.seed,
+                          stream)
+        call.seed, call.temperature, call.max_tokens = params.seed, params.temperature, params.max_tokens
+        outcome = self.request(rank, call, request).result()
+        if isinstance(outcome, ModelError):
+            raise outcome
+        return outcome.texts[0]
+
+    def sorted_trace(self) -> list[Call]:
+        with self._lock:
+            return sorted(self.trace, key=Call.sort_key)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Params:
+    """Sampling parameters of one role (proposers or aggregator)."""
+
+    temperature: float
+    max_tokens: int | None
+    seed: int | None
+
+
+def _start(complete: Any, concurrency: int, pool: _Pool | None) -> tuple[_Pool, bool]:
+    """The pool to run on: the caller's (a batch shares one), or a new one owned by this run."""
+    _check(callable(complete), "complete", complete, "it is the completion function every call goes through",
+           'pass complete=HTTPClient("http://host:port/v1"), or any function Request -> str')
+    _check(_is_int(concurrency) and concurrency >= 1, "concurrency", concurrency,
+           "it bounds how many calls run at once", "pass an integer >= 1")
+    return (pool, False) if pool is not None else (_Pool(concurrency), True)
+
+
+def _check_sampling(temperature: Any, max_tokens: Any, prefix: str = "") -> None:
+    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+           and 0 <= temperature <= 2, f"{prefix}temperature", temperature,
+           "chat-completions servers accept 0 to 2", "pass a number between 0 and 2")
+    _check(max_tokens is None or (_is_int(max_tokens) and max_tokens >= 1), f"{prefix}max_tokens", max_tokens,
+           "it limits the tokens generated per reply", "pass an integer >= 1, or None for the server's default")
+
+
+def _check_model(name: str, value: Any) -> None:
+    _check(isinstance(value, str) and value.strip() != "", name, value, "a model name is a non-empty string",
+           "pass the name the server knows the model by")
+
+
+def _check_common(temperature: Any, max_tokens: Any, aggregator_temperature: Any, aggregator_max_tokens: Any,
+                  seed: Any, instruction: Any) -> None:
+    _check_sampling(temperature, max_tokens)
+    _check_sampling(aggregator_temperature, aggregator_max_tokens, "aggregator_")
+    _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
+           "pass an integer, or None")
+    _check(isinstance(instruction, str) and instruction.strip() != "", "instruction", instruction,
+           "it tells the aggregator what to do with the references", "pass a non-empty string")
+
+
+def _fail(exc: SelfMoAError, run: _Run, method: str, params: dict) -> SelfMoAError:
+    """Attach the work done so far to an error, so that nothing already paid for is lost."""
+    exc.partial = Result("", method, run.sorted_trace(), params)
+    return exc
+
+
+# ======================================================================================================
+# MoA: layers of proposers, then an aggregator
+# ======================================================================================================
+
+
+def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggregator: str, *,
+        complete: Callable[[Request], Any], layers: int | None = None, temperature: float = 0.7,
+        max_tokens: int | None = None, aggregator_temperature: float = 0.7,
+        aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
+        concurrency: int = 8, instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
+        stream: Callable[[str], None] | None = None, _pool: _Pool | None = None, _priority: tuple = (),
+        _method: str = "moa") -> Result:
+    """Mixture-of-Agents: ``layers - 1`` layers of proposers, then one aggregator.
+
+    ``proposers`` is the list of proposer models of every proposer layer (a model may appear several
+    times), or a list of such lists, one per layer. ``layers`` counts the aggregator, as the papers do
+    (default 2: one proposer layer and the aggregator). The proposers of a layer run concurrently (at most
+    ``concurrency`` calls at once), and their answers are numbered in configuration order whatever order
+    they finish in. A proposer that fails is dropped, the numbering staying contiguous; a layer with fewer
+    than ``min_ok`` successes raises ``NotEnoughProposals``. Proposer ``j`` of a layer gets seed
+    ``seed + j``; consecutive proposers of the same model share one request with ``n`` (unless
+    ``use_n=False``). ``stream`` receives the final answer's text pieces as they arrive.
+
+    >>> moa("2+2?", ["a", "b"], "c", complete=lambda r: f"{r.model}:{len(read_references(r.messages))}",
+    ...     layers=3).answer
+    'c:2'
+    """
+    messages = as_messages(prompt)
+    nested = bool(proposers) and not isinstance(proposers, str) and all(
+        isinstance(p, Sequence) and not isinstance(p, str) for p in proposers)
+    _check(isinstance(proposers, Sequence) and not isinstance(proposers, str) and len(proposers) > 0,
+           "proposers", proposers, "MoA needs at least one proposer", 'pass a list of model names, e.g. ["a", "b"]')
+    if nested:
+        plan = [list(layer) for layer in proposers]
+        _check(layers is None or layers == len(plan) + 1, "layers", layers,
+               f"{len(plan)} proposer layers plus the aggregator make {len(plan) + 1} layers",
+               f"pass layers={len(plan) + 1} or leave it out")
+    else:
+        layers = 2 if layers is None else layers
+        _check(_is_int(layers) and layers >= 2, "layers", layers,
+               "layers count the aggregator, so MoA has at least 2 (proposers, then the aggregator)",
+               "pass layers=2 for one proposer layer")
+        plan = [list(proposers)] * (layers - 1)
+    for number, layer in enumerate(plan, 1):
+        _check(len(layer) > 0, f"proposers (layer {number})", layer, "a proposer layer is empty",
+               "give every layer at least one model")
+        for model in layer:
+            _check_model("proposer", model)
+    _check_model("aggregator", aggregator)
+    _check_common(temperature, max_tokens, aggregator_temperature, aggregator_max_tokens, seed, instruction)
+    smallest = min(len(layer) for layer in plan)
+    _check(_is_int(min_ok) and 1 <= min_ok <= smallest, "min_ok", min_ok,
+           f"it is the fewest proposers of a layer that must succeed, between 1 and the smallest layer "
+           f"({smallest})", f"pass min_ok between 1 and {smallest}")
+    pool, owned = _start(complete, concurrency, _pool)
+    run = _Run(complete, pool, _priority)
+    proposer_params = _Params(temperature, max_tokens, seed)
+    params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, "temperature": temperature,
+              "max_tokens": max_tokens, "aggregator_temperature": aggregator_temperature,
+              "aggregator_max_tokens": aggregator_max_tokens, "seed": seed, "min_ok": min_ok}
+    try:
+        # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
+        references: list[str] = []
+        positions: list[int] = []
+        for number, layer in enumerate(plan, 1):
+            prompt_l = inject_references(messages, references, instruction)
+            slots: list[concurrent.futures.Future] = []
+            for model, run_of in itertools.groupby(enumerate(layer), key=lambda item: item[1]):
+                group = [position for position, _ in run_of]
+                slots += run.samples((number,), number, model, prompt_l, group[0], len(group), positions,
+                                     proposer_params, use_n)
+            outcomes = [slot.result() for slot in slots]
+            failures = [o for o in outcomes if isinstance(o, ModelError)]
+            if len(outcomes) - len(failures) < min_ok:
+                raise NotEnoughProposals(
+                    f"layer {number}: only {len(outcomes) - len(failures)} of {len(outcomes)} proposers "
+                    f"succeeded, fewer than min_ok={min_ok}. Failures: " + "; ".join(map(str, failures)),
+                    failures)
+            # Failed proposers are dropped; the survivors keep their configuration order.
+            positions = [j for j, o in enumerate(outcomes) if not isinstance(o, ModelError)]
+            references = [outcomes[j] for j in positions]
+        # The aggregator synthesizes the last proposer layer's answers into the final answer.
+        final = Call("aggregator", len(plan) + 1, aggregator, [0], positions)
+        answer = run.aggregate((len(plan) + 1,), final, inject_references(messages, references, instruction),
+                               _Params(aggregator_temperature, aggregator_max_tokens, seed), stream)
+        return Result(answer, _method, run.sorted_trace(), params)
+    except SelfMoAError as exc:
+        raise _fail(exc, run, _method, params) from None
+    finally:
+        if owned:
+            pool.shutdown()
+
+
+# ======================================================================================================
+# Self-MoA: one model sampled n times, then aggregated
+# ======================================================================================================
+
+
+def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], n: int = 6,
+             aggregator: str | None = None, layers: int = 2, temperature: float = 0.7,
+             max_tokens: int | None = None, aggregator_temperature: float = 0.7,
+             aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
+             concurrency: int = 8, instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
+             stream: Callable[[str], None] | None = None, _pool: _Pool | None = None,
+             _priority: tuple = ()) -> Result:
+    """Self-MoA: ``n`` samples of ``model`` at ``temperature > 0``, aggregated by ``aggregator``.
+
+    The aggregator is ``model`` itself unless given. This is exactly MoA whose proposer layers hold
+    ``model`` ``n`` times, so it makes ``n + 1`` calls (``n`` per proposer layer); the ``n`` samples go in one
+    request with ``n`` when the server honours it. Sample ``i`` has seed ``seed + i``.
+
+    >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4").calls
+    4
+    """
+    _check_model("model", model)
+    _check(_is_int(n) and n >= 1, "n", n, "Self-MoA aggregates n samples", "pass n >= 1 (the paper uses 4 to 6)")
+    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
+           "temperature", temperature, "Self-MoA's diversity comes from sampling; at 0 every sample is the same",
+           "pass a temperature above 0 (the paper samples at 0.7)")
+    return moa(prompt, [model] * n, aggregator if aggregator is not None else model, complete=complete,
+               layers=layers, temperature=temperature, max_tokens=max_tokens,
+               aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
+               seed=seed, min_ok=min_ok, concurrency=concurrency, instruction=instruction, use_n=use_n,
+               stream=stream, _pool=_pool, _priority=_priority, _method="self-moa")
+
+
+# ======================================================================================================
+# Self-MoA-Seq: rounds over a sliding window, carrying the synthesis
+# ======================================================================================================
+
+
+def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
+    """The number of Self-MoA-Seq rounds (aggregation calls) for ``n`` samples.
+
+    Round 1 takes ``window`` samples; each later round takes ``window - carry`` new ones.
+
+    >>> [seq_rounds(n) for n in (1, 6, 7, 9, 10, 30)]
+    [1, 1, 2, 2, 3, 9]
+    """
+    _check_window(window, carry)
+    _check(_is_int(n) and n >= 1, "n", n, "there must be at least one sample", "pass n >= 1")
+    return 1 if n <= window else 1 + math.ceil((n - window) / (window - carry))
+
+
+def _check_window(window: Any, carry: Any) -> None:
+    _check(_is_int(window) and window >= 2, "window", window,
+           "each round must hold the carried synthesis and at least one new sample", "pass window >= 2 (default 6)")
+    _check(_is_int(carry) and 1 <= carry < window, "carry", carry,
+           f"carry copies of the synthesis plus at least one new sample must fit in window={window}",
+           f"pass carry between 1 and {window - 1} (default 3)")
+
+
+def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable[[Request], Any],
+                 n: int | None = None, samples: Iterable[str] | None = None, window: int = 6, carry: int = 3,
+                 aggregator: str | None = None, temperature: float = 0.7, max_tokens: int | None = None,
+                 aggregator_temperature: float = 0.7, aggregator_max_tokens: int | None = None,
+                 seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
+                 instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
+                 stream: Callable[[str], None] | None = None, _pool: _Pool | None = None,
+                 _priority: tuple = ()) -> Result:
+    """Self-MoA-Seq: aggregate many samples of one model in rounds over a sliding window.
+
+    Round 1 aggregates samples ``0 .. window-1``; round ``t >= 2`` aggregates the synthesis of round
+    ``t - 1`` repeated ``carry`` times, then the next ``window - carry`` samples (the last round may have
+    fewer). Every sample is shown as new in exactly one round, in order; the answer is the last synthesis.
+
+    The samples are either generated (``model`` and ``n``, default 6; sample ``i`` has seed ``seed + i``;
+    all are requested at once, and each round starts as soon as its own samples have arrived), or given
+    as ``samples``: any iterable of strings, consumed lazily, so a generator still producing them works.
+    The aggregator defaults to ``model``. Failed samples are skipped and recorded; fewer than ``min_ok``
+    good samples raises ``NotEnoughProposals``.
+
+    >>> r = self_moa_seq("Q", complete=lambda r: "s", samples=["a", "b", "c"], aggregator="m", window=2, carry=1)
+    >>> [(call.round, call.references) for call in r.trace]
+    [(1, [0, 1]), (2, [2])]
+    """
+    messages = as_messages(prompt)
+    _check_window(window, carry)
+    if samples is None:
+        _check_model("model", model)
+        n = 6 if n is None else n
+        _check(_is_int(n) and n >= 1, "n", n, "Self-MoA-Seq aggregates n samples", "pass n >= 1")
+        _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
+               "temperature", temperature, "at temperature 0 every sample is the same",
+               "pass a temperature above 0 (the paper samples at 0.7)")
+    else:
+        _check(n is None, "n", n, "the samples were given, so there is nothing to generate",
+               "pass either samples= or n=, not both")
+        _check(isinstance(samples, Iterable) and not isinstance(samples, (str, bytes, Mapping)), "samples",
+               samples, "it is an iterable of sample texts", 'pass a list or generator of strings')
+    aggregator = aggregator if aggregator is not None else model
+    _check_model("aggregator", aggregator)
+    _check_common(temperature, max_tokens, aggregator_temperature, aggregator_max_tokens, seed, instruction)
+    known = n if samples is None else (len(samples) if isinstance(samples, Sequence) else None)
+    _check(_is_int(min_ok) and min_ok >= 1 and (known is None or min_ok <= known), "min_ok", min_ok,
+           "it is the fewest samples that must succeed", f"pass min_ok between 1 and {known or 'the sample count'}")
+    pool, owned = _start(complete, concurrency, _pool)
+    run = _Run(complete, pool, _priority)
+    params = {"model": model, "aggregator": aggregator, "n": known, "window": window, "carry": carry,
+              "temperature": temperature, "max_tokens": max_tokens,
+              "aggregator_temperature": aggregator_temperature, "aggregator_max_tokens": aggregator_max_tokens,
+              "seed": seed, "min_ok": min_ok}
+    failures: list[ModelError] = []
+
+    def generated() -> Iterator[tuple[int, str]]:
+        # Ask for every sample at once, window by window (round 1's window, then each round's new
+        # samples), so that each round's samples share one request and arrive as early as possible.
+        assert model is not None and n is not None
+        chunks = [(0, min(n, window))] + [(start, min(window - carry, n - start))
+                                          for start in range(window, n, window - carry)]
+        slots = [slot for start, size in chunks
+                 for slot in run.samples((1,), 1, model, messages, start, size, [],
+                                         _Params(temperature, max_tokens, seed), use_n)]
+        for index, slot in enumerate(slots):
+            outcome = slot.result()
+            if isinstance(outcome, ModelError):
+                failures.append(outcome)
+                if n - len(failures) < min_ok:
+                    raise NotEnoughProposals(
+                        f"only {n - len(failures)} of {n} samples can still succeed, fewer than "
+                        f"min_ok={min_ok}. Failures: " + "; ".join(map(str, failures)), failures)
+                continue
+            yield index, outcome
+
+    def given() -> Iterator[tuple[int, str]]:
+        for index, text in enumerate(samples):  # type: ignore[arg-type]
+            _check(isinstance(text, str), f"samples[{index}]", text, "a sample is a string of text",
+                   "pass the sample texts")
+            yield index, text
+
+    stream_ahead = _Lookahead(generated() if samples is None else given())
+    aggregator_params = _Params(aggregator_temperature, aggregator_max_tokens, seed)
+    try:
+        synthesis: str | None = None
+        round_number = 0
+        while True:
+            # Each round takes the next window - carry samples (round 1: a whole window).
+            wanted = window if synthesis is None else window - carry
+            new = stream_ahead.take(wanted)
+            if not new:
+                break
+            round_number += 1
+            carried = [] if synthesis is None else [synthesis] * carry
+            window_texts = carried + [text for _, text in new]
+            # Only the last round is streamed; it is the last when no sample is left after it.
+            last = stream is not None and (len(new) < wanted or stream_ahead.exhausted())
+            call = Call("aggregator", 2, aggregator, [0], [index for index, _ in new], round=round_number,
+                        carried=len(carried))
+            synthesis = run.aggregate((0, round_number), call,
+                                      inject_references(messages, window_texts, instruction),
+                                      aggregator_params, stream if last else None)
+        good = sum(len(call.outputs) for call in run.trace if call.role == "proposer") if samples is None \
+            else stream_ahead.taken
+        if synthesis is None or good < min_ok:
+            raise NotEnoughProposals(f"{good} samples succeeded, fewer than min_ok={min_ok}"
+                                     + ("; no samples were given" if samples is not None and good == 0 else
+                                        ". Failures: " + "; ".join(map(str, failures))), failures)
+        params["n"], params["rounds"] = stream_ahead.taken + len(failures), round_number
+        return Result(synthesis, "self-moa-seq", run.sorted_trace(), params)
+    except SelfMoAError as exc:
+        raise _fail(exc, run, "self-moa-seq", params) from None
+    finally:
+        if owned:
+            pool.shutdown()
+
+
+class _Lookahead:
+    """An iterator that can hand out the next ``k`` items and tell whether any are left."""
+
+    def __init__(self, items: Iterator):
+        self._items, self._next, self.taken = items, [], 0
+
+    def take(self, k: int) -> list:
+        out = self._next[:k]
+        del self._next[:k]
+        out += itertools.islice(self._items, k - len(out))
+        self.taken += len(out)
+        return out
+
+    def exhausted(self) -> bool:
+        if not self._next:
+            self._next = list(itertools.islice(self._items, 1))
+        return not self._next
