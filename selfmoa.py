@@ -560,8 +560,10 @@ class HTTPClient:
                attempts: int, status: int | None = None, body: str = "", retryable: bool = True) -> ModelError:
         if failure is not None:
             status, body = failure.status, failure.body
-        return ModelError(message, model=request.model, url=endpoint.url, status=status,
-                          body=_redact(body, endpoint.api_key), attempts=attempts, retryable=retryable)
+        # Servers may echo the key back ("Incorrect API key provided: sk-..."): blank it out everywhere.
+        return ModelError(_redact(message, endpoint.api_key), model=request.model, url=endpoint.url,
+                          status=status, body=_redact(body, endpoint.api_key), attempts=attempts,
+                          retryable=retryable)
 
     def _connection(self, endpoint: Endpoint, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's kept-alive connection to the endpoint's host, and whether it was used before."""
