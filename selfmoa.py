@@ -41,8 +41,8 @@ Public API
 ``inject_references``       the aggregator prompt: messages + instruction + numbered references
 ``read_references``         the inverse: the references an aggregator prompt holds
 ``seq_rounds``              the number of Self-MoA-Seq rounds for ``n``, ``window``, ``carry``
+``read_items``              read and check a batch input file (JSONL or a JSON list)
 ``run_batch``               many prompts, concurrently, written out line by line, resumable
-``vendi_score``             the diversity of a set of outputs (Vendi score)
 ``main``                    the command line
 ==========================  =================================================================
 
@@ -145,12 +145,12 @@ __all__ = [
     "inject_references",
     "main",
     "moa",
+    "read_items",
     "read_references",
     "run_batch",
     "self_moa",
     "self_moa_seq",
     "seq_rounds",
-    "vendi_score",
 ]
 
 
@@ -1302,3 +1302,482 @@ class _Lookahead:
         if not self._next:
             self._next = list(itertools.islice(self._items, 1))
         return not self._next
+
+
+# ======================================================================================================
+# Batch runs: many prompts, concurrently, one output line per finished item, resumable
+# ======================================================================================================
+#
+# The output is JSONL, appended one whole line per finished item (one write call each), so a crash loses
+# no finished item and leaves at most a torn last line, which the next run detects and cuts off. A re-run
+# with the same output file skips the items already answered and retries the failed ones; at the end the
+# file is rewritten (atomically) with exactly one line per item, in input order.
+
+METHODS = {"moa": moa, "self-moa": self_moa, "self-moa-seq": self_moa_seq}
+
+
+@dataclasses.dataclass
+class Item:
+    """One batch item: its id, the input record as given, and its chat messages."""
+
+    id: Any
+    record: dict
+    messages: list[Message]
+
+
+def _item_messages(record: Any) -> tuple[list[Message] | None, str | None]:
+    """The messages of an input record, or why there are none."""
+    if not isinstance(record, dict):
+        return None, f"an item is a JSON object, not {type(record).__name__}"
+    fields = [field for field in ("prompt", "instruction", "messages") if field in record]
+    if len(fields) != 1:
+        return None, ("no 'prompt', 'instruction' or 'messages' field" if not fields else
+                      f"give only one of 'prompt', 'instruction' or 'messages', not {' and '.join(fields)}")
+    value = record[fields[0]]
+    if fields[0] == "messages":
+        try:
+            return as_messages(value if isinstance(value, list) else ""), None
+        except ConfigError:
+            return None, "'messages' must be a non-empty list of {\"role\": str, \"content\": str}"
+    if not isinstance(value, str) or not value.strip():
+        return None, f"'{fields[0]}' must be a non-empty string"
+    return [{"role": "user", "content": value}], None
+
+
+def check_items(records: Sequence[Any], source: str = "input") -> list[Item]:
+    """Check every record before any call is made; raise one ConfigError listing every bad one."""
+    problems, items, seen = [], [], {}
+    for number, record in enumerate(records, 1):
+        messages, problem = _item_messages(record)
+        item_id = record.get("id", number - 1) if isinstance(record, dict) else None
+        if problem is None and (isinstance(item_id, bool) or not isinstance(item_id, (str, int))):
+            problem = f"'id' must be a string or an integer, not {type(item_id).__name__}"
+        elif problem is None and item_id in seen:
+            problem = f"duplicate id {item_id!r} (first at item {seen[item_id]})"
+        if problem:
+            problems.append(f"  item {number}: {problem}")
+            continue
+        seen[item_id] = number
+        items.append(Item(item_id, record, messages))
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} bad item(s); fix them and run again:\n" + "\n".join(problems))
+    if not items:
+        raise ConfigError(f"{source}: there are no items; give one JSON object per line, or a JSON list")
+    return items
+
+
+def read_items(path: str) -> list[Item]:
+    """Read a batch input file: JSONL (one object per line) or one JSON list of objects.
+
+    Each object carries ``prompt`` (a string), ``instruction`` (AlpacaEval's field) or ``messages`` (chat
+    messages), and optionally an ``id``; without one, an item's id is its position. Every bad line is
+    reported at once, by number, before anything runs.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc}); pass an existing UTF-8 file") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc}); fix the file, or write one object per line") from None
+        return check_items(records, path)
+    records, problems = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as exc:
+            problems.append(f"  line {number}: not JSON ({exc})")
+            continue
+        _, problem = _item_messages(records[-1])
+        if problem:
+            problems.append(f"  line {number}: {problem}")
+    if problems:
+        raise ConfigError(f"{path}: {len(problems)} bad line(s); fix them and run again:\n" + "\n".join(problems))
+    return check_items(records, path)
+
+
+def _read_output(path: str) -> dict[Any, dict]:
+    """The records already in an output file, by id (the last one wins); a torn last line is cut off."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the output file ({exc})") from None
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        print(f"selfmoa: {path}: cut off a torn last line left by an interrupted run "
+              f"({len(data) - keep} bytes); that item will run again", file=sys.stderr)
+        with open(path, "r+b") as file:
+            file.truncate(keep)
+        data = data[:keep]
+    done: dict[Any, dict] = {}
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise ConfigError(f"{path}: line {number} is not JSON, so this is not a selfmoa output file; "
+                              f"pass another --output, or move this file away") from None
+        if not isinstance(record, dict) or "id" not in record:
+            raise ConfigError(f"{path}: line {number} has no 'id'; pass another --output") from None
+        done[_id_key(record["id"])] = record
+    return done
+
+
+def _id_key(item_id: Any) -> tuple:
+    return (type(item_id).__name__, item_id)
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _lines(records: Iterable[dict]) -> bytes:
+    return b"".join(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n" for record in records)
+
+
+def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
+              complete: Callable[[Request], Any], concurrency: int = 8, trace: bool = False,
+              progress: Callable[[int, int, int, float], None] | None = None, **options: Any) -> dict[str, int]:
+    """Run ``method`` on every item, ``concurrency`` calls at a time, appending one JSONL line per item.
+
+    ``options`` go to the method (``model``, ``n``, ``proposers``...). Each line holds the input record, plus
+    ``id``, ``answer``, ``method``, ``usage``, ``calls``, ``requests`` and ``retries`` (and ``trace`` when
+    asked); a failed item gets a line with ``error`` instead of ``answer``, and is retried by the next run.
+    Returns the counts ``total``, ``skipped`` (done before), ``done`` and ``failed``.
+    """
+    _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
+    pool, _ = _start(complete, concurrency, None)
+    finished = _read_output(output)
+    todo = [(position, item) for position, item in enumerate(items)
+            if "answer" not in finished.get(_id_key(item.id), {})]
+    counts = {"total": len(items), "skipped": len(items) - len(todo), "done": 0, "failed": 0}
+    lock = threading.Lock()
+    started = time.monotonic()
+    descriptor = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def solve(position: int, item: Item) -> None:
+        record = {**item.record, "id": item.id, "method": method}
+        try:
+            result = METHODS[method](item.messages, complete=complete, _pool=pool, _priority=(position,), **options)
+        except SelfMoAError as exc:
+            record["error"] = str(exc)
+            done_so_far = exc.partial
+            ok = False
+        else:
+            record["answer"] = result.answer
+            done_so_far, ok = result, True
+        if done_so_far is not None:
+            summary = done_so_far.to_dict()
+            record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries")})
+            if trace:
+                record["trace"] = summary["trace"]
+        line = _lines([record])
+        with lock:
+            os.write(descriptor, line)  # one whole line per write: a crash cannot split it from others
+            counts["done" if ok else "failed"] += 1
+            if progress is not None:
+                progress(counts["done"] + counts["failed"], counts["failed"], len(todo),
+                         time.monotonic() - started)
+
+    # Item orchestrators only wait on calls; the pool bounds the calls. Twice as many orchestrators as
+    # call slots keep the pool fed while items start and finish.
+    runners = concurrent.futures.ThreadPoolExecutor(max_workers=2 * concurrency, thread_name_prefix="item")
+    try:
+        in_flight: set[concurrent.futures.Future] = set()
+        for position, item in todo:
+            if len(in_flight) >= 4 * concurrency:  # bounded look-ahead: memory stays flat on huge inputs
+                done, in_flight = concurrent.futures.wait(in_flight, return_when="FIRST_COMPLETED")
+                for future in done:
+                    future.result()
+            in_flight.add(runners.submit(solve, position, item))
+        for future in concurrent.futures.as_completed(in_flight):
+            future.result()
+    finally:
+        runners.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown()
+        os.close(descriptor)
+    # One line per item, in input order (records of ids not in this input are kept, at the end).
+    final = _read_output(output)
+    ordered = [final.pop(_id_key(item.id)) for item in items if _id_key(item.id) in final]
+    _write_atomically(output, _lines(ordered + list(final.values())))
+    return counts
+
+
+def alpaca_eval_outputs(records: Iterable[dict], generator: str) -> list[dict]:
+    """AlpacaEval's model-outputs records (``instruction``, ``output``, ``generator``) of answered items."""
+    out = []
+    for record in records:
+        if "answer" not in record:
+            continue
+        instruction = record.get("instruction", record.get("prompt"))
+        if instruction is None:
+            users = [m["content"] for m in record.get("messages", []) if m.get("role") == "user"]
+            instruction = users[-1] if users else ""
+        entry = {"instruction": instruction, "output": record["answer"], "generator": generator}
+        if "dataset" in record:
+            entry["dataset"] = record["dataset"]
+        out.append(entry)
+    return out
+
+
+# ======================================================================================================
+# The command line
+# ======================================================================================================
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+CLI_DESCRIPTION = """\
+Answer a prompt with MoA, Self-MoA or Self-MoA-Seq against OpenAI-compatible servers.
+The prompt is the argument, or standard input; the final answer goes to standard output."""
+
+CLI_EPILOG = """\
+endpoints and keys:
+  Every model is served by --base-url (else $OPENAI_BASE_URL, else the OpenAI API), unless
+  --endpoint MODEL=URL gives it its own server. A key is only ever sent to the endpoint it
+  was given for. The default endpoint's key is --api-key, else $OPENAI_API_KEY, which is used
+  only when the URL is the OpenAI API or came from $OPENAI_BASE_URL. The key of a model with
+  its own endpoint comes from $SELFMOA_API_KEY_<MODEL> (the name in capitals, other characters
+  as _), else none.
+
+batch mode:
+  -i FILE reads JSONL or a JSON list of objects with "prompt", "instruction" or "messages"
+  (and an optional "id"); -o FILE gets one JSON line per finished item. Run the same command
+  again to resume: answered items are skipped, failed ones retried.
+
+exit status:
+  0 success, 1 a model or server failed, 2 a usage error (the message names the flag)."""
+
+_FLAGS = {"temperature": "--temperature", "max_tokens": "--max-tokens", "n": "--samples",
+          "aggregator_temperature": "--aggregator-temperature", "aggregator_max_tokens": "--aggregator-max-tokens",
+          "window": "--window", "carry": "--carry", "layers": "--layers", "seed": "--seed", "min_ok": "--min-ok",
+          "concurrency": "--concurrency", "timeout": "--timeout", "retries": "--retries", "model": "--model",
+          "aggregator": "--aggregator", "proposer": "--proposer", "proposers": "--proposer",
+          "base_url": "--base-url", "prompt": "PROMPT", "instruction": "--instruction-file"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (its --help is the usage section of the README)."""
+    parser = argparse.ArgumentParser(prog="selfmoa", description=CLI_DESCRIPTION, epilog=CLI_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("prompt", nargs="?", metavar="PROMPT", help="the prompt (default: read standard input)")
+    add("--method", choices=list(METHODS), default="self-moa", help="default: self-moa")
+    add("-m", "--model", help="the model sampled by self-moa and self-moa-seq, and the default aggregator "
+        "(default: $SELFMOA_MODEL)")
+    add("-p", "--proposer", action="append", metavar="MODEL", help="a proposer of each MoA proposer layer "
+        "(repeat it, in order; a model may appear several times)")
+    add("-a", "--aggregator", metavar="MODEL", help="the aggregator (default: --model)")
+    add("--layers", type=int, default=2, metavar="L", help="MoA layers, the aggregator counted (default: 2)")
+    add("-n", "--samples", type=int, default=6, metavar="N", help="samples of --model (default: 6)")
+    add("--window", type=int, default=6, metavar="W", help="self-moa-seq: responses per round (default: 6)")
+    add("--carry", type=int, default=3, metavar="R",
+        help="self-moa-seq: copies of the previous synthesis per round (default: 3)")
+    add("--temperature", type=float, default=0.7, metavar="T", help="proposers' temperature (default: 0.7)")
+    add("--max-tokens", type=int, metavar="K", help="proposers' token limit (default: the server's)")
+    add("--aggregator-temperature", type=float, default=0.7, metavar="T",
+        help="the aggregator's temperature (default: 0.7)")
+    add("--aggregator-max-tokens", type=int, metavar="K", help="the aggregator's token limit (default: the server's)")
+    add("--seed", type=int, metavar="S", help="sample i gets seed S+i; aggregations get S")
+    add("--min-ok", type=int, default=1, metavar="K", help="fewest proposers per layer that must succeed (default: 1)")
+    add("--concurrency", type=int, default=8, metavar="C", help="calls at once (default: 8)")
+    add("--timeout", type=float, default=120.0, metavar="SECONDS", help="per connect and read (default: 120)")
+    add("--retries", type=int, default=4, metavar="N", help="retries of a failed call (default: 4)")
+    add("--no-n", dest="use_n", action="store_false",
+        help="never ask for several samples in one request (one request per sample)")
+    add("--instruction-file", metavar="FILE", help="replace the aggregator instruction with this file's text")
+    add("--base-url", metavar="URL", help="the default endpoint (default: $OPENAI_BASE_URL, else the OpenAI API)")
+    add("--api-key", metavar="KEY", help="the default endpoint's key (default: see below)")
+    add("--endpoint", action="append", metavar="MODEL=URL", help="serve MODEL from its own endpoint (repeatable)")
+    add("--json", action="store_true", help="print the whole result (answer, trace of every call, usage) as JSON")
+    add("--stream", action=argparse.BooleanOptionalAction, default=None,
+        help="stream the final answer as it is written (default: when stdout is a terminal)")
+    add("-i", "--input", metavar="FILE", help="batch mode: run every item of FILE")
+    add("-o", "--output", metavar="FILE", help="batch mode: write (and resume) results here")
+    add("--format", choices=["jsonl", "alpaca_eval"], default="jsonl",
+        help="batch output format; alpaca_eval writes AlpacaEval's model-outputs JSON to --output, "
+             "keeping the resumable JSONL in FILE.jsonl (default: jsonl)")
+    add("--trace", action="store_true", help="batch mode: put each item's trace in its output line")
+    add("--version", action="version", version=f"selfmoa {__version__}")
+    return parser
+
+
+def _key_env_name(model: str) -> str:
+    """The environment variable holding the key of a model with its own endpoint.
+
+    >>> _key_env_name("llama-3.1:8b")
+    'SELFMOA_API_KEY_LLAMA_3_1_8B'
+    """
+    return "SELFMOA_API_KEY_" + re.sub(r"[^A-Z0-9]", "_", model.upper())
+
+
+def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPClient:
+    """The HTTPClient the flags and the environment describe, keys going only where they belong."""
+    env_url = environ.get("OPENAI_BASE_URL") or None
+    base_url = args.base_url or env_url or OPENAI_BASE_URL
+    key = args.api_key
+    if key is None and (base_url.rstrip("/") == OPENAI_BASE_URL or (env_url and base_url == env_url)):
+        key = environ.get("OPENAI_API_KEY") or None
+    endpoints = {}
+    for spec in args.endpoint or []:
+        model, sep, url = spec.partition("=")
+        if not sep or not model or not url:
+            raise ConfigError(f"--endpoint {spec!r}: expected MODEL=URL; pass e.g. --endpoint llama=http://localhost:8080/v1")
+        endpoints[model] = Endpoint(url, environ.get(_key_env_name(model)) or None)
+    return HTTPClient(base_url, key, endpoints=endpoints, timeout=args.timeout, retries=args.retries)
+
+
+def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The keyword arguments of the chosen method, from the flags; usage errors name the flag."""
+    model = args.model or environ.get("SELFMOA_MODEL") or None
+    instruction = DEFAULT_INSTRUCTION
+    if args.instruction_file:
+        try:
+            with open(args.instruction_file, encoding="utf-8") as file:
+                instruction = file.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"--instruction-file {args.instruction_file}: cannot read it ({exc})") from None
+    common = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
+              "aggregator_temperature": args.aggregator_temperature, "min_ok": args.min_ok,
+              "aggregator_max_tokens": args.aggregator_max_tokens, "concurrency": args.concurrency,
+              "instruction": instruction, "use_n": args.use_n}
+    if args.method == "moa":
+        if not args.proposer:
+            raise ConfigError("--proposer: MoA needs proposers; pass -p MODEL once per proposer")
+        aggregator = args.aggregator or model
+        if not aggregator:
+            raise ConfigError("--aggregator: MoA needs an aggregator; pass -a MODEL (or -m MODEL)")
+        return {**common, "proposers": args.proposer, "aggregator": aggregator, "layers": args.layers}
+    if not model:
+        raise ConfigError(f"--model: {args.method} needs the model to sample; pass -m MODEL or set $SELFMOA_MODEL")
+    if args.proposer:
+        raise ConfigError(f"--proposer: only --method moa takes proposers; {args.method} samples --model")
+    options = {**common, "model": model, "n": args.samples, "aggregator": args.aggregator or model}
+    if args.method == "self-moa":
+        return {**options, "layers": args.layers}
+    return {**options, "window": args.window, "carry": args.carry}
+
+
+def _usage_error(exc: ConfigError) -> str:
+    """A library message ("window=1: ...") in the words of the command line ("--window 1: ...")."""
+    message = str(exc)
+    name, sep, rest = message.partition("=")
+    if sep and name in _FLAGS:
+        value, _, why = rest.partition(": ")
+        return f"{_FLAGS[name]} {value}: {why}"
+    return message
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 a model failed, 2 a usage error)."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = _method_options(args, environ)
+        if args.input or args.output:
+            if not (args.input and args.output):
+                raise ConfigError("--input and --output go together in batch mode; pass both -i FILE and -o FILE")
+            if args.prompt:
+                raise ConfigError("PROMPT: batch mode reads its prompts from --input; drop the prompt argument")
+            return _main_batch(args, options, make_client(args, environ))
+        prompt = args.prompt
+        if prompt is None:
+            if sys.stdin is None or sys.stdin.isatty():
+                raise ConfigError("PROMPT: no prompt given; pass it as an argument, or pipe it to standard input")
+            prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise ConfigError("PROMPT: the prompt is empty; pass the question to ask")
+        client = make_client(args, environ)
+    except ConfigError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"selfmoa: error: {_usage_error(exc)}", file=sys.stderr)
+        return 2
+    stream = args.stream if args.stream is not None else (sys.stdout.isatty() and not args.json)
+    streamed: list[str] = []
+
+    def show(piece: str) -> None:
+        streamed.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        with client:
+            result = METHODS[args.method](prompt, complete=client,
+                                          stream=show if stream and not args.json else None, **options)
+    except ConfigError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"selfmoa: error: {_usage_error(exc)}", file=sys.stderr)
+        return 2
+    except SelfMoAError as exc:
+        if streamed:
+            print(file=sys.stdout)
+        print(f"selfmoa: {exc}", file=sys.stderr)
+        if args.json and exc.partial is not None:
+            print(json.dumps({**exc.partial.to_dict(), "error": str(exc)}, indent=2, ensure_ascii=False))
+        elif exc.partial is not None and exc.partial.trace:
+            print(f"selfmoa: {exc.partial.requests} requests had been made; --json shows them", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nselfmoa: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    elif streamed:
+        # What was streamed is the answer, unless the server's stream and final text differ.
+        print("" if "".join(streamed) == result.answer else "\n" + result.answer)
+    else:
+        print(result.answer)
+    return 0
+
+
+def _main_batch(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient) -> int:
+    items = read_items(args.input)
+    records_path = args.output if args.format == "jsonl" else args.output + ".jsonl"
+    show_progress = sys.stderr.isatty()
+
+    def progress(finished: int, failed: int, total: int, elapsed: float) -> None:
+        rate = finished / elapsed if elapsed > 0 else 0.0
+        eta = f"{(total - finished) / rate:.0f}s" if rate > 0 else "?"
+        sys.stderr.write(f"\r{finished}/{total} done, {failed} failed, {rate:.2f} items/s, ETA {eta}   ")
+        sys.stderr.flush()
+
+    try:
+        with client:
+            counts = run_batch(items, records_path, method=args.method, complete=client,
+                               trace=args.trace, progress=progress if show_progress else None, **options)
+    except KeyboardInterrupt:
+        print(f"\nselfmoa: interrupted; finished items are in {records_path}; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    if show_progress:
+        sys.stderr.write("\n")
+    if args.format == "alpaca_eval":
+        generator = f"selfmoa-{args.method}-{options.get('model') or options.get('aggregator')}"
+        records = [json.loads(line) for line in open(records_path, encoding="utf-8") if line.strip()]
+        _write_atomically(args.output, json.dumps(alpaca_eval_outputs(records, generator), indent=2,
+                                                  ensure_ascii=False).encode("utf-8") + b"\n")
+    print(f"selfmoa: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already done "
+          f"(of {counts['total']}); results in {args.output}", file=sys.stderr)
+    if counts["failed"]:
+        print(f"selfmoa: failed items have an 'error' field in {records_path}; run the same command to retry "
+              f"them", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
