@@ -1681,6 +1681,15 @@ def _usage_error(exc: ConfigError) -> str:
     return message
 
 
+def _refuse(parser: argparse.ArgumentParser, exc: ConfigError) -> int:
+    """Report a usage error (exit status 2); the usage line only when a flag or the prompt is at fault."""
+    message = _usage_error(exc)
+    if message.startswith(("--", "PROMPT")):
+        parser.print_usage(sys.stderr)
+    print(f"selfmoa: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 a model failed, 2 a usage error)."""
     environ = os.environ if environ is None else environ
@@ -1703,9 +1712,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             raise ConfigError("PROMPT: the prompt is empty; pass the question to ask")
         client = make_client(args, environ)
     except ConfigError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"selfmoa: error: {_usage_error(exc)}", file=sys.stderr)
-        return 2
+        return _refuse(parser, exc)
     stream = args.stream if args.stream is not None else (sys.stdout.isatty() and not args.json)
     streamed: list[str] = []
 
@@ -1719,9 +1726,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             result = METHODS[args.method](prompt, complete=client,
                                           stream=show if stream and not args.json else None, **options)
     except ConfigError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"selfmoa: error: {_usage_error(exc)}", file=sys.stderr)
-        return 2
+        return _refuse(parser, exc)
     except SelfMoAError as exc:
         if streamed:
             print(file=sys.stdout)
