@@ -27,8 +27,9 @@ def completion(texts, usage=(7, 5)):
 
 
 class ScriptedServer:
-    def __init__(self, *actions):
+    def __init__(self, *actions, latency=0.0):
         self.script = list(actions) or [("choices", None)]
+        self.latency = latency
         self.log: list[dict] = []
         self._lock = threading.Lock()
         server = self
@@ -46,6 +47,8 @@ class ScriptedServer:
                     server.log.append({"path": self.path, "headers": dict(self.headers), "body": body,
                                        "client_port": self.client_address[1]})
                     action = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+                if server.latency:
+                    time.sleep(server.latency)
                 while action[0] == "stall":
                     time.sleep(action[1])
                     with server._lock:
@@ -106,3 +109,11 @@ class ScriptedServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+if __name__ == "__main__":  # python -m tests.scripted_server LATENCY: serve choices, print the URL
+    import sys
+
+    with ScriptedServer(latency=float(sys.argv[1])) as served:
+        print(served.base_url, flush=True)
+        threading.Event().wait()
