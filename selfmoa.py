@@ -42,6 +42,8 @@ Public API
 ``read_references``         the inverse: the references an aggregator prompt holds
 ``seq_rounds``              the number of Self-MoA-Seq rounds for ``n``, ``window``, ``carry``
 ``read_items``              read and check a batch input file (JSONL or a JSON list)
+``vendi_score``             the diversity of a set of outputs (Vendi score)
+``fit_quality_diversity``   the paper's regression: score = a * quality + b * diversity + c
 ``run_batch``               many prompts, concurrently, written out line by line, resumable
 ``main``                    the command line
 ==========================  =================================================================
@@ -142,6 +144,7 @@ __all__ = [
     "Request",
     "Result",
     "SelfMoAError",
+    "fit_quality_diversity",
     "inject_references",
     "main",
     "moa",
@@ -151,6 +154,7 @@ __all__ = [
     "self_moa",
     "self_moa_seq",
     "seq_rounds",
+    "vendi_score",
 ]
 
 
@@ -816,11 +820,24 @@ class Result:
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion, "unreported": unreported}
 
+    def proposals(self) -> dict[int, list[str]]:
+        """The outputs of each proposer layer, by layer number, in configuration (sample) order."""
+        layers: dict[int, dict[int, str]] = {}
+        for call in self.trace:
+            if call.role == "proposer":
+                layers.setdefault(call.layer, {}).update(zip(call.indices, call.outputs))
+        return {layer: [outputs[i] for i in sorted(outputs)] for layer, outputs in sorted(layers.items())}
+
+    def diversity(self) -> dict[int, float]:
+        """The Vendi score of each proposer layer's outputs (see ``vendi_score``)."""
+        return {layer: vendi_score(texts) for layer, texts in self.proposals().items() if texts}
+
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON-serialisable data."""
         return {"answer": self.answer, "method": self.method, "params": self.params,
                 "calls": self.calls, "requests": self.requests,
                 "retries": sum(call.retries for call in self.trace), "usage": self.usage,
+                "diversity": {str(layer): score for layer, score in self.diversity().items()},
                 "trace": [dataclasses.asdict(call) for call in self.trace]}
 
 
@@ -1302,6 +1319,139 @@ class _Lookahead:
         if not self._next:
             self._next = list(itertools.islice(self._items, 1))
         return not self._next
+
+
+# ======================================================================================================
+# Quality and diversity: the measures behind the paper's argument
+# ======================================================================================================
+#
+# The paper explains Self-MoA's edge by a trade-off: the aggregate depends on the quality of the proposals
+# more than on their diversity. Diversity is measured with the Vendi score (Friedman and Dieng, 2023): the
+# exponential of the entropy of the eigenvalues of K / n, where K holds the pairwise similarities of the n
+# outputs. It is 1 when all outputs are the same and n when they are mutually unrelated: "the effective
+# number of distinct outputs". Our similarity is the cosine of word-count vectors (lower-cased \w+ words),
+# which keeps K positive semi-definite with a unit diagonal, needs no model, and is the same everywhere.
+
+_WORD = re.compile(r"\w+")
+
+
+def _word_counts(text: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for word in _WORD.findall(text.lower()) or ["\0empty"]:  # an empty text is like only itself
+        counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+def similarity_matrix(texts: Sequence[str]) -> list[list[float]]:
+    """Pairwise cosine similarity of the texts' word counts: symmetric, unit diagonal, entries in [0, 1].
+
+    >>> similarity_matrix(["a b", "b a", "c"])
+    [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    vectors = [_word_counts(text) for text in texts]
+    norms = [math.sqrt(sum(c * c for c in v.values())) for v in vectors]
+    size = len(texts)
+    matrix = [[1.0] * size for _ in range(size)]
+    for i in range(size):
+        for j in range(i + 1, size):
+            small, large = sorted((vectors[i], vectors[j]), key=len)
+            dot = sum(count * large.get(word, 0) for word, count in small.items())
+            matrix[i][j] = matrix[j][i] = round(min(1.0, dot / (norms[i] * norms[j])), 12)
+    return matrix
+
+
+def symmetric_eigenvalues(matrix: Sequence[Sequence[float]], tolerance: float = 1e-12) -> list[float]:
+    """The eigenvalues of a symmetric matrix (cyclic Jacobi rotations), in descending order.
+
+    >>> [round(x, 6) for x in symmetric_eigenvalues([[2, 1], [1, 2]])]
+    [3.0, 1.0]
+    """
+    a = [list(map(float, row)) for row in matrix]
+    size = len(a)
+    for _ in range(100):  # each sweep zeroes every off-diagonal entry once; a few sweeps converge
+        off = sum(a[i][j] ** 2 for i in range(size) for j in range(i + 1, size))
+        if off <= tolerance ** 2:
+            break
+        for p in range(size):
+            for q in range(p + 1, size):
+                if abs(a[p][q]) < 1e-300:
+                    continue
+                # The rotation angle that zeroes a[p][q]: tan(2 theta) = 2 a_pq / (a_qq - a_pp).
+                theta = (a[q][q] - a[p][p]) / (2 * a[p][q])
+                t = math.copysign(1.0, theta) / (abs(theta) + math.sqrt(theta * theta + 1))
+                c = 1 / math.sqrt(t * t + 1)
+                s = t * c
+                for k in range(size):
+                    akp, akq = a[k][p], a[k][q]
+                    a[k][p], a[k][q] = c * akp - s * akq, s * akp + c * akq
+                for k in range(size):
+                    apk, aqk = a[p][k], a[q][k]
+                    a[p][k], a[q][k] = c * apk - s * aqk, s * apk + c * aqk
+    return sorted((a[i][i] for i in range(size)), reverse=True)
+
+
+def vendi_score(texts: Sequence[str]) -> float:
+    """The Vendi score of a set of texts: 1 if all are the same, n if they share no word.
+
+    >>> vendi_score(["the answer is 4"] * 3), vendi_score(["red", "green", "blue"])
+    (1.0, 3.0)
+    """
+    _check(isinstance(texts, Sequence) and len(texts) > 0 and all(isinstance(t, str) for t in texts),
+           "texts", texts, "the Vendi score is defined for a non-empty list of texts", "pass a list of strings")
+    size = len(texts)
+    eigenvalues = [max(0.0, x / size) for x in symmetric_eigenvalues(similarity_matrix(texts))]
+    entropy = -sum(x * math.log(x) for x in eigenvalues if x > 1e-15)
+    return round(min(float(size), max(1.0, math.exp(entropy))), 9)
+
+
+def fit_quality_diversity(rows: Sequence[tuple[float, float, float]]) -> dict[str, float]:
+    """Least-squares fit of ``score = a * quality + b * diversity + c`` on standardised inputs.
+
+    ``rows`` are ``(quality, diversity, score)`` triples, one per configuration. Quality and diversity
+    are standardised (zero mean, unit variance) so that ``a`` and ``b`` compare: each is the change in
+    score per standard deviation. Returns ``a``, ``b``, ``c``, their standard errors ``se_a`` and ``se_b``,
+    and ``r2``, as the paper's Table 4 reports them.
+
+    >>> fit = fit_quality_diversity([(q, d, 2 * q + d) for q, d in [(0, 0), (1, 0), (0, 1), (1, 1), (2, 1)]])
+    >>> round(fit["a"] / fit["b"], 6) > 1, round(fit["r2"], 6)
+    (True, 1.0)
+    """
+    _check(len(rows) >= 4, "rows", len(rows), "a fit of 3 coefficients needs at least 4 configurations",
+           "pass more (quality, diversity, score) rows")
+
+    def standardised(values: list[float]) -> list[float]:
+        mean = sum(values) / len(values)
+        spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        _check(spread > 0, "rows", "constant column", "quality and diversity must vary across configurations",
+               "use configurations that differ")
+        return [(v - mean) / spread for v in values]
+
+    quality = standardised([float(r[0]) for r in rows])
+    diversity = standardised([float(r[1]) for r in rows])
+    scores = [float(r[2]) for r in rows]
+    design = [[q, d, 1.0] for q, d in zip(quality, diversity)]
+    gram = [[sum(x[i] * x[j] for x in design) for j in range(3)] for i in range(3)]
+    inverse = _invert3(gram)
+    moments = [sum(x[i] * y for x, y in zip(design, scores)) for i in range(3)]
+    a, b, c = (sum(inverse[i][j] * moments[j] for j in range(3)) for i in range(3))
+    residuals = [y - (a * x[0] + b * x[1] + c) for x, y in zip(design, scores)]
+    mean = sum(scores) / len(scores)
+    total = sum((y - mean) ** 2 for y in scores)
+    error = sum(r * r for r in residuals)
+    sigma2 = error / max(1, len(rows) - 3)
+    return {"a": a, "b": b, "c": c, "se_a": math.sqrt(max(0.0, sigma2 * inverse[0][0])),
+            "se_b": math.sqrt(max(0.0, sigma2 * inverse[1][1])), "r2": 1 - error / total if total else 1.0,
+            "n": len(rows)}
+
+
+def _invert3(m: list[list[float]]) -> list[list[float]]:
+    """The inverse of a 3 x 3 matrix by cofactors."""
+    cof = [[m[(i + 1) % 3][(j + 1) % 3] * m[(i + 2) % 3][(j + 2) % 3]
+            - m[(i + 1) % 3][(j + 2) % 3] * m[(i + 2) % 3][(j + 1) % 3] for j in range(3)] for i in range(3)]
+    det = sum(m[0][j] * cof[0][j] for j in range(3))
+    _check(abs(det) > 1e-12, "rows", "collinear", "quality and diversity move together exactly",
+           "use configurations where they vary independently")
+    return [[cof[j][i] / det for j in range(3)] for i in range(3)]
 
 
 # ======================================================================================================
