@@ -473,8 +473,9 @@ class HTTPClient:
     - ``base_url`` / ``api_key``: the default endpoint; ``endpoints`` maps a model name to its own
       ``Endpoint`` (or a URL string), so a local vLLM model and a hosted model can be mixed. A key is only
       ever sent to the endpoint it was given with.
-    - Connections are kept alive and reused (one per thread and host). Every call has a ``timeout`` (seconds
-      for connecting and for each read).
+    - Connections are kept alive and shared: an idle connection to a host is reused by whichever thread
+      calls next (at most ``max_idle`` idle ones per host). Every call has a ``timeout`` (seconds for
+      connecting and for each read).
     - 408, 409, 429 and 5xx replies, timeouts, refused, dropped or truncated connections are retried up to
       ``retries`` times with exponential backoff and full jitter (``backoff`` doubling up to ``max_backoff``
       seconds), waiting at least what ``Retry-After`` asks (unless that exceeds ``max_retry_after``, which
@@ -487,8 +488,8 @@ class HTTPClient:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  endpoints: Mapping[str, Endpoint | str] | None = None, timeout: float = 120.0,
                  retries: int = 4, backoff: float = 0.5, max_backoff: float = 30.0,
-                 max_retry_after: float = 120.0, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None):
+                 max_retry_after: float = 120.0, max_idle: int = 64,
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
         self.default = Endpoint(base_url, api_key) if base_url is not None else None
         _check(api_key is None or base_url is not None, "api_key", "***",
                "a key needs the endpoint it belongs to", "pass base_url too")
@@ -508,8 +509,8 @@ class HTTPClient:
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self.max_retry_after, self.sleep = max_retry_after, sleep
         self.rng = rng or random.Random()
-        self._local = threading.local()
-        self._all_connections: list[http.client.HTTPConnection] = []
+        self.max_idle = max_idle
+        self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -569,28 +570,29 @@ class HTTPClient:
                           status=status, body=_redact(body, endpoint.api_key), attempts=attempts,
                           retryable=retryable)
 
-    def _connection(self, endpoint: Endpoint, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
-        """This thread's kept-alive connection to the endpoint's host, and whether it was used before."""
+    def _acquire(self, endpoint: Endpoint) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle kept-alive connection to the endpoint's host if there is one (True), else a new one."""
         parts = endpoint._parts
-        host_key = (parts.scheme, parts.hostname, parts.port)
-        pool = getattr(self._local, "connections", None)
-        if pool is None:
-            pool = self._local.connections = {}
-        connection = pool.get(host_key)
-        if connection is not None and not fresh:
-            return connection, True
-        if connection is not None:
-            connection.close()
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = kind(parts.hostname, parts.port, timeout=self.timeout)
-        pool[host_key] = connection
         with self._lock:
-            self._all_connections.append(connection)
-        return connection, False
+            idle = self._idle.get((parts.scheme, parts.hostname, parts.port))
+            if idle:
+                return idle.pop(), True
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        return kind(parts.hostname, parts.port, timeout=self.timeout), False
+
+    def _release(self, endpoint: Endpoint, connection: http.client.HTTPConnection) -> None:
+        """Put a connection whose reply was read in full back for reuse."""
+        parts = endpoint._parts
+        with self._lock:
+            idle = self._idle.setdefault((parts.scheme, parts.hostname, parts.port), [])
+            if len(idle) < self.max_idle:
+                idle.append(connection)
+                return
+        connection.close()
 
     def _send(self, endpoint: Endpoint, payload: bytes, request: Request) -> Reply:
         """One attempt: send, read, parse. Raises _Retry for what may pass, ModelError for what will not."""
-        connection, reused = self._connection(endpoint)
+        connection, reused = self._acquire(endpoint)
         parts = endpoint._parts
         path = (parts.path.rstrip("/") + "/chat/completions") + (f"?{parts.query}" if parts.query else "")
         headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
@@ -613,7 +615,9 @@ class HTTPClient:
             if response.status != 200 or not request.stream:
                 raw = response.read()
             else:
-                return self._read_stream(response, endpoint, request)
+                reply = self._read_stream(response, endpoint, request, connection)
+                self._release(endpoint, connection)
+                return reply
         except (TimeoutError, socket.timeout):
             connection.close()
             raise _Retry(f"the reply stalled beyond timeout={self.timeout:g} s") from None
@@ -622,6 +626,8 @@ class HTTPClient:
             raise _Retry(f"the reply was cut off ({type(exc).__name__})") from None
         if response.will_close:
             connection.close()
+        else:
+            self._release(endpoint, connection)
         text = raw.decode("utf-8", errors="replace")
         if response.status != 200:
             detail = _error_message(text)
@@ -656,7 +662,8 @@ class HTTPClient:
         return Reply(texts, reasons, _int_or_none(usage.get("prompt_tokens")),
                      _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
 
-    def _read_stream(self, response: http.client.HTTPResponse, endpoint: Endpoint, request: Request) -> Reply:
+    def _read_stream(self, response: http.client.HTTPResponse, endpoint: Endpoint, request: Request,
+                     connection: http.client.HTTPConnection) -> Reply:
         """Read server-sent events, passing each text piece on as it arrives."""
         pieces: list[str] = []
         reason, usage = None, {}
@@ -684,8 +691,11 @@ class HTTPClient:
                     reason = choice.get("finish_reason") or reason
             else:
                 raise OSError("the stream ended without data: [DONE]")
+            response.read()  # the end of the chunked body, so that the connection can be reused
+            if response.will_close:
+                connection.close()
         except (OSError, http.client.HTTPException) as exc:
-            response.close()
+            connection.close()
             message = f"the stream broke ({type(exc).__name__}: {exc})"
             if not pieces:
                 raise _Retry(message) from None
@@ -695,11 +705,12 @@ class HTTPClient:
                      _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
 
     def close(self) -> None:
-        """Close every kept-alive connection this client opened, in all threads."""
+        """Close the idle kept-alive connections (the client stays usable: it reconnects when called)."""
         with self._lock:
-            connections, self._all_connections = self._all_connections, []
-        for connection in connections:
-            connection.close()
+            idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.close()
 
     def __enter__(self) -> HTTPClient:
         return self
@@ -859,11 +870,15 @@ class _Pool:
         self._order = itertools.count()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def submit(self, priority: tuple, fn: Callable, *args: Any) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((priority, next(self._order), future, fn, args))
         with self._lock:
+            if self._closed:  # a late follow-up of a run that has already ended: never runs
+                future.cancel()
+                return future
+            self._queue.put((priority, next(self._order), future, fn, args))
             if len(self._threads) < self.workers:
                 thread = threading.Thread(target=self._work, name=f"selfmoa-{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
@@ -885,7 +900,7 @@ class _Pool:
     def shutdown(self) -> None:
         """Cancel what is still queued and let the workers finish their current call and stop."""
         with self._lock:
-            threads, self._threads = self._threads, []
+            threads, self._threads, self._closed = self._threads, [], True
         while True:
             try:
                 _, _, future, _, _ = self._queue.get_nowait()
@@ -1287,8 +1302,7 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
             synthesis = run.aggregate((0, round_number), call,
                                       inject_references(messages, window_texts, instruction),
                                       aggregator_params, stream if last else None)
-        good = sum(len(call.outputs) for call in run.trace if call.role == "proposer") if samples is None \
-            else stream_ahead.taken
+        good = stream_ahead.taken  # failed samples never reach the rounds
         if synthesis is None or good < min_ok:
             raise NotEnoughProposals(f"{good} samples succeeded, fewer than min_ok={min_ok}"
                                      + ("; no samples were given" if samples is not None and good == 0 else

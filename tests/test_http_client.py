@@ -158,3 +158,20 @@ def test_an_unreachable_server_is_a_model_error_after_retries():
     with pytest.raises(selfmoa.ModelError, match="could not reach") as caught:
         ask(c)
     assert caught.value.attempts == 2 and caught.value.status is None
+
+
+def test_keep_alive_survives_across_method_calls_and_threads():
+    """Runs on fresh worker threads still reuse the idle connection; nothing piles up."""
+    with ScriptedServer() as server, client(server) as c:
+        for _ in range(5):
+            selfmoa.self_moa("hi", "m", n=2, complete=c, concurrency=1)
+        assert len({entry["client_port"] for entry in server.log}) == 1
+        assert sum(len(idle) for idle in c._idle.values()) == 1
+
+
+def test_a_streamed_reply_leaves_its_connection_reusable():
+    events = [{"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}, b"[DONE]"]
+    with ScriptedServer(("sse", events), ("choices", None)) as server, client(server) as c:
+        ask(c, stream=lambda piece: None)
+        ask(c)
+        assert len({entry["client_port"] for entry in server.log}) == 1
