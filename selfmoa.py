@@ -144,6 +144,7 @@ __all__ = [
     "Request",
     "Result",
     "SelfMoAError",
+    "check_items",
     "fit_quality_diversity",
     "inject_references",
     "main",
@@ -1619,8 +1620,8 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
     """Run ``method`` on every item, ``concurrency`` calls at a time, appending one JSONL line per item.
 
     ``options`` go to the method (``model``, ``n``, ``proposers``...). Each line holds the input record, plus
-    ``id``, ``answer``, ``method``, ``usage``, ``calls``, ``requests`` and ``retries`` (and ``trace`` when
-    asked); a failed item gets a line with ``error`` instead of ``answer``, and is retried by the next run.
+    ``id``, ``answer``, ``method``, ``usage``, ``calls``, ``requests``, ``retries`` and ``diversity`` (the
+    Vendi score of each proposer layer; and ``trace`` when asked); a failed item gets a line with ``error`` instead of ``answer``, and is retried by the next run.
     Returns the counts ``total``, ``skipped`` (done before), ``done`` and ``failed``.
     """
     _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
@@ -1646,7 +1647,7 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
             done_so_far, ok = result, True
         if done_so_far is not None:
             summary = done_so_far.to_dict()
-            record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries")})
+            record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries", "diversity")})
             if trace:
                 record["trace"] = summary["trace"]
         line = _lines([record])
