@@ -1544,11 +1544,19 @@ def read_items(path: str) -> list[Item]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read it ({exc}); pass an existing UTF-8 file") from None
     if text.lstrip().startswith("["):
+        # One JSON list, unless this is JSONL whose first line happens to be an array.
         try:
-            records = json.loads(text)
+            whole = json.loads(text)
         except ValueError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc}); fix the file, or write one object per line") from None
-        return check_items(records, path)
+            first = text.lstrip().splitlines()[0]
+            try:
+                json.loads(first)
+            except ValueError:
+                raise ConfigError(f"{path}: not valid JSON ({exc}); fix the file, or write one object per "
+                                  f"line") from None
+        else:
+            if isinstance(whole, list):
+                return check_items(whole, path)
     records, problems = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

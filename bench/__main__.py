@@ -1,0 +1,261 @@
+"""selfmoa benchmarks: ratios measured side by side in one run, printed as Markdown tables.
+
+    python -m bench            # all of them (a few minutes on 2 cores)
+    python -m bench P1 P3      # some of them
+
+Each benchmark starts the mock server (mock_models) in its own process, with injected latency where it
+matters, and compares selfmoa's wall time with the limit the calls themselves set, or with another client
+measured in the same run. Absolute times depend on the machine; the ratios are the point.
+
+P1 batch fan-out      N prompts x Self-MoA n=6 at concurrency C: wall / max(critical path, calls x latency / C)
+P2 Seq on the fly     n=30, w=6, r=3, samples arriving at a steady rate: wall / pipelined ideal
+P3 client overhead    calls per second at zero latency: selfmoa.HTTPClient vs requests.Session vs urllib
+P4 n in one request   requests and prompt tokens for Self-MoA n=6, server honouring n vs ignoring it
+P5 memory             a 10,000-item batch: RSS growth from item 1,000 to item 10,000
+P6 mock capacity      requests per second the mock sustains at concurrency 32 with keep-alive
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import selfmoa  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "What is 17 * 23 + 4? Think briefly, then give the answer."}]
+
+
+@contextlib.contextmanager
+def mock_server(*flags: str):
+    """The mock in a process of its own (so it never competes with the client for the GIL)."""
+    process = subprocess.Popen([sys.executable, "-m", "mock_models", "--port", "0", *flags], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        base_url = process.stdout.readline().strip()
+        if not base_url.startswith("http"):
+            raise RuntimeError(f"the mock server did not start (first line: {base_url!r})")
+        yield base_url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def rss_mib() -> float:
+    """Resident memory now (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- P1 -----------------------------------------------------------------------------------------------
+
+
+def p1_batch_fanout(items: int = 64, concurrency: int = 32, latency: float = 0.2) -> str:
+    rows = []
+    for use_n, flags in ((True, ()), (False, ())):
+        with mock_server("--latency", str(latency), *flags) as url, tempfile.TemporaryDirectory() as tmp:
+            batch = selfmoa.check_items([{"id": i, "prompt": f"{MESSAGES[0]['content']} #{i}"} for i in range(items)])
+            client = selfmoa.HTTPClient(url)
+            started = time.perf_counter()
+            counts = selfmoa.run_batch(batch, os.path.join(tmp, "out.jsonl"), method="self-moa", complete=client,
+                                       concurrency=concurrency, model="generalist", n=6, seed=0, use_n=use_n)
+            wall = time.perf_counter() - started
+            records = [json.loads(line) for line in open(os.path.join(tmp, "out.jsonl"))]
+            requests = sum(r["requests"] for r in records)
+            assert counts["done"] == items, counts
+            critical = max(r["requests"] for r in records) if use_n else 2  # calls one after another per item
+            ideal = max(critical * latency, requests * latency / concurrency)
+            rows.append([f"n in one request: {use_n}", items, concurrency, requests, f"{wall:.2f}",
+                         f"{ideal:.2f}", f"**{wall / ideal:.3f}**"])
+    return table(f"P1 batch fan-out ({latency:g} s per call; target wall/ideal <= 1.05)",
+                 ["variant", "items", "C", "requests", "wall s", "ideal s", "wall / ideal"], rows)
+
+
+# --- P2 -----------------------------------------------------------------------------------------------
+
+
+def p2_seq_on_the_fly(n: int = 30, window: int = 6, carry: int = 3, latency: float = 0.2,
+                      interval: float = 0.05) -> str:
+    """Samples arrive one every `interval` s (a generator still producing) while rounds aggregate."""
+    k = window - carry
+    ready = [(i + 1) * interval for i in range(n)]  # when sample i exists
+    rounds = selfmoa.seq_rounds(n, window, carry)
+    # Pipelined ideal: round t starts when its last sample exists and round t-1 has ended.
+    end = 0.0
+    for t in range(rounds):
+        last = min(n, window + t * k) - 1
+        end = max(end, ready[last]) + latency
+    pipelined = end
+    all_first = ready[-1] + rounds * latency  # wait for every sample, then aggregate round after round
+    with mock_server("--latency", str(latency)) as url:
+        client = selfmoa.HTTPClient(url)
+        started = time.perf_counter()
+
+        def samples():
+            for i in range(n):
+                time.sleep(max(0.0, started + ready[i] - time.perf_counter()))
+                yield f"Sample {i}: 17 * 23 + 4 = 395. The answer is 395."
+
+        result = selfmoa.self_moa_seq(MESSAGES, complete=client, samples=samples(), aggregator="generalist",
+                                      window=window, carry=carry, seed=0)
+        wall = time.perf_counter() - started
+    assert result.params["rounds"] == rounds
+    return table(f"P2 Self-MoA-Seq on the fly (n={n}, w={window}, r={carry}; a sample every {interval:g} s, "
+                 f"{latency:g} s per aggregation; target wall/pipelined <= 1.10)",
+                 ["rounds", "wall s", "pipelined ideal s", "wall / ideal", "aggregate-after-all ideal s"],
+                 [[rounds, f"{wall:.2f}", f"{pipelined:.2f}", f"**{wall / pipelined:.3f}**", f"{all_first:.2f}"]])
+
+
+# --- P3 -----------------------------------------------------------------------------------------------
+
+
+def p3_client_overhead(calls: int = 400) -> str:
+    body = json.dumps({"model": "generalist", "messages": MESSAGES, "temperature": 0.7, "seed": 1}).encode()
+    request = selfmoa.Request("generalist", tuple(MESSAGES), 0.7, None, 1, 1)
+    rows = []
+    with mock_server() as url:
+        def timed(name, one_call):
+            one_call()  # warm up (connect)
+            started = time.perf_counter()
+            for _ in range(calls):
+                one_call()
+            rate = calls / (time.perf_counter() - started)
+            rows.append([name, calls, f"{rate:.0f}"])
+            return rate
+
+        client = selfmoa.HTTPClient(url)
+        ours = timed("selfmoa.HTTPClient (keep-alive)", lambda: client(request))
+        try:
+            import requests
+        except ImportError:
+            theirs = None
+            rows.append(["requests.Session (not installed)", "-", "-"])
+        else:
+            session = requests.Session()
+            theirs = timed("requests.Session (keep-alive)",
+                           lambda: session.post(url + "/chat/completions", data=body,
+                                                headers={"Content-Type": "application/json"}).json())
+        timed("urllib.request (new connection per call)", lambda: json.load(urllib.request.urlopen(
+            urllib.request.Request(url + "/chat/completions", data=body,
+                                   headers={"Content-Type": "application/json"}))))
+    ratio = f"selfmoa / requests = **{ours / theirs:.2f}**" if theirs else ""
+    return table(f"P3 client overhead at zero latency, one thread (target selfmoa >= requests) {ratio}",
+                 ["client", "calls", "calls / s"], rows)
+
+
+# --- P4 -----------------------------------------------------------------------------------------------
+
+
+def p4_n_in_one_request(n: int = 6) -> str:
+    rows = []
+    for flags, label in (((), "honours n (vLLM, SGLang, OpenAI)"), (("--ignore-n",), "ignores n (llama.cpp)")):
+        with mock_server(*flags) as url:
+            result = selfmoa.self_moa(MESSAGES, "generalist", n=n, complete=selfmoa.HTTPClient(url), seed=0)
+        proposals = [c for c in result.trace if c.role == "proposer"]
+        rows.append([label, result.calls, result.requests, len(proposals),
+                     sum(c.prompt_tokens or 0 for c in proposals)])
+    return table(f"P4 Self-MoA n={n}: samples in one request", ["server", "generations", "requests",
+                                                               "sample requests", "sample prompt tokens"], rows)
+
+
+# --- P5 -----------------------------------------------------------------------------------------------
+
+
+def p5_memory(items: int = 10_000, concurrency: int = 32) -> str:
+    marks: dict[int, float] = {}
+
+    def progress(finished, failed, total, elapsed):
+        if finished in (1_000, items) or finished % 1000 == 0:
+            marks[finished] = rss_mib()
+
+    with mock_server() as url, tempfile.TemporaryDirectory() as tmp:
+        batch = selfmoa.check_items([{"id": i, "prompt": f"Question number {i}: what is {i} + {i}?"}
+                                     for i in range(items)])
+        started = time.perf_counter()
+        counts = selfmoa.run_batch(batch, os.path.join(tmp, "out.jsonl"), method="self-moa",
+                                   complete=selfmoa.HTTPClient(url), concurrency=concurrency, progress=progress,
+                                   model="generalist", n=6, seed=0)
+        wall = time.perf_counter() - started
+    assert counts["done"] == items, counts
+    first, last = marks.get(1_000), marks.get(items)
+    return table(f"P5 memory over a {items:,}-item Self-MoA batch (n=6, C={concurrency}, {wall:.0f} s)",
+                 ["RSS at item 1,000 (MiB)", f"RSS at item {items:,} (MiB)", "growth (MiB)"],
+                 [[f"{first:.1f}", f"{last:.1f}", f"**{last - first:+.1f}**"]])
+
+
+# --- P6 -----------------------------------------------------------------------------------------------
+
+
+def p6_mock_capacity(concurrency: int = 32, seconds: float = 3.0) -> str:
+    import http.client
+
+    body = json.dumps({"model": "generalist", "messages": MESSAGES, "temperature": 0.7, "seed": 1})
+    counts = [0] * concurrency
+    with mock_server() as url:
+        host, port = url.split("//")[1].split("/")[0].split(":")
+        stop = time.perf_counter() + seconds
+
+        def hammer(slot):
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            while time.perf_counter() < stop:
+                connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                connection.getresponse().read()
+                counts[slot] += 1
+
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(concurrency)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        rate = sum(counts) / (time.perf_counter() - started)
+    return table(f"P6 mock server capacity (keep-alive, {concurrency} client connections, {seconds:g} s)",
+                 ["requests", "requests / s"], [[sum(counts), f"{rate:.0f}"]])
+
+
+BENCHMARKS = {"P1": p1_batch_fanout, "P2": p2_seq_on_the_fly, "P3": p3_client_overhead,
+              "P4": p4_n_in_one_request, "P5": p5_memory, "P6": p6_mock_capacity}
+
+
+def main(argv: list[str]) -> int:
+    chosen = [name.upper() for name in argv] or list(BENCHMARKS)
+    unknown = [name for name in chosen if name not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    print(f"selfmoa {selfmoa.__version__}, Python {platform.python_version()}, {platform.machine()}, "
+          f"{os.cpu_count()} CPUs, {platform.system()}\n")
+    for name in chosen:
+        started = time.perf_counter()
+        print(BENCHMARKS[name](), flush=True)
+        print(f"({name} took {time.perf_counter() - started:.1f} s)\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
