@@ -916,6 +916,15 @@ class _Pool:
 Outcome = Union[str, ModelError]  # a sample's text, or why it failed
 
 
+@dataclasses.dataclass(frozen=True)
+class _Params:
+    """Sampling parameters of one role (proposers or aggregator)."""
+
+    temperature: float
+    max_tokens: int | None
+    seed: int | None
+
+
 class _Run:
     """One method run: the completion function, the pool, and the trace of every request made."""
 
@@ -948,7 +957,8 @@ class _Run:
 
     def samples(self, rank: tuple, layer: int, model: str, messages: list[Message], first: int, count: int,
                 references: list[int], params: _Params, group: bool) -> list[concurrent.futures.Future]:
-        """Ask ``model`` for samples ``first .. first+count-1`` of one prompt: one future per sample.
+        """Ask ``model`` for samples ``first .. first+count-1`` of one prompt: one future per sample,
+        resolving to its ``Outcome`` (the text, or the ModelError that sample failed with).
 
         With ``group``, all ``count`` samples go in one request with ``n = count`` and seed ``S + first``;
         any the server did not return are then asked for one by one, sample ``i`` with seed ``S + i``
@@ -1003,15 +1013,6 @@ class _Run:
     def sorted_trace(self) -> list[Call]:
         with self._lock:
             return sorted(self.trace, key=Call.sort_key)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Params:
-    """Sampling parameters of one role (proposers or aggregator)."""
-
-    temperature: float
-    max_tokens: int | None
-    seed: int | None
 
 
 def _start(complete: Any, concurrency: int, pool: _Pool | None) -> tuple[_Pool, bool]:
