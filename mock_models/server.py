@@ -1,0 +1,350 @@
+"""The mock server: an OpenAI-compatible chat-completions endpoint over real HTTP, with fault injection.
+
+Speaks the subset of the API in spec/wire.md: ``POST /v1/chat/completions`` (model, messages, temperature,
+top_p, max_tokens, n, seed, stream, stream_options, stop), ``GET /v1/models``, ``GET /health``. Errors are
+OpenAI-shaped JSON. Every response sets ``Content-Length`` (streams too: the events are generated first,
+then sent with the injected per-token latency between them).
+
+Token estimate (deterministic): a text has one token per word or punctuation mark (regex ``\\w+|[^\\w\\s]``);
+a prompt counts its messages' tokens plus 4 per message plus 2.
+
+Determinism: a reply is a function of (model, messages, temperature, effective seed) through sha256, where
+choice ``j`` of a request with seed ``S`` has effective seed ``S + j`` (spec/wire.md section 4), so a
+request with ``n`` and one request per sample give the same samples. Temperature 0 ignores the seed;
+temperature > 0 without a seed draws a fresh random salt, like a real model.
+
+Faults (``fault_rate``, ``faults``, ``fault_seed``): whether a request fails, and how, is drawn from sha256
+over (fault_seed, the request body, how many times this server has seen that same body), so a retry of
+the same request gets a fresh but reproducible draw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from mock_models import models
+
+FAULTS = ("429", "500", "503", "drop", "truncate", "stall")
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    return len(_TOKEN.findall(text))
+
+
+def prompt_tokens(messages: list[dict]) -> int:
+    return sum(count_tokens(m["content"]) + 4 for m in messages) + 2
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def _check_body(body: object) -> dict:
+    """The request's fields, checked like a real server; raises BadRequest naming the field."""
+    if not isinstance(body, dict):
+        raise BadRequest(400, "the body must be a JSON object", None)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest(400, "'model' is required and must be a string", "model")
+    if model not in models.MODELS:
+        raise BadRequest(404, f"The model '{model[:100]}' does not exist", "model", "model_not_found")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest(400, "'messages' must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer") \
+                or not isinstance(m.get("content"), str):
+            raise BadRequest(400, f"messages[{i}] needs a role (system, user, assistant) and string content",
+                             f"messages[{i}]")
+    checks = [("temperature", (int, float), 0, 2, 1.0), ("top_p", (int, float), 0, 1, 1.0),
+              ("n", int, 1, 16, 1), ("max_tokens", int, 1, 1_000_000, None), ("seed", int, -2**63, 2**63 - 1, None)]
+    out = {"model": model, "messages": messages}
+    for name, kinds, low, high, default in checks:
+        value = body.get(name, default)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high):
+            raise BadRequest(400, f"'{name}' must be a number between {low} and {high}", name)
+        out[name] = value
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
+                             or len(stop) > 4):
+        raise BadRequest(400, "'stop' must be a string or a list of up to 4 strings", "stop")
+    out["stop"] = stop or []
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(400, "'stream' must be a boolean", "stream")
+    out["stream"] = stream
+    options = body.get("stream_options") or {}
+    out["include_usage"] = bool(isinstance(options, dict) and options.get("include_usage"))
+    return out
+
+
+def _limit(text: str, max_tokens: int | None, stop: list[str]) -> tuple[str, str]:
+    """Apply stop sequences and max_tokens; returns the text and its finish_reason."""
+    reason = "stop"
+    for sequence in stop:
+        if sequence in text:
+            text = text[:text.index(sequence)]
+    if max_tokens is not None:
+        tokens = list(_TOKEN.finditer(text))
+        if len(tokens) > max_tokens:
+            text, reason = text[:tokens[max_tokens - 1].end()], "length"
+    return text, reason
+
+
+class MockServer:
+    """Mock LLMs behind a real ``ThreadingHTTPServer``; a context manager that starts and stops it.
+
+    >>> with MockServer() as server:
+    ...     server.base_url.startswith("http://127.0.0.1:") and server.base_url.endswith("/v1")
+    True
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
+                 latency_per_token: float = 0.0, fault_rate: float = 0.0, faults=None, fault_seed: int = 0,
+                 retry_after: int = 1, stall_seconds: float = 30.0, honour_n: bool = True, api_key: str | None = None,
+                 max_body_bytes: int = 1_000_000, context_length: int | None = None, client_timeout: float = 30.0):
+        faults = tuple(faults) if faults is not None else FAULTS
+        unknown = [f for f in faults if f not in FAULTS]
+        if unknown or not 0 <= fault_rate <= 1:
+            raise ValueError(f"faults must be among {FAULTS} and fault_rate in [0, 1] (got {unknown}, {fault_rate})")
+        self.latency, self.latency_per_token = latency, latency_per_token
+        self.fault_rate, self.faults, self.fault_seed = fault_rate, faults, fault_seed
+        self.retry_after, self.stall_seconds, self.honour_n = retry_after, stall_seconds, honour_n
+        self.api_key, self.max_body_bytes, self.context_length = api_key, max_body_bytes, context_length
+        self.requests: list[dict] = []
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._httpd = _Server((host, port), _make_handler(self, client_timeout))
+        self.host, self.port = self._httpd.server_address[:2]
+        self.base_url = f"http://{self.host}:{self.port}/v1"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> MockServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> MockServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def serve_forever(self) -> None:
+        self._httpd.serve_forever(0.2)
+
+    # --- what the handler asks ------------------------------------------------------------------------
+
+    def draw_fault(self, raw: bytes) -> str | None:
+        if not self.fault_rate:
+            return None
+        digest = hashlib.sha256(raw).hexdigest()
+        with self._lock:
+            seen = self._seen.get(digest, 0)
+            self._seen[digest] = seen + 1
+        if models.unit("fault", self.fault_seed, digest, seen) >= self.fault_rate:
+            return None
+        return self.faults[int(models.unit("fault-kind", self.fault_seed, digest, seen) * len(self.faults))]
+
+    def log(self, entry: dict) -> None:
+        with self._lock:
+            self.requests.append(entry)
+
+    def complete(self, request: dict) -> tuple[dict, list[tuple[str, str]]]:
+        """The chat completion for a checked request, and each choice's (text, finish_reason)."""
+        model, messages = request["model"], request["messages"]
+        used = prompt_tokens(messages)
+        limit = self.context_length or models.CONTEXT_LENGTH[model]
+        if used + (request["max_tokens"] or 0) > limit:
+            raise BadRequest(400, f"This model's maximum context length is {limit} tokens; the messages use "
+                             f"{used} and max_tokens asks for {request['max_tokens'] or 0}", "messages",
+                             "context_length_exceeded")
+        temperature = request["temperature"]
+        n = request["n"] if self.honour_n else 1
+        choices = []
+        salt = os.urandom(8).hex()
+        for j in range(n):
+            if temperature == 0:
+                sample: object = "greedy"
+            elif request["seed"] is not None:
+                sample = request["seed"] + j
+            else:
+                sample = f"{salt}-{j}"
+            text = models.reply(model, messages, temperature, sample)
+            choices.append(_limit(text, request["max_tokens"], request["stop"]))
+        completion_tokens = sum(count_tokens(text) for text, _ in choices)
+        created = 1_700_000_000
+        ident = "chatcmpl-" + hashlib.sha256(json.dumps([request["model"], messages, temperature, request["seed"],
+                                                          choices]).encode()).hexdigest()[:24]
+        body = {"id": ident, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": j, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                            for j, (text, reason) in enumerate(choices)],
+                "usage": {"prompt_tokens": used, "completion_tokens": completion_tokens,
+                          "total_tokens": used + completion_tokens}}
+        return body, choices
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    allow_reuse_address = True
+
+
+def _make_handler(server: MockServer, client_timeout: float):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "mock-models/1"
+        timeout = client_timeout  # a client that stalls mid-request is dropped after this long
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def send_error(self, code, message=None, explain=None) -> None:  # malformed request lines, etc.
+            self.close_connection = True
+            self._json(code, _error(message or "bad request", "invalid_request_error"))
+
+        def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0].rstrip("/")
+            if path == "/health":
+                return self._json(200, {"status": "ok"})
+            if path == "/v1/models":
+                return self._json(200, {"object": "list", "data": [
+                    {"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "mock-models",
+                     "context_length": server.context_length or models.CONTEXT_LENGTH[name]}
+                    for name in models.MODELS]})
+            self._json(404, _error(f"no route for GET {path[:100]}", "invalid_request_error"))
+
+        def do_POST(self) -> None:
+            path = self.path.split("?")[0].rstrip("/")
+            entry = {"method": "POST", "path": path, "headers": dict(self.headers), "body": None,
+                     "status": None, "fault": None}
+            try:
+                raw = self._read_body()
+                try:
+                    entry["body"] = json.loads(raw)
+                except ValueError:
+                    raise BadRequest(400, "the body is not valid JSON", None) from None
+                if path != "/v1/chat/completions":
+                    raise BadRequest(404, f"no route for POST {path[:100]}")
+                if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    raise BadRequest(401, "Incorrect API key provided", None, "invalid_api_key")
+                request = _check_body(entry["body"])
+                fault = server.draw_fault(raw)
+                entry["fault"] = fault
+                if fault in ("429", "500", "503"):
+                    entry["status"] = int(fault)
+                    headers = {"Retry-After": str(server.retry_after)} if fault == "429" else {}
+                    kind = {"429": "rate_limit_exceeded", "500": "server_error", "503": "service_unavailable"}[fault]
+                    return self._json(int(fault), _error(f"injected fault: {kind}", kind), headers)
+                if fault == "drop":
+                    entry["status"] = 0
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if fault == "stall":
+                    time.sleep(server.stall_seconds)
+                body, choices = server.complete(request)
+                entry["status"] = 200
+                if request["stream"]:
+                    return self._stream(request, body, choices)
+                time.sleep(server.latency + server.latency_per_token * body["usage"]["completion_tokens"])
+                if fault == "truncate":
+                    data = json.dumps(body).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[:len(data) // 2])
+                    self.close_connection = True
+                    return
+                self._json(200, body)
+            except BadRequest as bad:
+                entry["status"] = bad.status
+                self._json(bad.status, _error(bad.message, bad.kind, bad.param, bad.code))
+            except (OSError, ValueError):  # the client went away, or sent something unreadable
+                self.close_connection = True
+            finally:
+                server.log(entry)
+
+        def _read_body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                self.close_connection = True
+                raise BadRequest(411, "chunked request bodies are not supported; send Content-Length")
+            length = self.headers.get("Content-Length")
+            if length is None or not length.strip().isdigit():
+                self.close_connection = True
+                raise BadRequest(411 if length is None else 400, "a valid Content-Length header is required")
+            if int(length) > server.max_body_bytes:
+                self.close_connection = True  # the unread body makes the connection unusable
+                raise BadRequest(413, f"the body is over the limit of {server.max_body_bytes} bytes")
+            return self.rfile.read(int(length))
+
+        def _stream(self, request: dict, body: dict, choices: list[tuple[str, str]]) -> None:
+            base = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"],
+                    "model": body["model"]}
+            events = []
+            for j, (text, reason) in enumerate(choices):
+                events.append({**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
+                                                    "finish_reason": None}]})
+                for piece in re.findall(r"\S+\s*|\s+", text):
+                    events.append({**base, "choices": [{"index": j, "delta": {"content": piece},
+                                                        "finish_reason": None}]})
+                events.append({**base, "choices": [{"index": j, "delta": {}, "finish_reason": reason}]})
+            if request["include_usage"]:
+                events.append({**base, "choices": [], "usage": body["usage"]})
+            chunks = [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Content-Length", str(sum(map(len, chunks))))
+            self.end_headers()
+            time.sleep(server.latency)
+            for chunk in chunks:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                if server.latency_per_token:
+                    time.sleep(server.latency_per_token)
+
+    return Handler
+
+
+def _error(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@contextlib.contextmanager
+def serve(**options):
+    """A mock server for the duration of a ``with`` block; yields its base URL."""
+    with MockServer(**options) as server:
+        yield server.base_url
