@@ -211,8 +211,14 @@ class _Server(ThreadingHTTPServer):
 def _make_handler(server: MockServer, client_timeout: float):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        default_request_version = "HTTP/1.1"  # so that even a garbled request line gets a status line back
         server_version = "mock-models/1"
         timeout = client_timeout  # a client that stalls mid-request is dropped after this long
+        wbufsize = 1 << 16  # headers and body leave in one send (no Nagle / delayed-ACK stall on keep-alive)
+
+        def setup(self) -> None:
+            super().setup()
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def log_message(self, *args) -> None:
             pass

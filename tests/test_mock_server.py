@@ -1,0 +1,276 @@
+"""The mock server on its own, through `requests` (an independent client): endpoints, errors, streaming,
+n, seeds, determinism across processes, fault injection, abuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mock_models import FAULTS, MockServer, make_tasks
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+USER = [{"role": "user", "content": "Compute 12 * 7 + 3. Multiplication comes before addition."}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with MockServer() as running:
+        yield running
+
+
+def chat(server, session=requests, **body):
+    body.setdefault("model", "generalist")
+    body.setdefault("messages", USER)
+    return session.post(server.base_url + "/chat/completions", json=body, timeout=10)
+
+
+def assert_alive(server):
+    assert requests.get(server.base_url.replace("/v1", "/health"), timeout=5).json() == {"status": "ok"}
+
+
+def test_chat_completion_is_shaped_like_openais(server):
+    reply = chat(server, seed=1)
+    data = reply.json()
+    assert reply.status_code == 200 and reply.headers["Content-Length"] == str(len(reply.content))
+    assert data["object"] == "chat.completion" and data["model"] == "generalist" and data["id"].startswith("chatcmpl-")
+    (choice,) = data["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant" and choice["finish_reason"] == "stop"
+    assert choice["message"]["content"].endswith(".") and "The answer is" in choice["message"]["content"]
+    usage = data["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+def test_models_and_health(server):
+    listed = requests.get(server.base_url + "/models", timeout=5).json()
+    assert listed["object"] == "list"
+    assert {m["id"] for m in listed["data"]} == {"generalist", "coder", "mathematician", "generalist-2", "echo"}
+    assert all(m["context_length"] > 0 for m in listed["data"])
+    assert_alive(server)
+
+
+def test_n_choices_and_the_seed_convention(server):
+    many = chat(server, n=4, seed=10).json()["choices"]
+    singles = [chat(server, seed=10 + j).json()["choices"][0] for j in range(4)]
+    assert [c["index"] for c in many] == [0, 1, 2, 3]
+    assert [c["message"]["content"] for c in many] == [c["message"]["content"] for c in singles]
+
+
+def test_ignoring_n_returns_one_choice():
+    with MockServer(honour_n=False) as lone:
+        assert len(chat(lone, n=5, seed=1).json()["choices"]) == 1
+
+
+def test_temperature_zero_is_fixed_and_sampling_varies_with_the_seed(server):
+    greedy = {chat(server, temperature=0, seed=s).json()["choices"][0]["message"]["content"] for s in range(5)}
+    sampled = {chat(server, temperature=1.0, seed=s).json()["choices"][0]["message"]["content"] for s in range(8)}
+    assert len(greedy) == 1 and len(sampled) > 1
+
+
+def test_max_tokens_cuts_with_finish_reason_length_and_stop_sequences(server):
+    cut = chat(server, max_tokens=3, seed=1).json()
+    assert cut["choices"][0]["finish_reason"] == "length" and cut["usage"]["completion_tokens"] == 3
+    full = chat(server, seed=1).json()["choices"][0]["message"]["content"]
+    stopped = chat(server, seed=1, stop=["answer"]).json()["choices"][0]
+    assert stopped["message"]["content"] == full[:full.index("answer")] and stopped["finish_reason"] == "stop"
+
+
+def test_streaming_sends_deltas_a_finish_chunk_usage_and_done(server):
+    with requests.post(server.base_url + "/chat/completions", timeout=10, stream=True,
+                       json={"model": "coder", "messages": USER, "seed": 2, "stream": True,
+                             "stream_options": {"include_usage": True}}) as reply:
+        assert reply.headers["Content-Type"] == "text/event-stream"
+        lines = [line for line in reply.iter_lines(decode_unicode=True) if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == chat(server, model="coder", seed=2).json()["choices"][0]["message"]["content"]
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-1]["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("send, status, param", [
+    (lambda url: requests.post(url, data=b"{not json", headers={"Content-Type": "application/json"}), 400, None),
+    (lambda url: requests.post(url, json={"messages": USER}), 400, "model"),
+    (lambda url: requests.post(url, json={"model": "gpt-9", "messages": USER}), 404, "model"),
+    (lambda url: requests.post(url, json={"model": "coder"}), 400, "messages"),
+    (lambda url: requests.post(url, json={"model": "coder", "messages": [{"role": "user"}]}), 400, "messages[0]"),
+    (lambda url: requests.post(url, json={"model": "coder", "messages": USER, "temperature": 5}), 400, "temperature"),
+    (lambda url: requests.post(url, json={"model": "coder", "messages": USER, "n": 0}), 400, "n"),
+    (lambda url: requests.post(url, json={"model": "coder", "messages": USER, "stream": "yes"}), 400, "stream"),
+    (lambda url: requests.post(url, json={"model": "mathematician", "messages": USER, "max_tokens": 10_000}),
+     400, "messages"),
+    (lambda url: requests.post(url, data=b"x" * 1_000_001, headers={"Content-Type": "application/json"}), 413, None),
+    (lambda url: requests.post(url.replace("chat/completions", "nowhere"), json={}), 404, None),
+])
+def test_errors_are_openai_shaped_and_the_server_keeps_serving(server, send, status, param):
+    reply = send(server.base_url + "/chat/completions")
+    error = reply.json()["error"]
+    assert reply.status_code == status and set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["message"]
+    if status == 400 and param == "messages" and "max_tokens" in str(reply.request.body):
+        assert error["code"] == "context_length_exceeded"
+    assert_alive(server)
+
+
+def test_api_key_is_required_when_set():
+    with MockServer(api_key="sk-mock") as guarded:
+        assert chat(guarded).status_code == 401
+        ok = guarded.base_url + "/chat/completions"
+        assert requests.post(ok, json={"model": "coder", "messages": USER},
+                             headers={"Authorization": "Bearer sk-mock"}, timeout=5).status_code == 200
+        assert guarded.requests[-1]["headers"]["Authorization"] == "Bearer sk-mock"
+
+
+def test_the_request_log_records_what_was_sent(server):
+    before = len(server.requests)
+    chat(server, seed=99, model="echo")
+    entry = server.requests[before]
+    assert entry["path"] == "/v1/chat/completions" and entry["body"]["seed"] == 99 and entry["status"] == 200
+
+
+def test_echo_returns_what_it_was_sent(server):
+    text = chat(server, model="echo", messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
+    assert text.json()["choices"][0]["message"]["content"] == "system: S\n\nuser: U"
+
+
+def test_replies_are_identical_across_processes_and_hash_seeds():
+    code = ("from mock_models import models; import json; print(json.dumps([models.reply(m, "
+            "[{'role': 'user', 'content': t.prompt}], 0.7, s) for m in models.MODELS[:4] "
+            "for t in __import__('mock_models').make_tasks('CRUX', 5) for s in range(3)]))")
+    outputs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outputs) == 1 and len(json.loads(outputs.pop())) == 60
+
+
+def test_fault_injection_rates_and_kinds_are_deterministic_and_within_tolerance():
+    with MockServer(fault_rate=0.3, faults=("429", "500", "503"), fault_seed=7, retry_after=0) as faulty:
+        session = requests.Session()
+        statuses = [chat(faulty, session, seed=i).status_code for i in range(300)]
+        first = [e["fault"] for e in faulty.requests]
+    with MockServer(fault_rate=0.3, faults=("429", "500", "503"), fault_seed=7, retry_after=0) as again:
+        for i in range(300):
+            chat(again, seed=i)
+        second = [e["fault"] for e in again.requests]
+    failed = sum(status != 200 for status in statuses)
+    assert first == second
+    assert 60 <= failed <= 120  # 30% of 300 = 90, with a generous tolerance for a fixed seed
+    assert {s for s in statuses if s != 200} == {429, 500, 503}
+
+
+@pytest.mark.parametrize("kind", ["429", "500", "503", "drop", "truncate", "stall"])
+def test_each_fault_kind_as_a_client_sees_it(kind):
+    with MockServer(fault_rate=1.0, faults=(kind,), retry_after=3, stall_seconds=2.0) as faulty:
+        if kind in ("429", "500", "503"):
+            reply = chat(faulty)
+            assert reply.status_code == int(kind) and reply.json()["error"]["message"].startswith("injected")
+            if kind == "429":
+                assert reply.headers["Retry-After"] == "3"
+        elif kind == "drop":
+            with pytest.raises(requests.ConnectionError):
+                chat(faulty)
+        elif kind == "truncate":
+            with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.ConnectionError)):
+                chat(faulty).json()
+        else:
+            with pytest.raises(requests.Timeout):
+                requests.post(faulty.base_url + "/chat/completions", json={"model": "coder", "messages": USER},
+                              timeout=0.5)
+        assert_alive(faulty)
+
+
+def test_a_retried_identical_request_gets_a_fresh_draw():
+    with MockServer(fault_rate=0.5, faults=("500",), fault_seed=3) as faulty:
+        statuses = [chat(faulty, seed=1).status_code for _ in range(20)]
+    assert 200 in statuses and 500 in statuses
+
+
+def raw_exchange(server, payload: bytes, timeout: float = 3.0) -> bytes:
+    with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            pass
+        return b"".join(chunks)
+
+
+@given(payload=st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda body: b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body, st.binary(max_size=200)),
+    st.builds(lambda body: b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: " + str(len(body)).encode()
+              + b"\r\nContent-Type: application/json\r\n\r\n" + body,
+              st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                               st.sampled_from(["model", "messages", "n", "seed", "stream", "role", "content"]),
+                               inner, max_size=4), max_leaves=8).map(lambda v: json.dumps(v).encode())),
+    st.builds(lambda name, value: b"GET /health HTTP/1.1\r\n" + name + b": " + value + b"\r\n\r\n",
+              st.binary(min_size=1, max_size=20).filter(lambda b: b"\r" not in b and b"\n" not in b and b":" not in b),
+              st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" not in b)),
+))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_bytes_get_a_well_formed_http_response_and_the_server_stays_up(server, payload):
+    """Whatever arrives, the answer (if any) is well-formed HTTP, and the server keeps serving."""
+    answer = raw_exchange(server, payload)
+    if answer:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n")[0]
+        assert status_line.startswith(b"HTTP/1.") and status_line.split()[1].isdigit()
+        length = [line for line in head.split(b"\r\n")[1:] if line.lower().startswith(b"content-length:")]
+        assert length, head
+    assert_alive(server)
+
+
+def test_the_server_survives_a_flood_of_idle_connections():
+    with MockServer(client_timeout=1.0) as flooded:
+        idle = [socket.create_connection((flooded.host, flooded.port), timeout=5) for _ in range(50)]
+        try:
+            assert chat(flooded).status_code == 200
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_command_line_prints_its_url_first_and_serves():
+    process = subprocess.Popen([sys.executable, "-m", "mock_models", "--port", "0"], cwd=ROOT,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        reply = requests.post(url + "/chat/completions", json={"model": "coder", "messages": USER}, timeout=10)
+        assert reply.status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_demo_runs_every_method_and_prints_its_commands():
+    done = subprocess.run([sys.executable, "-m", "mock_models", "demo"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("$ python selfmoa.py") == 9
+    assert "| MATH | Self-MoA |" in done.stdout and "| MMLU | Self-MoA-Seq |" in done.stdout
+
+
+def test_latency_is_injected():
+    with MockServer(latency=0.2) as slow:
+        started = time.monotonic()
+        chat(slow)
+        assert time.monotonic() - started >= 0.2
