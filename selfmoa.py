@@ -861,8 +861,11 @@ class Result:
 class _Pool:
     """A fixed number of worker threads taking calls in priority order (lowest first, then FIFO).
 
-    Priorities let an aggregation that is ready jump ahead of samples still queued, and, in a batch, let
-    earlier items finish first. Unlike ThreadPoolExecutor, a queued call can be overtaken.
+    A call's priority puts first the call with the most calls still chained behind it (critical-path
+    scheduling, Hu's rule, optimal for chains of equal-length calls), then earlier batch items, then
+    earlier positions. So a batch starts every item's samples before any aggregation, and a Self-MoA-Seq
+    round that is ready overtakes samples needed only by later rounds. Unlike ThreadPoolExecutor, a queued
+    call can be overtaken.
     """
 
     def __init__(self, workers: int):
@@ -933,9 +936,13 @@ class _Run:
         self.trace: list[Call] = []
         self._lock = threading.Lock()
 
-    def request(self, rank: tuple, call: Call, request: Request) -> concurrent.futures.Future:
-        """Queue one request; its future gives the Reply, or the ModelError the call failed with."""
-        return self.pool.submit(self.priority + rank, self._call, call, request)
+    def request(self, remaining: int, rank: tuple, call: Call, request: Request) -> concurrent.futures.Future:
+        """Queue one request; its future gives the Reply, or the ModelError the call failed with.
+
+        ``remaining`` counts the calls chained after this one, itself included (the pool runs the longest
+        chains first); ``rank`` orders calls within one run.
+        """
+        return self.pool.submit((-remaining,) + self.priority + rank, self._call, call, request)
 
     def _call(self, call: Call, request: Request) -> Reply | ModelError:
         started = time.perf_counter()
@@ -955,8 +962,8 @@ class _Run:
             self.trace.append(call)
         return outcome
 
-    def samples(self, rank: tuple, layer: int, model: str, messages: list[Message], first: int, count: int,
-                references: list[int], params: _Params, group: bool) -> list[concurrent.futures.Future]:
+    def samples(self, remaining: int, rank: tuple, layer: int, model: str, messages: list[Message], first: int,
+                count: int, references: list[int], params: _Params, group: bool) -> list[concurrent.futures.Future]:
         """Ask ``model`` for samples ``first .. first+count-1`` of one prompt: one future per sample,
         resolving to its ``Outcome`` (the text, or the ModelError that sample failed with).
 
@@ -973,7 +980,7 @@ class _Run:
                         list(references), n=size, seed=seed, temperature=params.temperature,
                         max_tokens=params.max_tokens)
             request = Request(model, frozen, params.temperature, params.max_tokens, size, seed)
-            future = self.request(rank + (first + start,), call, request)
+            future = self.request(remaining, rank + (first + start,), call, request)
             future.add_done_callback(lambda done: deliver(start, size, done))
 
         def deliver(start: int, size: int, done: concurrent.futures.Future) -> None:
@@ -999,13 +1006,13 @@ class _Run:
                 ask(start, 1)
         return slots
 
-    def aggregate(self, rank: tuple, call: Call, messages: list[Message], params: _Params,
+    def aggregate(self, remaining: int, rank: tuple, call: Call, messages: list[Message], params: _Params,
                   stream: Callable[[str], None] | None = None) -> str:
         """One aggregation call, waited for. A failure raises its ModelError."""
         request = Request(call.model, tuple(messages), params.temperature, params.max_tokens, 1, params.seed,
                           stream)
         call.seed, call.temperature, call.max_tokens = params.seed, params.temperature, params.max_tokens
-        outcome = self.request(rank, call, request).result()
+        outcome = self.request(remaining, rank, call, request).result()
         if isinstance(outcome, ModelError):
             raise outcome
         return outcome.texts[0]
@@ -1122,8 +1129,8 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
             slots: list[concurrent.futures.Future] = []
             for model, run_of in itertools.groupby(enumerate(layer), key=lambda item: item[1]):
                 group = [position for position, _ in run_of]
-                slots += run.samples((number,), number, model, prompt_l, group[0], len(group), positions,
-                                     proposer_params, use_n)
+                slots += run.samples(len(plan) + 2 - number, (number,), number, model, prompt_l, group[0],
+                                     len(group), positions, proposer_params, use_n)
             outcomes = [slot.result() for slot in slots]
             failures = [o for o in outcomes if isinstance(o, ModelError)]
             if len(outcomes) - len(failures) < min_ok:
@@ -1136,7 +1143,7 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
             references = [outcomes[j] for j in positions]
         # The aggregator synthesizes the last proposer layer's answers into the final answer.
         final = Call("aggregator", len(plan) + 1, aggregator, [0], positions)
-        answer = run.aggregate((len(plan) + 1,), final, inject_references(messages, references, instruction),
+        answer = run.aggregate(1, (len(plan) + 1,), final, inject_references(messages, references, instruction),
                                _Params(aggregator_temperature, aggregator_max_tokens, seed), stream)
         return Result(answer, _method, run.sorted_trace(), params)
     except SelfMoAError as exc:
@@ -1263,8 +1270,9 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
         assert model is not None and n is not None
         chunks = [(0, min(n, window))] + [(start, min(window - carry, n - start))
                                           for start in range(window, n, window - carry)]
-        slots = [slot for start, size in chunks
-                 for slot in run.samples((1,), 1, model, messages, start, size, [],
+        rounds = seq_rounds(n, window, carry)
+        slots = [slot for chunk, (start, size) in enumerate(chunks)  # chunk c feeds round c + 1
+                 for slot in run.samples(rounds - chunk + 1, (1,), 1, model, messages, start, size, [],
                                          _Params(temperature, max_tokens, seed), use_n)]
         for index, slot in enumerate(slots):
             outcome = slot.result()
@@ -1301,7 +1309,8 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
             last = stream is not None and (len(new) < wanted or stream_ahead.exhausted())
             call = Call("aggregator", 2, aggregator, [0], [index for index, _ in new], round=round_number,
                         carried=len(carried))
-            synthesis = run.aggregate((0, round_number), call,
+            remaining = 1 if samples is not None else seq_rounds(n, window, carry) - round_number + 1
+            synthesis = run.aggregate(remaining, (0, round_number), call,
                                       inject_references(messages, window_texts, instruction),
                                       aggregator_params, stream if last else None)
         good = stream_ahead.taken  # failed samples never reach the rounds

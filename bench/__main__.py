@@ -75,8 +75,52 @@ def rss_mib() -> float:
 # --- P1 -----------------------------------------------------------------------------------------------
 
 
+def bare_client_batch(url: str, items: int, concurrency: int) -> float:
+    """The same Self-MoA batch (one n=6 request, then one aggregation per item) by the plainest client:
+    `concurrency` threads with a kept-alive http.client connection each. What the mock and the machine
+    cost per call, without any orchestration."""
+    import http.client
+    import queue
+
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    todo: queue.Queue = queue.Queue()
+    for i in range(items):
+        todo.put(i)
+
+    def post(connection, body):
+        connection.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
+                           {"Content-Type": "application/json"})
+        return json.loads(connection.getresponse().read())
+
+    def worker():
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            messages = [{"role": "user", "content": f"{MESSAGES[0]['content']} #{i}"}]
+            first = post(connection, {"model": "generalist", "messages": messages, "n": 6, "seed": 0})
+            refs = [c["message"]["content"] for c in first["choices"]]
+            post(connection, {"model": "generalist", "seed": 0,
+                              "messages": selfmoa.inject_references(messages, refs)})
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
 def p1_batch_fanout(items: int = 64, concurrency: int = 32, latency: float = 0.2) -> str:
     rows = []
+    with mock_server("--latency", str(latency)) as url:
+        bare = bare_client_batch(url, items, concurrency)
+        ideal = max(2 * latency, 2 * items * latency / concurrency)
+        rows.append(["bare http.client threads (no orchestration)", items, concurrency, 2 * items, f"{bare:.2f}",
+                     f"{ideal:.2f}", f"{bare / ideal:.3f}"])
     for use_n, flags in ((True, ()), (False, ())):
         with mock_server("--latency", str(latency), *flags) as url, tempfile.TemporaryDirectory() as tmp:
             batch = selfmoa.check_items([{"id": i, "prompt": f"{MESSAGES[0]['content']} #{i}"} for i in range(items)])
@@ -90,7 +134,7 @@ def p1_batch_fanout(items: int = 64, concurrency: int = 32, latency: float = 0.2
             assert counts["done"] == items, counts
             critical = max(r["requests"] for r in records) if use_n else 2  # calls one after another per item
             ideal = max(critical * latency, requests * latency / concurrency)
-            rows.append([f"n in one request: {use_n}", items, concurrency, requests, f"{wall:.2f}",
+            rows.append([f"selfmoa run_batch, n in one request: {use_n}", items, concurrency, requests, f"{wall:.2f}",
                          f"{ideal:.2f}", f"**{wall / ideal:.3f}**"])
     return table(f"P1 batch fan-out ({latency:g} s per call; target wall/ideal <= 1.05)",
                  ["variant", "items", "C", "requests", "wall s", "ideal s", "wall / ideal"], rows)
