@@ -410,6 +410,7 @@ def _as_reply(value: Any, request: Request) -> Reply:
 # ======================================================================================================
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_N = 16  # samples asked for in one request at most (servers cap n: OpenAI at 128, some far lower)
 
 
 class Endpoint:
@@ -1080,8 +1081,8 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
     ``concurrency`` calls at once), and their answers are numbered in configuration order whatever order
     they finish in. A proposer that fails is dropped, the numbering staying contiguous; a layer with fewer
     than ``min_ok`` successes raises ``NotEnoughProposals``. Proposer ``j`` of a layer gets seed
-    ``seed + j``; consecutive proposers of the same model share one request with ``n`` (unless
-    ``use_n=False``). ``stream`` receives the final answer's text pieces as they arrive.
+    ``seed + j``; consecutive proposers of the same model share one request with ``n`` (at most ``MAX_N``
+    per request; none with ``use_n=False``). ``stream`` receives the final answer's text pieces as they arrive.
 
     >>> moa("2+2?", ["a", "b"], "c", complete=lambda r: f"{r.model}:{len(read_references(r.messages))}",
     ...     layers=3).answer
@@ -1129,8 +1130,10 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
             slots: list[concurrent.futures.Future] = []
             for model, run_of in itertools.groupby(enumerate(layer), key=lambda item: item[1]):
                 group = [position for position, _ in run_of]
-                slots += run.samples(len(plan) + 2 - number, (number,), number, model, prompt_l, group[0],
-                                     len(group), positions, proposer_params, use_n)
+                for start in range(0, len(group), MAX_N):  # n is capped per request
+                    chunk = group[start:start + MAX_N]
+                    slots += run.samples(len(plan) + 2 - number, (number,), number, model, prompt_l, chunk[0],
+                                         len(chunk), positions, proposer_params, use_n)
             outcomes = [slot.result() for slot in slots]
             failures = [o for o in outcomes if isinstance(o, ModelError)]
             if len(outcomes) - len(failures) < min_ok:

@@ -69,7 +69,7 @@ def _check_body(body: object) -> dict:
             raise BadRequest(400, f"messages[{i}] needs a role (system, user, assistant) and string content",
                              f"messages[{i}]")
     checks = [("temperature", (int, float), 0, 2, 1.0), ("top_p", (int, float), 0, 1, 1.0),
-              ("n", int, 1, 16, 1), ("max_tokens", int, 1, 1_000_000, None), ("seed", int, -2**63, 2**63 - 1, None)]
+              ("n", int, 1, 128, 1), ("max_tokens", int, 1, 1_000_000, None), ("seed", int, -2**63, 2**63 - 1, None)]
     out = {"model": model, "messages": messages}
     for name, kinds, low, high, default in checks:
         value = body.get(name, default)

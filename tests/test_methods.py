@@ -182,3 +182,11 @@ def test_result_is_json_serialisable():
     result = selfmoa.self_moa_seq("Q", "m", n=8, complete=Recorder(), seed=0)
     data = json.loads(json.dumps(result.to_dict()))
     assert data["answer"] == result.answer and len(data["trace"]) == result.requests
+
+
+def test_large_n_is_split_into_requests_of_at_most_max_n_keeping_the_seed_convention():
+    fake = Recorder()
+    result = selfmoa.self_moa("Q", "m", n=selfmoa.MAX_N * 2 + 3, complete=fake, seed=100)
+    proposals = [(r.n, r.seed) for r in fake.requests if not selfmoa.read_references(r.messages)]
+    assert proposals == [(16, 100), (16, 116), (3, 132)]
+    assert result.calls == 36
