@@ -254,6 +254,7 @@ def _make_handler(server: MockServer, client_timeout: float):
             path = self.path.split("?")[0].rstrip("/")
             entry = {"method": "POST", "path": path, "headers": dict(self.headers), "body": None,
                      "status": None, "fault": None}
+            server.log(entry)  # logged on arrival; status and fault are filled in as they are known
             try:
                 raw = self._read_body()
                 try:
@@ -300,8 +301,6 @@ def _make_handler(server: MockServer, client_timeout: float):
                 self._json(bad.status, _error(bad.message, bad.kind, bad.param, bad.code))
             except (OSError, ValueError):  # the client went away, or sent something unreadable
                 self.close_connection = True
-            finally:
-                server.log(entry)
 
         def _read_body(self) -> bytes:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -4,6 +4,7 @@ proposer output can blur, and an API key that never leaks on any failure path.""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -157,3 +158,48 @@ def test_the_key_is_not_in_a_successful_trace_or_json(capsys):
                             environ={})
     out, err = capsys.readouterr()
     assert code == 0 and not leaks(out, err)
+
+
+# --- Faults -------------------------------------------------------------------------------------------
+
+
+def test_a_batch_through_20_percent_faults_of_every_kind_answers_every_item_exactly_once(tmp_path):
+    """200 prompts, 20% of requests failing (429 + Retry-After, 500, 503, dropped, truncated, stalled beyond
+    the timeout): every item answered once, retries counted in the trace, in bounded time."""
+    from mock_models import FAULTS, MockServer
+
+    records = [{"id": f"p{i}", "prompt": f"Compute {i} * 3 + 1. Multiplication comes before addition."}
+               for i in range(200)]
+    items = selfmoa.check_items(records)
+    output = tmp_path / "out.jsonl"
+    with MockServer(fault_rate=0.2, faults=FAULTS, fault_seed=11, retry_after=0, stall_seconds=3.0) as server:
+        client = selfmoa.HTTPClient(server.base_url, timeout=0.5, retries=8, backoff=0.01, max_backoff=0.05)
+        started = time.monotonic()
+        counts = selfmoa.run_batch(items, str(output), complete=client, concurrency=32, trace=True,
+                                   model="generalist", n=2, seed=0)
+        elapsed = time.monotonic() - started
+        faults = {entry["fault"] for entry in server.requests if entry["fault"]}
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert counts == {"total": 200, "skipped": 0, "done": 200, "failed": 0}
+    assert [line["id"] for line in lines] == [r["id"] for r in records]
+    assert all(line["answer"] for line in lines)
+    assert faults == set(FAULTS), "every kind of fault was injected"
+    retries = sum(line["retries"] for line in lines)
+    assert retries == sum(c["retries"] for line in lines for c in line["trace"]) > 0
+    assert elapsed < 60
+
+
+def test_an_item_that_cannot_be_completed_is_recorded_with_its_reason_and_retried_next_run(tmp_path):
+    from mock_models import MockServer
+
+    items = selfmoa.check_items([{"id": "a", "prompt": "Compute 2 * 2 + 1. Multiplication first."}])
+    output = tmp_path / "out.jsonl"
+    with MockServer(fault_rate=1.0, faults=("500",)) as broken:
+        counts = selfmoa.run_batch(items, str(output), complete=selfmoa.HTTPClient(
+            broken.base_url, retries=1, sleep=lambda s: None), model="generalist", n=2)
+    line = json.loads(output.read_text())
+    assert counts["failed"] == 1 and "HTTP 500" in line["error"] and "answer" not in line
+    with MockServer() as fixed:
+        counts = selfmoa.run_batch(items, str(output), complete=selfmoa.HTTPClient(fixed.base_url),
+                                   model="generalist", n=2)
+    assert counts["done"] == 1 and "answer" in json.loads(output.read_text())
