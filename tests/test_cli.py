@@ -338,3 +338,42 @@ def test_batch_killed_with_sigkill_then_resumed_has_every_item_exactly_once(tmp_
     assert sorted(line["id"] for line in lines) == sorted(f"q{i}" for i in range(count))
     assert [line["id"] for line in lines] == [f"q{i}" for i in range(count)]
     assert all(line["answer"] for line in lines)
+
+
+def test_model_falls_back_to_the_selfmoa_model_environment_variable(capsys):
+    with ScriptedServer() as server:
+        code, out, _ = run(capsys, ["--base-url", server.base_url, "-n", "2", "hi"], {"SELFMOA_MODEL": "envmodel"})
+    assert code == 0 and {b["model"] for b in bodies(server)} == {"envmodel"}
+
+
+def test_no_stream_flag_turns_streaming_off(capsys):
+    with ScriptedServer() as server:
+        code, out, _ = run(capsys, ["--base-url", server.base_url, "-m", "q", "-n", "2", "--no-stream", "--seed", "1",
+                                    "hi"])
+    assert code == 0 and out == "text 1 0\n" and all("stream" not in b for b in bodies(server))
+
+
+def test_batch_shows_a_progress_line_when_stderr_is_a_terminal(tmp_path):
+    import pty
+
+    write_items(tmp_path / "in.jsonl", 3)
+    primary, secondary = pty.openpty()
+    with ScriptedServer() as server:
+        child = subprocess.Popen([sys.executable, str(ROOT / "selfmoa.py"), "--base-url", server.base_url, "-m", "q",
+                                  "-n", "1", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")],
+                                 stdout=subprocess.DEVNULL, stderr=secondary, stdin=subprocess.DEVNULL)
+        os.close(secondary)
+        seen = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        child.wait(timeout=30)
+    os.close(primary)
+    text = seen.decode(errors="replace")
+    assert child.returncode == 0 and "3/3 done, 0 failed" in text and "items/s" in text and "ETA" in text

@@ -274,3 +274,19 @@ def test_latency_is_injected():
         started = time.monotonic()
         chat(slow)
         assert time.monotonic() - started >= 0.2
+
+
+def test_a_slow_client_is_cut_off_and_does_not_block_others():
+    with MockServer(client_timeout=0.5) as server_:
+        slow = socket.create_connection((server_.host, server_.port), timeout=5)
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"mo")  # then nothing
+        assert chat(server_).status_code == 200  # others are served meanwhile
+        started = time.monotonic()
+        assert slow.recv(100) == b""  # the server hung up on the stalled request
+        assert time.monotonic() - started < 3
+        slow.close()
+
+
+def test_binds_loopback_by_default():
+    with MockServer() as local:
+        assert local.host == "127.0.0.1"
