@@ -41,7 +41,9 @@ Public API
 ``inject_references``       the aggregator prompt: messages + instruction + numbered references
 ``read_references``         the inverse: the references an aggregator prompt holds
 ``seq_rounds``              the number of Self-MoA-Seq rounds for ``n``, ``window``, ``carry``
+``MAX_N``                   the most samples asked for in one request (16)
 ``read_items``              read and check a batch input file (JSONL or a JSON list)
+``check_items``             check batch items given as Python objects
 ``vendi_score``             the diversity of a set of outputs (Vendi score)
 ``fit_quality_diversity``   the paper's regression: score = a * quality + b * diversity + c
 ``run_batch``               many prompts, concurrently, written out line by line, resumable
@@ -138,6 +140,7 @@ __all__ = [
     "DEFAULT_INSTRUCTION",
     "Endpoint",
     "HTTPClient",
+    "MAX_N",
     "ModelError",
     "NotEnoughProposals",
     "Reply",
