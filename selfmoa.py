@@ -1673,7 +1673,12 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
     counts = {"total": len(items), "skipped": len(items) - len(todo), "done": 0, "failed": 0}
     lock = threading.Lock()
     started = time.monotonic()
-    descriptor = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        descriptor = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        pool.shutdown()
+        raise ConfigError(f"{output}: cannot write the output file ({exc.strerror}); pass a path in an existing, "
+                          f"writable folder") from None
 
     def solve(position: int, item: Item) -> None:
         record = {**item.record, "id": item.id, "method": method}
@@ -1908,6 +1913,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 raise ConfigError("--input and --output go together in batch mode; pass both -i FILE and -o FILE")
             if args.prompt:
                 raise ConfigError("PROMPT: batch mode reads its prompts from --input; drop the prompt argument")
+            if os.path.abspath(args.input) == os.path.abspath(args.output):
+                raise ConfigError("--output is the --input file; pass another path, so that the input is kept")
             return _main_batch(args, options, make_client(args, environ))
         prompt = args.prompt
         if prompt is None:

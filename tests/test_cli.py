@@ -377,3 +377,13 @@ def test_batch_shows_a_progress_line_when_stderr_is_a_terminal(tmp_path):
     os.close(primary)
     text = seen.decode(errors="replace")
     assert child.returncode == 0 and "3/3 done, 0 failed" in text and "items/s" in text and "ETA" in text
+
+
+def test_batch_output_problems_are_usage_errors_not_tracebacks(capsys, tmp_path):
+    write_items(tmp_path / "in.jsonl", 1)
+    before = (tmp_path / "in.jsonl").read_text()
+    code, _, err = run(capsys, ["-m", "q", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "in.jsonl")])
+    assert code == 2 and "--output is the --input file" in err and (tmp_path / "in.jsonl").read_text() == before
+    code, _, err = run(capsys, ["--base-url", "http://127.0.0.1:9/v1", "-m", "q", "-i", str(tmp_path / "in.jsonl"),
+                                "-o", str(tmp_path / "missing" / "out.jsonl")])
+    assert code == 2 and "cannot write the output file" in err and "Traceback" not in err
