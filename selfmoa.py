@@ -865,13 +865,15 @@ class Result:
         """The Vendi score of each proposer layer's outputs (see ``vendi_score``)."""
         return {layer: vendi_score(texts) for layer, texts in self.proposals().items() if texts}
 
-    def to_dict(self) -> dict[str, Any]:
-        """Everything as plain JSON-serialisable data."""
-        return {"answer": self.answer, "method": self.method, "params": self.params,
+    def to_dict(self, trace: bool = True) -> dict[str, Any]:
+        """Everything as plain JSON-serialisable data (without the trace if ``trace`` is false)."""
+        data = {"answer": self.answer, "method": self.method, "params": self.params,
                 "calls": self.calls, "requests": self.requests,
                 "retries": sum(call.retries for call in self.trace), "usage": self.usage,
-                "diversity": {str(layer): score for layer, score in self.diversity().items()},
-                "trace": [dataclasses.asdict(call) for call in self.trace]}
+                "diversity": {str(layer): score for layer, score in self.diversity().items()}}
+        if trace:
+            data["trace"] = [dataclasses.asdict(call) for call in self.trace]
+        return data
 
 
 # ======================================================================================================
@@ -1692,7 +1694,7 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
             record["answer"] = result.answer
             done_so_far, ok = result, True
         if done_so_far is not None:
-            summary = done_so_far.to_dict()
+            summary = done_so_far.to_dict(trace=trace)
             record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries", "diversity")})
             if trace:
                 record["trace"] = summary["trace"]
@@ -1705,18 +1707,26 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
                          time.monotonic() - started)
 
     # Item orchestrators only wait on calls; the pool bounds the calls. Twice as many orchestrators as
-    # call slots keep the pool fed while items start and finish.
+    # call slots keep the pool fed while items start and finish; at most 4 x concurrency items are queued
+    # ahead, so memory stays flat on huge inputs.
     runners = concurrent.futures.ThreadPoolExecutor(max_workers=2 * concurrency, thread_name_prefix="item")
+    ahead = threading.Semaphore(4 * concurrency)
+    bugs: list[BaseException] = []
+
+    def finished(future: concurrent.futures.Future) -> None:
+        ahead.release()
+        if not future.cancelled() and future.exception() is not None:
+            bugs.append(future.exception())  # not a model failure (those are recorded): a bug, re-raised
+
     try:
-        in_flight: set[concurrent.futures.Future] = set()
         for position, item in todo:
-            if len(in_flight) >= 4 * concurrency:  # bounded look-ahead: memory stays flat on huge inputs
-                done, in_flight = concurrent.futures.wait(in_flight, return_when="FIRST_COMPLETED")
-                for future in done:
-                    future.result()
-            in_flight.add(runners.submit(solve, position, item))
-        for future in concurrent.futures.as_completed(in_flight):
-            future.result()
+            ahead.acquire()
+            if bugs:
+                break
+            runners.submit(solve, position, item).add_done_callback(finished)
+        runners.shutdown(wait=True)
+        if bugs:
+            raise bugs[0]
     finally:
         runners.shutdown(wait=False, cancel_futures=True)
         pool.shutdown()

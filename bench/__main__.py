@@ -207,7 +207,7 @@ def p3_client_overhead(calls: int = 400) -> str:
         timed("urllib.request (new connection per call)", lambda: json.load(urllib.request.urlopen(
             urllib.request.Request(url + "/chat/completions", data=body,
                                    headers={"Content-Type": "application/json"}))))
-    ratio = f"selfmoa / requests = **{ours / theirs:.2f}**" if theirs else ""
+    ratio = f"(selfmoa / requests = {ours / theirs:.2f})" if theirs else ""
     return table(f"P3 client overhead at zero latency, one thread (target selfmoa >= requests) {ratio}",
                  ["client", "calls", "calls / s"], rows)
 
