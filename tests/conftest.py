@@ -1,0 +1,13 @@
+"""Hypothesis profiles. The default ("ci") is deterministic: the same examples on every run and machine,
+no example database, and no deadline (many properties cross threads or loopback HTTP, whose timing a busy
+machine cannot promise). HYPOTHESIS_PROFILE=explore searches randomly, with more examples, to find new bugs
+(pin any it finds with @example)."""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
