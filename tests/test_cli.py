@@ -320,8 +320,14 @@ def test_batch_killed_with_sigkill_then_resumed_has_every_item_exactly_once(tmp_
         rng = random.Random(1234)
         seen = []
         for _ in range(3):
+            before = len(out.read_text().splitlines()) if out.exists() else 0
             child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.3, 0.8))
+            deadline = time.monotonic() + 30  # however slow the machine: kill only after some progress
+            while time.monotonic() < deadline and child.poll() is None:
+                if out.exists() and len(out.read_text().splitlines()) > before:
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.15))
             child.send_signal(signal.SIGKILL)
             child.wait(timeout=10)
             lines = out.read_text().splitlines() if out.exists() else []
