@@ -58,7 +58,7 @@ def test_generated_samples_are_requested_round_by_round_and_aggregations_jump_th
         kind = "agg" if selfmoa.read_references(request.messages) else f"samples{request.n}"
         with lock:
             order.append(kind)
-        time.sleep(0.01)
+        time.sleep(0.05)  # room for the orchestrator to queue round 1 while the worker is busy
         return [f"t{request.seed}-{j}" for j in range(request.n)]
 
     result = selfmoa.self_moa_seq("Q", "m", n=12, window=6, carry=3, complete=complete, seed=0, concurrency=1)
