@@ -1,17 +1,18 @@
 """Run an implementation against every conformance vector of spec/vectors/ through a scripted fake.
 
-The implementation is selfmoa by default; a student points it at their own module with
-SELFMOA_IMPL=my_module (it must offer moa, self_moa and self_moa_seq with selfmoa's signatures and return an
-object with .answer, or raise an exception whose class is named as the vector expects).
+The implementation is selfmoa by default; point it at your own module with SELFMOA_IMPL=my_module (it must
+offer moa, self_moa and self_moa_seq with selfmoa's keyword arguments, a ModelError accepting
+(message, model=..., status=...), and results with .answer; see spec/vectors.md and spec/exercises.md).
 
-The fake answers each request by looking it up by (model, n, seed, references shown), so the order in which
-concurrent calls arrive cannot change anything; the references are read with the rule of spec/wire.md
-section 6, written again here so that this test does not trust the implementation's own parser.
+The fake answers each request by looking it up by (model, n, seed, the references it shows), never by
+arrival order, so concurrency cannot change what it answers. The references are read with the rule of
+spec/wire.md section 6, written again here so that this test does not trust the implementation's parser.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -20,87 +21,140 @@ import threading
 
 import pytest
 
-VECTORS = sorted((pathlib.Path(__file__).resolve().parent.parent / "spec" / "vectors").glob("*.json"))
-impl = importlib.import_module(os.environ.get("SELFMOA_IMPL", "selfmoa"))
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+VECTORS = sorted((ROOT / "spec" / "vectors").glob("*.json"))
+IMPL = os.environ.get("SELFMOA_IMPL", "selfmoa")
+impl = importlib.import_module(IMPL)
 FIRST = re.compile(r"^<<<response 1 of (\d+), key ([0-9a-f]{8})>>>$", re.MULTILINE)
 
 
-def references_in(messages) -> tuple[list[str], str]:
-    """The references of a request, and its system text before the block ('' if none)."""
+def references_in(messages) -> list[str]:
+    """The references a request shows: wire.md section 6, read from its first (system) message."""
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     found = FIRST.search(system)
     if not found:
-        return [], system
+        return []
     count, key = int(found.group(1)), found.group(2)
-    refs = []
+    refs, position = [], found.start()
     for i in range(1, count + 1):
-        begin = f"<<<response {i} of {count}, key {key}>>>\n"
-        end = f"\n<<<end of response {i}, key {key}>>>"
-        start = system.index(begin)
-        refs.append(system[start + len(begin):system.index(end, start + len(begin) - 1)])
-    return refs, system
+        begin, end = f"<<<response {i} of {count}, key {key}>>>\n", f"\n<<<end of response {i}, key {key}>>>"
+        start = system.index(begin, position)
+        stop = system.index(end, start + len(begin) - 1)
+        refs.append(system[start + len(begin):stop])
+        position = stop + len(end)
+    return refs
+
+
+def key(model, n, seed, references) -> tuple:
+    return (model, n, seed, tuple(references))
 
 
 class ScriptedModel:
-    def __init__(self, vector):
-        self.vector = vector
-        self.expected = {self.key(r["model"], r["n"], r["seed"], r["references"]): r for r in vector["requests"]}
+    """A completion function that answers from a vector's script and checks every request against it."""
+
+    def __init__(self, vector: dict):
+        self.script = {key(r["model"], r["n"], r["seed"], r["references"]): r for r in vector["requests"]}
         self.seen: list[tuple] = []
+        self.problems: list[str] = []
+        # Texts a request may show: the given samples, and whatever the fake has already answered.
+        self.shown_so_far = set(vector["params"].get("samples", []))
         self.lock = threading.Lock()
 
-    @staticmethod
-    def key(model, n, seed, references):
-        return (model, n, seed, tuple(references))
-
     def __call__(self, request):
-        refs, system = references_in(list(request.messages))
-        key = self.key(request.model, request.n, request.seed, refs)
+        messages = [dict(m) for m in request.messages]
+        asked = key(request.model, request.n, request.seed, references_in(messages))
         with self.lock:
-            self.seen.append(key)
-        assert key in self.expected, f"unexpected request {key}; expected one of {list(self.expected)}"
-        entry = self.expected[key]
-        assert request.temperature == entry["temperature"]
-        # Everything but the system block passes through unchanged (M3).
-        prompt = self.vector["prompt"]
-        rest = list(request.messages[1:]) if refs and prompt[0]["role"] != "system" else list(request.messages)
-        if refs:
-            if prompt[0]["role"] == "system":
-                assert system.startswith(prompt[0]["content"] + "\n\n") and rest[1:] == prompt[1:]
+            self.seen.append(asked)
+            entry = self.script.get(asked)
+            if entry is None:
+                self.problems.append(f"unexpected request {asked}")
             else:
-                assert rest == prompt
-        else:
-            assert list(request.messages) == prompt
+                early = [t for t in asked[3] if t not in self.shown_so_far]
+                if early:
+                    self.problems.append(f"{asked[:3]} shows {early!r} before any reply held it")
+                if messages != entry["messages"]:
+                    self.problems.append(f"{asked[:3]}: messages differ from the vector's (wire.md section 6)\n"
+                                         f"  sent:     {messages!r}\n  expected: {entry['messages']!r}")
+                if (request.temperature, request.max_tokens) != (entry["temperature"], entry["max_tokens"]):
+                    self.problems.append(f"{asked[:3]}: temperature, max_tokens = "
+                                         f"{(request.temperature, request.max_tokens)}, expected "
+                                         f"{(entry['temperature'], entry['max_tokens'])}")
+                if "replies" in entry:
+                    self.shown_so_far.update(entry["replies"])
+        assert entry is not None, f"unexpected request {asked}; the vector expects {list(self.script)}"
         if "error" in entry:
             raise impl.ModelError(entry["error"]["message"], model=request.model, status=entry["error"]["status"])
         return list(entry["replies"])
 
 
+def load(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 @pytest.mark.parametrize("path", VECTORS, ids=[p.stem for p in VECTORS])
 def test_vector(path):
-    vector = json.loads(path.read_text())
+    vector = load(path)
     fake = ScriptedModel(vector)
     method = getattr(impl, vector["method"])
-    params = dict(vector["params"])
     expected = vector["expected"]
     if "error" in expected:
         with pytest.raises(Exception) as caught:
-            method(vector["prompt"], complete=fake, **params)
-        assert type(caught.value).__name__ == expected["error"] and expected["match"] in str(caught.value)
+            method(vector["prompt"], complete=fake, **vector["params"])
+        error = caught.value
+        assert type(error).__name__ == expected["error"], f"raised {type(error).__name__}: {error}"
+        for text in expected["match"]:
+            assert text in str(error), f"the message should contain {text!r}: {error}"
+        if hasattr(error, "failures"):
+            assert len(error.failures) == expected["failures"]
+        if getattr(error, "partial", None) is not None and hasattr(error.partial, "requests"):
+            assert error.partial.requests == expected["requests"]
+        trace = getattr(getattr(error, "partial", None), "trace", None)
     else:
-        result = method(vector["prompt"], complete=fake, **params)
+        result = method(vector["prompt"], complete=fake, **vector["params"])
         assert result.answer == expected["answer"]
-        if hasattr(result, "calls"):
-            assert (result.calls, result.requests) == (expected["calls"], expected["requests"])
-    assert sorted(fake.seen) == sorted(fake.expected), "every expected request exactly once, nothing else"
-    carried = {fake.key(r["model"], r["n"], r["seed"], r["references"]): r["carried"] for r in vector["requests"]}
-    for key in fake.seen:
-        refs = list(key[3])
-        if carried[key]:
-            assert refs[:carried[key]] == [refs[0]] * carried[key]
+        for count in ("calls", "requests"):
+            if hasattr(result, count):
+                assert getattr(result, count) == expected[count], f"{count}"
+        if "rounds" in expected and isinstance(getattr(result, "params", None), dict) and "rounds" in result.params:
+            assert result.params["rounds"] == expected["rounds"]
+        trace = getattr(result, "trace", None)
+    assert not fake.problems, "\n".join(fake.problems)
+    assert sorted(fake.seen, key=repr) == sorted(fake.script, key=repr), "every request once, and nothing else"
+    if trace is not None:  # a trace, when the implementation keeps one, lists the requests in spec order
+        fields = ("role", "layer", "round", "model", "n", "seed", "carried")
+        assert [tuple(getattr(call, f) for f in fields) for call in trace] == \
+               [tuple(r[f] for f in fields) for r in vector["requests"]]
 
 
 def test_there_are_vectors_for_every_required_case():
     names = {p.stem for p in VECTORS}
     assert {"moa-2-layer", "moa-3-layer", "self-moa-n6", "seq-n-below-window", "seq-n-equals-window-plus-one",
             "seq-last-round-partial", "seq-carry-window-minus-one", "moa-failed-proposer", "moa-min-ok-not-met",
-            "moa-existing-system-message", "self-moa-n-ignored"} <= names
+            "moa-existing-system-message", "self-moa-n-ignored", "seq-worked-example"} <= names
+
+
+def make_vectors():
+    spec = importlib.util.spec_from_file_location("make_vectors", ROOT / "spec" / "vectors" / "make_vectors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_vector_files_are_what_the_generator_writes():
+    """spec/vectors/*.json equal what make_vectors.py writes from the rules (and wire.md's instruction)."""
+    generator = make_vectors()
+    built = {item["name"]: generator.render(item) for item in generator.build()}
+    on_disk = {p.stem: p.read_text(encoding="utf-8") for p in VECTORS}
+    assert built.keys() == on_disk.keys()
+    for name in built:
+        assert built[name] == on_disk[name], f"{name}.json is stale: run python spec/vectors/make_vectors.py"
+
+
+def test_each_vector_states_the_papers_counts():
+    """Paper counting: 2-layer with 6 proposers = 7 calls, 3-layer = 13, Self-MoA n=6 = 7, Seq = n + T."""
+    by_name = {p.stem: load(p) for p in VECTORS}
+    assert by_name["moa-2-layer"]["expected"]["calls"] == 7
+    assert by_name["moa-3-layer"]["expected"]["calls"] == 13
+    assert by_name["self-moa-n6"]["expected"]["calls"] == 7
+    worked = by_name["seq-worked-example"]
+    assert worked["expected"]["calls"] == 10 + 3 and worked["expected"]["rounds"] == 3

@@ -1,131 +1,349 @@
-"""Write the conformance vectors of spec/vectors/ from the rules of spec/methods.md.
+"""Write the conformance vectors of spec/vectors/ from the rules of spec/methods.md and spec/wire.md.
 
-This script is a second, deliberately plain statement of the methods (loops over the rules, no concurrency,
-no selfmoa import): each vector lists the requests an implementation must send, with the reply the
-scripted model gives to each, and the expected outcome. Run it to regenerate the JSON files:
+This script is a second, deliberately plain statement of the methods: loops over the rules, no threads, no
+selfmoa import. The prompt format of wire.md section 6 is written again here, and the default instruction
+is read from wire.md itself, so the vectors, the spec and selfmoa cannot drift apart unnoticed
+(tests/test_vectors.py checks that running this script would change no file). spec/vectors.md describes
+the schema. Regenerate with:
 
     python spec/vectors/make_vectors.py
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pathlib
+import re
 
 HERE = pathlib.Path(__file__).resolve().parent
-T = 0.7  # the default temperature of proposers and aggregator
+WIRE = HERE.parent / "wire.md"
+MAX_N = 16  # the most samples asked for in one request (methods.md, "Sampling, seeds and n")
 
 
-def req(model, seed, references=(), n=1, replies=None, error=None, carried=0, role="proposer"):
-    entry = {"role": role, "model": model, "n": n, "seed": seed, "temperature": T, "references": list(references),
-             "carried": carried}
-    if error is not None:
-        entry["error"] = error
+# --- The aggregator prompt, from wire.md section 6 -------------------------------------------------------
+
+
+def default_instruction() -> str:
+    """The default instruction: the block quote that follows 'The default instruction' in wire.md."""
+    text = WIRE.read_text(encoding="utf-8")
+    quote = []
+    for line in text[text.index("The default instruction"):].splitlines()[1:]:
+        if line.startswith(">"):
+            quote.append(line[1:].strip())
+        elif quote:
+            break
+    return " ".join(quote)
+
+
+def key_for(texts: list[str]) -> str:
+    """The first 8 hex digits of sha256(t1 NUL t2 ... NUL tN NUL c) for the first c found in no text."""
+    counter = 0
+    while True:
+        key = hashlib.sha256(("\0".join(texts) + "\0" + str(counter)).encode("utf-8")).hexdigest()[:8]
+        if all(key not in text for text in texts):
+            return key
+        counter += 1
+
+
+def block(references: list[str], instruction: str) -> str:
+    count, key = len(references), key_for(references)
+    parts = [f"<<<response {i} of {count}, key {key}>>>\n{text}\n<<<end of response {i}, key {key}>>>"
+             for i, text in enumerate(references, 1)]
+    return instruction + "\n\nResponses from models:\n\n" + "\n\n".join(parts)
+
+
+def inject(messages: list[dict], references: list[str], instruction: str) -> list[dict]:
+    """The messages an aggregator (or a proposer of layer 2 or later) is sent."""
+    out = [dict(m) for m in messages]
+    if not references:
+        return out
+    if out[0]["role"] == "system":
+        out[0]["content"] = out[0]["content"] + "\n\n" + block(references, instruction)
     else:
-        entry["replies"] = replies if replies is not None else [f"{model} sample {seed + j}" for j in range(n)]
-    return entry
+        out.insert(0, {"role": "system", "content": block(references, instruction)})
+    return out
 
 
-def moa_vector(name, description, layers, aggregator, seed, prompt=None, fail=(), min_ok=1):
-    """MoA, one request per proposer (use_n=False): proposer j of every layer has seed S + j."""
-    prompt = prompt or [{"role": "user", "content": "What is 6 * 7?"}]
-    requests, references = [], []
-    for number, layer in enumerate(layers, 1):
-        outputs = []
-        for j, model in enumerate(layer):
-            if model in fail:
-                requests.append(req(model, seed + j, references, error={"status": 500, "message": "boom"}))
+# --- A scripted run: every request, in trace order, with its reply ---------------------------------------
+
+
+class Script:
+    """Collects the requests of one run in trace order (layer, round, proposers before aggregator, position)."""
+
+    def __init__(self, prompt, instruction, seed, temperature, max_tokens, agg_temperature, agg_max_tokens):
+        self.prompt, self.instruction, self.seed = prompt, instruction, seed
+        self.proposer = (temperature, max_tokens)
+        self.aggregator = (agg_temperature, agg_max_tokens)
+        self.requests: list[dict] = []
+
+    def ask(self, role, layer, round_, model, n, seed, references, carried, replies=None, error=None):
+        temperature, max_tokens = self.proposer if role == "proposer" else self.aggregator
+        entry = {"role": role, "layer": layer, "round": round_, "model": model, "n": n, "seed": seed,
+                 "temperature": temperature, "max_tokens": max_tokens, "references": list(references),
+                 "carried": carried, "messages": inject(self.prompt, list(references), self.instruction)}
+        if error is not None:
+            entry["error"] = error
+        else:
+            entry["replies"] = list(replies)
+        self.requests.append(entry)
+        return entry
+
+    def samples(self, layer, model, first, count, references, text, use_n, honour_n, fails):
+        """Samples first..first+count-1 of one prompt: one request with n (split at MAX_N) when use_n,
+        else one request each; a server ignoring n gets one request per missing sample, seed S + i.
+        Returns position -> text, or None for a sample whose request failed."""
+        out = {}
+        sizes = []
+        if use_n:
+            for start in range(first, first + count, MAX_N):
+                sizes.append((start, min(MAX_N, first + count - start)))
+        else:
+            sizes = [(i, 1) for i in range(first, first + count)]
+        for start, size in sizes:
+            seed = None if self.seed is None else self.seed + start
+            if fails(model, start):
+                self.ask("proposer", layer, None, model, size, seed, references, 0,
+                         error={"status": 500, "message": f"scripted failure of {model} at position {start}"})
+                out.update({i: None for i in range(start, start + size)})
                 continue
-            reply = f"{model} layer {number} answer {j}"
-            requests.append(req(model, seed + j, references, replies=[reply]))
-            outputs.append(reply)
-        if len(outputs) < min_ok:
-            return {"name": name, "description": description, "method": "moa", "prompt": prompt,
-                    "params": {"proposers": layers, "aggregator": aggregator, "seed": seed, "min_ok": min_ok,
-                               "use_n": False},
-                    "requests": requests, "expected": {"error": "NotEnoughProposals", "match": "min_ok"}}
-        references = outputs
-    answer = f"{aggregator} final"
-    requests.append(req(aggregator, seed, references, replies=[answer], role="aggregator"))
-    return {"name": name, "description": description, "method": "moa", "prompt": prompt,
-            "params": {"proposers": layers, "aggregator": aggregator, "seed": seed, "min_ok": min_ok,
-                       "use_n": False},
-            "requests": requests,
-            "expected": {"answer": answer, "calls": sum(len(r.get("replies", [])) for r in requests),
-                         "requests": len(requests)}}
+            returned = size if honour_n else 1
+            replies = [text(model, start + j) for j in range(returned)]
+            self.ask("proposer", layer, None, model, size, seed, references, 0, replies=replies)
+            out.update({start + j: reply for j, reply in enumerate(replies)})
+            for missing in range(start + returned, start + size):
+                seed = None if self.seed is None else self.seed + missing
+                out[missing] = text(model, missing)
+                self.ask("proposer", layer, None, model, 1, seed, references, 0, replies=[out[missing]])
+        return out
 
 
-def seq_rounds(n, window, carry):
+def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(), min_ok=1,
+            instruction=None, temperature=0.7, max_tokens=None, agg_temperature=0.7, agg_max_tokens=None,
+            sample_text=None):
+    """MoA over ``plan`` (one list of proposer models per proposer layer): the requests and the outcome."""
+    script = Script(prompt, instruction or default_instruction(), seed, temperature, max_tokens,
+                    agg_temperature, agg_max_tokens)
+    fails = lambda model, position: model in fail or (model, position) in fail  # noqa: E731
+    references: list[str] = []
+    for number, layer in enumerate(plan, 1):
+        outputs: dict[int, str | None] = {}
+
+        def text(model, position, number=number):
+            return sample_text(model, position) if sample_text else f"{model}: answer {position} of layer {number}"
+
+        position = 0
+        while position < len(layer):  # consecutive proposers of one model share a request when use_n
+            model, size = layer[position], 1
+            while use_n and position + size < len(layer) and layer[position + size] == model:
+                size += 1
+            outputs.update(script.samples(number, model, position, size, references, text, use_n, honour_n,
+                                          fails))
+            position += size
+        good = [outputs[j] for j in range(len(layer)) if outputs[j] is not None]
+        if len(good) < min_ok:
+            failed = sum(1 for j in range(len(layer)) if outputs[j] is None)
+            return script.requests, {"error": "NotEnoughProposals", "match": [f"layer {number}", f"min_ok={min_ok}",
+                                                                               "scripted failure"],
+                                     "failures": failed, "requests": len(script.requests)}
+        references = good
+    answer = f"{aggregator}: synthesis of {len(references)} responses"
+    script.ask("aggregator", len(plan) + 1, None, aggregator, 1, seed, references, 0, replies=[answer])
+    return script.requests, counts(script.requests, answer)
+
+
+def run_seq(*, prompt, window, carry, aggregator, seed, samples=None, model=None, n=None, use_n=True,
+            honour_n=True, fail=(), min_ok=1, instruction=None, temperature=0.7, max_tokens=None,
+            agg_temperature=0.7, agg_max_tokens=None):
+    """Self-MoA-Seq: samples given, or generated window by window; then the rounds."""
+    script = Script(prompt, instruction or default_instruction(), seed, temperature, max_tokens,
+                    agg_temperature, agg_max_tokens)
+    if samples is None:
+        # Every sample is requested at once: round 1's window in one request, then each round's new ones.
+        fails = lambda model_, position: position in fail  # noqa: E731
+        chunks = [(0, min(n, window))] + [(s, min(window - carry, n - s)) for s in range(window, n, window - carry)]
+        outcomes: dict[int, str | None] = {}
+        for start, size in chunks:
+            outcomes.update(script.samples(1, model, start, size, [], lambda m, i: f"{m} sample {i}", use_n,
+                                           honour_n, fails))
+        stream = [outcomes[i] for i in range(n)]
+    else:
+        stream = list(samples)
+    total = len(stream)
+    synthesis, round_number, position, failures = None, 0, 0, 0
+    while True:
+        wanted = window if synthesis is None else window - carry
+        new = []
+        while len(new) < wanted and position < total:  # failed samples are skipped, in order
+            if stream[position] is None:
+                failures += 1
+                if total - failures < min_ok:
+                    return script.requests, {"error": "NotEnoughProposals", "match": [f"min_ok={min_ok}",
+                                                                                      "scripted failure"],
+                                             "failures": failures, "requests": len(script.requests)}
+            else:
+                new.append((position, stream[position]))
+            position += 1
+        if not new:
+            break
+        round_number += 1
+        carried = [] if synthesis is None else [synthesis] * carry
+        reply = f"{aggregator}: synthesis of round {round_number}"
+        script.ask("aggregator", 2, round_number, aggregator, 1, seed, carried + [t for _, t in new], len(carried),
+                   replies=[reply])
+        synthesis = reply
+    good = total - failures
+    if samples is not None:
+        assert round_number == rounds(good, window, carry)
+    return script.requests, dict(counts(script.requests, synthesis), rounds=round_number)
+
+
+def rounds(n: int, window: int, carry: int) -> int:
     return 1 if n <= window else 1 + math.ceil((n - window) / (window - carry))
 
 
-def seq_vector(name, description, samples, window, carry, aggregator="m", seed=3):
-    """Self-MoA-Seq over given samples: round 1 takes a window, later rounds carry the synthesis r times."""
-    requests, synthesis, position, t = [], None, 0, 0
-    while position < len(samples):
-        take = window if synthesis is None else window - carry
-        new = samples[position:position + take]
-        position += len(new)
-        t += 1
-        carried = [] if synthesis is None else [synthesis] * carry
-        reply = f"synthesis of round {t}"
-        requests.append(req(aggregator, seed, carried + new, replies=[reply], carried=len(carried), role="aggregator"))
-        synthesis = reply
-    assert t == seq_rounds(len(samples), window, carry)
-    return {"name": name, "description": description, "method": "self_moa_seq",
-            "prompt": [{"role": "user", "content": "Summarise the plot of Hamlet."}],
-            "params": {"samples": samples, "aggregator": aggregator, "window": window, "carry": carry, "seed": seed},
-            "requests": requests, "expected": {"answer": synthesis, "calls": t, "requests": t, "rounds": t}}
+def counts(requests: list[dict], answer: str) -> dict:
+    """calls = generations (texts returned), requests = requests sent."""
+    return {"answer": answer, "calls": sum(len(r.get("replies", [])) for r in requests), "requests": len(requests)}
+
+
+# --- The vectors -------------------------------------------------------------------------------------------
+
+QUESTION = [{"role": "user", "content": "What is 6 * 7?"}]
+PRIME = [{"role": "user", "content": "Name a prime between 10 and 20."}]
+HAMLET = [{"role": "user", "content": "Summarise the plot of Hamlet in one sentence."}]
+SIX = ["a", "b", "c", "d", "e", "f"]
+
+
+def vector(name, description, method, prompt, params, outcome):
+    requests, expected = outcome
+    keys = [(r["model"], r["n"], r["seed"], tuple(r["references"])) for r in requests]
+    assert len(set(keys)) == len(keys), f"{name}: two requests share (model, n, seed, references)"
+    return {"name": name, "description": description, "method": method, "prompt": prompt, "params": params,
+            "requests": requests, "expected": expected}
+
+
+def build() -> list[dict]:
+    default = default_instruction()
+    system = [{"role": "system", "content": "You are a terse calculator."},
+              {"role": "user", "content": "What is 6 * 7?"},
+              {"role": "assistant", "content": "42."},
+              {"role": "user", "content": "And 6 * 8?"}]
+    s = lambda count: [f"sample {i}" for i in range(count)]  # noqa: E731
+    seq = lambda name, description, count, window, carry: vector(  # noqa: E731
+        name, description, "self_moa_seq", HAMLET,
+        {"samples": s(count), "aggregator": "m", "window": window, "carry": carry, "seed": 3},
+        run_seq(prompt=HAMLET, samples=s(count), window=window, carry=carry, aggregator="m", seed=3))
+    return [
+        # --- MoA
+        vector("moa-2-layer", "2-layer MoA as the papers count it: 6 different proposers, then the aggregator; "
+               "7 calls, references numbered in configuration order; proposer j has seed S + j, the aggregator S.",
+               "moa", QUESTION, {"proposers": SIX, "aggregator": "z", "seed": 10, "use_n": False},
+               run_moa([SIX], "z", prompt=QUESTION, seed=10, use_n=False)),
+        vector("moa-3-layer", "3-layer MoA: the same 6 proposers twice (layers=3), then the aggregator: "
+               "6 + 6 + 1 = 13 calls; layer 2 sees exactly layer 1, the aggregator exactly layer 2.",
+               "moa", QUESTION, {"proposers": SIX, "aggregator": "z", "layers": 3, "seed": 0, "use_n": False},
+               run_moa([SIX, SIX], "z", prompt=QUESTION, seed=0, use_n=False)),
+        vector("moa-per-layer-lists", "One list per proposer layer (3, then 2 proposers): 3 + 2 + 1 = 6 calls; "
+               "seeds restart at S in every layer.",
+               "moa", QUESTION, {"proposers": [["a", "b", "c"], ["d", "e"]], "aggregator": "z", "seed": 100,
+                                 "use_n": False},
+               run_moa([["a", "b", "c"], ["d", "e"]], "z", prompt=QUESTION, seed=100, use_n=False)),
+        vector("moa-same-model-grouped", "Consecutive proposers of one model share a request with n (use_n, the "
+               "default): a,a,b,a is sent as a (n=2, seed S), b (seed S+2), a (seed S+3).",
+               "moa", QUESTION, {"proposers": ["a", "a", "b", "a"], "aggregator": "z", "seed": 20},
+               run_moa([["a", "a", "b", "a"]], "z", prompt=QUESTION, seed=20)),
+        vector("moa-failed-proposer", "Proposer b still fails after its retries: it is dropped and the survivors "
+               "a and c are numbered 1 and 2; the failed request still counts as a request, not as a call.",
+               "moa", QUESTION, {"proposers": ["a", "b", "c"], "aggregator": "z", "seed": 0, "use_n": False},
+               run_moa([["a", "b", "c"]], "z", prompt=QUESTION, seed=0, use_n=False, fail={"b"})),
+        vector("moa-min-ok-not-met", "min_ok=2 and one of two proposers fails: NotEnoughProposals naming the "
+               "failure, and no aggregation is asked for.",
+               "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "seed": 0, "min_ok": 2,
+                                 "use_n": False},
+               run_moa([["a", "b"]], "z", prompt=QUESTION, seed=0, use_n=False, fail={"b"}, min_ok=2)),
+        vector("moa-existing-system-message", "The caller's system message gets the block after a blank line; "
+               "the other messages (user, assistant, user) pass through unchanged; layer 1 sees them as given.",
+               "moa", system, {"proposers": ["a", "b"], "aggregator": "z", "seed": 4, "use_n": False},
+               run_moa([["a", "b"]], "z", prompt=system, seed=4, use_n=False)),
+        vector("moa-sampling-per-role", "Proposers use temperature/max_tokens, the aggregator "
+               "aggregator_temperature/aggregator_max_tokens; a custom instruction replaces the default one.",
+               "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "seed": 1, "use_n": False,
+                                 "temperature": 1.0, "max_tokens": 64, "aggregator_temperature": 0.0,
+                                 "aggregator_max_tokens": 256, "instruction": "Merge these answers into one."},
+               run_moa([["a", "b"]], "z", prompt=QUESTION, seed=1, use_n=False, temperature=1.0, max_tokens=64,
+                       agg_temperature=0.0, agg_max_tokens=256, instruction="Merge these answers into one.")),
+        vector("moa-no-seed", "Without a seed no request carries one (seed null).",
+               "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "use_n": False},
+               run_moa([["a", "b"]], "z", prompt=QUESTION, seed=None, use_n=False)),
+        # --- Self-MoA
+        vector("self-moa-n6", "Self-MoA, n=6: the six samples in one request (n=6, seed S), then one aggregation "
+               "by the same model with seed S: 6 + 1 = 7 calls in 2 requests.",
+               "self_moa", PRIME, {"model": "m", "n": 6, "seed": 5},
+               run_moa([["m"] * 6], "m", prompt=PRIME, seed=5, sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("self-moa-n-ignored", "The server returns one choice for n=4: samples 1..3 are asked for one by one "
+               "with n=1 and seeds S+1..S+3; still 4 + 1 calls, now in 5 requests.",
+               "self_moa", PRIME, {"model": "m", "n": 4, "seed": 7},
+               run_moa([["m"] * 4], "m", prompt=PRIME, seed=7, honour_n=False,
+                       sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("self-moa-3-layer", "Self-MoA with layers=3: n samples, n samples that see the first n, then the "
+               "aggregation: 3 + 3 + 1 calls in 3 requests.",
+               "self_moa", PRIME, {"model": "m", "n": 3, "layers": 3, "seed": 0},
+               run_moa([["m"] * 3, ["m"] * 3], "m", prompt=PRIME, seed=0)),
+        vector("self-moa-n20-split", "n=20 > MAX_N=16: one request for samples 0-15 (seed S), one for 16-19 "
+               "(seed S+16).",
+               "self_moa", PRIME, {"model": "m", "n": 20, "seed": 0, "aggregator": "judge"},
+               run_moa([["m"] * 20], "judge", prompt=PRIME, seed=0, sample_text=lambda m, i: f"{m} sample {i}")),
+        # --- Self-MoA-Seq, samples given
+        seq("seq-n-below-window", "n=4 <= w=6: one aggregation over the 4 samples, exactly Self-MoA's.", 4, 6, 3),
+        seq("seq-n-equals-window", "n=6 = w: still one round, no carry.", 6, 6, 3),
+        seq("seq-n-equals-window-plus-one", "n=7, w=6, r=3: round 2 holds 3 carried copies and 1 new sample.",
+            7, 6, 3),
+        seq("seq-last-round-partial", "n=10, w=6, r=3 (the worked example): rounds take samples 0-5, 6-8, then 9 "
+            "alone after 3 carried copies.", 10, 6, 3),
+        seq("seq-carry-window-minus-one", "w=3, r=2 = w-1: one new sample per round after the first; n=5 gives "
+            "3 rounds.", 5, 3, 2),
+        # --- Self-MoA-Seq, samples generated
+        vector("seq-worked-example", "The worked example of methods.md, generated: n=10, w=6, r=3, seed 0. "
+               "Samples in one request per round (n=6 seed 0, n=3 seed 6, n=1 seed 9), then 3 rounds: "
+               "10 + 3 = 13 calls in 6 requests.",
+               "self_moa_seq", PRIME, {"model": "m", "n": 10, "window": 6, "carry": 3, "seed": 0},
+               run_seq(prompt=PRIME, model="m", n=10, window=6, carry=3, aggregator="m", seed=0)),
+        vector("seq-separate-aggregator", "model m samples, aggregator j aggregates at its own temperature; "
+               "n=7, w=4, r=1: 1 + ceil(3 / 3) = 2 rounds.",
+               "self_moa_seq", PRIME, {"model": "m", "n": 7, "window": 4, "carry": 1, "seed": 50,
+                                       "aggregator": "j", "aggregator_temperature": 0.2},
+               run_seq(prompt=PRIME, model="m", n=7, window=4, carry=1, aggregator="j", seed=50,
+                       agg_temperature=0.2)),
+        vector("seq-n-ignored", "The server returns one choice whatever n says: each missing sample is asked for "
+               "alone with seed S + i; the rounds are unchanged.",
+               "self_moa_seq", PRIME, {"model": "m", "n": 8, "window": 6, "carry": 3, "seed": 0},
+               run_seq(prompt=PRIME, model="m", n=8, window=6, carry=3, aggregator="m", seed=0, honour_n=False)),
+        vector("seq-failed-sample", "Sample 2 fails for good (use_n=False): it is skipped and recorded; round 1 "
+               "takes the next good samples 0,1,3,4,5,6 and round 2 takes 7. 7 + 2 calls in 10 requests.",
+               "self_moa_seq", PRIME, {"model": "m", "n": 8, "window": 6, "carry": 3, "seed": 0, "use_n": False},
+               run_seq(prompt=PRIME, model="m", n=8, window=6, carry=3, aggregator="m", seed=0, use_n=False,
+                       fail={2})),
+        vector("seq-min-ok-not-met", "n=4, min_ok=3, samples 1 and 2 fail: NotEnoughProposals as soon as fewer "
+               "than 3 samples can succeed; no aggregation is asked for.",
+               "self_moa_seq", PRIME, {"model": "m", "n": 4, "seed": 0, "use_n": False, "min_ok": 3},
+               run_seq(prompt=PRIME, model="m", n=4, window=6, carry=3, aggregator="m", seed=0, use_n=False,
+                       fail={1, 2}, min_ok=3)),
+    ]
 
 
 def main() -> None:
-    vectors = [
-        moa_vector("moa-2-layer", "Three proposers, then the aggregator: 3 + 1 calls; references in order.",
-                   [["a", "b", "c"]], "z", seed=10),
-        moa_vector("moa-3-layer", "Two proposer layers of two: layer 2 sees layer 1; 2 + 2 + 1 calls.",
-                   [["a", "b"], ["a", "b"]], "z", seed=0),
-        moa_vector("moa-failed-proposer", "Proposer b fails after its retries: dropped; a and c are numbered 1 and 2.",
-                   [["a", "b", "c"]], "z", seed=0, fail={"b"}),
-        moa_vector("moa-min-ok-not-met", "min_ok=2 and one of two proposers fails: an error, no aggregation.",
-                   [["a", "b"]], "z", seed=0, fail={"b"}, min_ok=2),
-        moa_vector("moa-existing-system-message", "The caller's system message gets the block after a blank line.",
-                   [["a"]], "z", seed=4, prompt=[{"role": "system", "content": "Be terse."},
-                                                 {"role": "user", "content": "What is 6 * 7?"}]),
-        {"name": "self-moa-n6", "description": "Six samples in one request with n=6 and the base seed; 6 + 1 calls.",
-         "method": "self_moa", "prompt": [{"role": "user", "content": "Name a prime."}],
-         "params": {"model": "m", "n": 6, "seed": 5},
-         "requests": [req("m", 5, n=6), req("m", 5, [f"m sample {5 + j}" for j in range(6)], replies=["m final"],
-                                              role="aggregator")],
-         "expected": {"answer": "m final", "calls": 7, "requests": 2}},
-        {"name": "self-moa-n-ignored", "description": "The server returns one choice for n=4: samples 1..3 are "
-         "asked for one by one with seeds S+1..S+3.",
-         "method": "self_moa", "prompt": [{"role": "user", "content": "Name a prime."}],
-         "params": {"model": "m", "n": 4, "seed": 7},
-         "requests": [req("m", 7, n=4, replies=["m sample 7"]), req("m", 8), req("m", 9), req("m", 10),
-                      req("m", 7, [f"m sample {s}" for s in range(7, 11)], replies=["m final"], role="aggregator")],
-         "expected": {"answer": "m final", "calls": 5, "requests": 5}},
-        seq_vector("seq-n-below-window", "n=4 <= w=6: one aggregation, exactly Self-MoA on the same samples.",
-                   [f"s{i}" for i in range(4)], 6, 3),
-        seq_vector("seq-n-equals-window-plus-one", "n=7, w=6, r=3: round 2 holds 3 carried copies and 1 new sample.",
-                   [f"s{i}" for i in range(7)], 6, 3),
-        seq_vector("seq-last-round-partial", "n=10, w=6, r=3: rounds take samples 0-5, 6-8, then 9 alone.",
-                   [f"s{i}" for i in range(10)], 6, 3),
-        seq_vector("seq-carry-window-minus-one", "w=3, r=2: one new sample per round after the first.",
-                   [f"s{i}" for i in range(5)], 3, 2),
-        {"name": "seq-generated", "description": "n=8, w=6, r=3, generated: the first window in one request "
-         "(n=6, seed S), the rest in one request per round (n=2, seed S+6); 8 + 2 calls.",
-         "method": "self_moa_seq", "prompt": [{"role": "user", "content": "Name a prime."}],
-         "params": {"model": "m", "n": 8, "window": 6, "carry": 3, "seed": 0},
-         "requests": [req("m", 0, n=6), req("m", 6, n=2),
-                      req("m", 0, [f"m sample {j}" for j in range(6)], replies=["round 1"], role="aggregator"),
-                      req("m", 0, ["round 1"] * 3 + ["m sample 6", "m sample 7"], replies=["round 2"], carried=3,
-                          role="aggregator")],
-         "expected": {"answer": "round 2", "calls": 10, "requests": 4, "rounds": 2}},
-    ]
-    for vector in vectors:
-        (HERE / f"{vector['name']}.json").write_text(json.dumps(vector, indent=2) + "\n")
+    vectors = build()
+    for old in HERE.glob("*.json"):
+        old.unlink()
+    for item in vectors:
+        (HERE / f"{item['name']}.json").write_text(render(item), encoding="utf-8")
     print(f"wrote {len(vectors)} vectors to {HERE}")
+
+
+def render(item: dict) -> str:
+    return json.dumps(item, indent=1, ensure_ascii=False) + "\n"
 
 
 if __name__ == "__main__":
