@@ -8,6 +8,7 @@ shows in every run until the code is fixed, and then fails until the mark is rem
 from __future__ import annotations
 
 import copy
+import threading
 import importlib.util
 import pathlib
 
@@ -161,3 +162,22 @@ def test_Q9_failed_samples_are_skipped_and_each_window_fills_with_the_next_good_
     assert [c.references for c in rounds] == expected
     assert sorted(i for c in result.trace if c.error for i in c.indices) == sorted(failing)
     assert result.calls == len(good) + len(rounds)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="selfmoa.py bug: with stream= set, self_moa_seq "
+                   "decides whether a round is the last by pulling the next sample first, so every round waits for "
+                   "a sample only the next round needs")
+def test_Q8_a_streamed_seq_still_starts_each_round_as_soon_as_its_samples_exist():
+    """Streaming the last round must not hold back the earlier rounds: round 1 starts before sample 6 exists."""
+    started = threading.Event()
+
+    def complete(request):
+        started.set()
+        return "synthesis"
+
+    def samples():
+        yield from [f"s{i}" for i in range(6)]
+        assert started.wait(timeout=0.3), "round 1 waited for a sample it does not need"
+        yield from ["s6", "s7", "s8"]
+
+    selfmoa.self_moa_seq("Q", complete=complete, samples=samples(), aggregator="m", stream=lambda piece: None)
