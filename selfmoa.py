@@ -673,7 +673,11 @@ class HTTPClient:
         if not isinstance(choices, list) or not choices:
             raise bad("it has no 'choices' list")
         texts, reasons = [], []
-        for choice in sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0):
+        def position(item: tuple[int, Any]) -> int:  # by "index" when the server gives a number
+            index = item[1].get("index") if isinstance(item[1], dict) else None
+            return index if _is_int(index) else item[0]
+
+        for _, choice in sorted(enumerate(choices), key=position):
             message = choice.get("message") if isinstance(choice, dict) else None
             content = message.get("content") if isinstance(message, dict) else None
             if not isinstance(content, str):
@@ -1275,6 +1279,8 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
                "pass either samples= or n=, not both")
         _check(isinstance(samples, Iterable) and not isinstance(samples, (str, bytes, Mapping)), "samples",
                samples, "it is an iterable of sample texts", 'pass a list or generator of strings')
+        _check(not (isinstance(samples, Sequence) and len(samples) == 0), "samples", samples,
+               "there is nothing to aggregate", "pass at least one sample text")
     aggregator = aggregator if aggregator is not None else model
     _check_model("aggregator", aggregator)
     _check_common(temperature, max_tokens, aggregator_temperature, aggregator_max_tokens, seed, instruction)
@@ -1288,6 +1294,7 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
               "aggregator_temperature": aggregator_temperature, "aggregator_max_tokens": aggregator_max_tokens,
               "seed": seed, "min_ok": min_ok}
     failures: list[ModelError] = []
+    consumed = [0]  # samples pulled from the source so far, failed ones included
 
     def generated() -> Iterator[tuple[int, str]]:
         # Ask for every sample at once, window by window (round 1's window, then each round's new
@@ -1297,10 +1304,13 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
                                           for start in range(window, n, window - carry)]
         rounds = seq_rounds(n, window, carry)
         slots = [slot for chunk, (start, size) in enumerate(chunks)  # chunk c feeds round c + 1
-                 for slot in run.samples(rounds - chunk + 1, (1,), 1, model, messages, start, size, [],
+                 for first in range(start, start + size, MAX_N)  # n is capped per request
+                 for slot in run.samples(rounds - chunk + 1, (1,), 1, model, messages, first,
+                                         min(MAX_N, start + size - first), [],
                                          _Params(temperature, max_tokens, seed), use_n)]
         for index, slot in enumerate(slots):
             outcome = slot.result()
+            consumed[0] = index + 1
             if isinstance(outcome, ModelError):
                 failures.append(outcome)
                 if n - len(failures) < min_ok:
@@ -1312,11 +1322,17 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
 
     def given() -> Iterator[tuple[int, str]]:
         for index, text in enumerate(samples):  # type: ignore[arg-type]
+            consumed[0] = index + 1
             _check(isinstance(text, str), f"samples[{index}]", text, "a sample is a string of text",
                    "pass the sample texts")
             yield index, text
 
-    stream_ahead = _Lookahead(generated() if samples is None else given())
+    def none_left() -> bool:
+        """Whether the source is known to hold no more samples, found out without waiting for any."""
+        return known is not None and consumed[0] >= known
+
+    source = generated() if samples is None else given()
+    taken = 0
     aggregator_params = _Params(aggregator_temperature, aggregator_max_tokens, seed)
     try:
         synthesis: str | None = None
@@ -1324,51 +1340,38 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
         while True:
             # Each round takes the next window - carry samples (round 1: a whole window).
             wanted = window if synthesis is None else window - carry
-            new = stream_ahead.take(wanted)
+            new = list(itertools.islice(source, wanted))
+            taken += len(new)
             if not new:
                 break
+            # The last round is known without waiting for a sample the round does not need: the source
+            # ran dry while filling it, or its length is known and all of it has been pulled. (A generator
+            # of unknown length whose last round is full is not known to be last: that round is not
+            # streamed, and the answer arrives whole.)
+            last = len(new) < wanted or none_left()
+            if last and taken < min_ok:
+                raise NotEnoughProposals(f"only {taken} samples succeeded, fewer than min_ok={min_ok}"
+                                         + ("".join(f"; {f}" for f in failures)), failures)
             round_number += 1
             carried = [] if synthesis is None else [synthesis] * carry
             window_texts = carried + [text for _, text in new]
-            # Only the last round is streamed; it is the last when no sample is left after it.
-            last = stream is not None and (len(new) < wanted or stream_ahead.exhausted())
             call = Call("aggregator", 2, aggregator, [0], [index for index, _ in new], round=round_number,
                         carried=len(carried))
             remaining = 1 if samples is not None else seq_rounds(n, window, carry) - round_number + 1
             synthesis = run.aggregate(remaining, (0, round_number), call,
                                       inject_references(messages, window_texts, instruction),
                                       aggregator_params, stream if last else None)
-        good = stream_ahead.taken  # failed samples never reach the rounds
-        if synthesis is None or good < min_ok:
-            raise NotEnoughProposals(f"{good} samples succeeded, fewer than min_ok={min_ok}"
-                                     + ("; no samples were given" if samples is not None and good == 0 else
-                                        ". Failures: " + "; ".join(map(str, failures))), failures)
-        params["n"], params["rounds"] = stream_ahead.taken + len(failures), round_number
+        if synthesis is None or taken < min_ok:  # failed samples never reach the rounds
+            raise NotEnoughProposals(f"only {taken} samples succeeded, fewer than min_ok={min_ok}"
+                                     + ("; no samples were given" if samples is not None and taken == 0 else
+                                        "".join(f"; {f}" for f in failures)), failures)
+        params["n"], params["rounds"] = taken + len(failures), round_number
         return Result(synthesis, "self-moa-seq", run.sorted_trace(), params)
     except SelfMoAError as exc:
         raise _fail(exc, run, "self-moa-seq", params) from None
     finally:
         if owned:
             pool.shutdown()
-
-
-class _Lookahead:
-    """An iterator that can hand out the next ``k`` items and tell whether any are left."""
-
-    def __init__(self, items: Iterator):
-        self._items, self._next, self.taken = items, [], 0
-
-    def take(self, k: int) -> list:
-        out = self._next[:k]
-        del self._next[:k]
-        out += itertools.islice(self._items, k - len(out))
-        self.taken += len(out)
-        return out
-
-    def exhausted(self) -> bool:
-        if not self._next:
-            self._next = list(itertools.islice(self._items, 1))
-        return not self._next
 
 
 # ======================================================================================================

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -175,3 +176,10 @@ def test_a_streamed_reply_leaves_its_connection_reusable():
         ask(c, stream=lambda piece: None)
         ask(c)
         assert len({entry["client_port"] for entry in server.log}) == 1
+
+
+def test_choices_without_a_numeric_index_keep_their_order_instead_of_crashing():
+    body = json.dumps({"choices": [{"index": None, "message": {"content": "first"}},
+                                   {"index": None, "message": {"content": "second"}}]}).encode()
+    with ScriptedServer(("raw", 200, body, {})) as server, client(server) as c:
+        assert ask(c, n=2).texts == ["first", "second"]

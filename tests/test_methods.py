@@ -19,15 +19,18 @@ def test_only_the_final_aggregation_is_streamed():
     assert len(streamed) == 1 and streamed[0].model == "c" and "".join(pieces) == result.answer
 
 
-@pytest.mark.parametrize("samples", [[f"s{i}" for i in range(10)], (f"s{i}" for i in range(10))],
-                         ids=["list", "generator"])
-def test_self_moa_seq_streams_only_its_last_round(samples):
+@pytest.mark.parametrize("samples, streamed", [
+    ([f"s{i}" for i in range(10)], [False, False, False, True]),  # known length: the last round is known
+    ((f"s{i}" for i in range(9)), [False, False, False, True]),   # the generator ran dry filling it
+    ((f"s{i}" for i in range(10)), [False, False, False, False]),  # full last round of unknown length:
+], ids=["list", "generator-short-last-round", "generator-full-last-round"])  # not known last, not streamed
+def test_self_moa_seq_streams_only_its_last_round_and_never_waits_to_find_out(samples, streamed):
     pieces = []
     fake = Recorder()
     result = selfmoa.self_moa_seq("Q", complete=fake, samples=samples, aggregator="m", window=4, carry=2,
                                   stream=pieces.append)
-    assert [r.stream is not None for r in fake.requests] == [False, False, False, True]
-    assert "".join(pieces) == result.answer
+    assert [r.stream is not None for r in fake.requests] == streamed
+    assert "".join(pieces) == (result.answer if streamed[-1] else "")
 
 
 def test_self_moa_seq_starts_each_round_as_soon_as_its_samples_exist():
@@ -190,3 +193,15 @@ def test_large_n_is_split_into_requests_of_at_most_max_n_keeping_the_seed_conven
     proposals = [(r.n, r.seed) for r in fake.requests if not selfmoa.read_references(r.messages)]
     assert proposals == [(16, 100), (16, 116), (3, 132)]
     assert result.calls == 36
+
+
+def test_an_empty_sample_list_is_blamed_on_samples():
+    with pytest.raises(selfmoa.ConfigError, match=r"samples=\[\]: there is nothing to aggregate"):
+        selfmoa.self_moa_seq("Q", complete=Recorder(), samples=[], aggregator="m")
+
+
+def test_a_short_generator_fails_min_ok_before_aggregating():
+    fake = Recorder()
+    with pytest.raises(selfmoa.NotEnoughProposals, match=r"only 2 samples succeeded, fewer than min_ok=3$"):
+        selfmoa.self_moa_seq("Q", complete=fake, samples=iter(["a", "b"]), aggregator="m", min_ok=3)
+    assert fake.requests == []

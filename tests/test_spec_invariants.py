@@ -98,8 +98,6 @@ def test_W6_every_aggregation_carries_the_base_seed_and_position_i_carries_s_plu
     assert sorted(r.seed is None for r in fake.requests) == [seed is None] * len(fake.requests)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="selfmoa.py bug: self_moa_seq asks for a whole window (and each round's "
-                   "window - carry new samples) in one request with n = that size, without the MAX_N split of moa")
 @given(n=st.integers(1, 40), window=st.integers(2, 24), data=st.data())
 @example(n=20, window=20, data=None)  # the minimal reproduction: one request with n=20 > MAX_N=16
 @settings(max_examples=30)
@@ -164,9 +162,6 @@ def test_Q9_failed_samples_are_skipped_and_each_window_fills_with_the_next_good_
     assert result.calls == len(good) + len(rounds)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="selfmoa.py bug: with stream= set, self_moa_seq "
-                   "decides whether a round is the last by pulling the next sample first, so every round waits for "
-                   "a sample only the next round needs")
 def test_Q8_a_streamed_seq_still_starts_each_round_as_soon_as_its_samples_exist():
     """Streaming the last round must not hold back the earlier rounds: round 1 starts before sample 6 exists."""
     started = threading.Event()
