@@ -30,7 +30,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import functools
+import itertools
 import json
+import multiprocessing
 import os
 import pathlib
 import random
@@ -83,7 +87,7 @@ def score(task, answer: str, proposals: list[str], calls: int, diversity: float 
             "diversity": diversity, "calls": calls}
 
 
-# === Two runners with one interface: run(tasks, (method, options), diversity) -> records =============
+# === Two ways to run a configuration on a list of questions, both giving its records ===================
 
 
 def mock_complete(request: selfmoa.Request) -> selfmoa.Reply:
@@ -102,23 +106,16 @@ def mock_complete(request: selfmoa.Request) -> selfmoa.Reply:
                          completion_tokens=sum(count_tokens(text) for text in texts))
 
 
-class InProcess:
-    """Calls selfmoa's methods as a library, one question at a time, with ``mock_complete``."""
-
-    def __init__(self, seed: int):
-        self.seed, self.count = seed, 0
-
-    def run(self, tasks, config: tuple[str, dict], diversity: bool = False) -> list[dict]:
-        self.count += 1
-        method, options = config
-        records = []
-        for task in tasks:
-            result = selfmoa.METHODS[method](task.prompt, complete=mock_complete, seed=self.seed, concurrency=1,
-                                             **options)
-            proposals = result.proposals()[1]
-            records.append(score(task, result.answer, proposals, result.calls,
-                                 selfmoa.vendi_score(proposals) if diversity else None))
-        return records
+def run_in_process(seed: int, tasks, config: tuple[str, dict], diversity: bool = False) -> list[dict]:
+    """The records of one configuration, run in this process (a function, so a process pool can run it)."""
+    method, options = config
+    records = []
+    for task in tasks:
+        result = selfmoa.METHODS[method](task.prompt, complete=mock_complete, seed=seed, concurrency=1, **options)
+        proposals = result.proposals()[1]
+        records.append(score(task, result.answer, proposals, result.calls,
+                             selfmoa.vendi_score(proposals) if diversity else None))
+    return records
 
 
 class ViaCommandLine:
@@ -126,11 +123,10 @@ class ViaCommandLine:
 
     def __init__(self, base_url: str, workdir: str, seed: int):
         self.base_url, self.workdir, self.seed = base_url, workdir, seed
-        self.count = 0
+        self._numbers = itertools.count(1)  # thread-safe: runs go in parallel
 
     def run(self, tasks, config: tuple[str, dict], diversity: bool = False) -> list[dict]:
-        self.count += 1
-        tag = f"run{self.count}"
+        tag = f"run{next(self._numbers)}"
         source = os.path.join(self.workdir, f"{tag}.in.jsonl")
         target = os.path.join(self.workdir, f"{tag}.out.jsonl")
         with open(source, "w", encoding="utf-8") as file:
@@ -168,17 +164,34 @@ def by_domain(records: list[dict], key: str = "correct") -> dict[str, float]:
 
 
 def reproduce(questions: int = 60, compositions: int = 50, sample_counts=(6, 12, 18, 24, 30), seed: int = 0,
-              via_cli: bool = False, parallel: int = 2) -> dict:
-    """Run every configuration and return the tables' data (see ``markdown``) as a dict."""
+              via_cli: bool = False, parallel: int = 1) -> dict:
+    """Run every configuration and return the tables' data (see ``markdown``) as a dict.
+
+    ``parallel`` runs go at once: in-process runs then go to a pool of that many processes (started by
+    spawning, so a script that calls this with ``parallel > 1`` needs the ``if __name__ == "__main__":`` guard).
+    """
     tasks = [task for domain in DOMAINS for task in make_tasks(domain, questions, seed=seed)]
     mmlu = [task for task in tasks if task.domain == "MMLU"]
     results: dict = {"questions_per_domain": questions, "seed": seed}
-    with MockServer() if via_cli else _Nothing() as server, tempfile.TemporaryDirectory() as workdir, \
-            concurrent.futures.ThreadPoolExecutor(parallel if via_cli else 1) as pool:
-        runner = ViaCommandLine(server.base_url, workdir, seed) if via_cli else InProcess(seed)
+    with contextlib.ExitStack() as stack:
+        if via_cli:
+            server = stack.enter_context(MockServer())
+            runner = ViaCommandLine(server.base_url, stack.enter_context(tempfile.TemporaryDirectory()), seed)
+            pool: concurrent.futures.Executor = concurrent.futures.ThreadPoolExecutor(parallel)
+            run = runner.run
+        else:  # the runs are CPU-bound here: one process per core
+            pool = concurrent.futures.ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) \
+                if parallel > 1 else concurrent.futures.ThreadPoolExecutor(1)
+            run = functools.partial(run_in_process, seed)
+        stack.enter_context(pool)
+        jobs: dict[tuple, concurrent.futures.Future] = {}
 
         def submit(tasks_, config, diversity=False):
-            return pool.submit(runner.run, tasks_, config, diversity)
+            # A seeded configuration gives the same records on the same questions: run each one once.
+            key = (config[0], json.dumps(config[1], sort_keys=True), tuple(t.id for t in tasks_), diversity)
+            if key not in jobs:
+                jobs[key] = pool.submit(run, tasks_, config, diversity)
+            return jobs[key]
 
         # Table 3: mixed compositions and Self-MoA of each model, all with the same aggregator.
         table3_specs = {"mixed iimmdd": "iimmdd", "mixed mmmddd": "mmmddd", "mixed iiiimd": "iiiimd",
@@ -211,7 +224,7 @@ def reproduce(questions: int = 60, compositions: int = 50, sample_counts=(6, 12,
         regression = [(mix, job.result()) for mix, job in regression_jobs]
         self_moa = [(mix, job.result()) for mix, job in self_moa_jobs]
         seq = {key: job.result() for key, job in seq_jobs.items()}
-        results["runs"] = runner.count
+        results["runs"] = len(jobs)
 
     # Table 3 rows.
     rows3 = {f"{letter} alone": alone[letter] for letter in "idm"}
@@ -248,18 +261,6 @@ def reproduce(questions: int = 60, compositions: int = 50, sample_counts=(6, 12,
     results["seq_calls"] = {n: {kind: mean(r["calls"] for r in seq[(DOMAINS[0], kind, n)])
                                 for kind in ("one-shot", "seq")} for n in sample_counts}
     return results
-
-
-class _Nothing:
-    """Stands in for the mock server when no server is needed."""
-
-    base_url = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        return None
 
 
 def markdown(results: dict) -> str:
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run selfmoa's command line against the mock server over HTTP (same results, slower)")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    results = reproduce(args.questions, args.compositions, seed=args.seed, via_cli=args.via_cli)
+    results = reproduce(args.questions, args.compositions, seed=args.seed, via_cli=args.via_cli, parallel=2)
     print(markdown(results))
     how = "selfmoa batch runs" if args.via_cli else "configurations run in-process"
     print(f"({results['runs']} {how} in {time.monotonic() - started:.0f} s; a simulation with mock "
