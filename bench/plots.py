@@ -126,8 +126,9 @@ def table3_bars(plt, results: dict):
             ax.bar(g + (k - (len(columns) - 1) / 2) * width, row[column], width, color=COLOURS[column],
                    alpha=0.45 if alone else 1.0, hatch="///" if self_moa else None,
                    edgecolor="black" if self_moa else "white", linewidth=0.6)
-    names = [label.replace("Self-MoA, best model per task", "Self-MoA\nbest per task").replace("Self-MoA ", "Self-MoA\n")
-             .replace("mixed ", "mixed\n").replace(" alone", "\nalone") for label in rows]
+    names = [label.replace("Self-MoA, best model per task", "Self-MoA\nbest per task")
+             .replace("Self-MoA ", "Self-MoA\n").replace("mixed ", "mixed\n").replace(" alone", "\nalone")
+             for label in rows]
     ax.set_xticks(range(len(rows)), names, fontsize=9)
     ax.set_xlabel("proposers (i = generalist, d = coder, m = mathematician; 6 proposals, aggregator i; "
                   "'alone': one sample, no aggregation)")

@@ -117,7 +117,8 @@ def test_figures_are_png_and_svg_titled_as_simulations_and_the_same_on_every_run
 
     written = experiment.write_outputs(results, str(tmp_path / "first"))
     stems = [f"quality_vs_diversity_{d}" for d in experiment.DOMAINS] + ["accuracy_vs_samples", "table3"]
-    assert sorted(written) == sorted(["tables.md", "results.json"] + [f"{s}.{e}" for s in stems for e in ("png", "svg")])
+    figures = [f"{stem}.{kind}" for stem in stems for kind in ("png", "svg")]
+    assert sorted(written) == sorted(["tables.md", "results.json", *figures])
     for stem in stems:
         assert (tmp_path / "first" / f"{stem}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
         svg = (tmp_path / "first" / f"{stem}.svg").read_text(encoding="utf-8")
