@@ -114,6 +114,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import email.utils
 import hashlib
@@ -367,6 +369,9 @@ def read_references(prompt: str | Sequence[Message]) -> list[str]:
 # as a bug and propagates. HTTPClient is the completion function for real servers.
 
 
+MAX_N = 16  # samples asked for in one request at most (servers cap n: OpenAI at 128, some far lower)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One chat-completion request, as the methods hand it to the completion function."""
@@ -409,11 +414,625 @@ def _as_reply(value: Any, request: Request) -> Reply:
 
 
 # ======================================================================================================
+# Results and traces
+# ======================================================================================================
+
+
+@dataclasses.dataclass
+class Call:
+    """One request in a trace: who was asked, what went in, what came out, and what it cost.
+
+    ``indices`` are the proposer positions (MoA) or sample numbers (Self-MoA-Seq) the request asked for
+    (``outputs`` holds fewer when the server ignored ``n``; the rest then have requests of their own);
+    ``references`` the positions, in the previous layer, of the responses it was shown, in order (for a
+    Self-MoA-Seq round: the numbers of the new samples); ``carried`` how many copies of the previous
+    round's synthesis came first. Token counts are ``None`` when the server did not report them.
+    """
+
+    role: str  # "proposer" or "aggregator"
+    layer: int
+    model: str
+    indices: list[int]
+    references: list[int] = dataclasses.field(default_factory=list)
+    round: int | None = None
+    carried: int = 0
+    n: int = 1
+    seed: int | None = None
+    temperature: float = 0.7
+    max_tokens: int | None = None
+    outputs: list[str] = dataclasses.field(default_factory=list)
+    finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency: float = 0.0
+    retries: int = 0
+    url: str | None = None
+    error: str | None = None
+
+    def sort_key(self) -> tuple:
+        """Trace order: by layer, round, proposers before the aggregator, position; never by timing."""
+        return (self.layer, self.round or 0, self.role == "aggregator", self.indices[0] if self.indices else 0,
+                -self.n)
+
+
+@dataclasses.dataclass
+class Result:
+    """The final answer of a method, with every call made (``trace``) and the totals.
+
+    ``calls`` counts the generations the paper counts (each sample and each aggregation is one);
+    ``requests`` counts HTTP requests (one request can carry ``n`` samples).
+    """
+
+    answer: str
+    method: str
+    trace: list[Call]
+    params: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def calls(self) -> int:
+        return sum(len(call.outputs) for call in self.trace)
+
+    @property
+    def requests(self) -> int:
+        return len(self.trace)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Token totals over the trace; ``unreported`` counts requests whose server gave no usage."""
+        prompt = sum(call.prompt_tokens or 0 for call in self.trace)
+        completion = sum(call.completion_tokens or 0 for call in self.trace)
+        unreported = sum(call.prompt_tokens is None and call.error is None for call in self.trace)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion, "unreported": unreported}
+
+    def proposals(self) -> dict[int, list[str]]:
+        """The outputs of each proposer layer, by layer number, in configuration (sample) order."""
+        layers: dict[int, dict[int, str]] = {}
+        for call in self.trace:
+            if call.role == "proposer":
+                layers.setdefault(call.layer, {}).update(zip(call.indices, call.outputs))
+        return {layer: [outputs[i] for i in sorted(outputs)] for layer, outputs in sorted(layers.items())}
+
+    def diversity(self) -> dict[int, float]:
+        """The Vendi score of each proposer layer's outputs (see ``vendi_score``)."""
+        return {layer: vendi_score(texts) for layer, texts in self.proposals().items() if texts}
+
+    def to_dict(self, trace: bool = True) -> dict[str, Any]:
+        """Everything as plain JSON-serialisable data (without the trace if ``trace`` is false)."""
+        data = {"answer": self.answer, "method": self.method, "params": self.params,
+                "calls": self.calls, "requests": self.requests,
+                "retries": sum(call.retries for call in self.trace), "usage": self.usage,
+                "diversity": {str(layer): score for layer, score in self.diversity().items()}}
+        if trace:
+            data["trace"] = [dataclasses.asdict(call) for call in self.trace]
+        return data
+
+
+# ======================================================================================================
+# MoA: layers of proposers, then an aggregator
+# ======================================================================================================
+
+
+def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggregator: str, *,
+        complete: Callable[[Request], Any], layers: int | None = None, temperature: float = 0.7,
+        max_tokens: int | None = None, aggregator_temperature: float = 0.7,
+        aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
+        concurrency: int = 8, instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
+        stream: Callable[[str], None] | None = None, _method: str = "moa") -> Result:
+    """Mixture-of-Agents: ``layers - 1`` layers of proposers, then one aggregator.
+
+    ``proposers`` is the list of proposer models of every proposer layer (a model may appear several
+    times), or a list of such lists, one per layer. ``layers`` counts the aggregator, as the papers do
+    (default 2: one proposer layer and the aggregator). The proposers of a layer run concurrently (at most
+    ``concurrency`` calls at once), and their answers are numbered in configuration order whatever order
+    they finish in. A proposer that fails is dropped, the numbering staying contiguous; a layer with fewer
+    than ``min_ok`` successes raises ``NotEnoughProposals``. Proposer ``j`` of a layer gets seed
+    ``seed + j``; consecutive proposers of the same model share one request with ``n`` (at most ``MAX_N``
+    per request; none with ``use_n=False``). ``stream`` receives the final answer's text pieces as they arrive.
+
+    >>> moa("2+2?", ["a", "b"], "c", complete=lambda r: f"{r.model}:{len(read_references(r.messages))}",
+    ...     layers=3).answer
+    'c:2'
+    """
+    messages = as_messages(prompt)
+    nested = bool(proposers) and not isinstance(proposers, str) and all(
+        isinstance(p, Sequence) and not isinstance(p, str) for p in proposers)
+    _check(isinstance(proposers, Sequence) and not isinstance(proposers, str) and len(proposers) > 0,
+           "proposers", proposers, "MoA needs at least one proposer", 'pass a list of model names, e.g. ["a", "b"]')
+    if nested:
+        plan = [list(layer) for layer in proposers]
+        _check(layers is None or layers == len(plan) + 1, "layers", layers,
+               f"{len(plan)} proposer layers plus the aggregator make {len(plan) + 1} layers",
+               f"pass layers={len(plan) + 1} or leave it out")
+    else:
+        layers = 2 if layers is None else layers
+        _check(_is_int(layers) and layers >= 2, "layers", layers,
+               "layers count the aggregator, so MoA has at least 2 (proposers, then the aggregator)",
+               "pass layers=2 for one proposer layer")
+        plan = [list(proposers)] * (layers - 1)
+    for number, layer in enumerate(plan, 1):
+        _check(len(layer) > 0, f"proposers (layer {number})", layer, "a proposer layer is empty",
+               "give every layer at least one model")
+        for model in layer:
+            _check_model("proposer", model)
+    _check_model("aggregator", aggregator)
+    _check_common(temperature, max_tokens, aggregator_temperature, aggregator_max_tokens, seed, instruction)
+    smallest = min(len(layer) for layer in plan)
+    _check(_is_int(min_ok) and 1 <= min_ok <= smallest, "min_ok", min_ok,
+           f"it is the fewest proposers of a layer that must succeed, between 1 and the smallest layer "
+           f"({smallest})", f"pass min_ok between 1 and {smallest}")
+    pool, owned, priority = _start(complete, concurrency)
+    run = _Run(complete, pool, priority)
+    proposer_params = _Params(temperature, max_tokens, seed)
+    params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, "temperature": temperature,
+              "max_tokens": max_tokens, "aggregator_temperature": aggregator_temperature,
+              "aggregator_max_tokens": aggregator_max_tokens, "seed": seed, "min_ok": min_ok}
+    try:
+        # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
+        references: list[str] = []
+        positions: list[int] = []
+        for number, layer in enumerate(plan, 1):
+            prompt_l = inject_references(messages, references, instruction)
+            slots: list[concurrent.futures.Future] = []
+            for model, run_of in itertools.groupby(enumerate(layer), key=lambda item: item[1]):
+                group = [position for position, _ in run_of]
+                for start in range(0, len(group), MAX_N):  # n is capped per request
+                    chunk = group[start:start + MAX_N]
+                    slots += run.samples(len(plan) + 2 - number, (number,), number, model, prompt_l, chunk[0],
+                                         len(chunk), positions, proposer_params, use_n)
+            outcomes = [slot.result() for slot in slots]
+            failures = [o for o in outcomes if isinstance(o, ModelError)]
+            if len(outcomes) - len(failures) < min_ok:
+                raise NotEnoughProposals(
+                    f"layer {number}: only {len(outcomes) - len(failures)} of {len(outcomes)} proposers "
+                    f"succeeded, fewer than min_ok={min_ok}. Failures: " + "; ".join(map(str, failures)),
+                    failures)
+            # Failed proposers are dropped; the survivors keep their configuration order.
+            positions = [j for j, o in enumerate(outcomes) if not isinstance(o, ModelError)]
+            references = [outcomes[j] for j in positions]
+        # The aggregator synthesizes the last proposer layer's answers into the final answer.
+        final = Call("aggregator", len(plan) + 1, aggregator, [0], positions)
+        answer = run.aggregate(1, (len(plan) + 1,), final, inject_references(messages, references, instruction),
+                               _Params(aggregator_temperature, aggregator_max_tokens, seed), stream)
+        return Result(answer, _method, run.sorted_trace(), params)
+    except SelfMoAError as exc:
+        raise _fail(exc, run, _method, params) from None
+    finally:
+        if owned:
+            pool.shutdown()
+
+
+# ======================================================================================================
+# Self-MoA: one model sampled n times, then aggregated
+# ======================================================================================================
+
+
+def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], n: int = 6,
+             aggregator: str | None = None, layers: int = 2, temperature: float = 0.7,
+             max_tokens: int | None = None, aggregator_temperature: float = 0.7,
+             aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
+             concurrency: int = 8, instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
+             stream: Callable[[str], None] | None = None) -> Result:
+    """Self-MoA: ``n`` samples of ``model`` at ``temperature > 0``, aggregated by ``aggregator``.
+
+    The aggregator is ``model`` itself unless given. This is exactly MoA whose proposer layers hold
+    ``model`` ``n`` times, so it makes ``n + 1`` calls (``n`` per proposer layer); the ``n`` samples go in one
+    request with ``n`` when the server honours it. Sample ``i`` has seed ``seed + i``.
+
+    >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4").calls
+    4
+    """
+    _check_model("model", model)
+    _check(_is_int(n) and n >= 1, "n", n, "Self-MoA aggregates n samples", "pass n >= 1 (the paper uses 4 to 6)")
+    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
+           "temperature", temperature, "Self-MoA's diversity comes from sampling; at 0 every sample is the same",
+           "pass a temperature above 0 (the paper samples at 0.7)")
+    return moa(prompt, [model] * n, aggregator if aggregator is not None else model, complete=complete,
+               layers=layers, temperature=temperature, max_tokens=max_tokens,
+               aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
+               seed=seed, min_ok=min_ok, concurrency=concurrency, instruction=instruction, use_n=use_n,
+               stream=stream, _method="self-moa")
+
+
+# ======================================================================================================
+# Self-MoA-Seq: rounds over a sliding window, carrying the synthesis
+# ======================================================================================================
+
+
+def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
+    """The number of Self-MoA-Seq rounds (aggregation calls) for ``n`` samples.
+
+    Round 1 takes ``window`` samples; each later round takes ``window - carry`` new ones.
+
+    >>> [seq_rounds(n) for n in (1, 6, 7, 9, 10, 30)]
+    [1, 1, 2, 2, 3, 9]
+    """
+    _check_window(window, carry)
+    _check(_is_int(n) and n >= 1, "n", n, "there must be at least one sample", "pass n >= 1")
+    return 1 if n <= window else 1 + math.ceil((n - window) / (window - carry))
+
+
+def _check_window(window: Any, carry: Any) -> None:
+    _check(_is_int(window) and window >= 2, "window", window,
+           "each round must hold the carried synthesis and at least one new sample", "pass window >= 2 (default 6)")
+    _check(_is_int(carry) and 1 <= carry < window, "carry", carry,
+           f"carry copies of the synthesis plus at least one new sample must fit in window={window}",
+           f"pass carry between 1 and {window - 1} (default 3)")
+
+
+def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable[[Request], Any],
+                 n: int | None = None, samples: Iterable[str] | None = None, window: int = 6, carry: int = 3,
+                 aggregator: str | None = None, temperature: float = 0.7, max_tokens: int | None = None,
+                 aggregator_temperature: float = 0.7, aggregator_max_tokens: int | None = None,
+                 seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
+                 instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
+                 stream: Callable[[str], None] | None = None) -> Result:
+    """Self-MoA-Seq: aggregate many samples of one model in rounds over a sliding window.
+
+    Round 1 aggregates samples ``0 .. window-1``; round ``t >= 2`` aggregates the synthesis of round
+    ``t - 1`` repeated ``carry`` times, then the next ``window - carry`` samples (the last round may have
+    fewer). Every sample is shown as new in exactly one round, in order; the answer is the last synthesis.
+
+    The samples are either generated (``model`` and ``n``, default 6; sample ``i`` has seed ``seed + i``;
+    all are requested at once, and each round starts as soon as its own samples have arrived), or given
+    as ``samples``: any iterable of strings, consumed lazily, so a generator still producing them works.
+    The aggregator defaults to ``model``. Failed samples are skipped and recorded; fewer than ``min_ok``
+    good samples raises ``NotEnoughProposals``.
+
+    >>> r = self_moa_seq("Q", complete=lambda r: "s", samples=["a", "b", "c"], aggregator="m", window=2, carry=1)
+    >>> [(call.round, call.references) for call in r.trace]
+    [(1, [0, 1]), (2, [2])]
+    """
+    messages = as_messages(prompt)
+    _check_window(window, carry)
+    if samples is None:
+        _check_model("model", model)
+        n = 6 if n is None else n
+        _check(_is_int(n) and n >= 1, "n", n, "Self-MoA-Seq aggregates n samples", "pass n >= 1")
+        _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
+               "temperature", temperature, "at temperature 0 every sample is the same",
+               "pass a temperature above 0 (the paper samples at 0.7)")
+    else:
+        _check(n is None, "n", n, "the samples were given, so there is nothing to generate",
+               "pass either samples= or n=, not both")
+        _check(isinstance(samples, Iterable) and not isinstance(samples, (str, bytes, Mapping)), "samples",
+               samples, "it is an iterable of sample texts", 'pass a list or generator of strings')
+        _check(not (isinstance(samples, Sequence) and len(samples) == 0), "samples", samples,
+               "there is nothing to aggregate", "pass at least one sample text")
+    aggregator = aggregator if aggregator is not None else model
+    _check_model("aggregator", aggregator)
+    _check_common(temperature, max_tokens, aggregator_temperature, aggregator_max_tokens, seed, instruction)
+    known = n if samples is None else (len(samples) if isinstance(samples, Sequence) else None)
+    _check(_is_int(min_ok) and min_ok >= 1 and (known is None or min_ok <= known), "min_ok", min_ok,
+           "it is the fewest samples that must succeed", f"pass min_ok between 1 and {known or 'the sample count'}")
+    pool, owned, priority = _start(complete, concurrency)
+    run = _Run(complete, pool, priority)
+    params = {"model": model, "aggregator": aggregator, "n": known, "window": window, "carry": carry,
+              "temperature": temperature, "max_tokens": max_tokens,
+              "aggregator_temperature": aggregator_temperature, "aggregator_max_tokens": aggregator_max_tokens,
+              "seed": seed, "min_ok": min_ok}
+    failures: list[ModelError] = []
+    consumed = [0]  # samples pulled from the source so far, failed ones included
+
+    def generated() -> Iterator[tuple[int, str]]:
+        # Ask for every sample at once, window by window (round 1's window, then each round's new
+        # samples), so that each round's samples share one request and arrive as early as possible.
+        assert model is not None and n is not None
+        chunks = [(0, min(n, window))] + [(start, min(window - carry, n - start))
+                                          for start in range(window, n, window - carry)]
+        rounds = seq_rounds(n, window, carry)
+        slots = [slot for chunk, (start, size) in enumerate(chunks)  # chunk c feeds round c + 1
+                 for first in range(start, start + size, MAX_N)  # n is capped per request
+                 for slot in run.samples(rounds - chunk + 1, (1,), 1, model, messages, first,
+                                         min(MAX_N, start + size - first), [],
+                                         _Params(temperature, max_tokens, seed), use_n)]
+        for index, slot in enumerate(slots):
+            outcome = slot.result()
+            consumed[0] = index + 1
+            if isinstance(outcome, ModelError):
+                failures.append(outcome)
+                if n - len(failures) < min_ok:
+                    raise NotEnoughProposals(
+                        f"only {n - len(failures)} of {n} samples can still succeed, fewer than "
+                        f"min_ok={min_ok}. Failures: " + "; ".join(map(str, failures)), failures)
+                continue
+            yield index, outcome
+
+    def given() -> Iterator[tuple[int, str]]:
+        for index, text in enumerate(samples):  # type: ignore[arg-type]
+            consumed[0] = index + 1
+            _check(isinstance(text, str), f"samples[{index}]", text, "a sample is a string of text",
+                   "pass the sample texts")
+            yield index, text
+
+    def none_left() -> bool:
+        """Whether the source is known to hold no more samples, found out without waiting for any."""
+        return known is not None and consumed[0] >= known
+
+    source = generated() if samples is None else given()
+    taken = 0
+    aggregator_params = _Params(aggregator_temperature, aggregator_max_tokens, seed)
+    try:
+        synthesis: str | None = None
+        round_number = 0
+        while True:
+            # Each round takes the next window - carry samples (round 1: a whole window).
+            wanted = window if synthesis is None else window - carry
+            new = list(itertools.islice(source, wanted))
+            taken += len(new)
+            if not new:
+                break
+            # The last round is known without waiting for a sample the round does not need: the source
+            # ran dry while filling it, or its length is known and all of it has been pulled. (A generator
+            # of unknown length whose last round is full is not known to be last: that round is not
+            # streamed, and the answer arrives whole.)
+            last = len(new) < wanted or none_left()
+            if last and taken < min_ok:
+                raise NotEnoughProposals(f"only {taken} samples succeeded, fewer than min_ok={min_ok}"
+                                         + ("".join(f"; {f}" for f in failures)), failures)
+            round_number += 1
+            carried = [] if synthesis is None else [synthesis] * carry
+            window_texts = carried + [text for _, text in new]
+            call = Call("aggregator", 2, aggregator, [0], [index for index, _ in new], round=round_number,
+                        carried=len(carried))
+            remaining = 1 if samples is not None else seq_rounds(n, window, carry) - round_number + 1
+            synthesis = run.aggregate(remaining, (0, round_number), call,
+                                      inject_references(messages, window_texts, instruction),
+                                      aggregator_params, stream if last else None)
+        if synthesis is None or taken < min_ok:  # failed samples never reach the rounds
+            raise NotEnoughProposals(f"only {taken} samples succeeded, fewer than min_ok={min_ok}"
+                                     + ("; no samples were given" if samples is not None and taken == 0 else
+                                        "".join(f"; {f}" for f in failures)), failures)
+        params["n"], params["rounds"] = taken + len(failures), round_number
+        return Result(synthesis, "self-moa-seq", run.sorted_trace(), params)
+    except SelfMoAError as exc:
+        raise _fail(exc, run, "self-moa-seq", params) from None
+    finally:
+        if owned:
+            pool.shutdown()
+
+
+########################################################################################################
+#
+#   EVERYTHING BELOW IS MACHINERY.
+#
+#   The methods above are the paper. What follows makes them run well: the bounded call pool that
+#   runs a method's calls concurrently (and keeps traces in configuration order), the argument checks,
+#   the HTTP client for real servers (the completion function behind the seam), the measures of
+#   quality and diversity, batch runs, and the command line. None of it changes what a method computes.
+#
+########################################################################################################
+
+
+# ======================================================================================================
+# Running calls: a bounded pool, and one run's bookkeeping
+# ======================================================================================================
+
+
+class _Pool:
+    """A fixed number of worker threads taking calls in priority order (lowest first, then FIFO).
+
+    A call's priority puts first the call with the most calls still chained behind it (critical-path
+    scheduling, Hu's rule, optimal for chains of equal-length calls), then earlier batch items, then
+    earlier positions. So a batch starts every item's samples before any aggregation, and a Self-MoA-Seq
+    round that is ready overtakes samples needed only by later rounds. Unlike ThreadPoolExecutor, a queued
+    call can be overtaken.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, priority: tuple, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:  # a late follow-up of a run that has already ended: never runs
+                future.cancel()
+                return future
+            self._queue.put((priority, next(self._order), future, fn, args))
+            if len(self._threads) < self.workers:
+                thread = threading.Thread(target=self._work, name=f"selfmoa-{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            _, _, future, fn, args = self._queue.get()
+            if future is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Cancel what is still queued and let the workers finish their current call and stop."""
+        with self._lock:
+            threads, self._threads, self._closed = self._threads, [], True
+        while True:
+            try:
+                _, _, future, _, _ = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if future is not None:
+                future.cancel()
+        for _ in threads:
+            self._queue.put(((math.inf,), next(self._order), None, None, None))
+
+
+Outcome = Union[str, ModelError]  # a sample's text, or why it failed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Params:
+    """Sampling parameters of one role (proposers or aggregator)."""
+
+    temperature: float
+    max_tokens: int | None
+    seed: int | None
+
+
+class _Run:
+    """One method run: the completion function, the pool, and the trace of every request made."""
+
+    def __init__(self, complete: Callable[[Request], Any], pool: _Pool, priority: tuple = ()):
+        self.complete, self.pool, self.priority = complete, pool, priority
+        self.trace: list[Call] = []
+        self._lock = threading.Lock()
+
+    def request(self, remaining: int, rank: tuple, call: Call, request: Request) -> concurrent.futures.Future:
+        """Queue one request; its future gives the Reply, or the ModelError the call failed with.
+
+        ``remaining`` counts the calls chained after this one, itself included (the pool runs the longest
+        chains first); ``rank`` orders calls within one run.
+        """
+        return self.pool.submit((-remaining,) + self.priority + rank, self._call, call, request)
+
+    def _call(self, call: Call, request: Request) -> Reply | ModelError:
+        started = time.perf_counter()
+        try:
+            outcome: Reply | ModelError = _as_reply(self.complete(request), request)
+        except ModelError as exc:
+            outcome = exc
+        call.latency = round(time.perf_counter() - started, 6)
+        if isinstance(outcome, ModelError):
+            call.error, call.url = str(outcome), outcome.url or None
+            call.retries = max(0, outcome.attempts - 1)
+        else:
+            call.outputs, call.finish_reasons = outcome.texts, outcome.finish_reasons
+            call.prompt_tokens, call.completion_tokens = outcome.prompt_tokens, outcome.completion_tokens
+            call.retries, call.url = outcome.retries, outcome.url
+        with self._lock:
+            self.trace.append(call)
+        return outcome
+
+    def samples(self, remaining: int, rank: tuple, layer: int, model: str, messages: list[Message], first: int,
+                count: int, references: list[int], params: _Params, group: bool) -> list[concurrent.futures.Future]:
+        """Ask ``model`` for samples ``first .. first+count-1`` of one prompt: one future per sample,
+        resolving to its ``Outcome`` (the text, or the ModelError that sample failed with).
+
+        With ``group``, all ``count`` samples go in one request with ``n = count`` and seed ``S + first``;
+        any the server did not return are then asked for one by one, sample ``i`` with seed ``S + i``
+        (spec/wire.md section 4). Each future resolves as soon as its own sample exists.
+        """
+        slots = [concurrent.futures.Future() for _ in range(count)]
+        frozen = tuple(messages)
+
+        def ask(start: int, size: int) -> None:
+            seed = None if params.seed is None else params.seed + first + start
+            call = Call("proposer", layer, model, list(range(first + start, first + start + size)),
+                        list(references), n=size, seed=seed, temperature=params.temperature,
+                        max_tokens=params.max_tokens)
+            request = Request(model, frozen, params.temperature, params.max_tokens, size, seed)
+            future = self.request(remaining, rank + (first + start,), call, request)
+            future.add_done_callback(lambda done: deliver(start, size, done))
+
+        def deliver(start: int, size: int, done: concurrent.futures.Future) -> None:
+            try:
+                outcome = done.result()
+            except BaseException as exc:  # a bug in the completion function: surface it to the waiter
+                for slot in slots[start:start + size]:
+                    slot.set_exception(exc)
+                return
+            if isinstance(outcome, ModelError):
+                for slot in slots[start:start + size]:
+                    slot.set_result(outcome)
+                return
+            for offset, text in enumerate(outcome.texts):
+                slots[start + offset].set_result(text)
+            for missing in range(start + len(outcome.texts), start + size):
+                ask(missing, 1)  # the server ignored n: one request per missing sample
+
+        if group:
+            ask(0, count)
+        else:
+            for start in range(count):
+                ask(start, 1)
+        return slots
+
+    def aggregate(self, remaining: int, rank: tuple, call: Call, messages: list[Message], params: _Params,
+                  stream: Callable[[str], None] | None = None) -> str:
+        """One aggregation call, waited for. A failure raises its ModelError."""
+        request = Request(call.model, tuple(messages), params.temperature, params.max_tokens, 1, params.seed,
+                          stream)
+        call.seed, call.temperature, call.max_tokens = params.seed, params.temperature, params.max_tokens
+        outcome = self.request(remaining, rank, call, request).result()
+        if isinstance(outcome, ModelError):
+            raise outcome
+        return outcome.texts[0]
+
+    def sorted_trace(self) -> list[Call]:
+        with self._lock:
+            return sorted(self.trace, key=Call.sort_key)
+
+
+# A batch (or a server) runs many method calls on one shared pool. It says so through this context
+# variable rather than through a parameter, so that no private knob shows in a method's signature.
+_SHARED_POOL: contextvars.ContextVar[tuple[_Pool, tuple] | None] = contextvars.ContextVar("selfmoa_shared_pool",
+                                                                                        default=None)
+
+
+@contextlib.contextmanager
+def _on_shared_pool(pool: _Pool, priority: tuple) -> Iterator[None]:
+    """Run the method calls made inside the block on ``pool``, ranked by ``priority`` (e.g. the item's position)."""
+    token = _SHARED_POOL.set((pool, priority))
+    try:
+        yield
+    finally:
+        _SHARED_POOL.reset(token)
+
+
+def _start(complete: Any, concurrency: int) -> tuple[_Pool, bool, tuple]:
+    """The pool to run on and the run's priority: a shared one (a batch's), or a new one owned by this run."""
+    _check(callable(complete), "complete", complete, "it is the completion function every call goes through",
+           'pass complete=HTTPClient("http://host:port/v1"), or any function Request -> str')
+    _check(_is_int(concurrency) and concurrency >= 1, "concurrency", concurrency,
+           "it bounds how many calls run at once", "pass an integer >= 1")
+    shared = _SHARED_POOL.get()
+    return (shared[0], False, shared[1]) if shared is not None else (_Pool(concurrency), True, ())
+
+
+def _check_sampling(temperature: Any, max_tokens: Any, prefix: str = "") -> None:
+    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+           and 0 <= temperature <= 2, f"{prefix}temperature", temperature,
+           "chat-completions servers accept 0 to 2", "pass a number between 0 and 2")
+    _check(max_tokens is None or (_is_int(max_tokens) and max_tokens >= 1), f"{prefix}max_tokens", max_tokens,
+           "it limits the tokens generated per reply", "pass an integer >= 1, or None for the server's default")
+
+
+def _check_model(name: str, value: Any) -> None:
+    _check(isinstance(value, str) and value.strip() != "", name, value, "a model name is a non-empty string",
+           "pass the name the server knows the model by")
+
+
+def _check_common(temperature: Any, max_tokens: Any, aggregator_temperature: Any, aggregator_max_tokens: Any,
+                  seed: Any, instruction: Any) -> None:
+    _check_sampling(temperature, max_tokens)
+    _check_sampling(aggregator_temperature, aggregator_max_tokens, "aggregator_")
+    _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
+           "pass an integer, or None")
+    _check(isinstance(instruction, str) and instruction.strip() != "", "instruction", instruction,
+           "it tells the aggregator what to do with the references", "pass a non-empty string")
+
+
+def _fail(exc: SelfMoAError, run: _Run, method: str, params: dict) -> SelfMoAError:
+    """Attach the work done so far to an error, so that nothing already paid for is lost."""
+    exc.partial = Result("", method, run.sorted_trace(), params)
+    return exc
+
+
+# ======================================================================================================
 # HTTPClient: the completion function for OpenAI-compatible servers
 # ======================================================================================================
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
-MAX_N = 16  # samples asked for in one request at most (servers cap n: OpenAI at 128, some far lower)
 
 
 class Endpoint:
@@ -786,595 +1405,6 @@ def _retry_after(value: str | None) -> float | None:
 
 
 # ======================================================================================================
-# Results and traces
-# ======================================================================================================
-
-
-@dataclasses.dataclass
-class Call:
-    """One request in a trace: who was asked, what went in, what came out, and what it cost.
-
-    ``indices`` are the proposer positions (MoA) or sample numbers (Self-MoA-Seq) the request asked for
-    (``outputs`` holds fewer when the server ignored ``n``; the rest then have requests of their own);
-    ``references`` the positions, in the previous layer, of the responses it was shown, in order (for a
-    Self-MoA-Seq round: the numbers of the new samples); ``carried`` how many copies of the previous
-    round's synthesis came first. Token counts are ``None`` when the server did not report them.
-    """
-
-    role: str  # "proposer" or "aggregator"
-    layer: int
-    model: str
-    indices: list[int]
-    references: list[int] = dataclasses.field(default_factory=list)
-    round: int | None = None
-    carried: int = 0
-    n: int = 1
-    seed: int | None = None
-    temperature: float = 0.7
-    max_tokens: int | None = None
-    outputs: list[str] = dataclasses.field(default_factory=list)
-    finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    latency: float = 0.0
-    retries: int = 0
-    url: str | None = None
-    error: str | None = None
-
-    def sort_key(self) -> tuple:
-        """Trace order: by layer, round, proposers before the aggregator, position; never by timing."""
-        return (self.layer, self.round or 0, self.role == "aggregator", self.indices[0] if self.indices else 0,
-                -self.n)
-
-
-@dataclasses.dataclass
-class Result:
-    """The final answer of a method, with every call made (``trace``) and the totals.
-
-    ``calls`` counts the generations the paper counts (each sample and each aggregation is one);
-    ``requests`` counts HTTP requests (one request can carry ``n`` samples).
-    """
-
-    answer: str
-    method: str
-    trace: list[Call]
-    params: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def calls(self) -> int:
-        return sum(len(call.outputs) for call in self.trace)
-
-    @property
-    def requests(self) -> int:
-        return len(self.trace)
-
-    @property
-    def usage(self) -> dict[str, int]:
-        """Token totals over the trace; ``unreported`` counts requests whose server gave no usage."""
-        prompt = sum(call.prompt_tokens or 0 for call in self.trace)
-        completion = sum(call.completion_tokens or 0 for call in self.trace)
-        unreported = sum(call.prompt_tokens is None and call.error is None for call in self.trace)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion, "unreported": unreported}
-
-    def proposals(self) -> dict[int, list[str]]:
-        """The outputs of each proposer layer, by layer number, in configuration (sample) order."""
-        layers: dict[int, dict[int, str]] = {}
-        for call in self.trace:
-            if call.role == "proposer":
-                layers.setdefault(call.layer, {}).update(zip(call.indices, call.outputs))
-        return {layer: [outputs[i] for i in sorted(outputs)] for layer, outputs in sorted(layers.items())}
-
-    def diversity(self) -> dict[int, float]:
-        """The Vendi score of each proposer layer's outputs (see ``vendi_score``)."""
-        return {layer: vendi_score(texts) for layer, texts in self.proposals().items() if texts}
-
-    def to_dict(self, trace: bool = True) -> dict[str, Any]:
-        """Everything as plain JSON-serialisable data (without the trace if ``trace`` is false)."""
-        data = {"answer": self.answer, "method": self.method, "params": self.params,
-                "calls": self.calls, "requests": self.requests,
-                "retries": sum(call.retries for call in self.trace), "usage": self.usage,
-                "diversity": {str(layer): score for layer, score in self.diversity().items()}}
-        if trace:
-            data["trace"] = [dataclasses.asdict(call) for call in self.trace]
-        return data
-
-
-# ======================================================================================================
-# Running calls: a bounded pool, and one run's bookkeeping
-# ======================================================================================================
-
-
-class _Pool:
-    """A fixed number of worker threads taking calls in priority order (lowest first, then FIFO).
-
-    A call's priority puts first the call with the most calls still chained behind it (critical-path
-    scheduling, Hu's rule, optimal for chains of equal-length calls), then earlier batch items, then
-    earlier positions. So a batch starts every item's samples before any aggregation, and a Self-MoA-Seq
-    round that is ready overtakes samples needed only by later rounds. Unlike ThreadPoolExecutor, a queued
-    call can be overtaken.
-    """
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
-        self._order = itertools.count()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def submit(self, priority: tuple, fn: Callable, *args: Any) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            if self._closed:  # a late follow-up of a run that has already ended: never runs
-                future.cancel()
-                return future
-            self._queue.put((priority, next(self._order), future, fn, args))
-            if len(self._threads) < self.workers:
-                thread = threading.Thread(target=self._work, name=f"selfmoa-{len(self._threads)}", daemon=True)
-                self._threads.append(thread)
-                thread.start()
-        return future
-
-    def _work(self) -> None:
-        while True:
-            _, _, future, fn, args = self._queue.get()
-            if future is None:
-                return
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # handed to whoever waits on the future
-                future.set_exception(exc)
-
-    def shutdown(self) -> None:
-        """Cancel what is still queued and let the workers finish their current call and stop."""
-        with self._lock:
-            threads, self._threads, self._closed = self._threads, [], True
-        while True:
-            try:
-                _, _, future, _, _ = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if future is not None:
-                future.cancel()
-        for _ in threads:
-            self._queue.put(((math.inf,), next(self._order), None, None, None))
-
-
-Outcome = Union[str, ModelError]  # a sample's text, or why it failed
-
-
-@dataclasses.dataclass(frozen=True)
-class _Params:
-    """Sampling parameters of one role (proposers or aggregator)."""
-
-    temperature: float
-    max_tokens: int | None
-    seed: int | None
-
-
-class _Run:
-    """One method run: the completion function, the pool, and the trace of every request made."""
-
-    def __init__(self, complete: Callable[[Request], Any], pool: _Pool, priority: tuple = ()):
-        self.complete, self.pool, self.priority = complete, pool, priority
-        self.trace: list[Call] = []
-        self._lock = threading.Lock()
-
-    def request(self, remaining: int, rank: tuple, call: Call, request: Request) -> concurrent.futures.Future:
-        """Queue one request; its future gives the Reply, or the ModelError the call failed with.
-
-        ``remaining`` counts the calls chained after this one, itself included (the pool runs the longest
-        chains first); ``rank`` orders calls within one run.
-        """
-        return self.pool.submit((-remaining,) + self.priority + rank, self._call, call, request)
-
-    def _call(self, call: Call, request: Request) -> Reply | ModelError:
-        started = time.perf_counter()
-        try:
-            outcome: Reply | ModelError = _as_reply(self.complete(request), request)
-        except ModelError as exc:
-            outcome = exc
-        call.latency = round(time.perf_counter() - started, 6)
-        if isinstance(outcome, ModelError):
-            call.error, call.url = str(outcome), outcome.url or None
-            call.retries = max(0, outcome.attempts - 1)
-        else:
-            call.outputs, call.finish_reasons = outcome.texts, outcome.finish_reasons
-            call.prompt_tokens, call.completion_tokens = outcome.prompt_tokens, outcome.completion_tokens
-            call.retries, call.url = outcome.retries, outcome.url
-        with self._lock:
-            self.trace.append(call)
-        return outcome
-
-    def samples(self, remaining: int, rank: tuple, layer: int, model: str, messages: list[Message], first: int,
-                count: int, references: list[int], params: _Params, group: bool) -> list[concurrent.futures.Future]:
-        """Ask ``model`` for samples ``first .. first+count-1`` of one prompt: one future per sample,
-        resolving to its ``Outcome`` (the text, or the ModelError that sample failed with).
-
-        With ``group``, all ``count`` samples go in one request with ``n = count`` and seed ``S + first``;
-        any the server did not return are then asked for one by one, sample ``i`` with seed ``S + i``
-        (spec/wire.md section 4). Each future resolves as soon as its own sample exists.
-        """
-        slots = [concurrent.futures.Future() for _ in range(count)]
-        frozen = tuple(messages)
-
-        def ask(start: int, size: int) -> None:
-            seed = None if params.seed is None else params.seed + first + start
-            call = Call("proposer", layer, model, list(range(first + start, first + start + size)),
-                        list(references), n=size, seed=seed, temperature=params.temperature,
-                        max_tokens=params.max_tokens)
-            request = Request(model, frozen, params.temperature, params.max_tokens, size, seed)
-            future = self.request(remaining, rank + (first + start,), call, request)
-            future.add_done_callback(lambda done: deliver(start, size, done))
-
-        def deliver(start: int, size: int, done: concurrent.futures.Future) -> None:
-            try:
-                outcome = done.result()
-            except BaseException as exc:  # a bug in the completion function: surface it to the waiter
-                for slot in slots[start:start + size]:
-                    slot.set_exception(exc)
-                return
-            if isinstance(outcome, ModelError):
-                for slot in slots[start:start + size]:
-                    slot.set_result(outcome)
-                return
-            for offset, text in enumerate(outcome.texts):
-                slots[start + offset].set_result(text)
-            for missing in range(start + len(outcome.texts), start + size):
-                ask(missing, 1)  # the server ignored n: one request per missing sample
-
-        if group:
-            ask(0, count)
-        else:
-            for start in range(count):
-                ask(start, 1)
-        return slots
-
-    def aggregate(self, remaining: int, rank: tuple, call: Call, messages: list[Message], params: _Params,
-                  stream: Callable[[str], None] | None = None) -> str:
-        """One aggregation call, waited for. A failure raises its ModelError."""
-        request = Request(call.model, tuple(messages), params.temperature, params.max_tokens, 1, params.seed,
-                          stream)
-        call.seed, call.temperature, call.max_tokens = params.seed, params.temperature, params.max_tokens
-        outcome = self.request(remaining, rank, call, request).result()
-        if isinstance(outcome, ModelError):
-            raise outcome
-        return outcome.texts[0]
-
-    def sorted_trace(self) -> list[Call]:
-        with self._lock:
-            return sorted(self.trace, key=Call.sort_key)
-
-
-def _start(complete: Any, concurrency: int, pool: _Pool | None) -> tuple[_Pool, bool]:
-    """The pool to run on: the caller's (a batch shares one), or a new one owned by this run."""
-    _check(callable(complete), "complete", complete, "it is the completion function every call goes through",
-           'pass complete=HTTPClient("http://host:port/v1"), or any function Request -> str')
-    _check(_is_int(concurrency) and concurrency >= 1, "concurrency", concurrency,
-           "it bounds how many calls run at once", "pass an integer >= 1")
-    return (pool, False) if pool is not None else (_Pool(concurrency), True)
-
-
-def _check_sampling(temperature: Any, max_tokens: Any, prefix: str = "") -> None:
-    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-           and 0 <= temperature <= 2, f"{prefix}temperature", temperature,
-           "chat-completions servers accept 0 to 2", "pass a number between 0 and 2")
-    _check(max_tokens is None or (_is_int(max_tokens) and max_tokens >= 1), f"{prefix}max_tokens", max_tokens,
-           "it limits the tokens generated per reply", "pass an integer >= 1, or None for the server's default")
-
-
-def _check_model(name: str, value: Any) -> None:
-    _check(isinstance(value, str) and value.strip() != "", name, value, "a model name is a non-empty string",
-           "pass the name the server knows the model by")
-
-
-def _check_common(temperature: Any, max_tokens: Any, aggregator_temperature: Any, aggregator_max_tokens: Any,
-                  seed: Any, instruction: Any) -> None:
-    _check_sampling(temperature, max_tokens)
-    _check_sampling(aggregator_temperature, aggregator_max_tokens, "aggregator_")
-    _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
-           "pass an integer, or None")
-    _check(isinstance(instruction, str) and instruction.strip() != "", "instruction", instruction,
-           "it tells the aggregator what to do with the references", "pass a non-empty string")
-
-
-def _fail(exc: SelfMoAError, run: _Run, method: str, params: dict) -> SelfMoAError:
-    """Attach the work done so far to an error, so that nothing already paid for is lost."""
-    exc.partial = Result("", method, run.sorted_trace(), params)
-    return exc
-
-
-# ======================================================================================================
-# MoA: layers of proposers, then an aggregator
-# ======================================================================================================
-
-
-def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggregator: str, *,
-        complete: Callable[[Request], Any], layers: int | None = None, temperature: float = 0.7,
-        max_tokens: int | None = None, aggregator_temperature: float = 0.7,
-        aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-        concurrency: int = 8, instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
-        stream: Callable[[str], None] | None = None, _pool: _Pool | None = None, _priority: tuple = (),
-        _method: str = "moa") -> Result:
-    """Mixture-of-Agents: ``layers - 1`` layers of proposers, then one aggregator.
-
-    ``proposers`` is the list of proposer models of every proposer layer (a model may appear several
-    times), or a list of such lists, one per layer. ``layers`` counts the aggregator, as the papers do
-    (default 2: one proposer layer and the aggregator). The proposers of a layer run concurrently (at most
-    ``concurrency`` calls at once), and their answers are numbered in configuration order whatever order
-    they finish in. A proposer that fails is dropped, the numbering staying contiguous; a layer with fewer
-    than ``min_ok`` successes raises ``NotEnoughProposals``. Proposer ``j`` of a layer gets seed
-    ``seed + j``; consecutive proposers of the same model share one request with ``n`` (at most ``MAX_N``
-    per request; none with ``use_n=False``). ``stream`` receives the final answer's text pieces as they arrive.
-
-    >>> moa("2+2?", ["a", "b"], "c", complete=lambda r: f"{r.model}:{len(read_references(r.messages))}",
-    ...     layers=3).answer
-    'c:2'
-    """
-    messages = as_messages(prompt)
-    nested = bool(proposers) and not isinstance(proposers, str) and all(
-        isinstance(p, Sequence) and not isinstance(p, str) for p in proposers)
-    _check(isinstance(proposers, Sequence) and not isinstance(proposers, str) and len(proposers) > 0,
-           "proposers", proposers, "MoA needs at least one proposer", 'pass a list of model names, e.g. ["a", "b"]')
-    if nested:
-        plan = [list(layer) for layer in proposers]
-        _check(layers is None or layers == len(plan) + 1, "layers", layers,
-               f"{len(plan)} proposer layers plus the aggregator make {len(plan) + 1} layers",
-               f"pass layers={len(plan) + 1} or leave it out")
-    else:
-        layers = 2 if layers is None else layers
-        _check(_is_int(layers) and layers >= 2, "layers", layers,
-               "layers count the aggregator, so MoA has at least 2 (proposers, then the aggregator)",
-               "pass layers=2 for one proposer layer")
-        plan = [list(proposers)] * (layers - 1)
-    for number, layer in enumerate(plan, 1):
-        _check(len(layer) > 0, f"proposers (layer {number})", layer, "a proposer layer is empty",
-               "give every layer at least one model")
-        for model in layer:
-            _check_model("proposer", model)
-    _check_model("aggregator", aggregator)
-    _check_common(temperature, max_tokens, aggregator_temperature, aggregator_max_tokens, seed, instruction)
-    smallest = min(len(layer) for layer in plan)
-    _check(_is_int(min_ok) and 1 <= min_ok <= smallest, "min_ok", min_ok,
-           f"it is the fewest proposers of a layer that must succeed, between 1 and the smallest layer "
-           f"({smallest})", f"pass min_ok between 1 and {smallest}")
-    pool, owned = _start(complete, concurrency, _pool)
-    run = _Run(complete, pool, _priority)
-    proposer_params = _Params(temperature, max_tokens, seed)
-    params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, "temperature": temperature,
-              "max_tokens": max_tokens, "aggregator_temperature": aggregator_temperature,
-              "aggregator_max_tokens": aggregator_max_tokens, "seed": seed, "min_ok": min_ok}
-    try:
-        # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
-        references: list[str] = []
-        positions: list[int] = []
-        for number, layer in enumerate(plan, 1):
-            prompt_l = inject_references(messages, references, instruction)
-            slots: list[concurrent.futures.Future] = []
-            for model, run_of in itertools.groupby(enumerate(layer), key=lambda item: item[1]):
-                group = [position for position, _ in run_of]
-                for start in range(0, len(group), MAX_N):  # n is capped per request
-                    chunk = group[start:start + MAX_N]
-                    slots += run.samples(len(plan) + 2 - number, (number,), number, model, prompt_l, chunk[0],
-                                         len(chunk), positions, proposer_params, use_n)
-            outcomes = [slot.result() for slot in slots]
-            failures = [o for o in outcomes if isinstance(o, ModelError)]
-            if len(outcomes) - len(failures) < min_ok:
-                raise NotEnoughProposals(
-                    f"layer {number}: only {len(outcomes) - len(failures)} of {len(outcomes)} proposers "
-                    f"succeeded, fewer than min_ok={min_ok}. Failures: " + "; ".join(map(str, failures)),
-                    failures)
-            # Failed proposers are dropped; the survivors keep their configuration order.
-            positions = [j for j, o in enumerate(outcomes) if not isinstance(o, ModelError)]
-            references = [outcomes[j] for j in positions]
-        # The aggregator synthesizes the last proposer layer's answers into the final answer.
-        final = Call("aggregator", len(plan) + 1, aggregator, [0], positions)
-        answer = run.aggregate(1, (len(plan) + 1,), final, inject_references(messages, references, instruction),
-                               _Params(aggregator_temperature, aggregator_max_tokens, seed), stream)
-        return Result(answer, _method, run.sorted_trace(), params)
-    except SelfMoAError as exc:
-        raise _fail(exc, run, _method, params) from None
-    finally:
-        if owned:
-            pool.shutdown()
-
-
-# ======================================================================================================
-# Self-MoA: one model sampled n times, then aggregated
-# ======================================================================================================
-
-
-def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], n: int = 6,
-             aggregator: str | None = None, layers: int = 2, temperature: float = 0.7,
-             max_tokens: int | None = None, aggregator_temperature: float = 0.7,
-             aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-             concurrency: int = 8, instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
-             stream: Callable[[str], None] | None = None, _pool: _Pool | None = None,
-             _priority: tuple = ()) -> Result:
-    """Self-MoA: ``n`` samples of ``model`` at ``temperature > 0``, aggregated by ``aggregator``.
-
-    The aggregator is ``model`` itself unless given. This is exactly MoA whose proposer layers hold
-    ``model`` ``n`` times, so it makes ``n + 1`` calls (``n`` per proposer layer); the ``n`` samples go in one
-    request with ``n`` when the server honours it. Sample ``i`` has seed ``seed + i``.
-
-    >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4").calls
-    4
-    """
-    _check_model("model", model)
-    _check(_is_int(n) and n >= 1, "n", n, "Self-MoA aggregates n samples", "pass n >= 1 (the paper uses 4 to 6)")
-    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
-           "temperature", temperature, "Self-MoA's diversity comes from sampling; at 0 every sample is the same",
-           "pass a temperature above 0 (the paper samples at 0.7)")
-    return moa(prompt, [model] * n, aggregator if aggregator is not None else model, complete=complete,
-               layers=layers, temperature=temperature, max_tokens=max_tokens,
-               aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-               seed=seed, min_ok=min_ok, concurrency=concurrency, instruction=instruction, use_n=use_n,
-               stream=stream, _pool=_pool, _priority=_priority, _method="self-moa")
-
-
-# ======================================================================================================
-# Self-MoA-Seq: rounds over a sliding window, carrying the synthesis
-# ======================================================================================================
-
-
-def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
-    """The number of Self-MoA-Seq rounds (aggregation calls) for ``n`` samples.
-
-    Round 1 takes ``window`` samples; each later round takes ``window - carry`` new ones.
-
-    >>> [seq_rounds(n) for n in (1, 6, 7, 9, 10, 30)]
-    [1, 1, 2, 2, 3, 9]
-    """
-    _check_window(window, carry)
-    _check(_is_int(n) and n >= 1, "n", n, "there must be at least one sample", "pass n >= 1")
-    return 1 if n <= window else 1 + math.ceil((n - window) / (window - carry))
-
-
-def _check_window(window: Any, carry: Any) -> None:
-    _check(_is_int(window) and window >= 2, "window", window,
-           "each round must hold the carried synthesis and at least one new sample", "pass window >= 2 (default 6)")
-    _check(_is_int(carry) and 1 <= carry < window, "carry", carry,
-           f"carry copies of the synthesis plus at least one new sample must fit in window={window}",
-           f"pass carry between 1 and {window - 1} (default 3)")
-
-
-def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable[[Request], Any],
-                 n: int | None = None, samples: Iterable[str] | None = None, window: int = 6, carry: int = 3,
-                 aggregator: str | None = None, temperature: float = 0.7, max_tokens: int | None = None,
-                 aggregator_temperature: float = 0.7, aggregator_max_tokens: int | None = None,
-                 seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
-                 instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
-                 stream: Callable[[str], None] | None = None, _pool: _Pool | None = None,
-                 _priority: tuple = ()) -> Result:
-    """Self-MoA-Seq: aggregate many samples of one model in rounds over a sliding window.
-
-    Round 1 aggregates samples ``0 .. window-1``; round ``t >= 2`` aggregates the synthesis of round
-    ``t - 1`` repeated ``carry`` times, then the next ``window - carry`` samples (the last round may have
-    fewer). Every sample is shown as new in exactly one round, in order; the answer is the last synthesis.
-
-    The samples are either generated (``model`` and ``n``, default 6; sample ``i`` has seed ``seed + i``;
-    all are requested at once, and each round starts as soon as its own samples have arrived), or given
-    as ``samples``: any iterable of strings, consumed lazily, so a generator still producing them works.
-    The aggregator defaults to ``model``. Failed samples are skipped and recorded; fewer than ``min_ok``
-    good samples raises ``NotEnoughProposals``.
-
-    >>> r = self_moa_seq("Q", complete=lambda r: "s", samples=["a", "b", "c"], aggregator="m", window=2, carry=1)
-    >>> [(call.round, call.references) for call in r.trace]
-    [(1, [0, 1]), (2, [2])]
-    """
-    messages = as_messages(prompt)
-    _check_window(window, carry)
-    if samples is None:
-        _check_model("model", model)
-        n = 6 if n is None else n
-        _check(_is_int(n) and n >= 1, "n", n, "Self-MoA-Seq aggregates n samples", "pass n >= 1")
-        _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
-               "temperature", temperature, "at temperature 0 every sample is the same",
-               "pass a temperature above 0 (the paper samples at 0.7)")
-    else:
-        _check(n is None, "n", n, "the samples were given, so there is nothing to generate",
-               "pass either samples= or n=, not both")
-        _check(isinstance(samples, Iterable) and not isinstance(samples, (str, bytes, Mapping)), "samples",
-               samples, "it is an iterable of sample texts", 'pass a list or generator of strings')
-        _check(not (isinstance(samples, Sequence) and len(samples) == 0), "samples", samples,
-               "there is nothing to aggregate", "pass at least one sample text")
-    aggregator = aggregator if aggregator is not None else model
-    _check_model("aggregator", aggregator)
-    _check_common(temperature, max_tokens, aggregator_temperature, aggregator_max_tokens, seed, instruction)
-    known = n if samples is None else (len(samples) if isinstance(samples, Sequence) else None)
-    _check(_is_int(min_ok) and min_ok >= 1 and (known is None or min_ok <= known), "min_ok", min_ok,
-           "it is the fewest samples that must succeed", f"pass min_ok between 1 and {known or 'the sample count'}")
-    pool, owned = _start(complete, concurrency, _pool)
-    run = _Run(complete, pool, _priority)
-    params = {"model": model, "aggregator": aggregator, "n": known, "window": window, "carry": carry,
-              "temperature": temperature, "max_tokens": max_tokens,
-              "aggregator_temperature": aggregator_temperature, "aggregator_max_tokens": aggregator_max_tokens,
-              "seed": seed, "min_ok": min_ok}
-    failures: list[ModelError] = []
-    consumed = [0]  # samples pulled from the source so far, failed ones included
-
-    def generated() -> Iterator[tuple[int, str]]:
-        # Ask for every sample at once, window by window (round 1's window, then each round's new
-        # samples), so that each round's samples share one request and arrive as early as possible.
-        assert model is not None and n is not None
-        chunks = [(0, min(n, window))] + [(start, min(window - carry, n - start))
-                                          for start in range(window, n, window - carry)]
-        rounds = seq_rounds(n, window, carry)
-        slots = [slot for chunk, (start, size) in enumerate(chunks)  # chunk c feeds round c + 1
-                 for first in range(start, start + size, MAX_N)  # n is capped per request
-                 for slot in run.samples(rounds - chunk + 1, (1,), 1, model, messages, first,
-                                         min(MAX_N, start + size - first), [],
-                                         _Params(temperature, max_tokens, seed), use_n)]
-        for index, slot in enumerate(slots):
-            outcome = slot.result()
-            consumed[0] = index + 1
-            if isinstance(outcome, ModelError):
-                failures.append(outcome)
-                if n - len(failures) < min_ok:
-                    raise NotEnoughProposals(
-                        f"only {n - len(failures)} of {n} samples can still succeed, fewer than "
-                        f"min_ok={min_ok}. Failures: " + "; ".join(map(str, failures)), failures)
-                continue
-            yield index, outcome
-
-    def given() -> Iterator[tuple[int, str]]:
-        for index, text in enumerate(samples):  # type: ignore[arg-type]
-            consumed[0] = index + 1
-            _check(isinstance(text, str), f"samples[{index}]", text, "a sample is a string of text",
-                   "pass the sample texts")
-            yield index, text
-
-    def none_left() -> bool:
-        """Whether the source is known to hold no more samples, found out without waiting for any."""
-        return known is not None and consumed[0] >= known
-
-    source = generated() if samples is None else given()
-    taken = 0
-    aggregator_params = _Params(aggregator_temperature, aggregator_max_tokens, seed)
-    try:
-        synthesis: str | None = None
-        round_number = 0
-        while True:
-            # Each round takes the next window - carry samples (round 1: a whole window).
-            wanted = window if synthesis is None else window - carry
-            new = list(itertools.islice(source, wanted))
-            taken += len(new)
-            if not new:
-                break
-            # The last round is known without waiting for a sample the round does not need: the source
-            # ran dry while filling it, or its length is known and all of it has been pulled. (A generator
-            # of unknown length whose last round is full is not known to be last: that round is not
-            # streamed, and the answer arrives whole.)
-            last = len(new) < wanted or none_left()
-            if last and taken < min_ok:
-                raise NotEnoughProposals(f"only {taken} samples succeeded, fewer than min_ok={min_ok}"
-                                         + ("".join(f"; {f}" for f in failures)), failures)
-            round_number += 1
-            carried = [] if synthesis is None else [synthesis] * carry
-            window_texts = carried + [text for _, text in new]
-            call = Call("aggregator", 2, aggregator, [0], [index for index, _ in new], round=round_number,
-                        carried=len(carried))
-            remaining = 1 if samples is not None else seq_rounds(n, window, carry) - round_number + 1
-            synthesis = run.aggregate(remaining, (0, round_number), call,
-                                      inject_references(messages, window_texts, instruction),
-                                      aggregator_params, stream if last else None)
-        if synthesis is None or taken < min_ok:  # failed samples never reach the rounds
-            raise NotEnoughProposals(f"only {taken} samples succeeded, fewer than min_ok={min_ok}"
-                                     + ("; no samples were given" if samples is not None and taken == 0 else
-                                        "".join(f"; {f}" for f in failures)), failures)
-        params["n"], params["rounds"] = taken + len(failures), round_number
-        return Result(synthesis, "self-moa-seq", run.sorted_trace(), params)
-    except SelfMoAError as exc:
-        raise _fail(exc, run, "self-moa-seq", params) from None
-    finally:
-        if owned:
-            pool.shutdown()
-
-
-# ======================================================================================================
 # Quality and diversity: the measures behind the paper's argument
 # ======================================================================================================
 #
@@ -1671,7 +1701,7 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
     Returns the counts ``total``, ``skipped`` (done before), ``done`` and ``failed``.
     """
     _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
-    pool, _ = _start(complete, concurrency, None)
+    pool, _, _ = _start(complete, concurrency)
     finished = _read_output(output)
     todo = [(position, item) for position, item in enumerate(items)
             if "answer" not in finished.get(_id_key(item.id), {})]
@@ -1688,7 +1718,8 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
     def solve(position: int, item: Item) -> None:
         record = {**item.record, "id": item.id, "method": method}
         try:
-            result = METHODS[method](item.messages, complete=complete, _pool=pool, _priority=(position,), **options)
+            with _on_shared_pool(pool, (position,)):
+                result = METHODS[method](item.messages, complete=complete, **options)
         except SelfMoAError as exc:
             record["error"] = str(exc)
             done_so_far = exc.partial
