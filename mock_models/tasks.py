@@ -10,10 +10,16 @@ which is how the mock models know what the right answer is. ``extract_answer`` p
 of any reply ("The answer is X." and sensible fallbacks); ``is_correct`` scores a reply against a task.
 
 >>> task = make_tasks("MATH", 1, seed=0)[0]
->>> find_task(task.prompt) == task
+>>> task.prompt
+"Compute 84 - 63 - 39. Multiplication comes before addition and subtraction. End with 'The answer is N.'"
+>>> task.answer
+'-18'
+>>> find_task(task.prompt).answer   # recomputed from the text alone (its id is a hash of the text)
+'-18'
+>>> find_task("What is 2 + 2?") is None
 True
->>> is_correct("Adding up, the answer is " + task.answer + ".", task)
-True
+>>> extract_answer("First 21, then 21 - 39; so the answer is -18."), is_correct("The answer is 18.", task)
+('-18', False)
 """
 
 from __future__ import annotations
