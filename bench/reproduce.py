@@ -222,7 +222,8 @@ def svg_lines(series: dict[str, list[tuple[float, float]]], title: str, xlabel: 
              f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
              f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
              f'<text x="{width / 2}" y="{height - 16}" text-anchor="middle">{xlabel}</text>',
-             f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" text-anchor="middle">{ylabel}</text>']
+             f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" text-anchor="middle">'
+             f'{ylabel}</text>']
     for value in sorted(set(xs)):
         parts.append(f'<text x="{sx(value):.1f}" y="{height - pad + 16}" text-anchor="middle">{value:g}</text>')
     for k in range(5):
@@ -256,7 +257,8 @@ def svg_scatter(points: list[dict], title: str) -> str:
         colour = f"rgb({int(40 + 200 * t)},{int(60 + 40 * (1 - t))},{int(220 - 200 * t)})"
         parts.append(f'<circle cx="{sx(p["quality"]):.1f}" cy="{sy(p["diversity"]):.1f}" r="5" fill="{colour}">'
                      f'<title>{p["mix"]}: score {p["score"]:.1f}</title></circle>')
-    parts.append(f'<text x="{width - pad}" y="{pad - 8}" text-anchor="end">colour: MoA score, blue low, red high</text>')
+    parts.append(f'<text x="{width - pad}" y="{pad - 8}" text-anchor="end">'
+                 'colour: MoA score, blue low, red high</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
