@@ -139,6 +139,20 @@ def test_ci_refuses_a_readme_whose_first_screen_lacks_the_two_commands(tmp_path,
     assert complaint in done.stderr
 
 
+@needs_bash
+@pytest.mark.parametrize("exit_code, complaint", [
+    (5, "README test command: pytest collected no tests (exit code 5)"),
+    (1, "README test command: failed with exit code 1"),
+])
+def test_ci_fails_when_the_readme_test_command_collects_no_tests_or_fails(tmp_path, exit_code, complaint):
+    """pytest's exit code 5 (no tests collected) fails CI like any failure, with a line naming it."""
+    readme = f"# t\n\n    $ echo -m mock_models demo\n\n    $ sh -c 'exit {exit_code}' -m pytest -q\n"
+    done = subprocess.run(["bash", str(fake_checkout(tmp_path, readme) / ".ci" / "run")], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert done.returncode != 0
+    assert complaint in done.stderr
+
+
 def test_ci_runs_the_readme_test_command_before_making_any_venv_of_its_own():
     """.ci/run activates no virtual environment and makes its own ones only after the README's test command
     ran, so that command meets the machine's own python3 as a user's shell does."""
