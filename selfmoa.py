@@ -1716,6 +1716,10 @@ def read_items(path: str) -> list[Item]:
 def _record_problem(record: Any) -> str | None:
     """Why a parsed output line is not a selfmoa batch record, or None if it is one."""
     if not isinstance(record, dict) or "selfmoa_batch" not in record:
+        if isinstance(record, dict) and "id" in record and "method" in record and ("answer" in record or "error"
+                                                                                   in record):
+            return ("it has no 'selfmoa_batch' field: selfmoa 0.1 wrote it, mixing input fields and results, "
+                    "which cannot be told apart safely; move it away, and rerun to answer every item again")
         return "it has no 'selfmoa_batch' field"
     if record["selfmoa_batch"] != BATCH_FORMAT:
         return f"it is in batch format {record['selfmoa_batch']!r}; this selfmoa reads format {BATCH_FORMAT}"
@@ -2125,7 +2129,18 @@ def _run_locked(items: list[Item], output: str, method: str, complete: Callable[
             os.ftruncate(descriptor, keep)  # a torn line left by a crash: its item runs again
         _append_results(todo, descriptor, keep, output, method, complete, concurrency, trace, progress, options,
                         prints, pool, counts)
-        _finish(items, descriptor, output, prints, counts)
+        final, to_move, unchanged = _final_lines(items, descriptor, output, prints)
+        os.close(descriptor)  # before the rename, which Windows refuses over an open file
+        descriptor = -1
+        try:
+            if to_move:
+                _move_lines(_removed_path(output), to_move)  # first, and synced: nothing is gone before it is kept
+            if not unchanged:
+                _write_atomically(output, final)
+        except OSError as exc:
+            raise SelfMoAError(f"{output}: cannot rewrite it ({exc.strerror or exc}); every finished line is kept "
+                               f"in it; fix that, then run the same command again") from exc
+        counts["moved"] = len(to_move)
         return counts
     finally:
         if descriptor >= 0:
@@ -2211,9 +2226,13 @@ def _append_results(todo: list[tuple[int, Item]], descriptor: int, size: int, ou
                            f"the same command again to do the rest") from broken
 
 
-def _finish(items: list[Item], descriptor: int, output: str, prints: dict[tuple, str],
-            counts: dict[str, int]) -> None:
-    """Rewrite the output with one line per item, in input order; move every other line to the sibling file."""
+def _final_lines(items: list[Item], descriptor: int, output: str,
+                 prints: dict[tuple, str]) -> tuple[bytes, list[bytes], bool]:
+    """The rewritten output (one line per item, in input order), the lines to move out of it, and whether
+    the file already holds exactly that.
+
+    First proves that ``output`` still names the file this run appended to (``descriptor``).
+    """
     data = _read_descriptor(descriptor)  # what this run appended to, even if the name now points elsewhere
     records, keep = _parse_output(data, output)
     try:
@@ -2242,14 +2261,7 @@ def _finish(items: list[Item], descriptor: int, output: str, prints: dict[tuple,
         record = chosen[_id_key(item.id)]
         record["input"] = item.record  # the same messages; the other input fields as given now
         final.append(_dump_line(record))
-    try:
-        if to_move:
-            _move_lines(_removed_path(output), to_move)  # first, and synced: nothing is gone before it is kept
-        _write_atomically(output, b"".join(final))
-    except OSError as exc:
-        raise SelfMoAError(f"{output}: cannot rewrite it ({exc.strerror or exc}); every finished line is kept "
-                           f"in it; fix that, then run the same command again") from exc
-    counts["moved"] = len(to_move)
+    return b"".join(final), to_move, b"".join(final) == data
 
 
 # --- AlpacaEval -----------------------------------------------------------------------------------------

@@ -545,7 +545,7 @@ def test_short_writes_are_completed_not_lost(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
-def test_a_file_size_limit_efbig_stops_the_command_cleanly_and_a_rerun_finishes(tmp_path):
+def test_a_file_size_limit_efbig_stops_the_command_cleanly_and_a_rerun_finishes(capsys, tmp_path):
     import resource
 
     jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"p{i}"} for i in range(12)])
@@ -563,8 +563,8 @@ def test_a_file_size_limit_efbig_stops_the_command_cleanly_and_a_rerun_finishes(
         assert len(limited.stderr.strip().splitlines()) == 1
         done = len(read_output(tmp_path / "out.jsonl"))
         assert 0 < done < 12
-        finished = subprocess.run([*argv, "--base-url", server.base_url], capture_output=True, text=True, timeout=60)
-    assert finished.returncode == 0 and f"{done} already done" in finished.stderr
+        code = selfmoa.main([*argv[2:], "--base-url", server.base_url], environ={})
+    assert code == 0 and f"{done} already done" in capsys.readouterr().err
     assert [line["id"] for line in read_output(tmp_path / "out.jsonl")] == list(range(12))
 
 
