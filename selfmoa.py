@@ -2306,7 +2306,8 @@ def _generator_name(method: str, options: Mapping[str, Any]) -> str:
     if method == "moa":
         proposers = list(options.get("proposers") or [])
         nested = bool(proposers) and not isinstance(proposers[0], str)
-        shown = "|".join("+".join(map(name, layer)) for layer in proposers) if nested else "+".join(map(name, proposers))
+        layered = proposers if nested else [proposers]
+        shown = "__".join("+".join(map(name, layer)) for layer in layered)
         parts = ["moa", shown, f"agg-{name(options.get('aggregator'))}"]
         if layers != 2 and not nested:
             parts.append(f"L{layers}")

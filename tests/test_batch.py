@@ -358,7 +358,7 @@ def test_inserting_an_item_in_front_reruns_the_shifted_ones_and_never_mixes_answ
     assert code == 0 and [line["input"]["prompt"] for line in lines] == ["X", "A", "B"]
     assert [line["answer"] for line in lines] == [answer_for(p, 2) for p in "XAB"]
     assert "ran 2 item(s) again" in err and "2 with a changed prompt" in err and "3 answered" in err
-    assert f"moved 2 line(s)" in err and "out.removed.jsonl" in err
+    assert "moved 2 line(s)" in err and "out.removed.jsonl" in err
     assert (tmp_path / "out.removed.jsonl").read_bytes().split(b"\n")[:-1] == old
 
 
