@@ -1971,7 +1971,8 @@ def _lock(output: str) -> Callable[[], None]:
                 continue
             except OSError as exc:
                 raise _cannot_write(output, exc) from None
-            os.write(descriptor, f"{os.getpid()}\n".encode())
+            with contextlib.suppress(OSError):  # without it, others see "pid unknown" and wait
+                _write_all(descriptor, f"{os.getpid()}\n".encode())
             os.close(descriptor)
 
             def release_file() -> None:
@@ -1995,8 +1996,13 @@ def _lock(output: str) -> Callable[[], None]:
         if not current:  # the previous holder removed it as we opened it: lock the file now at that path
             os.close(descriptor)
             continue
-        os.ftruncate(descriptor, 0)
-        _write_all(descriptor, f"{os.getpid()}\n".encode())
+        if os.fstat(descriptor).st_size > 32 or not re.fullmatch(rb"\d*\n?", _read_descriptor(descriptor)):
+            os.close(descriptor)  # someone's own file of that name: neither emptied nor removed
+            raise ConfigError(f"{lock_path} exists and is not a selfmoa lock file, so it was left untouched; move it "
+                              f"away, or pass another output file")
+        with contextlib.suppress(OSError):  # the pid only informs whoever finds the lock taken
+            os.ftruncate(descriptor, 0)
+            _write_all(descriptor, f"{os.getpid()}\n".encode())
 
         def release_flock() -> None:
             with contextlib.suppress(OSError):
@@ -2061,6 +2067,9 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
         with _output_lock(output):
             return _run_locked(items, output, method, complete, concurrency, trace, progress, options, prints,
                                pool)
+    except OSError as exc:  # reading the output, or cutting a torn line off it (writes report themselves)
+        raise SelfMoAError(f"{output}: {exc.strerror or exc}; every finished line is kept in it; fix that, then "
+                           f"run the same command again") from exc
     finally:
         pool.shutdown()
 
@@ -2597,7 +2606,7 @@ def _main_batch(args: argparse.Namespace, options: dict[str, Any], client: HTTPC
             return _run_batch_command(args, options, client, items, records_path)
     except ConfigError:
         raise
-    except SelfMoAError as exc:  # a failed write: what was finished is kept
+    except (SelfMoAError, OSError) as exc:  # a failed read or write: what was finished is kept
         print(f"selfmoa: {exc}", file=sys.stderr)
         return 1
 

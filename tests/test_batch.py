@@ -320,6 +320,28 @@ def test_without_fcntl_a_lock_file_of_a_dead_process_is_taken_over_and_a_live_on
     assert lock.read_text() == f"{alive.pid}\n"
 
 
+def test_a_file_that_merely_has_the_lock_files_name_is_never_emptied_or_removed(tmp_path):
+    (tmp_path / "out.jsonl.lock").write_text("my lock notes\n")
+    with pytest.raises(selfmoa.ConfigError, match="is not a selfmoa lock file, so it was left untouched"):
+        run([{"prompt": "a"}], tmp_path / "out.jsonl")
+    assert (tmp_path / "out.jsonl.lock").read_text() == "my lock notes\n" and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_failed_read_is_one_line_and_exit_1_not_a_traceback(capsys, monkeypatch, tmp_path):
+    jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    (tmp_path / "out.jsonl").write_bytes(b"")
+    real_read = os.read
+
+    def read(fd, size):
+        if os.fstat(fd).st_ino == (tmp_path / "out.jsonl").stat().st_ino:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_read(fd, size)
+
+    monkeypatch.setattr(os, "read", read)
+    code, _, err = cli(capsys, monkeypatch, ["-i", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl"])
+    assert code == 1 and err.count("\n") == 1 and "Input/output error" in err and "Traceback" not in err
+
+
 def test_the_final_rewrite_proves_it_still_owns_the_file_it_appended_to(tmp_path):
     """If another program replaces the output during a run, the run does not overwrite the newcomer: it
     stops with an error and saves its own lines beside it."""
