@@ -1792,6 +1792,10 @@ def _batch_parameters(method: str, options: Mapping[str, Any]) -> dict[str, Any]
     signature = inspect.signature(METHODS[method])
     parameters = {name: parameter.default for name, parameter in signature.parameters.items()
                   if parameter.kind == parameter.KEYWORD_ONLY and parameter.default is not parameter.empty}
+    for name, value in options.items():
+        if name not in signature.parameters or name in ("complete", "stream"):
+            known = ", ".join(p for p in signature.parameters if p not in ("prompt", "complete", "stream", "samples"))
+            raise ConfigError(f"{name}={value!r}: {method} takes no such parameter in a batch; pass only {known}")
     parameters.update(options)
     for name in ("complete", "stream", "use_n", "concurrency"):
         parameters.pop(name, None)
@@ -2136,8 +2140,14 @@ def _run_locked(items: list[Item], output: str, method: str, complete: Callable[
             todo.append((position, item))
         if keep < len(data):
             os.ftruncate(descriptor, keep)  # a torn line left by a crash: its item runs again
-        _append_results(todo, descriptor, keep, output, method, complete, concurrency, trace, progress, options,
-                        prints, pool, counts)
+        try:
+            _append_results(todo, descriptor, keep, output, method, complete, concurrency, trace, progress,
+                            options, prints, pool, counts)
+        except ConfigError:  # a bad option, found by the method before any call: leave no empty file behind
+            if created and os.fstat(descriptor).st_size == 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(output)
+            raise
         final, to_move, unchanged = _final_lines(items, descriptor, output, prints)
         os.close(descriptor)  # before the rename, which Windows refuses over an open file
         descriptor = -1

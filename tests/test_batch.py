@@ -363,6 +363,15 @@ def test_the_final_rewrite_proves_it_still_owns_the_file_it_appended_to(tmp_path
     assert sorted(line["id"] for line in read_output(rescue)) == [0, 1, 2]
 
 
+def test_bad_options_are_refused_before_any_call_and_leave_no_file(tmp_path):
+    for options, why in (({"window": 3}, "self-moa takes no such parameter"), ({"n": 0}, "n=0"),
+                         ({"seed": object()}, "must be JSON values")):
+        echo = Echo()
+        with pytest.raises(selfmoa.ConfigError, match=why):
+            run([{"prompt": "a"}], tmp_path / "out.jsonl", echo, **options)
+        assert echo.calls == 0 and sorted(tmp_path.iterdir()) == []
+
+
 # --- 5. and 8. Fingerprints, changed inputs, removed items ----------------------------------------------
 
 
