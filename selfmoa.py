@@ -1989,10 +1989,14 @@ def _lock(output: str) -> Callable[[], None]:
             raise _cannot_write(output, exc) from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = _read_descriptor(descriptor).decode("ascii", "replace").strip()
             os.close(descriptor)
             raise _busy(output, lock_path, f"pid {holder}" if holder.isdigit() else "") from None
+        except OSError as exc:
+            os.close(descriptor)
+            raise ConfigError(f"{lock_path}: cannot lock it ({exc.strerror or exc}), so two runs could write "
+                              f"{output} at once; pass an output file on a local disk") from None
         try:
             current = os.path.samestat(os.fstat(descriptor), os.stat(lock_path))
         except FileNotFoundError:
