@@ -2010,6 +2010,7 @@ def _lock(output: str) -> Callable[[], None]:
                               f"away, or pass another output file")
         with contextlib.suppress(OSError):  # the pid only informs whoever finds the lock taken
             os.ftruncate(descriptor, 0)
+            os.lseek(descriptor, 0, os.SEEK_SET)  # the check above read to the end
             _write_all(descriptor, f"{os.getpid()}\n".encode())
 
         def release_flock() -> None:
@@ -2660,7 +2661,7 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
         say(f"selfmoa: moved {counts['moved']} line(s) of items no longer in the input, or of answers replaced "
             f"by a rerun, to {_removed_path(records_path)}")
     say(f"selfmoa: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already done "
-        f"(of {counts['total']}); results in {args.output}")
+        f"(of {counts['total']}); results in {records_path}")
     if counts["failed"]:
         with open(records_path, "rb") as file:
             records, _ = _parse_output(file.read(), records_path)
@@ -2682,6 +2683,7 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
         except OSError as exc:
             raise SelfMoAError(f"{args.output}: cannot write it ({exc.strerror or exc}); the answers are kept in "
                                f"{records_path}; fix that, then run the same command again") from exc
+        say(f"selfmoa: wrote {len(entries)} AlpacaEval outputs to {args.output} (generator {generator!r})")
     return 0
 
 

@@ -297,9 +297,19 @@ def test_a_lock_held_by_another_process_refuses_and_a_kill_9_leaves_no_stale_loc
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)
-    assert (tmp_path / "out.jsonl.lock").exists()  # left behind by kill -9 ...
+    assert (tmp_path / "out.jsonl.lock").read_text() == f"{holder.pid}\n"  # left behind by kill -9 ...
     code, _, err = cli(capsys, monkeypatch, argv)
-    assert code == 0 and "1 answered" in err  # ... and no obstacle
+    assert code == 0 and "1 answered" in err  # ... and no obstacle, however often
+    for _ in range(2):
+        holder = subprocess.Popen([sys.executable, "-c", LOCKER.format(root=str(ROOT),
+                                                                       output=str(tmp_path / "out.jsonl"))],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "locked"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        assert (tmp_path / "out.jsonl.lock").read_text() == f"{holder.pid}\n"
+    code, _, err = cli(capsys, monkeypatch, argv)
+    assert code == 0 and "1 already done" in err
 
 
 def test_without_fcntl_a_lock_file_of_a_dead_process_is_taken_over_and_a_live_one_refuses(tmp_path, monkeypatch):
@@ -471,6 +481,7 @@ def test_alpaca_outputs_are_written_only_when_every_item_is_answered(capsys, mon
     code, _, err = cli(capsys, monkeypatch, argv)
     entries = json.loads((tmp_path / "outputs.json").read_text(encoding="utf-8"))
     assert code == 0 and [e["instruction"] for e in entries] == ["Say hi", "Say bye"]
+    assert "wrote 2 AlpacaEval outputs to" in err and "'selfmoa-self-moa-m-n2'" in err
     assert [e["output"] for e in entries] == [answer_for("Say hi", 2), answer_for("Say bye", 2)]
     assert {e["generator"] for e in entries} == {"selfmoa-self-moa-m-n2"}
 
