@@ -205,8 +205,9 @@ def test_any_unicode_survives_a_batch_run_and_its_resume_unchanged(tmp_path_fact
     into a JSONL file, are read back as they were, answered, and written one line each; the output splits
     into exactly those lines whatever one splits on; a resume reuses every line and changes no byte."""
     folder = tmp_path_factory.mktemp("unicode")
-    records = [{**({"id": f"{extra}{i}"} if ids else {}), "prompt": f"Q{prompt}", extra: prompt}
-               if extra not in ("id", "prompt", "instruction", "messages") else {"prompt": f"Q{prompt}"} for i, prompt in enumerate(prompts)]
+    field = extra if extra not in ("id", "prompt", "instruction", "messages") else "note"
+    records = [{**({"id": f"{extra}{i}"} if ids else {}), "prompt": f"Q{prompt}", field: prompt}
+               for i, prompt in enumerate(prompts)]
     jsonl(folder / "in.jsonl", records)
     items = selfmoa.read_items(str(folder / "in.jsonl"))
     assert [item.record for item in items] == records
