@@ -419,6 +419,29 @@ def test_removed_items_move_to_the_sibling_file_and_the_output_keeps_one_line_pe
     assert code == 0 and "selfmoa: moved" not in err and len(read_output(tmp_path / "out.removed.jsonl")) == 2
 
 
+def test_a_crash_between_moving_lines_and_the_rewrite_moves_nothing_twice(tmp_path, monkeypatch):
+    """Moved lines are kept (synced) before the output is rewritten; if the rewrite fails, the output is as it
+    was, and the next run moves the same lines again without duplicating them."""
+    out = tmp_path / "out.jsonl"
+    run([{"id": k, "prompt": k} for k in "abc"], out)
+    before = out.read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(selfmoa, "_write_atomically", lambda path, data: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+        with pytest.raises(selfmoa.SelfMoAError, match="cannot rewrite it .No space left on device"):
+            run([{"id": "b", "prompt": "b"}], out)
+    assert out.read_bytes() == before and [r["id"] for r in read_output(tmp_path / "out.removed.jsonl")] == ["a", "c"]
+    counts = run([{"id": "b", "prompt": "b"}], out)
+    assert counts["moved"] == 2 and counts["skipped"] == 1
+    assert [r["id"] for r in read_output(tmp_path / "out.removed.jsonl")] == ["a", "c"]
+    assert [r["id"] for r in read_output(out)] == ["b"]
+
+
+def test_crlf_line_ends_and_a_byte_order_mark_are_read(tmp_path):
+    (tmp_path / "in.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n\r\n{"prompt": "b\xe2\x80\xa8c"}\r\n')
+    assert [item.record["prompt"] for item in selfmoa.read_items(str(tmp_path / "in.jsonl"))] == ["a", "b\u2028c"]
+
+
 def test_a_line_is_reused_only_for_the_same_messages_method_and_parameters(tmp_path):
     """The fingerprint covers the messages, the method and its parameters (defaults filled in), not how
     samples are requested; a changed parameter reruns every item and says so."""
@@ -507,6 +530,20 @@ def test_an_alpaca_target_is_replaced_only_if_it_is_our_output_for_this_input(ca
     before = target.read_bytes()
     code, _, err = cli(capsys, monkeypatch, argv)
     assert code == 2 and target.read_bytes() == before
+
+
+def test_a_rerun_with_new_parameters_that_first_fails_still_completes_the_alpaca_file(capsys, monkeypatch,
+                                                                                        tmp_path):
+    """The normal workflow: outputs.json exists; a rerun with another n fails an item, so outputs.json is left
+    as it was; the next rerun may still replace it (its answers are kept in the sibling of moved lines)."""
+    argv = alpaca(tmp_path, [{"instruction": "Say hi"}, {"instruction": "Say bye"}])
+    assert cli(capsys, monkeypatch, argv)[0] == 0
+    first = (tmp_path / "outputs.json").read_bytes()
+    assert cli(capsys, monkeypatch, [*argv, "-n", "3"], Echo(fail={"Say bye"}))[0] == 1
+    assert (tmp_path / "outputs.json").read_bytes() == first
+    code, _, err = cli(capsys, monkeypatch, [*argv, "-n", "3"])
+    entries = json.loads((tmp_path / "outputs.json").read_text(encoding="utf-8"))
+    assert code == 0 and [e["output"] for e in entries] == [answer_for("Say hi", 3), answer_for("Say bye", 3)]
 
 
 def test_the_generator_name_carries_the_configuration_unless_one_is_given(capsys, monkeypatch, tmp_path):
