@@ -223,6 +223,22 @@ def test_any_unicode_survives_a_batch_run_and_its_resume_unchanged(tmp_path_fact
     assert (folder / "out.jsonl").read_bytes() == data
 
 
+def test_an_output_line_holding_raw_separators_is_still_one_record(tmp_path):
+    """A record written with raw U+2028, U+2029 and U+0085 inside its strings (valid JSON, as another writer
+    may produce) is one line: read, validated and reused, never split."""
+    records = [{"id": i, "prompt": f"p{i}"} for i in range(2)]
+    out = tmp_path / "out.jsonl"
+    run(records, out)
+    raw = out.read_bytes()
+    for escape, char in ((b"\\u2028", "\u2028"), (b"\\u2029", "\u2029"), (b"\\u0085", "\x85")):
+        assert escape in raw
+        raw = raw.replace(escape, char.encode())
+    out.write_bytes(raw)
+    echo = Echo()
+    assert run(records, out, echo)["skipped"] == 2 and echo.calls == 0
+    assert [line["answer"] for line in read_output(out)] == [answer_for(f"p{i}", 2) for i in range(2)]
+
+
 def test_hostile_text_round_trips_through_the_command_line_over_http(capsys, tmp_path):
     """End to end: raw separators in the input file and in the server's replies; a rerun sends nothing."""
     records = [{"id": f"q{i}\u2028", "prompt": f"say {HOSTILE} {i}", "note": "\x85\u2029"} for i in range(3)]
