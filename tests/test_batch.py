@@ -146,6 +146,14 @@ def test_the_issues_notes_and_one_line_config_are_refused_untouched_on_the_comma
         assert (tmp_path / name).read_bytes() == content
 
 
+def test_an_output_of_selfmoa_0_1_is_refused_with_the_reason_not_misread(tmp_path):
+    old = b'{"id": "b", "prompt": "What is 6 * 7?", "answer": "42", "method": "self-moa", "error": "HTTP 500"}\n'
+    (tmp_path / "out.jsonl").write_bytes(old)
+    with pytest.raises(selfmoa.ConfigError, match="selfmoa 0.1 wrote it, mixing input fields and results"):
+        run([{"id": "b", "prompt": "What is 6 * 7?", "answer": "42"}], tmp_path / "out.jsonl")
+    assert (tmp_path / "out.jsonl").read_bytes() == old
+
+
 def test_a_foreign_file_where_moved_lines_would_go_is_refused_before_any_call(tmp_path):
     run([{"id": "a", "prompt": "p"}, {"id": "b", "prompt": "q"}], tmp_path / "out.jsonl")
     before = (tmp_path / "out.jsonl").read_bytes()
