@@ -1814,6 +1814,7 @@ def alpaca_eval_outputs(records: Iterable[dict], generator: str) -> list[dict]:
 SERVE_METHODS = {"self-moa/": "self-moa", "self-moa-seq/": "self-moa-seq", "moa/": "moa"}  # model prefix -> method
 SERVE_MAX_BODY = 16 * 1024 * 1024  # bytes of a request body at most (413 beyond)
 SERVE_MAX_UPSTREAM = 64 * 1024 * 1024  # bytes of a passed-through reply at most (502 beyond)
+SERVE_MAX_CALLS = 256  # samples (or proposers of a layer), and layers x proposers, one request may ask for
 SERVE_DEFAULTS: dict[str, Any] = {
     "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": 0.7,
     "max_tokens": None, "aggregator_temperature": 0.7, "aggregator_max_tokens": None, "seed": None,
@@ -1969,14 +1970,15 @@ def _redact_all(text: str, secrets: Iterable[str | None]) -> str:
     return text
 
 
-def _run_report(result: Result) -> dict[str, Any]:
+def _run_report(result: Result, secrets: Iterable[str | None] = ()) -> dict[str, Any]:
     """The ``selfmoa`` field of a reply: calls, requests, retries and each request's latency. No keys."""
+    secrets = list(secrets)
     return {"method": result.method, "calls": result.calls, "requests": result.requests,
             "retries": sum(call.retries for call in result.trace), "unreported_usage": result.usage["unreported"],
             "trace": [{"role": call.role, "model": call.model, "layer": call.layer, "round": call.round,
                        "n": call.n, "latency": call.latency, "retries": call.retries,
                        "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
-                       "error": call.error} for call in result.trace]}
+                       "error": call.error and _redact_all(call.error, secrets)} for call in result.trace]}
 
 
 def _client_gone(connection: socket.socket) -> bool:
@@ -2162,7 +2164,7 @@ class ModelServer:
             if path != "/v1/chat/completions":
                 raise _ServeError(404, f"no route for POST {path[:100]}")
             try:
-                body = json.loads(raw)
+                body = json.loads(raw, parse_constant=_no_constant)
             except (ValueError, RecursionError):
                 raise _ServeError(400, "the body is not valid JSON") from None
             if not isinstance(body, dict):
@@ -2191,6 +2193,14 @@ class ModelServer:
             aggregator_max_tokens=d["aggregator_max_tokens"] if request["max_tokens"] is None
             else request["max_tokens"],
             seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
+        # A request may not order unbounded work: n=10**9 would never end, and would hold the pool meanwhile.
+        layers = options["layers"] if _is_int(options.get("layers")) and options["layers"] >= 2 else 2
+        for key in ("n", "proposers", "layers"):
+            value = options.get(key)
+            size = len(_flatten(value)) if key == "proposers" else value if _is_int(value) else 0
+            if size * (layers - 1 if key != "layers" else 1) > SERVE_MAX_CALLS:
+                raise _ServeError(400, f"'selfmoa.{key}' asks for more than {SERVE_MAX_CALLS} calls in one request; "
+                                  f"ask for fewer", f"selfmoa.{key}")
         if method == "moa":
             if not options["proposers"]:
                 raise _ServeError(400, f"moa/{upstream} needs proposers: start serve with -p MODEL (repeatable) or "
@@ -2215,7 +2225,7 @@ class ModelServer:
         """The reply to a failed run: 400 for a bad option, 404 for an unknown upstream model, else 502."""
         secrets = self._secrets()
         partial = getattr(exc, "partial", None)
-        report = _run_report(partial) if isinstance(partial, Result) else None
+        report = _run_report(partial, secrets) if isinstance(partial, Result) else None
         if isinstance(exc, ConfigError):
             param, message = _param_of(exc)
             return _ServeError(400, _redact_all(message, secrets)[:2000], param, report=report)
@@ -2289,14 +2299,14 @@ class ModelServer:
                 reason = (final.finish_reasons or ["stop"])[0] or "stop"
                 usage = {key: result.usage[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
                 if stream is not None:
-                    stream.finish(result.answer, reason, usage, _run_report(result))
+                    stream.finish(result.answer, reason, usage, _run_report(result, self._secrets()))
                     return
                 return handler.send_json(200, {
                     "id": f"chatcmpl-selfmoa-{os.urandom(12).hex()}", "object": "chat.completion",
                     "created": int(time.time()), "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
                                  "finish_reason": reason}],
-                    "usage": usage, "selfmoa": _run_report(result)})
+                    "usage": usage, "selfmoa": _run_report(result, self._secrets())})
         finally:
             with self._changed:
                 self._runs.discard(cancel)
@@ -2369,6 +2379,10 @@ class ModelServer:
             connection.close()
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python reads NaN and Infinity; JSON has neither
+
+
 def _flatten(proposers: Any) -> list[Any]:
     """A proposer list, or a list of per-layer lists, as one flat list.
 
@@ -2433,6 +2447,7 @@ class _ServeHandler(http.server.BaseHTTPRequestHandler):
     """One client connection of a ModelServer (HTTP/1.1, kept alive): the routes are the server's."""
 
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"  # so that even a garbled request line gets a status line back
     server_version = f"selfmoa/{__version__}"
     timeout = 120  # seconds an idle kept-alive connection, or a stalled request, is waited for
     wbufsize = 1 << 16  # a reply's headers and body leave in one send
@@ -2490,6 +2505,7 @@ class _ServeHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+        self.wfile.flush()  # now, while the request still counts as in flight (a drain waits for it)
 
     def send_json(self, status: int, payload: dict) -> None:
         self.send_bytes(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
