@@ -2037,6 +2037,7 @@ class ModelServer:
         self._order = itertools.count()  # earlier requests' calls go first among equals
         self._active = 0
         self._runs: set[threading.Event] = set()  # the cancel flag of every run in flight
+        self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}  # kept-alive pass-through connections
         self._changed = threading.Condition()
         self._stopping = self._serving = False
         self._thread: threading.Thread | None = None
@@ -2076,6 +2077,10 @@ class ModelServer:
             for cancel in self._runs:
                 cancel.set()
         self.pool.shutdown()
+        with self._changed:
+            idle, self._idle = self._idle, {}
+        for connection in itertools.chain.from_iterable(idle.values()):
+            connection.close()
         return left
 
     def __enter__(self) -> ModelServer:
@@ -2330,18 +2335,20 @@ class ModelServer:
                    "Accept": "text/event-stream" if streaming else "application/json"}
         if endpoint.api_key:
             headers["Authorization"] = f"Bearer {endpoint.api_key}"
-        timeout = getattr(self.complete, "timeout", 120.0)
         retries = getattr(self.complete, "retries", 0)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        for attempt in range(retries + 1):
-            connection = kind(parts.hostname, parts.port, timeout=timeout)
+        attempt = 0
+        while True:
+            connection, reused = self._upstream(parts)
             try:
-                connection.connect()
-                connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if connection.sock is None:
+                    connection.connect()
+                    connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 connection.request("POST", path, body=raw, headers=headers)
                 response = connection.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 connection.close()
+                if reused:
+                    continue  # a kept-alive connection the upstream had closed meanwhile: not an attempt
                 failure = f"could not reach it ({type(exc).__name__})"
             else:
                 if response.status not in RETRY_STATUSES or attempt == retries:
@@ -2354,14 +2361,16 @@ class ModelServer:
                                   "upstream_error", "upstream_error")
             backoff, most = getattr(self.complete, "backoff", 0.5), getattr(self.complete, "max_backoff", 30.0)
             time.sleep(min(most, backoff * 2 ** attempt) * random.random())
+            attempt += 1
+        key, kept = (endpoint.api_key or "").encode(), False
         try:
             content_type = response.getheader("Content-Type") or "application/json"
-            key = (endpoint.api_key or "").encode()
             if not (streaming and response.status == 200 and content_type.startswith("text/event-stream")):
                 data = response.read(SERVE_MAX_UPSTREAM + 1)
                 if len(data) > SERVE_MAX_UPSTREAM:
                     raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply is "
                                       f"over {SERVE_MAX_UPSTREAM} bytes", None, "upstream_error", "upstream_error")
+                kept = self._keep(parts, connection, response)
                 extra = {"Retry-After": response.getheader("Retry-After")} if response.getheader("Retry-After") else {}
                 return handler.send_bytes(response.status, data.replace(key, b"***") if key else data, content_type,
                                           extra)
@@ -2371,12 +2380,36 @@ class ModelServer:
                 if not data:
                     break
                 if not handler.send_chunk(data.replace(key, b"***") if key else data):
-                    return
+                    return  # the client went away: closing the upstream connection stops the generation
+            response.read()  # the end of the body (nothing left to relay), so that the connection can be kept
+            kept = self._keep(parts, connection, response)
             handler.end_chunked()
         except (OSError, http.client.HTTPException):
             handler.close_connection = True  # the upstream broke off mid-reply: so does this reply
         finally:
-            connection.close()
+            if not kept:
+                connection.close()
+
+    def _upstream(self, parts: urllib.parse.SplitResult) -> tuple[http.client.HTTPConnection, bool]:
+        """A kept-alive connection to an upstream host if one is idle (True), else a new, unconnected one."""
+        with self._changed:
+            idle = self._idle.get((parts.scheme, parts.hostname, parts.port))
+            if idle:
+                return idle.pop(), True
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        return kind(parts.hostname, parts.port, timeout=getattr(self.complete, "timeout", 120.0)), False
+
+    def _keep(self, parts: urllib.parse.SplitResult, connection: http.client.HTTPConnection,
+              response: http.client.HTTPResponse) -> bool:
+        """Keep a connection whose reply was read in full for the next pass-through (at most 32 per host)."""
+        if response.will_close or not response.isclosed():
+            return False
+        with self._changed:
+            idle = self._idle.setdefault((parts.scheme, parts.hostname, parts.port), [])
+            if len(idle) >= 32:
+                return False
+            idle.append(connection)
+            return True
 
 
 def _no_constant(name: str) -> Any:
