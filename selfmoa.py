@@ -116,6 +116,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import email.utils
 import hashlib
@@ -2572,7 +2573,9 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 CLI_DESCRIPTION = """\
 Answer a prompt with MoA, Self-MoA or Self-MoA-Seq against OpenAI-compatible servers.
-The prompt is the argument, or standard input; the final answer goes to standard output."""
+The prompt is the argument, or standard input; the final answer goes to standard output.
+"selfmoa serve" serves the methods as models instead (selfmoa serve --help); to ask the
+prompt "serve" itself, pass it after -- or on standard input."""
 
 CLI_EPILOG = """\
 endpoints and keys:
@@ -2853,6 +2856,14 @@ stopping:
 # request's model names them), the output, and batch mode. Every other flag is shared, with its meaning.
 _NOT_SERVE_FLAGS = frozenset({"help", "version", "prompt", "method", "model", "aggregator", "json", "stream",
                               "input", "output", "format", "trace"})
+_SERVE_HELP = {
+    "samples": "samples of M per request (default: 6)",
+    "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7)",
+    "aggregator_max_tokens": "the aggregator's token limit when a request gives none (default: the server's)",
+    "seed": "the seed when a request gives none: sample i gets S+i; aggregations get S",
+    "concurrency": "upstream calls at once, over all requests (default: 8)",
+    "api_key": "the default endpoint's key (default: as for the one-shot command, see selfmoa --help)",
+}
 _SERVE_FLAGS = {"host": "--host", "port": "--port", "server_key": "--server-key", "n": "--samples",
                 "proposers": "--proposer", "drain_timeout": "--drain-timeout"}
 
@@ -2869,8 +2880,12 @@ def build_serve_parser() -> argparse.ArgumentParser:
     add("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long runs in flight may take to finish (default: 30)")
     for action in build_parser()._actions:
-        if action.dest not in _NOT_SERVE_FLAGS:
-            parser._add_action(action)
+        if action.dest in _NOT_SERVE_FLAGS:
+            continue
+        if action.dest in _SERVE_HELP:  # the same flag, its help in the words of serve
+            action = copy.copy(action)
+            action.help = _SERVE_HELP[action.dest]
+        parser._add_action(action)
     return parser
 
 

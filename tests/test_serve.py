@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import selfmoa
 from mock_models.server import MockServer
+from tests import test_readme
 from tests.scripted_server import ScriptedServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -479,6 +480,7 @@ def test_the_official_openai_sdk_works_unchanged(served):
     direct = post(served, {"model": "self-moa/generalist", "messages": QUESTION, "seed": 6, "selfmoa": {"n": 2}})
     assert answer.choices[0].message.content == direct.json()["choices"][0]["message"]["content"]
     assert answer.usage.total_tokens == direct.json()["usage"]["total_tokens"]
+    assert answer.model_extra["selfmoa"]["calls"] == 3
     pieces = [chunk.choices[0].delta.content or "" for chunk in
               client.chat.completions.create(**ask, stream=True) if chunk.choices]
     assert "".join(pieces) == answer.choices[0].message.content
@@ -487,3 +489,26 @@ def test_the_official_openai_sdk_works_unchanged(served):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(**{**ask, "model": "self-moa/no-such-model"})
     assert "self-moa/generalist" in {model.id for model in client.models.list()}
+
+
+SERVE_HELP = re.compile(r"(<!-- serve-help:start -->\n```\n)(.*?)(```\n<!-- serve-help:end -->)", re.DOTALL)
+
+
+def serve_help() -> str:
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal width
+    return selfmoa.build_serve_parser().format_help()
+
+
+def test_readme_shows_exactly_serve_help(monkeypatch):
+    """The README's `selfmoa serve --help` block is the parser's help, word for word."""
+    monkeypatch.setenv("COLUMNS", "100")
+    found = SERVE_HELP.search(test_readme.README.read_text(encoding="utf-8"))
+    assert found, "README.md lost its <!-- serve-help:start --> ... <!-- serve-help:end --> block"
+    assert found.group(2) == serve_help(), "README.md's serve help is stale: run python -m tests.test_serve --update"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
+    text = test_readme.README.read_text(encoding="utf-8")
+    test_readme.README.write_text(SERVE_HELP.sub(lambda m: m.group(1) + serve_help() + m.group(3), text),
+                                  encoding="utf-8")
+    print("README.md updated")
