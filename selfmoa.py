@@ -2054,6 +2054,7 @@ class ModelServer:
 
     def start(self) -> ModelServer:
         """Serve in a background thread (``serve_forever`` serves in this one)."""
+        self._serving = True  # so that a close() right after start() still stops it
         self._thread = threading.Thread(target=self.serve_forever, name="selfmoa-serve", daemon=True)
         self._thread.start()
         return self
@@ -2145,7 +2146,7 @@ class ModelServer:
 
     def _upstream_models(self, endpoint: Endpoint) -> list[str]:
         """The model ids an upstream lists (none if it cannot say so within a few seconds)."""
-        parts = endpoint._parts
+        parts = urllib.parse.urlsplit(endpoint.base_url)
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         connection = kind(parts.hostname, parts.port, timeout=min(5.0, getattr(self.complete, "timeout", 5.0)))
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
@@ -2330,7 +2331,7 @@ class ModelServer:
         except ConfigError:
             raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it", "model",
                               "model_not_found") from None
-        parts = endpoint._parts
+        parts = urllib.parse.urlsplit(endpoint.base_url)
         path = parts.path.rstrip("/") + "/chat/completions" + (f"?{parts.query}" if parts.query else "")
         headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
                    "Accept": "text/event-stream" if streaming else "application/json"}

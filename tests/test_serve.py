@@ -512,3 +512,42 @@ if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
     test_readme.README.write_text(SERVE_HELP.sub(lambda m: m.group(1) + serve_help() + m.group(3), text),
                                   encoding="utf-8")
     print("README.md updated")
+
+
+def test_close_finishes_runs_in_flight_refuses_new_requests_and_cancels_after_the_drain_timeout(slow_mock):
+    """While draining, a run in flight still gets its answer, a new request on an open connection gets
+    503; a run still going when the drain timeout ends is cancelled (its queued calls are never sent)."""
+    def asker(server, question, n, out):
+        body = {"model": "self-moa/generalist", "messages": [{"role": "user", "content": question}],
+                "selfmoa": {"n": n, "use_n": False}}
+        return threading.Thread(target=lambda: out.append(requests.post(server.base_url + "/chat/completions",
+                                                                         json=body, timeout=10)))
+
+    def sent(question):
+        return sum(bool(e["body"]) and e["body"]["messages"][-1]["content"] == question for e in slow_mock.requests)
+
+    for drain, n, question in ((5.0, 2, "drain test: 2 + 2?"), (0.05, 6, "drain timeout test: 3 + 3?")):
+        server = selfmoa.ModelServer(selfmoa.HTTPClient(slow_mock.base_url, retries=0), port=0,
+                                     concurrency=1).start()
+        kept = requests.Session()
+        assert kept.get(server.base_url.removesuffix("/v1") + "/health").status_code == 200
+        replies: list = []
+        asking = asker(server, question, n, replies)
+        asking.start()
+        deadline = time.monotonic() + 5
+        while sent(question) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left: list = []
+        closing = threading.Thread(target=lambda s=server, out=left, d=drain: out.append(s.close(drain_timeout=d)))
+        closing.start()
+        time.sleep(0.02)
+        late = kept.post(server.base_url + "/chat/completions", json={"model": "coder", "messages": QUESTION})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+        closing.join(10)
+        asking.join(10)
+        if drain > 1:
+            assert left == [0] and replies[0].status_code == 200 and sent(question) == n + 1
+        else:
+            assert left == [1]
+            time.sleep(0.3)
+            assert sent(question) <= 2, f"{sent(question)} of the cancelled run's {n + 1} calls were sent"
