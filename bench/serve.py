@@ -1,6 +1,6 @@
 """What `selfmoa serve` costs, measured side by side in one run (zero model latency, so only overhead shows).
 
-    python -m bench.serve            # about 15 s on 2 cores
+    python -m bench.serve            # about 20 s on 2 cores
     python -m bench.serve --quick    # fewer repetitions
 
 S1 added latency   one Self-MoA request (n=2: one sample request, one aggregation) through `selfmoa serve`
@@ -113,15 +113,19 @@ def rate(base_url: str, model: str, threads: int, seconds: float) -> float:
     return sum(counts) / (time.perf_counter() - started)
 
 
-def s2_proxy_rate(mock_url: str, serve_url: str, threads: int, seconds: float) -> str:
+def s2_proxy_rate(mock_url: str, serve_url: str, threads: int, seconds: float, rounds: int = 5) -> str:
     rate(serve_url, "generalist", threads, 0.3)  # warm up both paths
     rate(mock_url, "generalist", threads, 0.3)
-    direct = rate(mock_url, "generalist", threads, seconds)
-    through = rate(serve_url, "generalist", threads, seconds)
-    rows = [["direct to the mock", f"{direct:.0f}", "1.00"],
-            ["passed through selfmoa serve", f"{through:.0f}", f"**{through / direct:.2f}**"]]
-    return table(f"S2 pass-through rate ({threads} client threads, {seconds:g} s each, zero model latency)",
-                 ["path", "requests/s", "ratio to direct"], rows)
+    direct, through = [], []
+    for _ in range(rounds):  # alternated, so that the load of a shared machine hits both alike
+        direct.append(rate(mock_url, "generalist", threads, seconds))
+        through.append(rate(serve_url, "generalist", threads, seconds))
+    ratios = sorted(t / d for t, d in zip(through, direct))
+    rows = [["direct to the mock", f"{statistics.median(direct):.0f}", "1.00"],
+            ["passed through selfmoa serve", f"{statistics.median(through):.0f}",
+             f"**{statistics.median(ratios):.2f}** (rounds: {ratios[0]:.2f} to {ratios[-1]:.2f})"]]
+    return table(f"S2 pass-through rate (median of {rounds} alternated rounds of {seconds:g} s, {threads} client "
+                 f"threads, zero model latency)", ["path", "requests/s", "ratio to direct"], rows)
 
 
 def table(title: str, header: list[str], rows: list[list]) -> str:
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             process("selfmoa.py", "serve", "--port", "0", "--base-url", mock_url, "--concurrency", "8") as serve_url:
         print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs\n")
         print(s1_added_latency(mock_url, serve_url, 40 if quick else 200))
-        print(s2_proxy_rate(mock_url, serve_url, 4, 1.0 if quick else 3.0))
+        print(s2_proxy_rate(mock_url, serve_url, 4, 0.5 if quick else 1.0))
     return 0
 
 
