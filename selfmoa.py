@@ -2296,7 +2296,8 @@ class ModelServer:
                         return
                     continue
                 if kind == "error":
-                    failure = value if isinstance(value, _ServeError) else self._failure(value)
+                    failure = self._failure(value) if not cancel.is_set() else _ServeError(
+                        503, "the server stopped before this run finished", None, "shutting_down", "server_error")
                     if stream is not None and stream.started:
                         stream.send_error(failure)
                         return
@@ -2486,6 +2487,7 @@ class _ServeHandler(http.server.BaseHTTPRequestHandler):
     server_version = f"selfmoa/{__version__}"
     timeout = 120  # seconds an idle kept-alive connection, or a stalled request, is waited for
     wbufsize = 1 << 16  # a reply's headers and body leave in one send
+    chunked = False
 
     def setup(self) -> None:
         super().setup()
@@ -2546,16 +2548,22 @@ class _ServeHandler(http.server.BaseHTTPRequestHandler):
         self.send_bytes(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
 
     def start_chunked(self, status: int, content_type: str) -> None:
+        """Start a reply of unknown length: chunked over HTTP/1.1, else ended by closing the connection."""
+        self.chunked = self.request_version == "HTTP/1.1"
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+            self.send_header("Connection", "close")
         self.end_headers()
 
     def send_chunk(self, data: bytes) -> bool:
         """Send one piece of a chunked reply now; False if the client has gone."""
         try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
             self.wfile.flush()
             return True
         except OSError:

@@ -551,3 +551,22 @@ def test_close_finishes_runs_in_flight_refuses_new_requests_and_cancels_after_th
             assert left == [1]
             time.sleep(0.3)
             assert sent(question) <= 2, f"{sent(question)} of the cancelled run's {n + 1} calls were sent"
+
+
+@pytest.mark.parametrize("model", ["self-moa/generalist", "coder"])
+def test_an_http_1_0_client_gets_its_stream_ended_by_closing_the_connection(served, model):
+    """HTTP/1.0 has no chunked encoding: a stream to such a client is the raw events, ended by closing."""
+    body = json.dumps({"model": model, "messages": QUESTION, "stream": True, "seed": 1,
+                       "selfmoa": {"n": 2}} if "/" in model else {"model": model, "messages": QUESTION,
+                                                                  "stream": True, "seed": 1}).encode()
+    with socket.create_connection((served.host, served.port), timeout=5) as connection:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = b""
+        for _ in range(10_000):  # bounded: the server closes the connection at the end of the stream
+            piece = connection.recv(65536)
+            if not piece:
+                break
+            reply += piece
+    head, _, events_text = reply.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0] and b"Transfer-Encoding" not in head
+    assert events_text.endswith(b"data: [DONE]\n\n") and events_text.startswith(b"data: {")
