@@ -2202,7 +2202,7 @@ class ModelServer:
             seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
         # A request may not order unbounded work: n=10**9 would never end, and would hold the pool meanwhile.
         layers = options["layers"] if _is_int(options.get("layers")) and options["layers"] >= 2 else 2
-        for key in ("n", "proposers", "layers"):
+        for key in ("layers", "n", "proposers"):
             value = options.get(key)
             size = len(_flatten(value)) if key == "proposers" else value if _is_int(value) else 0
             if size * (layers - 1 if key != "layers" else 1) > SERVE_MAX_CALLS:

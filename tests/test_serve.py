@@ -196,6 +196,11 @@ def test_pass_through_equals_calling_the_upstream_directly(served, mock):
     ("moa/generalist", {"selfmoa": {"proposers": []}}, "selfmoa.proposers"),
     ("moa/generalist", {"selfmoa": {"proposers": [3]}}, "selfmoa.proposers"),
     ("moa/generalist", {"selfmoa": {"layers": 1}}, "selfmoa.layers"),
+    ("self-moa/generalist", {"selfmoa": {"n": 257}}, "selfmoa.n"),
+    ("self-moa/generalist", {"selfmoa": {"n": 10**30}}, "selfmoa.n"),
+    ("self-moa/generalist", {"selfmoa": {"n": 100, "layers": 4}}, "selfmoa.n"),
+    ("moa/generalist", {"selfmoa": {"proposers": ["coder"] * 129, "layers": 3}}, "selfmoa.proposers"),
+    ("moa/generalist", {"selfmoa": {"layers": 10**9}}, "selfmoa.layers"),
 ])
 def test_unsupported_or_wrong_requests_get_an_openai_shaped_400_naming_the_field(served, mock, model, patch, param):
     """Each unsupported or ill-typed field is refused with 400 and an OpenAI-shaped error whose `param`
