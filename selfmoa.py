@@ -2859,7 +2859,8 @@ access:
 
 stopping:
   On SIGINT or SIGTERM it stops accepting, lets the runs in flight finish (at most
-  --drain-timeout seconds), and exits 0. Exit status 2: a usage error; 1: cannot listen."""
+  --drain-timeout seconds), and exits 0; a second Ctrl-C stops it at once (exit status 130).
+  Exit status 2: a usage error; 1: it cannot listen on --host/--port."""
 
 # The one-shot flags that configure nothing serve has: the prompt, the choice of method and models (the
 # request's model names them), the output, and batch mode. Every other flag is shared, with its meaning.
@@ -2938,10 +2939,15 @@ def _main_serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         server.start()
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
-    finally:
+        if previous:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print(f"selfmoa serve: stopping; letting the runs in flight finish (at most {args.drain_timeout:g} s)",
+              file=sys.stderr)
         left = server.close()
+    except KeyboardInterrupt:
+        print("selfmoa serve: stopped without waiting for the runs in flight", file=sys.stderr)
+        return 130
+    finally:
         client.close()
         for number, handler in previous.items():
             signal.signal(number, handler)

@@ -3,6 +3,7 @@ official `openai` package when it is installed) in front of the mock models, as 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -380,6 +381,13 @@ def test_a_non_loopback_host_without_a_server_key_is_refused(capsys):
     assert out == "" and "--host '0.0.0.0'" in err and "--server-key" in err
 
 
+def test_a_port_in_use_is_exit_status_1_naming_it(plain, capsys):
+    """A port that cannot be listened on is reported, with the address, as exit status 1."""
+    assert selfmoa.main(["serve", "--port", str(plain.port), "--base-url", "http://127.0.0.1:9/v1"], environ={}) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and f"cannot listen on 127.0.0.1:{plain.port}" in err
+
+
 def test_serve_takes_the_one_shot_flags_with_their_meaning(capsys):
     """serve shares every endpoint, key, retry, timeout and method-default flag of the one-shot command
     (the same definitions), refuses the one-shot-only ones, and checks values naming the flag."""
@@ -467,6 +475,43 @@ def test_sigterm_stops_accepting_drains_in_flight_runs_and_exits_0(slow_mock):
         assert process.wait(timeout=10) == 0
         with pytest.raises(requests.ConnectionError):
             requests.get(base_url + "/models", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_a_second_ctrl_c_stops_at_once_with_status_130(slow_mock):
+    """Ctrl-C starts the drain; a second Ctrl-C during it stops serve at once (exit status 130)."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith(("OPENAI_", "SELFMOA_"))}
+    process = subprocess.Popen([sys.executable, "selfmoa.py", "serve", "--port", "0", "--base-url",
+                                slow_mock.base_url, "--retries", "0", "--concurrency", "1"], cwd=ROOT, env=environ,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base_url = process.stdout.readline().strip()
+        question = [{"role": "user", "content": "second ctrl-c test"}]
+
+        def ask():
+            with contextlib.suppress(requests.RequestException):  # serve stops without answering
+                requests.post(base_url + "/chat/completions", timeout=10, json={
+                    "model": "self-moa/generalist", "messages": question, "selfmoa": {"n": 8, "use_n": False}})
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        deadline = time.monotonic() + 5
+        while not any(e["body"] and e["body"]["messages"] == question for e in list(slow_mock.requests)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        for _ in range(200):  # bounded: the drain has begun once serve says so
+            if "stopping" in process.stderr.readline():
+                break
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=5) == 130
+        assert "stopped without waiting" in process.stderr.read()
+        asking.join(10)
     finally:
         if process.poll() is None:
             process.kill()
