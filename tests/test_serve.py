@@ -292,9 +292,10 @@ def plain():
         yield server
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-10, 10**20) | st.floats(allow_nan=False, allow_infinity=False)
-                           | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+scalars = (st.none() | st.booleans() | st.integers(-10, 10**20) | st.floats(allow_nan=False, allow_infinity=False)
+           | st.text(max_size=8))
+json_values = st.recursive(scalars, lambda children: st.one_of(
+    st.lists(children, max_size=3), st.dictionaries(st.text(max_size=6), children, max_size=3)), max_leaves=6)
 fields = st.sampled_from(["n", "temperature", "max_tokens", "seed", "stop", "stream", "stream_options", "tools",
                           "tool_choice", "response_format", "logprobs", "selfmoa", "messages", "user", "top_p"])
 
