@@ -452,20 +452,23 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_runs_queued_calls(slow
 
 
 def test_sigterm_stops_accepting_drains_in_flight_runs_and_exits_0(slow_mock):
-    """`selfmoa serve --port 0` prints its base URL first; on SIGTERM the run in flight still gets its
-    answer, new connections are refused, and the process exits 0."""
+    """`selfmoa serve --port 0` prints its base URL first (and takes its server key from
+    $SELFMOA_SERVER_KEY); on SIGTERM the run in flight still gets its answer, new connections are refused,
+    and the process exits 0."""
     environ = {key: value for key, value in os.environ.items() if not key.startswith(("OPENAI_", "SELFMOA_"))}
     process = subprocess.Popen([sys.executable, "selfmoa.py", "serve", "--port", "0", "--base-url",
-                                slow_mock.base_url, "--retries", "0"], cwd=ROOT, env=environ,
+                                slow_mock.base_url, "--retries", "0"], cwd=ROOT,
+                               env={**environ, "SELFMOA_SERVER_KEY": "env-key"},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base_url = process.stdout.readline().strip()
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", base_url), base_url
+        assert requests.get(base_url + "/models", timeout=10).status_code == 401
         before = len(slow_mock.requests)
         replies = []
         asking = threading.Thread(target=lambda: replies.append(requests.post(
-            base_url + "/chat/completions", timeout=10, json={"model": "self-moa/generalist", "messages": QUESTION,
-                                                              "selfmoa": {"n": 2}})))
+            base_url + "/chat/completions", timeout=10, headers={"Authorization": "Bearer env-key"},
+            json={"model": "self-moa/generalist", "messages": QUESTION, "selfmoa": {"n": 2}})))
         asking.start()
         deadline = time.monotonic() + 5
         while len(slow_mock.requests) == before and time.monotonic() < deadline:
@@ -474,6 +477,7 @@ def test_sigterm_stops_accepting_drains_in_flight_runs_and_exits_0(slow_mock):
         asking.join(10)
         assert replies and replies[0].status_code == 200 and replies[0].json()["selfmoa"]["calls"] == 3
         assert process.wait(timeout=10) == 0
+        assert "env-key" not in process.stderr.read()
         with pytest.raises(requests.ConnectionError):
             requests.get(base_url + "/models", timeout=2)
     finally:
