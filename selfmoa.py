@@ -116,10 +116,14 @@ import argparse
 import concurrent.futures
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import email.utils
 import hashlib
+import hmac
 import http.client
+import http.server
+import ipaddress
 import itertools
 import json
 import math
@@ -127,6 +131,8 @@ import os
 import queue
 import random
 import re
+import select
+import signal
 import socket
 import sys
 import threading
@@ -383,6 +389,7 @@ class Request:
     n: int = 1
     seed: int | None = None
     stream: Callable[[str], None] | None = dataclasses.field(default=None, compare=False, repr=False)
+    stop: tuple[str, ...] | None = None  # stop sequences (serve sets them on the final aggregation only)
 
 
 @dataclasses.dataclass
@@ -1176,6 +1183,8 @@ class HTTPClient:
             body["n"] = request.n
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = list(request.stop)
         if request.stream is not None:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -2387,6 +2396,782 @@ def _check_alpaca_target(path: str, records_path: str, items: Sequence[Item]) ->
 
 
 # ======================================================================================================
+# Serving: the methods as models behind an OpenAI-compatible endpoint
+# ======================================================================================================
+#
+# `selfmoa serve` answers POST /v1/chat/completions like any OpenAI-compatible server, so every client of
+# one (the SDKs, AlpacaEval, lm-evaluation-harness, chat front-ends) uses a method by changing a model name:
+# "self-moa/M", "self-moa-seq/M" and "moa/A" run a method on upstream models (M may itself contain "/");
+# any other name is passed through to its upstream unchanged. All runs share one bounded call pool.
+#
+# A method hands its `stream` callback to its final aggregation, and to no other call. Serve always passes
+# one, and so recognises the call that writes the answer: the request's `stop` goes to that call only, and
+# it is streamed upstream only when the client asked for a stream. A run whose client went away is cancelled
+# at the seam: every call it still has queued fails at once, without reaching the upstream.
+
+SERVE_METHODS = {"self-moa/": "self-moa", "self-moa-seq/": "self-moa-seq", "moa/": "moa"}  # model prefix -> method
+SERVE_MAX_BODY = 16 * 1024 * 1024  # bytes of a request body at most (413 beyond)
+SERVE_MAX_UPSTREAM = 64 * 1024 * 1024  # bytes of a passed-through reply at most (502 beyond)
+SERVE_MAX_CALLS = 256  # samples (or proposers of a layer), and layers x proposers, one request may ask for
+SERVE_DEFAULTS: dict[str, Any] = {
+    "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": 0.7,
+    "max_tokens": None, "aggregator_temperature": 0.7, "aggregator_max_tokens": None, "seed": None,
+    "instruction": DEFAULT_INSTRUCTION, "use_n": True}
+# What a request may set in its "selfmoa" object, per method (the other defaults come from the request itself).
+SERVE_OPTIONS = {
+    "self-moa": ("n", "aggregator", "layers", "min_ok", "temperature", "max_tokens", "use_n", "instruction"),
+    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", "temperature", "max_tokens", "use_n",
+                     "instruction"),
+    "moa": ("proposers", "layers", "min_ok", "temperature", "max_tokens", "use_n", "instruction"),
+}
+_CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class _ServeError(Exception):
+    """Internal: an OpenAI-shaped error reply (status, message, type, param, code)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", report: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.report = report
+
+    def body(self) -> dict:
+        data: dict[str, Any] = {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                          "code": self.code}}
+        if self.report is not None:
+            data["selfmoa"] = self.report
+        return data
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host``.
+
+    >>> _is_loopback("127.0.0.1"), _is_loopback("localhost"), _is_loopback("0.0.0.0"), _is_loopback("::1")
+    (True, True, False, True)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _chat_messages(value: Any) -> list[Message]:
+    """A request's ``messages``, checked: the whole conversation is the prompt. Text parts are joined."""
+    if not isinstance(value, list) or not value:
+        raise _ServeError(400, "'messages' must be a non-empty list of chat messages", "messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in _CHAT_ROLES:
+            raise _ServeError(400, f"messages[{i}] needs a role ({', '.join(_CHAT_ROLES)})", f"messages[{i}].role")
+        content = message.get("content")
+        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                             and isinstance(part.get("text"), str) for part in content):
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise _ServeError(400, f"messages[{i}].content must be a string (or a list of text parts)",
+                              f"messages[{i}].content")
+        role = "system" if message["role"] == "developer" else message["role"]
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _chat_request(body: dict, method: str) -> dict[str, Any]:
+    """The fields of a method request, checked; every refusal names the field (OpenAI's ``param``)."""
+    def refuse(field: str, why: str) -> _ServeError:
+        return _ServeError(400, f"'{field}' {why}", field)
+
+    def number(field: str, low: float, high: float, integer: bool = False) -> Any:
+        value = body.get(field)
+        if value is None:
+            return None
+        kinds = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            raise refuse(field, f"must be {'an integer' if integer else 'a number'} between {low} and {high:g}")
+        return value
+
+    out: dict[str, Any] = {"messages": _chat_messages(body.get("messages"))}
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n < 1):
+        raise refuse("n", "must be an integer >= 1")
+    if n is not None and n > 1:
+        raise refuse("n", "above 1 is not supported: a method gives one answer; send n=1 or leave it out")
+    for field in ("tools", "functions"):
+        if body.get(field):
+            raise refuse(field, "is not supported: the methods do not call tools; leave it out")
+    for field in ("tool_choice", "function_call"):
+        if body.get(field) not in (None, "none"):
+            raise refuse(field, "is not supported: the methods do not call tools; leave it out")
+    response_format = body.get("response_format")
+    if response_format is not None and not (isinstance(response_format, dict)
+                                            and response_format.get("type") == "text"):
+        raise refuse("response_format", 'is not supported except {"type": "text"}; leave it out')
+    if body.get("logprobs") not in (None, False):
+        raise refuse("logprobs", "is not supported: an aggregated answer has no log-probabilities")
+    if body.get("top_logprobs") not in (None, 0):
+        raise refuse("top_logprobs", "is not supported: an aggregated answer has no log-probabilities")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise refuse("stream", "must be true or false")
+    out["stream"] = bool(stream)
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False),
+                                                                              bool)):
+        raise refuse("stream_options", 'must be an object like {"include_usage": true}')
+    out["include_usage"] = bool(options and options.get("include_usage"))
+    out["temperature"] = number("temperature", 0, 2)
+    limits = [number(field, 1, 2 ** 31, integer=True) for field in ("max_completion_tokens", "max_tokens")]
+    out["max_tokens"] = limits[0] if limits[0] is not None else limits[1]
+    out["seed"] = number("seed", -2 ** 63, 2 ** 63 - 1, integer=True)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4
+                                 and all(isinstance(s, str) and s for s in stop)):
+        raise refuse("stop", "must be a string or a list of up to 4 non-empty strings")
+    out["stop"] = tuple(stop) if stop else None
+    extra = body.get("selfmoa")
+    if extra is not None and not isinstance(extra, dict):
+        raise refuse("selfmoa", 'must be an object of method options, e.g. {"n": 6}')
+    for key in extra or {}:
+        if key not in SERVE_OPTIONS[method]:
+            raise _ServeError(400, f"'selfmoa.{key}' is not an option of {method}; its options are "
+                              f"{', '.join(SERVE_OPTIONS[method])}", f"selfmoa.{key}")
+    if extra and "use_n" in extra and not isinstance(extra["use_n"], bool):
+        raise _ServeError(400, "'selfmoa.use_n' must be true or false", "selfmoa.use_n")
+    out["selfmoa"] = dict(extra or {})
+    return out
+
+
+# A library check names a keyword argument; a client knows the request field it sent.
+_SERVE_PARAMS = {"aggregator_temperature": "temperature", "aggregator_max_tokens": "max_tokens", "seed": "seed",
+                 "model": "model", "prompt": "messages", "proposer": "selfmoa.proposers"}
+
+
+def _param_of(exc: ConfigError) -> tuple[str, str]:
+    """The request field a library ConfigError is about, and its message in the request's words.
+
+    >>> _param_of(ConfigError("window=1: too small; pass window >= 2"))
+    ('selfmoa.window', 'selfmoa.window=1: too small; pass window >= 2')
+    """
+    message = str(exc)
+    name = re.split(r"[=\[ ]", message, maxsplit=1)[0]
+    param = _SERVE_PARAMS.get(name, f"selfmoa.{name}")
+    return param, param + message[len(name):]
+
+
+def _redact_all(text: str, secrets: Iterable[str | None]) -> str:
+    for secret in secrets:
+        text = _redact(text, secret)
+    return text
+
+
+def _run_report(result: Result, secrets: Iterable[str | None] = ()) -> dict[str, Any]:
+    """The ``selfmoa`` field of a reply: calls, requests, retries and each request's latency. No keys."""
+    secrets = list(secrets)
+    return {"method": result.method, "calls": result.calls, "requests": result.requests,
+            "retries": sum(call.retries for call in result.trace), "unreported_usage": result.usage["unreported"],
+            "trace": [{"role": call.role, "model": call.model, "layer": call.layer, "round": call.round,
+                       "n": call.n, "latency": call.latency, "retries": call.retries,
+                       "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+                       "error": call.error and _redact_all(call.error, secrets)} for call in result.trace]}
+
+
+def _client_gone(connection: socket.socket) -> bool:
+    """Whether the client closed its connection (checked without reading anything it sent)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class ModelServer:
+    """MoA, Self-MoA and Self-MoA-Seq as models behind an OpenAI-compatible HTTP endpoint.
+
+    ``complete`` is the completion function every upstream call goes through (an ``HTTPClient``; another
+    function works too, without pass-through). ``defaults`` holds the method defaults (the keys of
+    ``SERVE_DEFAULTS``) that a request's ``selfmoa`` object and its own temperature, max_tokens, seed and
+    stop override. ``server_key`` makes every route but ``/health`` require ``Authorization: Bearer KEY``;
+    a host other than loopback needs one. ``models`` adds names to ``GET /v1/models``. A context manager::
+
+        with ModelServer(HTTPClient("http://localhost:8000/v1"), port=0) as server:
+            print(server.base_url)      # http://127.0.0.1:PORT/v1, serving until the block ends
+    """
+
+    def __init__(self, complete: Callable[[Request], Any], *, host: str = "127.0.0.1", port: int = 8000,
+                 defaults: Mapping[str, Any] | None = None, server_key: str | None = None, concurrency: int = 8,
+                 models: Sequence[str] = (), max_body: int = SERVE_MAX_BODY, drain_timeout: float = 30.0):
+        _check(callable(complete), "complete", complete, "every upstream call goes through it",
+               'pass complete=HTTPClient("http://host:port/v1")')
+        _check(server_key is None or (isinstance(server_key, str) and server_key.strip() != ""
+                                      and "\n" not in server_key), "server_key", "***",
+               "a server key is a non-empty single-line string", "pass the key clients will send, or None")
+        _check(server_key is not None or _is_loopback(host), "host", host,
+               "serving beyond this machine without a server key would let anyone who can reach it spend your "
+               "upstream keys", "pass a server key (--server-key or $SELFMOA_SERVER_KEY), or bind 127.0.0.1")
+        _check(_is_int(port) and 0 <= port <= 65535, "port", port, "a TCP port is 0 to 65535",
+               "pass e.g. 8000, or 0 for a free port")
+        unknown = sorted(set(defaults or {}) - set(SERVE_DEFAULTS))
+        _check(not unknown, "defaults", unknown, "these are not method defaults", f"use {', '.join(SERVE_DEFAULTS)}")
+        self.defaults = {**SERVE_DEFAULTS, **(defaults or {})}
+        d = self.defaults
+        seq_rounds(d["n"], d["window"], d["carry"])  # checks n, window and carry
+        _check_common(d["temperature"], d["max_tokens"], d["aggregator_temperature"], d["aggregator_max_tokens"],
+                      d["seed"], d["instruction"])
+        _check(_is_int(d["layers"]) and d["layers"] >= 2, "layers", d["layers"],
+               "layers count the aggregator, so there are at least 2", "pass 2 for one proposer layer")
+        _check(_is_int(d["min_ok"]) and 1 <= d["min_ok"] <= d["n"], "min_ok", d["min_ok"],
+               "it is the fewest proposers that must succeed", f"pass min_ok between 1 and {d['n']}")
+        _check(d["proposers"] is None or (isinstance(d["proposers"], list) and len(d["proposers"]) > 0),
+               "proposers", d["proposers"], "MoA proposers are a non-empty list", "pass a list of model names")
+        _check(_is_int(concurrency) and concurrency >= 1, "concurrency", concurrency,
+               "it bounds the upstream calls of all runs at once", "pass an integer >= 1")
+        self.complete, self.server_key, self.concurrency = complete, server_key, concurrency
+        self.models, self.max_body, self.drain_timeout = list(models), max_body, drain_timeout
+        self.pool = _Pool(concurrency)
+        self._order = itertools.count()  # earlier requests' calls go first among equals
+        self._active = 0
+        self._runs: set[threading.Event] = set()  # the cancel flag of every run in flight
+        self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}  # kept-alive pass-through connections
+        self._changed = threading.Condition()
+        self._stopping = self._serving = False
+        self._thread: threading.Thread | None = None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("_ServeHTTPServer", (http.server.ThreadingHTTPServer,),
+                            {"address_family": family, "daemon_threads": True, "request_queue_size": 128})
+        self.httpd = server_class((host, port), _ServeHandler)
+        self.httpd.app = self  # type: ignore[attr-defined]
+        self.host, self.port = self.httpd.server_address[:2]
+        self.base_url = f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}/v1"
+
+    # --- life cycle ------------------------------------------------------------------------------------
+
+    def start(self) -> ModelServer:
+        """Serve in a background thread (``serve_forever`` serves in this one)."""
+        self._serving = True  # so that a close() right after start() still stops it
+        self._thread = threading.Thread(target=self.serve_forever, name="selfmoa-serve", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._serving = True
+        self.httpd.serve_forever(0.1)
+
+    def close(self, drain_timeout: float | None = None) -> int:
+        """Stop accepting, let the runs in flight finish (at most ``drain_timeout`` seconds), cancel the
+        rest, and release everything. Returns how many runs were still in flight when the wait ended."""
+        wait = self.drain_timeout if drain_timeout is None else drain_timeout
+        self._stopping = True
+        if self._serving:
+            self.httpd.shutdown()
+        self.httpd.server_close()
+        deadline = time.monotonic() + wait
+        with self._changed:
+            while self._active and time.monotonic() < deadline:
+                self._changed.wait(max(0.0, deadline - time.monotonic()))
+            left = self._active
+            for cancel in self._runs:
+                cancel.set()
+        self.pool.shutdown()
+        with self._changed:
+            idle, self._idle = self._idle, {}
+        for connection in itertools.chain.from_iterable(idle.values()):
+            connection.close()
+        return left
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        with self._changed:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._active -= 1
+                self._changed.notify_all()
+
+    # --- routes ----------------------------------------------------------------------------------------
+
+    def _secrets(self) -> list[str | None]:
+        endpoints = [getattr(self.complete, "default", None), *getattr(self.complete, "endpoints", {}).values()]
+        return [self.server_key] + [getattr(endpoint, "api_key", None) for endpoint in endpoints]
+
+    def _authorize(self, handler: _ServeHandler) -> None:
+        if self.server_key is None:
+            return
+        given = handler.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {self.server_key}".encode()):
+            handler.close_connection = True  # the body is left unread
+            raise _ServeError(401, "a valid server key is required: send 'Authorization: Bearer KEY'", None,
+                              "invalid_api_key")
+
+    def handle_get(self, handler: _ServeHandler) -> None:
+        path = handler.path.split("?")[0].rstrip("/")
+        if path == "/health":
+            return handler.send_json(200, {"status": "ok"})
+        self._authorize(handler)
+        if path == "/v1/models":
+            return handler.send_json(200, {"object": "list", "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "selfmoa" if "/" in name and
+                 name.split("/")[0] + "/" in SERVE_METHODS else "upstream"} for name in self.model_names()]})
+        raise _ServeError(404, f"no route for GET {path[:100]}")
+
+    def model_names(self) -> list[str]:
+        """The served names: each upstream model (as its upstream lists it), and each method of it."""
+        names = list(self.models)
+        client = self.complete
+        endpoints = [getattr(client, "default", None), *getattr(client, "endpoints", {}).values()]
+        for endpoint in dict.fromkeys(e for e in endpoints if isinstance(e, Endpoint)):
+            names += self._upstream_models(endpoint)
+        names += list(getattr(client, "endpoints", {}))
+        names += [m for m in _flatten(self.defaults["proposers"] or [])]
+        served = []
+        for name in dict.fromkeys(names):
+            served += [name, f"self-moa/{name}", f"self-moa-seq/{name}"]
+            if self.defaults["proposers"]:
+                served.append(f"moa/{name}")
+        return list(dict.fromkeys(served))
+
+    def _upstream_models(self, endpoint: Endpoint) -> list[str]:
+        """The model ids an upstream lists (none if it cannot say so within a few seconds)."""
+        parts = urllib.parse.urlsplit(endpoint.base_url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=min(5.0, getattr(self.complete, "timeout", 5.0)))
+        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        try:
+            connection.request("GET", parts.path.rstrip("/") + "/models", headers=headers)
+            response = connection.getresponse()
+            data = json.loads(response.read(SERVE_MAX_UPSTREAM)) if response.status == 200 else {}
+            return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):
+            return []
+        finally:
+            connection.close()
+
+    def handle_post(self, handler: _ServeHandler) -> None:
+        path = handler.path.split("?")[0].rstrip("/")
+        with self._in_flight():
+            if self._stopping:
+                handler.close_connection = True
+                raise _ServeError(503, "the server is shutting down", None, "shutting_down", "server_error")
+            self._authorize(handler)
+            raw = handler.read_body(self.max_body)
+            if path != "/v1/chat/completions":
+                raise _ServeError(404, f"no route for POST {path[:100]}")
+            try:
+                body = json.loads(raw, parse_constant=_no_constant)
+            except (ValueError, RecursionError):
+                raise _ServeError(400, "the body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise _ServeError(400, "the body must be a JSON object")
+            model = body.get("model")
+            if not isinstance(model, str) or not model.strip():
+                raise _ServeError(400, "'model' must be a non-empty string", "model")
+            prefix = next((p for p in SERVE_METHODS if model.startswith(p)), None)
+            if prefix is None:
+                return self._pass_through(handler, model, raw, body.get("stream") is True)
+            method, upstream = SERVE_METHODS[prefix], model[len(prefix):]
+            if not upstream.strip():
+                raise _ServeError(404, f"The model '{model[:200]}' does not exist: name the upstream model after "
+                                  f"'{prefix}'", "model", "model_not_found")
+            self._run(handler, model, method, upstream, _chat_request(body, method))
+
+    # --- the methods -----------------------------------------------------------------------------------
+
+    def _arguments(self, method: str, upstream: str, request: dict) -> dict[str, Any]:
+        """The method's keyword arguments: serve's defaults, then the request's ``selfmoa`` and own fields."""
+        d, extra = self.defaults, request["selfmoa"]
+        options = {key: extra.get(key, d.get(key)) for key in SERVE_OPTIONS[method] if key != "aggregator"}
+        options.update(
+            aggregator_temperature=d["aggregator_temperature"] if request["temperature"] is None
+            else request["temperature"],
+            aggregator_max_tokens=d["aggregator_max_tokens"] if request["max_tokens"] is None
+            else request["max_tokens"],
+            seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
+        # A request may not order unbounded work: n=10**9 would never end, and would hold the pool meanwhile.
+        layers = options["layers"] if _is_int(options.get("layers")) and options["layers"] >= 2 else 2
+        for key in ("layers", "n", "proposers"):
+            value = options.get(key)
+            size = len(_flatten(value)) if key == "proposers" else value if _is_int(value) else 0
+            if size * (layers - 1 if key != "layers" else 1) > SERVE_MAX_CALLS:
+                raise _ServeError(400, f"'selfmoa.{key}' asks for more than {SERVE_MAX_CALLS} calls in one request; "
+                                  f"ask for fewer", f"selfmoa.{key}")
+        if method == "moa":
+            if not options["proposers"]:
+                raise _ServeError(400, f"moa/{upstream} needs proposers: start serve with -p MODEL (repeatable) or "
+                                  f'send "selfmoa": {{"proposers": [...]}}', "selfmoa.proposers")
+            return {**options, "aggregator": upstream}
+        return {**options, "model": upstream, "aggregator": extra.get("aggregator", upstream)}
+
+    def _check_endpoints(self, arguments: dict[str, Any]) -> None:
+        """Refuse a model no upstream serves before any call is made (404 model_not_found)."""
+        endpoint_for = getattr(self.complete, "endpoint_for", None)
+        if endpoint_for is None:
+            return
+        for model in [arguments.get("model"), arguments.get("aggregator"), *_flatten(arguments.get("proposers"))]:
+            if isinstance(model, str):
+                try:
+                    endpoint_for(model)
+                except ConfigError:
+                    raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it",
+                                      "model", "model_not_found") from None
+
+    def _failure(self, exc: BaseException) -> _ServeError:
+        """The reply to a failed run: 400 for a bad option, 404 for an unknown upstream model, else 502."""
+        secrets = self._secrets()
+        partial = getattr(exc, "partial", None)
+        report = _run_report(partial, secrets) if isinstance(partial, Result) else None
+        if isinstance(exc, ConfigError):
+            param, message = _param_of(exc)
+            return _ServeError(400, _redact_all(message, secrets)[:2000], param, report=report)
+        if isinstance(exc, SelfMoAError):
+            failures = exc.failures if isinstance(exc, NotEnoughProposals) else [exc]
+            message = _redact_all(str(exc), secrets)[:2000]
+            if failures and all(isinstance(f, ModelError) and f.status == 404 for f in failures):
+                missing = " and ".join(dict.fromkeys(f"'{f.model[:200]}'" for f in failures))
+                return _ServeError(404, f"The model {missing} does not exist upstream (at {failures[0].url}): "
+                                   f"{_redact_all(failures[0].message, secrets)[:500]}", "model", "model_not_found",
+                                   report=report)
+            return _ServeError(502, f"upstream failure: {message}", None, "upstream_error", "upstream_error",
+                               report=report)
+        print(f"selfmoa serve: internal error: {type(exc).__name__}: {_redact_all(str(exc), secrets)}",
+              file=sys.stderr)
+        return _ServeError(500, f"internal error ({type(exc).__name__}); the server log has the details", None,
+                           "internal_error", "server_error")
+
+    def _run(self, handler: _ServeHandler, model: str, method: str, upstream: str, request: dict) -> None:
+        """Run one method request on the shared pool, streaming or not, cancelling it if the client goes."""
+        arguments = self._arguments(method, upstream, request)
+        self._check_endpoints(arguments)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        cancel = threading.Event()
+        streaming, stop, complete = request["stream"], request["stop"], self.complete
+
+        def call(upstream_request: Request) -> Any:
+            if cancel.is_set():
+                raise ModelError("cancelled: the client went away before this call ran", model=upstream_request.model)
+            if upstream_request.stream is not None:  # the final aggregation: it writes the answer
+                upstream_request = dataclasses.replace(upstream_request, stop=stop,
+                                                       stream=upstream_request.stream if streaming else None)
+            return complete(upstream_request)
+
+        def run() -> None:
+            try:
+                with _on_shared_pool(self.pool, (next(self._order),)):
+                    result = METHODS[method](request["messages"], complete=call,
+                                             stream=lambda piece: events.put(("piece", piece)), **arguments)
+                events.put(("done", result))
+            except BaseException as exc:  # handed to the request's thread, which answers with it
+                events.put(("error", exc))
+
+        with self._changed:
+            self._runs.add(cancel)
+        try:
+            threading.Thread(target=run, name="selfmoa-serve-run", daemon=True).start()
+            stream = _ChunkStream(handler, model, request["include_usage"]) if streaming else None
+            while True:
+                try:
+                    kind, value = events.get(timeout=0.05)
+                except queue.Empty:
+                    if _client_gone(handler.connection):
+                        cancel.set()
+                        handler.close_connection = True
+                        return
+                    continue
+                if kind == "piece":
+                    if stream is not None and not stream.send_piece(value):
+                        cancel.set()
+                        return
+                    continue
+                if kind == "error":
+                    failure = self._failure(value) if not cancel.is_set() else _ServeError(
+                        503, "the server stopped before this run finished", None, "shutting_down", "server_error")
+                    if stream is not None and stream.started:
+                        stream.send_error(failure)
+                        return
+                    raise failure
+                result = value
+                final = [c for c in result.trace if c.role == "aggregator"][-1]
+                reason = (final.finish_reasons or ["stop"])[0] or "stop"
+                usage = {key: result.usage[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+                if stream is not None:
+                    stream.finish(result.answer, reason, usage, _run_report(result, self._secrets()))
+                    return
+                return handler.send_json(200, {
+                    "id": f"chatcmpl-selfmoa-{os.urandom(12).hex()}", "object": "chat.completion",
+                    "created": int(time.time()), "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
+                                 "finish_reason": reason}],
+                    "usage": usage, "selfmoa": _run_report(result, self._secrets())})
+        finally:
+            with self._changed:
+                self._runs.discard(cancel)
+
+    # --- pass-through ----------------------------------------------------------------------------------
+
+    def _pass_through(self, handler: _ServeHandler, model: str, raw: bytes, streaming: bool) -> None:
+        """Send the request, as it came, to the model's own upstream (with that upstream's key, never the
+        client's), and its reply back as it comes: status, body and streamed events unchanged."""
+        endpoint_for = getattr(self.complete, "endpoint_for", None)
+        try:
+            if endpoint_for is None:
+                raise ConfigError("no upstream")
+            endpoint = endpoint_for(model)
+        except ConfigError:
+            raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it", "model",
+                              "model_not_found") from None
+        parts = urllib.parse.urlsplit(endpoint.base_url)
+        path = parts.path.rstrip("/") + "/chat/completions" + (f"?{parts.query}" if parts.query else "")
+        headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
+                   "Accept": "text/event-stream" if streaming else "application/json"}
+        if endpoint.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        retries = getattr(self.complete, "retries", 0)
+        attempt = 0
+        while True:
+            connection, reused = self._upstream(parts)
+            try:
+                if connection.sock is None:
+                    connection.connect()
+                    connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                connection.request("POST", path, body=raw, headers=headers)
+                response = connection.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                if reused:
+                    continue  # a kept-alive connection the upstream had closed meanwhile: not an attempt
+                failure = f"could not reach it ({type(exc).__name__})"
+            else:
+                if response.status not in RETRY_STATUSES or attempt == retries:
+                    break
+                connection.close()
+                failure = f"HTTP {response.status}"
+            if attempt == retries:
+                raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: {failure}"
+                                  + (f" (after {attempt + 1} attempts)" if attempt else ""), None,
+                                  "upstream_error", "upstream_error")
+            backoff, most = getattr(self.complete, "backoff", 0.5), getattr(self.complete, "max_backoff", 30.0)
+            time.sleep(min(most, backoff * 2 ** attempt) * random.random())
+            attempt += 1
+        key, kept = (endpoint.api_key or "").encode(), False
+        try:
+            content_type = response.getheader("Content-Type") or "application/json"
+            if not (streaming and response.status == 200 and content_type.startswith("text/event-stream")):
+                data = response.read(SERVE_MAX_UPSTREAM + 1)
+                if len(data) > SERVE_MAX_UPSTREAM:
+                    raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply is "
+                                      f"over {SERVE_MAX_UPSTREAM} bytes", None, "upstream_error", "upstream_error")
+                kept = self._keep(parts, connection, response)
+                extra = {"Retry-After": response.getheader("Retry-After")} if response.getheader("Retry-After") else {}
+                return handler.send_bytes(response.status, data.replace(key, b"***") if key else data, content_type,
+                                          extra)
+            handler.start_chunked(200, content_type)
+            while True:
+                data = response.read1(65536)
+                if not data:
+                    break
+                if not handler.send_chunk(data.replace(key, b"***") if key else data):
+                    return  # the client went away: closing the upstream connection stops the generation
+            response.read()  # the end of the body (nothing left to relay), so that the connection can be kept
+            kept = self._keep(parts, connection, response)
+            handler.end_chunked()
+        except (OSError, http.client.HTTPException):
+            handler.close_connection = True  # the upstream broke off mid-reply: so does this reply
+        finally:
+            if not kept:
+                connection.close()
+
+    def _upstream(self, parts: urllib.parse.SplitResult) -> tuple[http.client.HTTPConnection, bool]:
+        """A kept-alive connection to an upstream host if one is idle (True), else a new, unconnected one."""
+        with self._changed:
+            idle = self._idle.get((parts.scheme, parts.hostname, parts.port))
+            if idle:
+                return idle.pop(), True
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        return kind(parts.hostname, parts.port, timeout=getattr(self.complete, "timeout", 120.0)), False
+
+    def _keep(self, parts: urllib.parse.SplitResult, connection: http.client.HTTPConnection,
+              response: http.client.HTTPResponse) -> bool:
+        """Keep a connection whose reply was read in full for the next pass-through (at most 32 per host)."""
+        if response.will_close or not response.isclosed():
+            return False
+        with self._changed:
+            idle = self._idle.setdefault((parts.scheme, parts.hostname, parts.port), [])
+            if len(idle) >= 32:
+                return False
+            idle.append(connection)
+            return True
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python reads NaN and Infinity; JSON has neither
+
+
+def _flatten(proposers: Any) -> list[Any]:
+    """A proposer list, or a list of per-layer lists, as one flat list.
+
+    >>> _flatten([["a", "b"], ["c"]]), _flatten(["a", "b"]), _flatten(None)
+    (['a', 'b', 'c'], ['a', 'b'], [])
+    """
+    if not isinstance(proposers, list):
+        return []
+    return [m for item in proposers for m in (item if isinstance(item, list) else [item])]
+
+
+class _ChunkStream:
+    """The server-sent events of a streamed method reply: ``chat.completion.chunk`` objects, then
+    ``data: [DONE]``. Nothing is sent until the answer's first piece, so a run that fails before it still
+    gets a proper error status."""
+
+    def __init__(self, handler: _ServeHandler, model: str, include_usage: bool):
+        self.handler, self.include_usage, self.started, self.sent = handler, include_usage, False, []
+        self.base = {"id": f"chatcmpl-selfmoa-{os.urandom(12).hex()}", "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": model}
+
+    def _event(self, data: Any) -> bool:
+        return self.handler.send_chunk(b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n")
+
+    def _chunk(self, delta: dict, reason: str | None = None, **extra: Any) -> bool:
+        chunk = {**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
+        if self.include_usage and "usage" not in extra:
+            chunk["usage"] = None
+        return self._event(chunk)
+
+    def _start(self) -> bool:
+        if not self.started:
+            self.started = True
+            self.handler.start_chunked(200, "text/event-stream")
+            return self._chunk({"role": "assistant", "content": ""})
+        return True
+
+    def send_piece(self, piece: str) -> bool:
+        self.sent.append(piece)
+        return self._start() and self._chunk({"content": piece})
+
+    def finish(self, answer: str, reason: str, usage: dict, report: dict) -> None:
+        self._start()
+        if not self.sent and answer:  # a completion function that does not stream: the answer in one piece
+            self._chunk({"content": answer})
+        if self.include_usage:
+            self._chunk({}, reason)
+            self._event({**self.base, "choices": [], "usage": usage, "selfmoa": report})
+        else:
+            self._chunk({}, reason, selfmoa=report)
+        self.handler.send_chunk(b"data: [DONE]\n\n")
+        self.handler.end_chunked()
+
+    def send_error(self, failure: _ServeError) -> None:
+        self._event(failure.body())
+        self.handler.send_chunk(b"data: [DONE]\n\n")
+        self.handler.end_chunked()
+        self.handler.close_connection = True
+
+
+class _ServeHandler(http.server.BaseHTTPRequestHandler):
+    """One client connection of a ModelServer (HTTP/1.1, kept alive): the routes are the server's."""
+
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"  # so that even a garbled request line gets a status line back
+    server_version = f"selfmoa/{__version__}"
+    timeout = 120  # seconds an idle kept-alive connection, or a stalled request, is waited for
+    wbufsize = 1 << 16  # a reply's headers and body leave in one send
+    chunked = False
+
+    def setup(self) -> None:
+        super().setup()
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # requests are not logged: a log is one more place a prompt or a key could leak to
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        self.close_connection = True  # a malformed request line or header: the connection is not trusted
+        self.send_json(code, _ServeError(code, message or "bad request").body())
+
+    def _route(self, handle: Callable[[_ServeHandler], None]) -> None:
+        try:
+            handle(self)
+        except _ServeError as error:
+            self.send_json(error.status, error.body())
+        except OSError:  # the client went away
+            self.close_connection = True
+
+    def do_GET(self) -> None:
+        self._route(self.server.app.handle_get)  # type: ignore[attr-defined]
+
+    def do_POST(self) -> None:
+        self._route(self.server.app.handle_post)  # type: ignore[attr-defined]
+
+    def read_body(self, limit: int) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
+            self.close_connection = True
+            raise _ServeError(411, "send the body with a Content-Length header (chunked bodies are not read)")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.strip().isdigit():
+            self.close_connection = True
+            raise _ServeError(411 if length is None else 400, "a valid Content-Length header is required")
+        if int(length) > limit:
+            self.close_connection = True  # the unread body makes the connection unusable
+            raise _ServeError(413, f"the body is over the limit of {limit} bytes", None, "body_too_large")
+        data = self.rfile.read(int(length))
+        if len(data) < int(length):
+            self.close_connection = True
+            raise _ServeError(400, "the body ended before its Content-Length")
+        return data
+
+    def send_bytes(self, status: int, data: bytes, content_type: str = "application/json",
+                   headers: Mapping[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()  # now, while the request still counts as in flight (a drain waits for it)
+
+    def send_json(self, status: int, payload: dict) -> None:
+        self.send_bytes(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+
+    def start_chunked(self, status: int, content_type: str) -> None:
+        """Start a reply of unknown length: chunked over HTTP/1.1, else ended by closing the connection."""
+        self.chunked = self.request_version == "HTTP/1.1"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Cache-Control", "no-cache")
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def send_chunk(self, data: bytes) -> bool:
+        """Send one piece of a chunked reply now; False if the client has gone."""
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+            self.wfile.flush()
+            return True
+        except OSError:
+            self.close_connection = True
+            return False
+
+    def end_chunked(self) -> None:
+        self.send_chunk(b"")
+
+
+# ======================================================================================================
 # The command line
 # ======================================================================================================
 
@@ -2394,7 +3179,9 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 CLI_DESCRIPTION = """\
 Answer a prompt with MoA, Self-MoA or Self-MoA-Seq against OpenAI-compatible servers.
-The prompt is the argument, or standard input; the final answer goes to standard output."""
+The prompt is the argument, or standard input; the final answer goes to standard output.
+"selfmoa serve" serves the methods as models instead (selfmoa serve --help); to ask the
+prompt "serve" itself, pass it after -- or on standard input."""
 
 CLI_EPILOG = """\
 endpoints and keys:
@@ -2550,6 +3337,9 @@ def _refuse(parser: argparse.ArgumentParser, exc: ConfigError) -> int:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 a model failed, 2 a usage error)."""
     environ = os.environ if environ is None else environ
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # a subcommand only as the first word: "selfmoa -- serve" asks the prompt "serve"
+        return _main_serve(argv[1:], environ)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -2684,6 +3474,132 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
             raise SelfMoAError(f"{args.output}: cannot write it ({exc.strerror or exc}); the answers are kept in "
                                f"{records_path}; fix that, then run the same command again") from exc
         say(f"selfmoa: wrote {len(entries)} AlpacaEval outputs to {args.output} (generator {generator!r})")
+    return 0
+
+
+SERVE_DESCRIPTION = """\
+Serve MoA, Self-MoA and Self-MoA-Seq as models behind an OpenAI-compatible endpoint, in front of
+the same upstream servers as the one-shot command. Prints its base URL (http://HOST:PORT/v1) as the
+first line of standard output, then serves until SIGINT or SIGTERM."""
+
+SERVE_EPILOG = """\
+models (the "model" of POST /v1/chat/completions):
+  self-moa/M        Self-MoA of upstream model M (M may contain '/': self-moa/Qwen/Qwen2-7B-Instruct)
+  self-moa-seq/M    Self-MoA-Seq of M
+  moa/A             MoA with aggregator A and the proposers of -p, or of the request
+  any other name    passed through to its upstream unchanged (streamed or not)
+  GET /v1/models lists them; GET /health answers 200 (without a server key).
+
+per-request options:
+  A "selfmoa" object in the body overrides the flags: n, window, carry, proposers, layers,
+  min_ok, temperature and max_tokens (the proposers'), aggregator, use_n, instruction. The
+  request's own temperature, max_tokens, seed and stop apply to the answer (the final
+  aggregation); seed is also the base seed of the samples. The whole conversation is the prompt.
+  Replies carry usage over every call of the run, and a "selfmoa" field with the calls,
+  requests, retries and each request's latency.
+
+access:
+  With --server-key (else $SELFMOA_SERVER_KEY) clients must send "Authorization: Bearer KEY".
+  A --host other than loopback is refused without one. A client's Authorization is never
+  forwarded; upstream keys are found as for the one-shot command (see selfmoa --help).
+
+stopping:
+  On SIGINT or SIGTERM it stops accepting, lets the runs in flight finish (at most
+  --drain-timeout seconds), and exits 0; a second Ctrl-C stops it at once (exit status 130).
+  Exit status 2: a usage error; 1: it cannot listen on --host/--port."""
+
+# The one-shot flags that configure nothing serve has: the prompt, the choice of method and models (the
+# request's model names them), the output, and batch mode. Every other flag is shared, with its meaning.
+_NOT_SERVE_FLAGS = frozenset({"help", "version", "prompt", "method", "model", "aggregator", "json", "stream",
+                              "input", "output", "format", "trace"})
+_SERVE_HELP = {
+    "samples": "samples of M per request (default: 6)",
+    "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7)",
+    "aggregator_max_tokens": "the aggregator's token limit when a request gives none (default: the server's)",
+    "seed": "the seed when a request gives none: sample i gets S+i; aggregations get S",
+    "concurrency": "upstream calls at once, over all requests (default: 8)",
+    "api_key": "the default endpoint's key (default: as for the one-shot command, see selfmoa --help)",
+}
+_SERVE_FLAGS = {"host": "--host", "port": "--port", "server_key": "--server-key", "n": "--samples",
+                "proposers": "--proposer", "drain_timeout": "--drain-timeout"}
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    """The parser of ``selfmoa serve``: its own flags, then the one-shot flags it shares (the same actions)."""
+    parser = argparse.ArgumentParser(prog="selfmoa serve", description=SERVE_DESCRIPTION, epilog=SERVE_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)")
+    add("--port", type=int, default=8000, help="the port to listen on; 0 picks a free one (default: 8000)")
+    add("--server-key", metavar="KEY", help="the key clients must send as a Bearer token "
+        "(default: $SELFMOA_SERVER_KEY; none: no key asked, loopback only)")
+    add("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long runs in flight may take to finish (default: 30)")
+    for action in build_parser()._actions:
+        if action.dest in _NOT_SERVE_FLAGS:
+            continue
+        if action.dest in _SERVE_HELP:  # the same flag, its help in the words of serve
+            action = copy.copy(action)
+            action.help = _SERVE_HELP[action.dest]
+        parser._add_action(action)
+    return parser
+
+
+def _main_serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    """``selfmoa serve``: serve until SIGINT or SIGTERM, then drain and return 0."""
+    parser = build_serve_parser()
+    args = parser.parse_args(argv)
+    instruction = DEFAULT_INSTRUCTION
+    try:
+        if args.instruction_file:
+            try:
+                with open(args.instruction_file, encoding="utf-8") as file:
+                    instruction = file.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"--instruction-file {args.instruction_file}: cannot read it ({exc})") from None
+        defaults = {"n": args.samples, "window": args.window, "carry": args.carry, "proposers": args.proposer,
+                    "layers": args.layers, "min_ok": args.min_ok, "temperature": args.temperature,
+                    "max_tokens": args.max_tokens, "aggregator_temperature": args.aggregator_temperature,
+                    "aggregator_max_tokens": args.aggregator_max_tokens, "seed": args.seed,
+                    "instruction": instruction, "use_n": args.use_n}
+        client = make_client(args, environ)
+        server = ModelServer(client, host=args.host, port=args.port, defaults=defaults,
+                             server_key=args.server_key or environ.get("SELFMOA_SERVER_KEY") or None,
+                             concurrency=args.concurrency, drain_timeout=args.drain_timeout)
+    except ConfigError as exc:
+        name, sep, rest = str(exc).partition("=")
+        if sep and name in _SERVE_FLAGS:
+            value, _, why = rest.partition(": ")
+            exc = ConfigError(f"{_SERVE_FLAGS[name]} {value}: {why}")
+        return _refuse(parser, exc)
+    except OSError as exc:
+        print(f"selfmoa serve: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    print(server.base_url, flush=True)
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, lambda *_: stop.set())
+    try:
+        server.start()
+        while not stop.wait(0.5):
+            pass
+        if previous:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print(f"selfmoa serve: stopping; letting the runs in flight finish (at most {args.drain_timeout:g} s)",
+              file=sys.stderr)
+        left = server.close()
+    except KeyboardInterrupt:
+        print("selfmoa serve: stopped without waiting for the runs in flight", file=sys.stderr)
+        return 130
+    finally:
+        client.close()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if left:
+        print(f"selfmoa serve: {left} runs were still in flight after --drain-timeout and were cancelled",
+              file=sys.stderr)
     return 0
 
 
