@@ -1263,7 +1263,7 @@ class HTTPClient:
         self._lock = threading.Lock()
         self._in_flight: set[_Attempt] = set()
         self._watch = threading.Condition(threading.Lock())
-        self._watching = False
+        self._watching, self._wakes_at = False, math.inf
         self._aborted = threading.Event()
 
     def __repr__(self) -> str:
@@ -1355,7 +1355,8 @@ class HTTPClient:
             if not self._watching:
                 self._watching = True
                 threading.Thread(target=self._watchdog, name="selfmoa-deadline", daemon=True).start()
-            self._watch.notify()
+            elif attempt.deadline < self._wakes_at:
+                self._watch.notify()
         return attempt
 
     def _end(self, attempt: _Attempt) -> None:
@@ -1374,13 +1375,14 @@ class HTTPClient:
                     _shut(attempt.connection)
                 if self._in_flight:
                     idle_since = None
-                    self._watch.wait(min(a.deadline for a in self._in_flight) - now)
+                    self._wakes_at = min(a.deadline for a in self._in_flight)
                 elif idle_since is not None and now - idle_since >= 1.0:
-                    self._watching = False
+                    self._watching, self._wakes_at = False, math.inf
                     return
                 else:
                     idle_since = idle_since or now
-                    self._watch.wait(1.0)
+                    self._wakes_at = now + 1.0
+                self._watch.wait(self._wakes_at - now)
 
     def abort(self) -> None:
         """End every call now: attempts in flight are cut off (their sockets shut down), waits between
