@@ -2108,8 +2108,8 @@ exit status:
 _FLAGS = {"temperature": "--temperature", "max_tokens": "--max-tokens", "n": "--samples",
           "aggregator_temperature": "--aggregator-temperature", "aggregator_max_tokens": "--aggregator-max-tokens",
           "window": "--window", "carry": "--carry", "layers": "--layers", "seed": "--seed", "min_ok": "--min-ok",
-          "concurrency": "--concurrency", "timeout": "--timeout", "deadline": "--deadline", "retries": "--retries", "model": "--model",
-          "aggregator": "--aggregator", "proposer": "--proposer", "proposers": "--proposer",
+          "concurrency": "--concurrency", "timeout": "--timeout", "retries": "--retries", "model": "--model",
+          "aggregator": "--aggregator", "proposer": "--proposer", "proposers": "--proposer", "deadline": "--deadline",
           "base_url": "--base-url", "prompt": "PROMPT", "instruction": "--instruction-file"}
 
 

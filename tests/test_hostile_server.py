@@ -4,7 +4,7 @@ or a ModelError, in bounded time and memory, and the key never comes back out (s
 from __future__ import annotations
 
 import json
-import os
+import re
 import pathlib
 import signal
 import subprocess
@@ -112,6 +112,8 @@ def check_outcome(client, server, request, pieces):
         assert error.model == "m" and error.url == server.base_url + "/chat/completions"
         assert error.status is None or isinstance(error.status, int)
         assert isinstance(error.body, str) and len(error.body) <= selfmoa.SHOWN_BODY
+        assert len(error.message) <= selfmoa.SHOWN_MESSAGE
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f]", str(error)), "no terminal control from a server"
         for text in (str(error), repr(error), error.body, error.message):
             text.encode("utf-8")  # no lone surrogate: it can be printed and written
         assert not leaked(str(error), repr(error)), str(error)
@@ -165,13 +167,15 @@ HEAD = response(b"200 OK", [(b"Content-Length", b"2000")], b"")
     [HEAD, ("drip", b" " * 2000, 0.1)],  # the body, a byte at a time
 ], ids=["headers", "body"])
 def test_a_server_dripping_bytes_ends_in_model_error_within_the_deadline(plan):
-    """A server sending a byte every 0.1 s (so that no single read times out) is cut off at the deadline."""
+    """A server sending a byte every 0.1 s (so that no single read times out) is cut off at the deadline of each
+    attempt, and the attempt is retried."""
     with HostileServer(*plan) as server:
-        client = selfmoa.HTTPClient(server.base_url, timeout=0.5, deadline=1.0, retries=0)
+        client = selfmoa.HTTPClient(server.base_url, timeout=0.3, deadline=0.5, retries=1, sleep=lambda s: None)
         started = time.monotonic()
-        with pytest.raises(selfmoa.ModelError, match=r"no complete reply within deadline=1 s"):
+        with pytest.raises(selfmoa.ModelError, match=r"no complete reply within deadline=0.5 s") as caught:
             ask(client)
-        assert time.monotonic() - started < 1.0 + 0.5
+        assert time.monotonic() - started < 2 * 0.5 + 0.5
+        assert caught.value.attempts == 2 and len(server.log) == 2
 
 
 def test_a_dripping_stream_that_showed_text_is_cut_at_the_deadline_and_not_retried():
@@ -313,30 +317,42 @@ def test_ctrl_c_ends_a_single_prompt_with_stalled_calls_within_a_second(tmp_path
 
 # --- Memory: size caps ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("plan, stream", [
-    ([response(b"200 OK", [], b""), ("repeat", b" " * 65536, 800)], False),  # 50 MB, no length: read to the close
-    ([response(b"200 OK", [(b"Content-Length", b"1000000000000")], b""), ("repeat", b" " * 65536, 800)], False),
+ENDLESS = ("repeat", b" " * 65536, 800)  # 50 MB
+
+
+@pytest.mark.parametrize("plan, stream, match", [
+    ([response(b"200 OK", [], b""), ENDLESS], False, "larger than max_reply_bytes"),  # no length: read to the close
+    ([response(b"200 OK", [(b"Content-Length", b"1000000000000")], b""), ENDLESS], False, "larger than"),
     ([response(b"200 OK", [(b"Transfer-Encoding", b"chunked")], b""),
-      ("repeat", b"10000\r\n" + b" " * 65536 + b"\r\n", 800)], False),
+      ("repeat", b"10000\r\n" + b" " * 65536 + b"\r\n", 800)], False, "larger than"),
+    ([response(b"500 Oops", [], b"{"), ENDLESS], False, "HTTP 500"),  # only the start of an error is read
     ([response(b"200 OK", [(b"Content-Type", b"text/event-stream")], b"data: "), ("repeat", b"x" * 65536, 800)],
-     True),  # one endless line
+     True, "longer than"),  # one endless line
     ([response(b"200 OK", [(b"Content-Type", b"text/event-stream")], b""),
-      ("repeat", b'data: {"choices": [{"delta": {"content": "' + b"x" * 60000 + b'"}}]}\n\n', 800)], True),
-], ids=["no-length", "huge-length", "chunked", "endless-sse-line", "endless-sse-events"])
-def test_a_reply_over_the_size_cap_ends_in_model_error_with_flat_memory(plan, stream):
-    """A 50 MB reply against a 1 MB cap (or a 1 MiB SSE line cap): ModelError, and memory peaks at a few MB,
-    whatever Content-Length claims."""
+      ("repeat", b'data: {"choices": [{"delta": {"content": "' + b"x" * 60000 + b'"}}]}\n\n', 800)], True,
+     "larger than"),
+], ids=["no-length", "huge-length", "chunked", "error-body", "endless-sse-line", "endless-sse-events"])
+def test_a_reply_over_the_size_cap_ends_in_model_error_with_flat_memory(plan, stream, match):
+    """A 50 MB reply against a 1 MiB cap (or the 1 MiB SSE line cap, or the 64 KiB read of an error body): a
+    ModelError, and memory peaks at a few MB, whatever Content-Length claims."""
     with HostileServer(*plan) as server:
-        client = selfmoa.HTTPClient(server.base_url, timeout=2, deadline=10, retries=2, sleep=lambda s: None,
+        client = selfmoa.HTTPClient(server.base_url, timeout=2, deadline=10, retries=1, sleep=lambda s: None,
                                     max_reply_bytes=2**20)
         tracemalloc.start()
         try:
-            with pytest.raises(selfmoa.ModelError, match="larger than max_reply_bytes|longer than") as caught:
+            with pytest.raises(selfmoa.ModelError, match=match):
                 ask(client, stream=(lambda piece: None) if stream else None)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert peak < 8 * 2**20 and len(server.log) == 1 and not caught.value.retryable
+        assert peak < 8 * 2**20
+        assert len(server.log) == (2 if match == "HTTP 500" else 1), "an over-size reply is final, a 500 retried"
+
+
+def test_the_default_reply_cap_is_a_few_tens_of_megabytes():
+    assert selfmoa.HTTPClient("http://127.0.0.1:9/v1").max_reply_bytes == selfmoa.MAX_REPLY_BYTES == 32 * 2**20
+    with pytest.raises(selfmoa.ConfigError, match="max_reply_bytes"):
+        selfmoa.HTTPClient("http://127.0.0.1:9/v1", max_reply_bytes=10)
 
 
 def test_a_body_shorter_than_its_content_length_is_a_retried_truncation_not_a_memory_error():
@@ -515,3 +531,20 @@ def test_a_bad_timeout_or_deadline_is_a_usage_error_naming_the_flag(capsys):
         err = capsys.readouterr().err
         assert code == 2 and f"selfmoa: error: {flag} {value}" in err, err
 
+
+
+def test_a_completion_function_may_mark_samples_without_text_with_none():
+    """The seam: a Reply holding None at position i gets sample i asked for again on its own (seed S+i); a single
+    sample without text is a ModelError for that sample only."""
+    asked = []
+
+    def complete(request):
+        asked.append((request.n, request.seed))
+        if request.n == 3:
+            return selfmoa.Reply(["a", None, "c"])
+        return selfmoa.Reply([None]) if request.seed == 101 else f"single {request.seed}"
+    result = selfmoa.self_moa("hi", "m", n=3, complete=complete, seed=100, concurrency=1)
+    assert result.proposals() == {1: ["a", "c"]} and (1, 101) in asked
+    assert [call.error is not None for call in result.trace] == [False, True, False]
+    with pytest.raises(selfmoa.ModelError, match="holds no text"):
+        selfmoa._as_reply(selfmoa.Reply([None]), selfmoa.Request("m", (), n=1))

@@ -216,7 +216,8 @@ def framed(body: bytes) -> bytes:
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
-nesting_bomb = st.builds(lambda opener, depth, tail: opener * depth + tail, st.sampled_from([b"[", b'{"a":', b'[{"b":']),
+nesting_bomb = st.builds(lambda opener, depth, tail: opener * depth + tail,
+                         st.sampled_from([b"[", b'{"a":', b'[{"b":']),
                          st.integers(1_000, 200_000), st.sampled_from([b"", b"1", b"]" * 10]))
 surrogate = st.sampled_from(["\\ud83d", "\\udc00", "a\\udfffb", "\\ud800\\ud800"])
 lone_surrogate_body = st.builds(
