@@ -394,9 +394,13 @@ class Request:
 
 @dataclasses.dataclass
 class Reply:
-    """What a completion function returns: one text per choice, with what the server reported."""
+    """What a completion function returns: one text per choice, with what the server reported.
 
-    texts: list[str]
+    ``texts[i]`` is the text of sample ``i`` of the request, or ``None`` where the server gave no usable
+    text for that position (the methods then ask for it again on its own, as for a missing one).
+    """
+
+    texts: list[str | None]
     finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -410,12 +414,12 @@ def _as_reply(value: Any, request: Request) -> Reply:
         value = Reply([value])
     elif isinstance(value, (list, tuple)) and all(isinstance(text, str) for text in value):
         value = Reply(list(value))
-    if not isinstance(value, Reply) or not all(isinstance(text, str) for text in value.texts):
+    if not isinstance(value, Reply) or not all(text is None or isinstance(text, str) for text in value.texts):
         raise TypeError(f"a completion function must return a Reply, a str or a list of str, "
                         f"not {type(value).__name__} (model {request.model!r})")
-    if not value.texts:
-        raise ModelError("the reply holds no choices", model=request.model, url=value.url or "")
-    value.texts = value.texts[:request.n]
+    if not value.texts or value.texts[0] is None and request.n == 1:
+        raise ModelError("the reply holds no text", model=request.model, url=value.url or "")
+    value.texts = [text if text is None else _clean(text) for text in value.texts[:request.n]]
     value.finish_reasons = (list(value.finish_reasons) + [None] * request.n)[:len(value.texts)]
     return value
 
@@ -447,7 +451,7 @@ class Call:
     seed: int | None = None
     temperature: float = 0.7
     max_tokens: int | None = None
-    outputs: list[str] = dataclasses.field(default_factory=list)
+    outputs: list[str | None] = dataclasses.field(default_factory=list)
     finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -477,7 +481,7 @@ class Result:
 
     @property
     def calls(self) -> int:
-        return sum(len(call.outputs) for call in self.trace)
+        return sum(text is not None for call in self.trace for text in call.outputs)
 
     @property
     def requests(self) -> int:
@@ -497,7 +501,8 @@ class Result:
         layers: dict[int, dict[int, str]] = {}
         for call in self.trace:
             if call.role == "proposer":
-                layers.setdefault(call.layer, {}).update(zip(call.indices, call.outputs))
+                layers.setdefault(call.layer, {}).update((i, text) for i, text in zip(call.indices, call.outputs)
+                                                         if text is not None)
         return {layer: [outputs[i] for i in sorted(outputs)] for layer, outputs in sorted(layers.items())}
 
     def diversity(self) -> dict[int, float]:
@@ -953,7 +958,10 @@ class _Run:
                     slot.set_result(outcome)
                 return
             for offset, text in enumerate(outcome.texts):
-                slots[start + offset].set_result(text)
+                if text is None:
+                    ask(start + offset, 1)  # no usable text at this position: asked for on its own
+                else:
+                    slots[start + offset].set_result(text)
             for missing in range(start + len(outcome.texts), start + size):
                 ask(missing, 1)  # the server ignored n: one request per missing sample
 
@@ -1040,29 +1048,99 @@ def _fail(exc: SelfMoAError, run: _Run, method: str, params: dict) -> SelfMoAErr
 # ======================================================================================================
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_REPLY_BYTES = 32 * 2**20  # the largest reply body read (HTTPClient's max_reply_bytes); a stream counts whole
+MAX_EVENT_LINE = 2**20  # the longest line of a streamed reply (one event)
+MAX_ERROR_BYTES = 2**16  # how much of an error reply is read; the rest is dropped with its connection
+SHOWN_MESSAGE, SHOWN_BODY = 600, 500  # characters of server text kept in a ModelError's message and body
+
+_SURROGATES = re.compile("[\ud800-\udfff]")  # unpaired halves (json.loads joins the pairs)
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f]")  # shown to a terminal, they could rewrite what it shows
+
+
+def _clean(text: str) -> str:
+    """Text from a server with lone surrogates (which no encoder accepts) replaced by U+FFFD.
+
+    >>> _clean("ok \\ud83d!")
+    'ok \\ufffd!'
+    """
+    return _SURROGATES.sub("\ufffd", text) if _SURROGATES.search(text) else text
+
+
+def _printable_ascii(text: str) -> bool:
+    return all("!" <= char <= "~" for char in text)
+
+
+def _origin(url: Any) -> str:
+    """What of a URL may be shown when refusing it: its scheme and host, never user, password, path or query."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+    except (TypeError, ValueError, AttributeError):
+        return "(not shown)"
+    if "@" in url:  # a password holding "/" or "?" fools the parser into taking the user for the host
+        return "(not shown)"
+    return f"{parts.scheme}://{host[:100]}" if host and parts.scheme else "(not shown)"
+
+
+def _url_problem(url: Any) -> str | None:
+    """Why ``url`` cannot be a base URL, or None if it can."""
+    if not isinstance(url, str):
+        return f"it is a {type(url).__name__}, not a string"
+    if not _printable_ascii(url):
+        return "it holds a space, a control character or a non-ASCII character (percent-encode them)"
+    if "@" in url.partition("?")[0]:
+        return ("it holds credentials (user:password@), which selfmoa never sends (give a key as api_key, "
+                "--api-key or $SELFMOA_API_KEY_<MODEL>)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "it is not a valid URL, or its port is not a number from 1 to 65535"
+    if parts.scheme not in ("http", "https"):
+        return "it is not an http(s) URL"
+    if not parts.hostname:
+        return "it names no host"
+    if port == 0:
+        return "its port is not a number from 1 to 65535"
+    return None
+
+
+def _key_problem(key: Any) -> str | None:
+    """Why ``key`` cannot be sent as a bearer token, or None if it can (the key itself is never shown)."""
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        return f"an API key is a string, not a {type(key).__name__}"
+    if not _printable_ascii(key):
+        return ("the key holds a space, a control character or a non-ASCII character (a key read from a file "
+                "often ends in \\n or \\r)")
+    return None
 
 
 class Endpoint:
     """One OpenAI-compatible server: its base URL (ending in ``/v1``) and the API key that belongs to it.
 
-    The key is sent to this URL only, and never shown: not in ``repr``, traces or error messages.
+    The key is sent to this URL only, and never shown: not in ``repr``, traces or error messages. A URL
+    with credentials in it (``http://user:key@host/v1``) is refused: pass the key as ``api_key``. A query
+    string (``?api-version=...``) is sent with every request but never shown.
 
     >>> Endpoint("http://localhost:8080/v1", api_key="sk-secret")
     Endpoint('http://localhost:8080/v1', api_key='***')
+    >>> Endpoint("http://me:sk-secret@localhost:8080/v1?key=sk-secret")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    selfmoa.ConfigError: base_url='(not shown)': it holds credentials (user:password@), which ...
     """
 
     __slots__ = ("base_url", "api_key", "_parts")
 
     def __init__(self, base_url: str, api_key: str | None = None):
-        parts = urllib.parse.urlsplit(base_url) if isinstance(base_url, str) else None
-        _check(parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname),
-               "base_url", _public_url(base_url) if isinstance(base_url, str) else base_url,
-               "it is not an http(s) URL", "pass a URL like http://localhost:8000/v1")
-        _check(api_key is None or (isinstance(api_key, str) and "\n" not in api_key), "api_key", "***",
-               "an API key is a single-line string", "pass the key itself, or None")
+        problem = _url_problem(base_url)
+        _check(problem is None, "base_url", _origin(base_url), problem or "", "pass a URL like http://localhost:8000/v1")
+        problem = _key_problem(api_key)
+        _check(problem is None, "api_key", "***", problem or "", "pass the key alone, stripped of whitespace")
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key or None
-        self._parts = parts
+        self._parts = urllib.parse.urlsplit(self.base_url)
 
     def __repr__(self) -> str:
         key = ", api_key='***'" if self.api_key else ""
@@ -1095,6 +1173,7 @@ class _NoDelay:
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+        self.socket = self.sock  # kept: http.client drops .sock while a read-to-close reply still uses it
 
 
 class _HTTPConnection(_NoDelay, http.client.HTTPConnection):
@@ -1103,6 +1182,14 @@ class _HTTPConnection(_NoDelay, http.client.HTTPConnection):
 
 class _HTTPSConnection(_NoDelay, http.client.HTTPSConnection):
     pass
+
+
+def _shut(connection: http.client.HTTPConnection) -> None:
+    """Wake whatever thread is blocked reading ``connection``: its read ends at once (the socket is dead)."""
+    sock = getattr(connection, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's, also under TLS
 
 
 class _Retry(Exception):
@@ -1115,6 +1202,16 @@ class _Retry(Exception):
         self.retry_after, self.stale = retry_after, stale
 
 
+class _Attempt:
+    """Internal: one attempt in flight, which the deadline watchdog or ``abort()`` may cut off."""
+
+    __slots__ = ("connection", "deadline", "expired", "shown")
+
+    def __init__(self, connection: http.client.HTTPConnection, deadline: float):
+        self.connection, self.deadline, self.expired = connection, deadline, False
+        self.shown = False  # whether streamed text was passed on (then the attempt cannot be retried)
+
+
 class HTTPClient:
     """A completion function that calls ``POST {base_url}/chat/completions`` over HTTP(S).
 
@@ -1122,44 +1219,59 @@ class HTTPClient:
       ``Endpoint`` (or a URL string), so a local vLLM model and a hosted model can be mixed. A key is only
       ever sent to the endpoint it was given with.
     - Connections are kept alive and shared: an idle connection to a host is reused by whichever thread
-      calls next (at most ``max_idle`` idle ones per host). Every call has a ``timeout`` (seconds for
-      connecting and for each read).
-    - 408, 409, 429 and 5xx replies, timeouts, refused, dropped or truncated connections are retried up to
-      ``retries`` times with exponential backoff and full jitter (``backoff`` doubling up to ``max_backoff``
-      seconds), waiting at least what ``Retry-After`` asks (unless that exceeds ``max_retry_after``, which
-      fails at once). Other 4xx replies fail at once. A failure raises ``ModelError``, never returns ``None``.
-    - ``n > 1`` is sent as one request; the reply may hold fewer choices if the server ignores ``n``.
+      calls next (at most ``max_idle`` idle ones per host).
+    - Time: ``timeout`` bounds connecting and each wait for data (a silent server); ``deadline`` bounds a
+      whole attempt, from connecting to the last byte of the reply (a server that drips its reply).
+    - Size: a reply body over ``max_reply_bytes`` (a stream counted whole), or a streamed line over
+      ``MAX_EVENT_LINE`` bytes, is a ModelError; bodies are read piece by piece, whatever Content-Length says.
+    - 408, 409, 429 and 5xx replies, timeouts, the deadline, refused, dropped or truncated connections are
+      retried up to ``retries`` times with exponential backoff and full jitter (``backoff`` doubling up to
+      ``max_backoff`` seconds), waiting at least what ``Retry-After`` asks (unless that exceeds
+      ``max_retry_after``, which fails at once). Other 4xx replies fail at once. A failure raises
+      ``ModelError`` (whatever the server sent), never returns ``None``.
+    - ``n > 1`` is sent as one request. Choices are placed by their ``index``; a position without a usable
+      text (no choice, ``content: null``, a repeated index) is ``None`` in ``Reply.texts``, and the methods
+      ask for that sample again on its own. Lone surrogates in a text become U+FFFD.
     - With ``request.stream`` set, the reply is streamed (server-sent events) and each text piece is
       passed to ``request.stream`` as it arrives.
+    - ``abort()`` ends every call in flight at once and makes later calls fail (the command line's Ctrl-C).
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  endpoints: Mapping[str, Endpoint | str] | None = None, timeout: float = 120.0,
-                 retries: int = 4, backoff: float = 0.5, max_backoff: float = 30.0,
-                 max_retry_after: float = 120.0, max_idle: int = 64,
-                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
-        self.default = Endpoint(base_url, api_key) if base_url is not None else None
+                 deadline: float = 600.0, retries: int = 4, backoff: float = 0.5, max_backoff: float = 30.0,
+                 max_retry_after: float = 120.0, max_idle: int = 64, max_reply_bytes: int = MAX_REPLY_BYTES,
+                 sleep: Callable[[float], None] | None = None, rng: random.Random | None = None):
         _check(api_key is None or base_url is not None, "api_key", "***",
                "a key needs the endpoint it belongs to", "pass base_url too")
+        self.default = Endpoint(base_url, api_key) if base_url is not None else None
         self.endpoints: dict[str, Endpoint] = {}
         for model, endpoint in (endpoints or {}).items():
             _check(isinstance(model, str) and model != "", "endpoints", model, "a model name is a non-empty string",
                    'map names to endpoints: {"qwen": Endpoint("http://host:8000/v1")}')
             self.endpoints[model] = endpoint if isinstance(endpoint, Endpoint) else Endpoint(endpoint)
-        for name, value, low in (("timeout", timeout, 0), ("backoff", backoff, 0), ("max_backoff", max_backoff, 0),
-                                 ("max_retry_after", max_retry_after, 0)):
-            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
-                   and math.isfinite(value) and (name != "timeout" or value > 0), name, value,
-                   "it must be a finite number of seconds" + (" above 0" if name == "timeout" else " >= 0"),
+        for name, value in (("timeout", timeout), ("deadline", deadline), ("backoff", backoff),
+                            ("max_backoff", max_backoff), ("max_retry_after", max_retry_after)):
+            positive = name in ("timeout", "deadline")
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                   and (value > 0 if positive else value >= 0), name, value,
+                   "it must be a finite number of seconds" + (" above 0" if positive else " >= 0"),
                    f"pass e.g. {name}=30")
         _check(_is_int(retries) and retries >= 0, "retries", retries, "it counts extra attempts",
                "pass an integer >= 0 (0 disables retrying)")
-        self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
-        self.max_retry_after, self.sleep = max_retry_after, sleep
+        _check(_is_int(max_reply_bytes) and max_reply_bytes >= 1024, "max_reply_bytes", max_reply_bytes,
+               "it caps the size of a reply", "pass a number of bytes >= 1024")
+        self.timeout, self.deadline, self.retries = timeout, deadline, retries
+        self.backoff, self.max_backoff, self.max_retry_after = backoff, max_backoff, max_retry_after
+        self.max_reply_bytes, self.sleep = max_reply_bytes, sleep
         self.rng = rng or random.Random()
         self.max_idle = max_idle
         self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
+        self._in_flight: set[_Attempt] = set()
+        self._watch = threading.Condition(threading.Lock())
+        self._watching, self._wakes_at = False, math.inf
+        self._aborted = threading.Event()
 
     def __repr__(self) -> str:
         return f"HTTPClient(default={self.default!r}, endpoints={self.endpoints!r})"
@@ -1188,7 +1300,7 @@ class HTTPClient:
         if request.stream is not None:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        payload = _clean(json.dumps(body, ensure_ascii=False)).encode("utf-8")  # no lone surrogate can be sent
         attempt, retries = 0, 0
         while True:
             attempt += 1
@@ -1204,20 +1316,23 @@ class HTTPClient:
                     if failure.retry_after > self.max_retry_after:
                         raise self._error(endpoint, request, f"{failure.message}; the server asked to wait "
                                           f"{failure.retry_after:g} s, more than max_retry_after="
-                                          f"{self.max_retry_after:g}", failure, attempt) from failure
+                                          f"{self.max_retry_after:g}", failure, attempt) from None
                     wait = max(wait, failure.retry_after)
                 if retries >= self.retries:
-                    raise self._error(endpoint, request, failure.message, failure, attempt) from failure
+                    raise self._error(endpoint, request, failure.message, failure, attempt) from None
                 retries += 1
-                self.sleep(wait)
+                if self.sleep is not None:
+                    self.sleep(wait)
+                else:
+                    self._aborted.wait(wait)  # abort() cuts the wait short
 
     def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None,
                attempts: int, status: int | None = None, body: str = "", retryable: bool = True) -> ModelError:
         if failure is not None:
             status, body = failure.status, failure.body
-        # Servers may echo the key back ("Incorrect API key provided: sk-..."): blank it out everywhere.
-        return ModelError(_redact(message, endpoint.api_key), model=request.model, url=endpoint.url,
-                          status=status, body=_redact(body, endpoint.api_key), attempts=attempts,
+        # Servers may echo the key back ("Incorrect API key provided: sk-..."): blank it out, then cut.
+        return ModelError(_shown(message, endpoint.api_key, SHOWN_MESSAGE), model=request.model, url=endpoint.url,
+                          status=status, body=_shown(body, endpoint.api_key, SHOWN_BODY), attempts=attempts,
                           retryable=retryable)
 
     def _acquire(self, endpoint: Endpoint) -> tuple[http.client.HTTPConnection, bool]:
@@ -1228,7 +1343,7 @@ class HTTPClient:
             if idle:
                 return idle.pop(), True
         kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-        return kind(parts.hostname, parts.port, timeout=self.timeout), False
+        return kind(parts.hostname, parts.port, timeout=min(self.timeout, self.deadline)), False
 
     def _release(self, endpoint: Endpoint, connection: http.client.HTTPConnection) -> None:
         """Put a connection whose reply was read in full back for reuse."""
@@ -1240,9 +1355,90 @@ class HTTPClient:
                 return
         connection.close()
 
+    # --- the deadline watchdog: one thread per client, alive while attempts are in flight ------------------
+
+    def _begin(self, connection: http.client.HTTPConnection) -> _Attempt:
+        attempt = _Attempt(connection, time.monotonic() + self.deadline)
+        with self._watch:
+            self._in_flight.add(attempt)
+            if not self._watching:
+                self._watching = True
+                threading.Thread(target=self._watchdog, name="selfmoa-deadline", daemon=True).start()
+            elif attempt.deadline < self._wakes_at:
+                self._watch.notify()
+        return attempt
+
+    def _end(self, attempt: _Attempt) -> None:
+        with self._watch:
+            self._in_flight.discard(attempt)
+
+    def _watchdog(self) -> None:
+        """Cut off every attempt past its deadline; stop after a second with nothing in flight."""
+        idle_since = None
+        with self._watch:
+            while True:
+                now = time.monotonic()
+                for attempt in [a for a in self._in_flight if a.deadline <= now]:
+                    attempt.expired = True
+                    self._in_flight.discard(attempt)
+                    _shut(attempt.connection)
+                if self._in_flight:
+                    idle_since = None
+                    self._wakes_at = min(a.deadline for a in self._in_flight)
+                elif idle_since is not None and now - idle_since >= 1.0:
+                    self._watching, self._wakes_at = False, math.inf
+                    return
+                else:
+                    idle_since = idle_since or now
+                    self._wakes_at = now + 1.0
+                self._watch.wait(self._wakes_at - now)
+
+    def abort(self) -> None:
+        """End every call now: attempts in flight are cut off (their sockets shut down), waits between
+        retries end, and this and every later call fails with ``ModelError`` ("interrupted"). For Ctrl-C."""
+        self._aborted.set()
+        with self._watch:
+            for attempt in self._in_flight:
+                _shut(attempt.connection)
+        self.close()
+
+    # --- one attempt ---------------------------------------------------------------------------------------
+
     def _send(self, endpoint: Endpoint, payload: bytes, request: Request) -> Reply:
         """One attempt: send, read, parse. Raises _Retry for what may pass, ModelError for what will not."""
+        if self._aborted.is_set():
+            raise self._error(endpoint, request, "interrupted: the client was aborted", None, 1, retryable=False)
         connection, reused = self._acquire(endpoint)
+        flight = self._begin(connection)
+        try:
+            reply, reusable = self._exchange(connection, reused, endpoint, payload, request, flight)
+        except (_Retry, ModelError) as failure:
+            self._end(flight)
+            connection.close()
+            if self._aborted.is_set():
+                raise self._error(endpoint, request, "interrupted: the client was aborted", None, 1,
+                                  retryable=False) from None
+            if not flight.expired:
+                raise
+            message = f"no complete reply within deadline={self.deadline:g} s"
+            if flight.shown:
+                raise self._error(endpoint, request, f"{message} ({failure.message})", None, 1, status=200,
+                                  retryable=False) from None  # text was shown: retrying would show it twice
+            raise _Retry(message) from None
+        except BaseException:
+            self._end(flight)
+            connection.close()
+            raise
+        self._end(flight)
+        if reusable and not flight.expired:
+            self._release(endpoint, connection)
+        else:
+            connection.close()
+        return reply
+
+    def _exchange(self, connection: http.client.HTTPConnection, reused: bool, endpoint: Endpoint, payload: bytes,
+                  request: Request, flight: _Attempt) -> tuple[Reply, bool]:
+        """Send the request and read the reply: the Reply and whether the connection can be reused."""
         parts = endpoint._parts
         path = (parts.path.rstrip("/") + "/chat/completions") + (f"?{parts.query}" if parts.query else "")
         headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
@@ -1253,110 +1449,143 @@ class HTTPClient:
             connection.request("POST", path, body=payload, headers=headers)
             response = connection.getresponse()
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-            connection.close()
             raise _Retry(f"connection dropped before a reply ({type(exc).__name__})", stale=reused) from None
         except (TimeoutError, socket.timeout):
-            connection.close()
             raise _Retry(f"no reply within timeout={self.timeout:g} s") from None
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
-            raise _Retry(f"could not reach the server ({type(exc).__name__}: {exc})") from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise _Retry(f"could not reach the server, or its reply is not HTTP ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})") from None
+        if response.status == 200 and request.stream is not None:
+            return self._read_stream(response, endpoint, request, flight)
         try:
-            if response.status != 200 or not request.stream:
-                raw = response.read()
-            else:
-                reply = self._read_stream(response, endpoint, request, connection)
-                self._release(endpoint, connection)
-                return reply
+            raw, whole = _read_capped(response, self.max_reply_bytes if response.status == 200 else MAX_ERROR_BYTES)
         except (TimeoutError, socket.timeout):
-            connection.close()
             raise _Retry(f"the reply stalled beyond timeout={self.timeout:g} s") from None
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
+        except (OSError, http.client.HTTPException, ValueError) as exc:
             raise _Retry(f"the reply was cut off ({type(exc).__name__})") from None
-        if response.will_close:
-            connection.close()
-        else:
-            self._release(endpoint, connection)
         text = raw.decode("utf-8", errors="replace")
         if response.status != 200:
             detail = _error_message(text)
             retry_after = _retry_after(response.getheader("Retry-After"))
             if response.status in RETRY_STATUSES:
-                raise _Retry(detail, status=response.status, body=text[:500], retry_after=retry_after)
-            raise self._error(endpoint, request, detail, None, 1, status=response.status, body=text[:500],
+                raise _Retry(detail, status=response.status, body=text, retry_after=retry_after)
+            raise self._error(endpoint, request, detail, None, 1, status=response.status, body=text,
                               retryable=False)
-        return self._parse(text, endpoint, request)
+        if not whole:
+            raise self._error(endpoint, request, f"the reply is larger than max_reply_bytes="
+                              f"{self.max_reply_bytes}", None, 1, status=200, body=text, retryable=False)
+        return self._parse(text, endpoint, request), not response.will_close
 
     def _parse(self, text: str, endpoint: Endpoint, request: Request) -> Reply:
-        """A chat-completions JSON body -> Reply, or a ModelError that says what is wrong with it."""
+        """A chat-completions JSON body -> Reply, or a ModelError that says what is wrong with it.
+
+        Choice ``j`` goes to position ``index`` (its place in the list if it has no numeric index); an index
+        out of range or already taken is ignored; a position left without a string ``message.content``
+        is ``None``. With ``n == 1`` that is an error; with more, the methods ask for those samples again.
+        """
         def bad(what: str) -> ModelError:
             return self._error(endpoint, request, f"the reply is not a chat completion: {what}", None, 1,
-                               status=200, body=text[:500], retryable=False)
+                               status=200, body=text, retryable=False)
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise bad("its body is not JSON") from None
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices:
             raise bad("it has no 'choices' list")
-        texts, reasons = [], []
-        def position(item: tuple[int, Any]) -> int:  # by "index" when the server gives a number
-            index = item[1].get("index") if isinstance(item[1], dict) else None
-            return index if _is_int(index) else item[0]
-
-        for _, choice in sorted(enumerate(choices), key=position):
+        texts: list[str | None] = [None] * request.n
+        reasons: list[str | None] = [None] * request.n
+        taken, problem = [False] * request.n, None
+        for place, choice in enumerate(choices):
+            index = choice.get("index") if isinstance(choice, dict) else None
+            index = index if _is_int(index) else place
+            if not 0 <= index < request.n or taken[index]:
+                continue  # more choices than asked for, or a repeated index: the first one counts
+            taken[index] = True
             message = choice.get("message") if isinstance(choice, dict) else None
             content = message.get("content") if isinstance(message, dict) else None
-            if not isinstance(content, str):
-                raise bad("a choice has no string 'message.content'")
-            texts.append(content)
-            reasons.append(choice.get("finish_reason"))
+            reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+            reasons[index] = _clean(reason[:100]) if isinstance(reason, str) else None
+            if isinstance(content, str):
+                texts[index] = _clean(content)
+            elif problem is None:
+                problem = (f"choice {index} has no string 'message.content'"
+                           + (f" (finish_reason {reasons[index]!r})" if reasons[index] else ""))
+        if texts[0] is None and request.n == 1:
+            raise bad(problem or "it has no choice with index 0")
+        filled = max((i + 1 for i in range(request.n) if taken[i]), default=1)  # the rest: missing, asked for
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        return Reply(texts, reasons, _int_or_none(usage.get("prompt_tokens")),
+        return Reply(texts[:filled], reasons[:filled], _int_or_none(usage.get("prompt_tokens")),
                      _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
 
     def _read_stream(self, response: http.client.HTTPResponse, endpoint: Endpoint, request: Request,
-                     connection: http.client.HTTPConnection) -> Reply:
+                     flight: _Attempt) -> tuple[Reply, bool]:
         """Read server-sent events, passing each text piece on as it arrives."""
+        assert request.stream is not None
         pieces: list[str] = []
-        reason, usage = None, {}
-        try:
-            for raw in response:
-                line = raw.decode("utf-8", errors="replace").strip()
-                if not line.startswith("data:"):
-                    continue  # blank lines between events, ":" comments, "event:" fields
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    raise self._error(endpoint, request, "a streamed event is not JSON", None, 1, status=200,
-                                      body=data[:500], retryable=False) from None
-                if isinstance(chunk.get("usage"), dict):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    piece = delta.get("content")
-                    if isinstance(piece, str) and piece:
-                        pieces.append(piece)
-                        request.stream(piece)
-                    reason = choice.get("finish_reason") or reason
-            else:
-                raise OSError("the stream ended without data: [DONE]")
-            response.read()  # the end of the chunked body, so that the connection can be reused
-            if response.will_close:
-                connection.close()
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
-            message = f"the stream broke ({type(exc).__name__}: {exc})"
+        reason, usage, size = None, {}, 0
+
+        def broke(why: str) -> Exception:
+            message = f"the stream broke ({why})"
             if not pieces:
-                raise _Retry(message) from None
-            raise self._error(endpoint, request, f"{message} after {sum(map(len, pieces))} characters had "
-                              f"been streamed", None, 1, status=200) from None
-        return Reply(["".join(pieces)], [reason], _int_or_none(usage.get("prompt_tokens")),
-                     _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
+                return _Retry(message)
+            return self._error(endpoint, request, f"{message} after {sum(map(len, pieces))} characters had been "
+                               f"streamed", None, 1, status=200, retryable=False)
+
+        def bad(what: str, data: str = "") -> ModelError:
+            return self._error(endpoint, request, f"the stream is not chat-completion events: {what}", None, 1,
+                               status=200, body=data, retryable=False)
+        while True:
+            try:
+                raw = response.readline(MAX_EVENT_LINE + 1)
+            except (TimeoutError, socket.timeout):
+                raise broke(f"no data within timeout={self.timeout:g} s") from None
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                raise broke(type(exc).__name__) from None
+            if not raw:
+                raise broke("it ended without data: [DONE]")
+            if not raw.endswith(b"\n") and len(raw) <= MAX_EVENT_LINE:
+                raise broke("it ended in the middle of a line")
+            size += len(raw)
+            if len(raw) > MAX_EVENT_LINE:
+                raise bad(f"a line is longer than {MAX_EVENT_LINE} bytes")
+            if size > self.max_reply_bytes:
+                raise bad(f"the reply is larger than max_reply_bytes={self.max_reply_bytes}")
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line.startswith("data:"):
+                continue  # blank lines between events, ":" comments, "event:" fields
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                chunk = json.loads(data)
+            except (ValueError, RecursionError):
+                raise bad("an event is not JSON", data) from None
+            choices = chunk.get("choices") if isinstance(chunk, dict) else None
+            if not isinstance(chunk, dict) or not isinstance(choices, (list, type(None))):
+                raise bad("an event is not an object with a 'choices' list", data)
+            if isinstance(chunk.get("usage"), dict):
+                usage = chunk["usage"]
+            for choice in choices or []:
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if not isinstance(choice, dict) or not isinstance(delta, (dict, type(None))):
+                    raise bad("a choice is not an object with a 'delta' object", data)
+                if choice.get("index", 0) != 0:
+                    continue  # a stream asks for one choice
+                piece = (delta or {}).get("content")
+                if isinstance(piece, str) and piece:
+                    pieces.append(_clean(piece))
+                    flight.shown = True
+                    request.stream(pieces[-1])
+                if isinstance(choice.get("finish_reason"), str):
+                    reason = _clean(choice["finish_reason"][:100])
+        try:  # the end of the body (the chunked terminator), so that the connection can be reused
+            _, whole = _read_capped(response, MAX_ERROR_BYTES)
+        except (OSError, http.client.HTTPException, ValueError):
+            whole = False
+        reply = Reply(["".join(pieces)], [reason], _int_or_none(usage.get("prompt_tokens")),
+                      _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
+        return reply, whole and not response.will_close
 
     def close(self) -> None:
         """Close the idle kept-alive connections (the client stays usable: it reconnects when called)."""
@@ -1373,26 +1602,87 @@ class HTTPClient:
         self.close()
 
 
+def _read_capped(response: http.client.HTTPResponse, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of a body, read piece by piece, and whether that was all of it.
+
+    Content-Length is never trusted to size a buffer; a body shorter than it announced raises IncompleteRead.
+    """
+    body = bytearray()
+    while len(body) <= limit:
+        piece = response.read(min(1 << 16, limit + 1 - len(body)))
+        if not piece:
+            if response.length:  # announced, never sent: the connection closed early
+                raise http.client.IncompleteRead(bytes(body[-16:]), response.length)
+            return bytes(body), True
+        body += piece
+    return bytes(body[:limit]), False
+
+
 def _int_or_none(value: Any) -> int | None:
-    return value if _is_int(value) else None
+    return value if _is_int(value) and value >= 0 else None
 
 
-def _redact(text: str, secret: str | None) -> str:
-    """``text`` with every occurrence of ``secret`` blanked out."""
-    return text.replace(secret, "***") if secret else text
+def _key_forms(secret: str) -> list[str]:
+    """The ways a server may echo a key: as is, JSON-escaped, and percent-encoded (either case of hex)."""
+    quoted = urllib.parse.quote(secret, safe="")
+    forms = [secret, json.dumps(secret)[1:-1], secret.replace("/", "\\/"), quoted,
+             re.sub("%[0-9A-F]{2}", lambda hexa: hexa.group().lower(), quoted), urllib.parse.quote_plus(secret)]
+    return list(dict.fromkeys(forms))
+
+
+def _redact(text: str, secret: str | None, run: int = 8) -> str:
+    """``text`` with the key blanked out: every stretch of ``run`` or more characters of it (the whole key,
+    a cut-off part, or the same in one of the forms servers echo it in) becomes ``***``.
+
+    >>> _redact("bad key sk-abcdef123456; you sent sk-abcdef12; ok", "sk-abcdef123456")
+    'bad key ***; you sent ***; ok'
+    >>> _redact("sk-ab%2Fcdefgh", "sk-ab/cdefgh"), _redact('"sk-ab\\\\/cdefgh"', "sk-ab/cdefgh")
+    ('***', '"***"')
+    """
+    if not secret:
+        return text
+    for form in _key_forms(secret):
+        if len(form) < run:
+            text = text.replace(form, "***")
+            continue
+        grams = {form[i:i + run] for i in range(len(form) - run + 1)}
+        out, start, i = [], 0, 0
+        while i <= len(text) - run:
+            if text[i:i + run] in grams:
+                end = i + run
+                while end < len(text) and text[i:end + 1] in form:
+                    end += 1
+                out += [text[start:i], "***"]
+                start = i = end
+            else:
+                i += 1
+        text = "".join(out) + text[start:]
+    return text
+
+
+def _shown(text: str, secret: str | None, limit: int) -> str:
+    """Server text made safe to show: the key blanked out *before* cutting to ``limit`` characters (and any
+    part of it left at the cut blanked after), lone surrogates and control characters replaced."""
+    text = text.strip()
+    if secret:
+        text = _redact(text[:limit + 8 * len(secret)], secret)  # margin: a key crossing the cut lies inside
+    text = text[:limit]
+    if secret:
+        text = _redact(text, secret)
+    return _CONTROLS.sub("\ufffd", _clean(text))
 
 
 def _error_message(body: str) -> str:
-    """The message of an OpenAI-shaped error body, or the start of whatever the body is."""
+    """The message of an OpenAI-shaped error body, or whatever the body is."""
     try:
         error = json.loads(body).get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"][:300]
+            return error["message"]
         if isinstance(error, str):
-            return error[:300]
-    except (ValueError, AttributeError):
+            return error
+    except (ValueError, AttributeError, RecursionError):
         pass
-    return (body.strip()[:300] or "(empty body)")
+    return body.strip() or "(empty body)"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -1408,10 +1698,9 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         try:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
     return max(0.0, seconds) if math.isfinite(seconds) else None
-
 
 # ======================================================================================================
 # Quality and diversity: the measures behind the paper's argument
@@ -3207,7 +3496,7 @@ _FLAGS = {"temperature": "--temperature", "max_tokens": "--max-tokens", "n": "--
           "aggregator_temperature": "--aggregator-temperature", "aggregator_max_tokens": "--aggregator-max-tokens",
           "window": "--window", "carry": "--carry", "layers": "--layers", "seed": "--seed", "min_ok": "--min-ok",
           "concurrency": "--concurrency", "timeout": "--timeout", "retries": "--retries", "model": "--model",
-          "aggregator": "--aggregator", "proposer": "--proposer", "proposers": "--proposer",
+          "aggregator": "--aggregator", "proposer": "--proposer", "proposers": "--proposer", "deadline": "--deadline",
           "base_url": "--base-url", "prompt": "PROMPT", "instruction": "--instruction-file"}
 
 
@@ -3236,7 +3525,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, metavar="S", help="sample i gets seed S+i; aggregations get S")
     add("--min-ok", type=int, default=1, metavar="K", help="fewest proposers per layer that must succeed (default: 1)")
     add("--concurrency", type=int, default=8, metavar="C", help="calls at once (default: 8)")
-    add("--timeout", type=float, default=120.0, metavar="SECONDS", help="per connect and read (default: 120)")
+    add("--timeout", type=float, default=120.0, metavar="SECONDS",
+        help="how long to wait to connect, and for each piece of a reply (default: 120)")
+    add("--deadline", type=float, default=600.0, metavar="SECONDS",
+        help="the most one attempt of a call may take, from connecting to the reply's last byte (default: 600)")
     add("--retries", type=int, default=4, metavar="N", help="retries of a failed call (default: 4)")
     add("--no-n", dest="use_n", action="store_false",
         help="never ask for several samples in one request (one request per sample)")
@@ -3268,20 +3560,37 @@ def _key_env_name(model: str) -> str:
     return "SELFMOA_API_KEY_" + re.sub(r"[^A-Z0-9]", "_", model.upper())
 
 
+def _cli_endpoint(url: str, key: str | None, url_source: str, key_source: str) -> Endpoint:
+    """An Endpoint from the command line or the environment; a bad URL or key names where it came from,
+    and shows neither the key nor the URL's user, password, path or query."""
+    problem = _url_problem(url)
+    if problem:
+        raise ConfigError(f"{url_source}{_origin(url)!r}: {problem}; pass a URL like http://localhost:8000/v1")
+    problem = _key_problem(key)
+    if problem:
+        raise ConfigError(f"{key_source}: {problem}; give the key alone, e.g. \"$(tr -d '\\r\\n' < key.txt)\"")
+    return Endpoint(url, key)
+
+
 def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPClient:
     """The HTTPClient the flags and the environment describe, keys going only where they belong."""
     env_url = environ.get("OPENAI_BASE_URL") or None
     base_url = args.base_url or env_url or OPENAI_BASE_URL
-    key = args.api_key
+    key, key_source = args.api_key, "--api-key"
     if key is None and (base_url.rstrip("/") == OPENAI_BASE_URL or (env_url and base_url == env_url)):
-        key = environ.get("OPENAI_API_KEY") or None
+        key, key_source = environ.get("OPENAI_API_KEY") or None, "$OPENAI_API_KEY"
+    default = _cli_endpoint(base_url, key, "--base-url " if args.base_url else "$OPENAI_BASE_URL ",
+                            key_source)
     endpoints = {}
     for spec in args.endpoint or []:
         model, sep, url = spec.partition("=")
-        if not sep or not model or not url:
-            raise ConfigError(f"--endpoint {spec!r}: expected MODEL=URL; pass e.g. --endpoint llama=http://localhost:8080/v1")
-        endpoints[model] = Endpoint(url, environ.get(_key_env_name(model)) or None)
-    return HTTPClient(base_url, key, endpoints=endpoints, timeout=args.timeout, retries=args.retries)
+        if not sep or not model.strip() or not url or "://" in model:
+            raise ConfigError("--endpoint: expected MODEL=URL, the model's name first; pass e.g. "
+                              "--endpoint llama=http://localhost:8080/v1")
+        name = _key_env_name(model)
+        endpoints[model] = _cli_endpoint(url, environ.get(name) or None, f"--endpoint {model}=", f"${name}")
+    return HTTPClient(default.base_url, default.api_key, endpoints=endpoints, timeout=args.timeout,
+                      deadline=args.deadline, retries=args.retries)
 
 
 def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -3386,6 +3695,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             print(f"selfmoa: {exc.partial.requests} requests had been made; --json shows them", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        client.abort()  # calls still in flight end now: their sockets are shut down
         print("\nselfmoa: interrupted", file=sys.stderr)
         return 130
     if args.json:
@@ -3431,6 +3741,7 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
             counts = run_batch(items, records_path, method=args.method, complete=client,
                                trace=args.trace, progress=progress if show_progress else None, **options)
     except KeyboardInterrupt:
+        client.abort()  # calls still in flight end now, so that the process can exit at once
         print(f"\nselfmoa: interrupted; finished items are in {records_path}; run the same command to resume",
               file=sys.stderr)
         return 130

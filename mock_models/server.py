@@ -261,8 +261,13 @@ def _make_handler(server: MockServer, client_timeout: float):
                 raw = self._read_body()
                 try:
                     entry["body"] = json.loads(raw)
-                except ValueError:
-                    raise BadRequest(400, "the body is not valid JSON", None) from None
+                except (ValueError, RecursionError):
+                    raise BadRequest(400, "the body is not valid JSON (or is nested too deeply)", None) from None
+                try:
+                    json.dumps(entry["body"], ensure_ascii=False).encode("utf-8")
+                except UnicodeError:  # "\\ud83d" alone: JSON can spell it, Unicode has no such character
+                    raise BadRequest(400, "the body holds a lone surrogate escape (\\ud800-\\udfff); send valid "
+                                     "Unicode", None) from None
                 if path != "/v1/chat/completions":
                     raise BadRequest(404, f"no route for POST {path[:100]}")
                 if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
@@ -301,8 +306,13 @@ def _make_handler(server: MockServer, client_timeout: float):
             except BadRequest as bad:
                 entry["status"] = bad.status
                 self._json(bad.status, _error(bad.message, bad.kind, bad.param, bad.code))
-            except (OSError, ValueError):  # the client went away, or sent something unreadable
+            except OSError:  # the client went away
                 self.close_connection = True
+            except Exception as exc:  # a bug of the mock: say so in the API's shape, and keep serving
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self._json(500, _error(f"mock_models failed on this request ({type(exc).__name__})",
+                                           "server_error"))
 
         def _read_body(self) -> bytes:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

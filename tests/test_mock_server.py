@@ -211,6 +211,24 @@ def raw_exchange(server, payload: bytes, timeout: float = 3.0) -> bytes:
         return b"".join(chunks)
 
 
+def framed(body: bytes) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+nesting_bomb = st.builds(lambda opener, depth, tail: opener * depth + tail,
+                         st.sampled_from([b"[", b'{"a":', b'[{"b":']),
+                         st.integers(1_000, 200_000), st.sampled_from([b"", b"1", b"]" * 10]))
+surrogate = st.sampled_from(["\\ud83d", "\\udc00", "a\\udfffb", "\\ud800\\ud800"])
+lone_surrogate_body = st.builds(
+    lambda where, escape: (json.dumps({"model": "echo", "messages": [{"role": "user", "content": "PLACE"}]})
+                           if where == "content" else json.dumps({"model": "PLACE", "messages": USER})
+                           if where == "model" else json.dumps({"model": "echo", "messages": [{"role": "user",
+                                                                                                "content": "x"}],
+                                                               "stop": ["PLACE"]})).replace("PLACE", escape).encode(),
+    st.sampled_from(["content", "model", "stop"]), surrogate)
+
+
 @given(payload=st.one_of(
     st.binary(max_size=300),
     st.builds(lambda body: b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
@@ -224,6 +242,7 @@ def raw_exchange(server, payload: bytes, timeout: float = 3.0) -> bytes:
     st.builds(lambda name, value: b"GET /health HTTP/1.1\r\n" + name + b": " + value + b"\r\n\r\n",
               st.binary(min_size=1, max_size=20).filter(lambda b: b"\r" not in b and b"\n" not in b and b":" not in b),
               st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" not in b)),
+    nesting_bomb.map(framed), lone_surrogate_body.map(framed),
 ))
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_any_bytes_get_a_well_formed_http_response_and_the_server_stays_up(server, payload):
@@ -235,6 +254,19 @@ def test_any_bytes_get_a_well_formed_http_response_and_the_server_stays_up(serve
         assert status_line.startswith(b"HTTP/1.") and status_line.split()[1].isdigit()
         length = [line for line in head.split(b"\r\n")[1:] if line.lower().startswith(b"content-length:")]
         assert length, head
+    assert_alive(server)
+
+
+@given(body=st.one_of(nesting_bomb, lone_surrogate_body, st.binary(max_size=100).map(lambda b: b"\xff" + b)))
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_malformed_request_gets_an_openai_shaped_4xx_and_the_server_stays_up(server, body):
+    """A JSON nesting bomb, a lone surrogate escape anywhere, or bytes that are not UTF-8 JSON: the answer is a
+    4xx with an OpenAI-shaped error body (never a dropped connection or a 5xx), and the server keeps serving."""
+    answer = raw_exchange(server, framed(body))
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b"\r\n")[0].split()[1])
+    assert 400 <= status < 500, head
+    assert set(json.loads(payload)["error"]) == {"message", "type", "param", "code"}
     assert_alive(server)
 
 
@@ -265,7 +297,7 @@ def test_demo_runs_every_method_and_prints_its_commands():
     done = subprocess.run([sys.executable, "-m", "mock_models", "demo"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("$ python selfmoa.py") == 9
+    assert done.stdout.count("$ python3 selfmoa.py") == 9
     assert "| MATH | Self-MoA |" in done.stdout and "| MMLU | Self-MoA-Seq |" in done.stdout
 
 
