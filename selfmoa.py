@@ -2701,6 +2701,7 @@ def _check_alpaca_target(path: str, records_path: str, items: Sequence[Item]) ->
 SERVE_METHODS = {"self-moa/": "self-moa", "self-moa-seq/": "self-moa-seq", "moa/": "moa"}  # model prefix -> method
 SERVE_MAX_BODY = 16 * 1024 * 1024  # bytes of a request body at most (413 beyond)
 SERVE_MAX_UPSTREAM = 64 * 1024 * 1024  # bytes of a passed-through reply at most (502 beyond)
+SERVE_MAX_UPSTREAM_LINE = 1024 * 1024  # a longer streamed line is relayed (redacted) in pieces
 SERVE_MAX_CALLS = 256  # samples (or proposers of a layer), and layers x proposers, one request may ask for
 SERVE_DEFAULTS: dict[str, Any] = {
     "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": 0.7,
@@ -2849,6 +2850,18 @@ def _param_of(exc: ConfigError) -> tuple[str, str]:
     name = re.split(r"[=\[ ]", message, maxsplit=1)[0]
     param = _SERVE_PARAMS.get(name, f"selfmoa.{name}")
     return param, param + message[len(name):]
+
+
+def _redact_bytes(data: bytes, secret: str | None) -> bytes:
+    """Bytes relayed from an upstream with its key blanked out in every form ``_redact`` knows; bytes that
+    are not UTF-8 pass through unchanged (surrogate escapes).
+
+    >>> _redact_bytes(b'{"error": "bad key sk-abcdef123456"}', "sk-abcdef123456")
+    b'{"error": "bad key ***"}'
+    """
+    if not secret:
+        return data
+    return _redact(data.decode("utf-8", "surrogateescape"), secret).encode("utf-8", "surrogateescape")
 
 
 def _redact_all(text: str, secrets: Iterable[str | None]) -> str:
@@ -3251,7 +3264,7 @@ class ModelServer:
             backoff, most = getattr(self.complete, "backoff", 0.5), getattr(self.complete, "max_backoff", 30.0)
             time.sleep(min(most, backoff * 2 ** attempt) * random.random())
             attempt += 1
-        key, kept = (endpoint.api_key or "").encode(), False
+        key, kept = endpoint.api_key, False
         try:
             content_type = response.getheader("Content-Type") or "application/json"
             if not (streaming and response.status == 200 and content_type.startswith("text/event-stream")):
@@ -3261,15 +3274,25 @@ class ModelServer:
                                       f"over {SERVE_MAX_UPSTREAM} bytes", None, "upstream_error", "upstream_error")
                 kept = self._keep(parts, connection, response)
                 extra = {"Retry-After": response.getheader("Retry-After")} if response.getheader("Retry-After") else {}
-                return handler.send_bytes(response.status, data.replace(key, b"***") if key else data, content_type,
+                return handler.send_bytes(response.status, _redact_bytes(data, endpoint.api_key), content_type,
                                           extra)
             handler.start_chunked(200, content_type)
+            # Relayed line by line: a key the upstream echoes never spans a line break (keys hold no control
+            # characters), so redacting whole lines catches it even when it arrives split over two reads.
+            pending = b""
             while True:
                 data = response.read1(65536)
                 if not data:
                     break
-                if not handler.send_chunk(data.replace(key, b"***") if key else data):
+                pending += data
+                cut = pending.rfind(b"\n") + 1 if key else len(pending)
+                if not cut and len(pending) <= SERVE_MAX_UPSTREAM_LINE:
+                    continue
+                ready, pending = (pending[:cut], pending[cut:]) if cut else (pending, b"")
+                if not handler.send_chunk(_redact_bytes(ready, endpoint.api_key)):
                     return  # the client went away: closing the upstream connection stops the generation
+            if pending and not handler.send_chunk(_redact_bytes(pending, endpoint.api_key)):
+                return
             response.read()  # the end of the body (nothing left to relay), so that the connection can be kept
             kept = self._keep(parts, connection, response)
             handler.end_chunked()
