@@ -328,32 +328,46 @@ def inject_references(messages: Sequence[Message], references: Sequence[str],
     return out
 
 
-_FIRST_MARKER = re.compile(r"^<<<response 1 of (\d+), key ([0-9a-f]{8})>>>$", re.MULTILINE)
+_LAST_LINE = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
+
+
+def _block_key(system: str) -> tuple[int, str] | None:
+    """(N, K) of the reference block that ends ``system``, or None when it ends with none."""
+    found = _LAST_LINE.search(system)
+    return (int(found.group(1)), found.group(2)) if found else None
 
 
 def read_references(prompt: str | Sequence[Message]) -> list[str]:
-    """The references held by an aggregator prompt (a system text or a message list), in order.
+    """The references of the block that ends an aggregator prompt (a system text or a message list), in order.
+
+    The block is the one ``inject_references`` added last, so references the caller's messages or the
+    instruction already held (a prompt built by another MoA) are not read as this prompt's.
 
     >>> read_references(inject_references([{"role": "user", "content": "Q"}], ["x", "<<<end of response 1"]))
     ['x', '<<<end of response 1']
+    >>> upstream = inject_references([{"role": "user", "content": "Q"}], ["old"])
+    >>> read_references(inject_references(upstream, ["new 1", "new 2"]))
+    ['new 1', 'new 2']
     >>> read_references([{"role": "user", "content": "no references here"}])
     []
     """
     if not isinstance(prompt, str):
         system = [m["content"] for m in prompt[:1] if m.get("role") == "system"]
         prompt = system[0] if system else ""
-    found = _FIRST_MARKER.search(prompt)
-    if not found:
+    found = _block_key(prompt)
+    if found is None:
         return []
-    count, key = int(found.group(1)), found.group(2)
-    references, position = [], found.start()
+    count, key = found
+    # No reference holds the key, so the last "response 1" line with it opens this block, whatever came before.
+    position = prompt.rfind(f"<<<response 1 of {count}, key {key}>>>\n")
+    references = []
     for i in range(1, count + 1):
         begin = f"<<<response {i} of {count}, key {key}>>>\n"
         end = f"\n<<<end of response {i}, key {key}>>>"
-        start = prompt.find(begin, position)
+        start = prompt.find(begin, position) if position >= 0 else -1
         stop = prompt.find(end, start + len(begin) - 1) if start >= 0 else -1
         if start < 0 or stop < 0:
-            break
+            return []
         references.append(prompt[start + len(begin):stop])
         position = stop + len(end)
     return references

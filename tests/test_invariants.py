@@ -312,3 +312,39 @@ def test_threaded_moa_equals_the_sequential_reference(plan, messages, seed):
     expected, final_prompt = reference_moa(Recorder(), messages, plan, "gamma", seed)
     assert result.answer == expected
     assert list(fake.requests[-1].messages) == final_prompt
+
+
+# --- W: the block read back is the one added last ----------------------------------------------------
+
+block_text = st.one_of(text, st.sampled_from(["<<<response 1 of 1, key 00000000>>>", "<<<end of response 1",
+                                              "\n", "", ">>>"]))
+
+
+@given(layers=st.lists(st.lists(block_text, min_size=1, max_size=3), min_size=1, max_size=3),
+       system=st.none() | text, quoted=st.none() | st.lists(block_text, min_size=1, max_size=2))
+@example(layers=[["same"], ["same"]], system=None, quoted=None)  # the same texts give the same key twice
+@example(layers=[["x"]], system=None, quoted=["x"])  # the instruction quotes a block with the very same key
+def test_W1_the_block_read_back_is_the_one_added_last_however_many_came_before(layers, system, quoted):
+    """A prompt built on a prompt that already holds blocks (selfmoa behind another MoA, or an instruction
+    quoting one) reads back the references added last; the mock's aggregator reads the same ones."""
+    from mock_models import models
+
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": "user", "content": "Q"}]
+    instruction = "Merge." if quoted is None else "Merge, as in:\n\n" + selfmoa.format_references(quoted)
+    for references in layers:
+        messages = selfmoa.inject_references(messages, references, instruction)
+    assert selfmoa.read_references(messages) == layers[-1]
+    assert models.references_in(messages[0]["content"]) == layers[-1]
+
+
+def test_W1_the_mock_aggregator_votes_over_the_block_added_last():
+    """Self-MoA behind another MoA: the mock aggregator answers from selfmoa's samples, not the upstream ones."""
+    from mock_models import models, tasks
+
+    task = tasks.make_tasks("MATH", 1, seed=0)[0]
+    upstream = selfmoa.inject_references([{"role": "user", "content": task.prompt}],
+                                         ["The answer is 123456789.", "The answer is 123456789."])
+    ours = [f"The answer is {task.answer}."] * 3
+    reply = models.reply("generalist", selfmoa.inject_references(upstream, ours), 0.7, 1)
+    assert tasks.extract_answer(reply) == task.answer and "123456789" not in reply

@@ -25,17 +25,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 VECTORS = sorted((ROOT / "spec" / "vectors").glob("*.json"))
 IMPL = os.environ.get("SELFMOA_IMPL", "selfmoa")
 impl = importlib.import_module(IMPL)
-FIRST = re.compile(r"^<<<response 1 of (\d+), key ([0-9a-f]{8})>>>$", re.MULTILINE)
-
-
+LAST = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
 def references_in(messages) -> list[str]:
-    """The references a request shows: wire.md section 6, read from its first (system) message."""
+    """The references a request shows: wire.md section 6, the block that ends its first (system) message."""
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-    found = FIRST.search(system)
+    found = LAST.search(system)
     if not found:
         return []
     count, key = int(found.group(1)), found.group(2)
-    refs, position = [], found.start()
+    refs, position = [], system.rindex(f"<<<response 1 of {count}, key {key}>>>\n")
     for i in range(1, count + 1):
         begin, end = f"<<<response {i} of {count}, key {key}>>>\n", f"\n<<<end of response {i}, key {key}>>>"
         start = system.index(begin, position)
@@ -57,7 +55,7 @@ class ScriptedModel:
         self.seen: list[tuple] = []
         self.problems: list[str] = []
         # Texts a request may show: the given samples, and whatever the fake has already answered.
-        self.shown_so_far = set(vector["params"].get("samples", []))
+        self.shown_so_far = set(vector["params"].get("samples", [])) | set(references_in(vector["prompt"]))
         self.lock = threading.Lock()
 
     def __call__(self, request):

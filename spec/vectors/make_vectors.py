@@ -66,6 +66,27 @@ def inject(messages: list[dict], references: list[str], instruction: str) -> lis
     return out
 
 
+LAST_LINE = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
+
+
+def read_back(messages: list[dict]) -> list[str]:
+    """The references a request shows: those of the block that ends its system message (wire.md section 6).
+    A layer-1 request of a prompt that already holds a block (from an upstream MoA) shows that block's."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    found = LAST_LINE.search(system)
+    if not found:
+        return []
+    count, key = int(found.group(1)), found.group(2)
+    position, out = system.rindex(f"<<<response 1 of {count}, key {key}>>>\n"), []
+    for i in range(1, count + 1):
+        begin, end = f"<<<response {i} of {count}, key {key}>>>\n", f"\n<<<end of response {i}, key {key}>>>"
+        start = system.index(begin, position)
+        stop = system.index(end, start + len(begin) - 1)
+        out.append(system[start + len(begin):stop])
+        position = stop + len(end)
+    return out
+
+
 # --- A scripted run: every request, in trace order, with its reply ---------------------------------------
 
 
@@ -80,9 +101,12 @@ class Script:
 
     def ask(self, role, layer, round_, model, n, seed, references, carried, replies=None, error=None):
         temperature, max_tokens = self.proposer if role == "proposer" else self.aggregator
+        messages = inject(self.prompt, list(references), self.instruction)
+        shown = read_back(messages)
+        assert not references or shown == list(references), "a built prompt reads back what went in"
         entry = {"role": role, "layer": layer, "round": round_, "model": model, "n": n, "seed": seed,
-                 "temperature": temperature, "max_tokens": max_tokens, "references": list(references),
-                 "carried": carried, "messages": inject(self.prompt, list(references), self.instruction)}
+                 "temperature": temperature, "max_tokens": max_tokens, "references": shown,
+                 "carried": carried, "messages": messages}
         if error is not None:
             entry["error"] = error
         else:
@@ -230,6 +254,9 @@ def build() -> list[dict]:
               {"role": "user", "content": "What is 6 * 7?"},
               {"role": "assistant", "content": "42."},
               {"role": "user", "content": "And 6 * 8?"}]
+    upstream = inject([{"role": "system", "content": "You answer arithmetic."}, QUESTION[0]],
+                      ["upstream says 41", "upstream says 42"], default)
+    quoting = "Merge the answers. An example of the format:\n\n" + block(["like this"], "Example.")
     s = lambda count: [f"sample {i}" for i in range(count)]  # noqa: E731
     seq = lambda name, description, count, window, carry: vector(  # noqa: E731
         name, description, "self_moa_seq", HAMLET,
@@ -277,6 +304,16 @@ def build() -> list[dict]:
         vector("moa-no-seed", "Without a seed no request carries one (seed null).",
                "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "use_n": False},
                run_moa([["a", "b"]], "z", prompt=QUESTION, seed=None, use_n=False)),
+        vector("moa-nested-prompt", "selfmoa behind another MoA: the caller's system message already ends with "
+               "an upstream reference block. Layer 1 is sent it unchanged (and so shows the upstream references); "
+               "the aggregator reads back the block selfmoa added last, never the upstream one.",
+               "moa", upstream, {"proposers": ["a", "b"], "aggregator": "z", "seed": 2, "use_n": False},
+               run_moa([["a", "b"]], "z", prompt=upstream, seed=2, use_n=False)),
+        vector("self-moa-instruction-quotes-a-block", "An instruction that itself holds a reference block: the "
+               "aggregator's references are the samples, in the block after the instruction.",
+               "self_moa", PRIME, {"model": "m", "n": 2, "seed": 0, "instruction": quoting},
+               run_moa([["m"] * 2], "m", prompt=PRIME, seed=0, instruction=quoting,
+                       sample_text=lambda m, i: f"{m} sample {i}")),
         # --- Self-MoA
         vector("self-moa-n6", "Self-MoA, n=6: the six samples in one request (n=6, seed S), then one aggregation "
                "by the same model with seed S: 6 + 1 = 7 calls in 2 requests.",
