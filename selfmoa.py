@@ -282,8 +282,9 @@ def reference_key(texts: Sequence[str]) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def format_references(references: Sequence[str], instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The system-message block: the instruction, a header, then each reference between its markers.
+def format_references(references: Sequence[str], instruction: str | None = None) -> str:
+    """The system-message block: the instruction (``DEFAULT_INSTRUCTION`` if None), a header, then each
+    reference between its markers.
 
     >>> print(format_references(["Paris.", "Lyon."], instruction="Combine these."))
     Combine these.
@@ -298,6 +299,7 @@ def format_references(references: Sequence[str], instruction: str = DEFAULT_INST
     Lyon.
     <<<end of response 2, key 29d190ab>>>
     """
+    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     key, count = reference_key(references), len(references)
     blocks = [f"<<<response {i} of {count}, key {key}>>>\n{text}\n<<<end of response {i}, key {key}>>>"
               for i, text in enumerate(references, 1)]
@@ -305,7 +307,7 @@ def format_references(references: Sequence[str], instruction: str = DEFAULT_INST
 
 
 def inject_references(messages: Sequence[Message], references: Sequence[str],
-                      instruction: str = DEFAULT_INSTRUCTION) -> list[Message]:
+                      instruction: str | None = None) -> list[Message]:
     """A new message list: ``messages`` with the instruction and references in the system message.
 
     An existing system message gets the block appended after a blank line; otherwise one system message
@@ -371,6 +373,21 @@ def read_references(prompt: str | Sequence[Message]) -> list[str]:
         references.append(prompt[start + len(begin):stop])
         position = stop + len(end)
     return references
+
+
+def _marker(key: str) -> re.Pattern:
+    """A marker line of the block with ``key``, also as a model echoes it (fewer angle brackets, spaces)."""
+    return re.compile(rf"[ \t]*<{{0,3}}[ \t]*(?:end of )?response \d+(?: of \d+)?, key {key}[ \t]*>{{0,3}}[ \t\r]*")
+
+
+def _strip_markers(text: str, key: str) -> str:
+    """``text`` without the marker lines of the prompt (block key ``key``) it answers: a model may echo them.
+
+    >>> _strip_markers("Paris.\\n<<<end of response 2, key 29d190ab>>", "29d190ab")
+    'Paris.'
+    """
+    marker = _marker(key)
+    return "\n".join(line for line in text.split("\n") if not marker.fullmatch(line))
 
 
 # ======================================================================================================
@@ -508,15 +525,18 @@ class Result:
         return {layer: [outputs[i] for i in sorted(outputs)] for layer, outputs in sorted(layers.items())}
 
     def diversity(self) -> dict[int, float]:
-        """The Vendi score of each proposer layer's outputs (see ``vendi_score``)."""
+        """The Vendi score of each proposer layer's outputs (see ``vendi_score``; O(n^3) in n outputs)."""
         return {layer: vendi_score(texts) for layer, texts in self.proposals().items() if texts}
 
-    def to_dict(self, trace: bool = True) -> dict[str, Any]:
-        """Everything as plain JSON-serialisable data (without the trace if ``trace`` is false)."""
-        data = {"answer": self.answer, "method": self.method, "params": self.params,
-                "calls": self.calls, "requests": self.requests,
-                "retries": sum(call.retries for call in self.trace), "usage": self.usage,
-                "diversity": {str(layer): score for layer, score in self.diversity().items()}}
+    def to_dict(self, trace: bool = True, diversity: bool = False) -> dict[str, Any]:
+        """Everything as plain JSON-serialisable data: without the trace if ``trace`` is false, and with
+        ``diversity`` (each proposer layer's Vendi score, keyed by the layer number as a string) only if asked,
+        as it costs more than the run itself for thousands of samples."""
+        data: dict[str, Any] = {"answer": self.answer, "method": self.method, "params": self.params,
+                                "calls": self.calls, "requests": self.requests,
+                                "retries": sum(call.retries for call in self.trace), "usage": self.usage}
+        if diversity:
+            data["diversity"] = {str(layer): score for layer, score in self.diversity().items()}
         if trace:
             data["trace"] = [dataclasses.asdict(call) for call in self.trace]
         return data
@@ -531,8 +551,8 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
         complete: Callable[[Request], Any], layers: int | None = None, temperature: float = 0.7,
         max_tokens: int | None = None, aggregator_temperature: float = 0.7,
         aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-        concurrency: int = 8, instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
-        stream: Callable[[str], None] | None = None, _method: str = "moa") -> Result:
+        concurrency: int = 8, instruction: str | None = None, use_n: bool = True,
+        stream: Callable[[str], None] | None = None) -> Result:
     """Mixture-of-Agents: ``layers - 1`` layers of proposers, then one aggregator.
 
     ``proposers`` is the list of proposer models of every proposer layer (a model may appear several
@@ -542,78 +562,53 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
     they finish in. A proposer that fails is dropped, the numbering staying contiguous; a layer with fewer
     than ``min_ok`` successes raises ``NotEnoughProposals``. Proposer ``j`` of a layer gets seed
     ``seed + j``; consecutive proposers of the same model share one request with ``n`` (at most ``MAX_N``
-    per request; none with ``use_n=False``). ``stream`` receives the final answer's text pieces as they arrive.
+    per request; none with ``use_n=False``). ``instruction`` replaces ``DEFAULT_INSTRUCTION``. ``stream``
+    receives the final answer's text pieces as they arrive.
 
     >>> moa("2+2?", ["a", "b"], "c", complete=lambda r: f"{r.model}:{len(read_references(r.messages))}",
     ...     layers=3).answer
     'c:2'
+
+    A layer whose proposers all fail stops the run; the error keeps the requests already made:
+
+    >>> def down(request):
+    ...     raise ModelError("HTTP 404: no such model", model=request.model)
+    >>> try:
+    ...     moa("2+2?", ["x", "x"], "c", complete=down, use_n=False)
+    ... except NotEnoughProposals as error:
+    ...     print(error); print(error.partial.requests, "requests made")
+    layer 1: only 0 of 2 proposers succeeded, fewer than min_ok=1. Failures: 2 x model 'x': HTTP 404: no such model
+    2 requests made
     """
     messages = as_messages(prompt)
-    nested = bool(proposers) and not isinstance(proposers, str) and all(
-        isinstance(p, Sequence) and not isinstance(p, str) for p in proposers)
-    _check(isinstance(proposers, Sequence) and not isinstance(proposers, str) and len(proposers) > 0,
-           "proposers", proposers, "MoA needs at least one proposer", 'pass a list of model names, e.g. ["a", "b"]')
-    if nested:
-        plan = [list(layer) for layer in proposers]
-        _check(layers is None or layers == len(plan) + 1, "layers", layers,
-               f"{len(plan)} proposer layers plus the aggregator make {len(plan) + 1} layers",
-               f"pass layers={len(plan) + 1} or leave it out")
-    else:
-        layers = 2 if layers is None else layers
-        _check(_is_int(layers) and layers >= 2, "layers", layers,
-               "layers count the aggregator, so MoA has at least 2 (proposers, then the aggregator)",
-               "pass layers=2 for one proposer layer")
-        plan = [list(proposers)] * (layers - 1)
-    for number, layer in enumerate(plan, 1):
-        _check(len(layer) > 0, f"proposers (layer {number})", layer, "a proposer layer is empty",
-               "give every layer at least one model")
-        for model in layer:
-            _check_model("proposer", model)
-    _check_model("aggregator", aggregator)
-    _check_common(temperature, max_tokens, aggregator_temperature, aggregator_max_tokens, seed, instruction)
-    smallest = min(len(layer) for layer in plan)
-    _check(_is_int(min_ok) and 1 <= min_ok <= smallest, "min_ok", min_ok,
-           f"it is the fewest proposers of a layer that must succeed, between 1 and the smallest layer "
-           f"({smallest})", f"pass min_ok between 1 and {smallest}")
-    pool, owned, priority = _start(complete, concurrency)
-    run = _Run(complete, pool, priority)
-    proposer_params = _Params(temperature, max_tokens, seed)
-    params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, "temperature": temperature,
-              "max_tokens": max_tokens, "aggregator_temperature": aggregator_temperature,
-              "aggregator_max_tokens": aggregator_max_tokens, "seed": seed, "min_ok": min_ok}
-    try:
-        # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
-        references: list[str] = []
-        positions: list[int] = []
-        for number, layer in enumerate(plan, 1):
-            prompt_l = inject_references(messages, references, instruction)
-            slots: list[concurrent.futures.Future] = []
-            for model, run_of in itertools.groupby(enumerate(layer), key=lambda item: item[1]):
-                group = [position for position, _ in run_of]
-                for start in range(0, len(group), MAX_N):  # n is capped per request
-                    chunk = group[start:start + MAX_N]
-                    slots += run.samples(len(plan) + 2 - number, (number,), number, model, prompt_l, chunk[0],
-                                         len(chunk), positions, proposer_params, use_n)
-            outcomes = [slot.result() for slot in slots]
-            failures = [o for o in outcomes if isinstance(o, ModelError)]
-            if len(outcomes) - len(failures) < min_ok:
-                raise NotEnoughProposals(
-                    f"layer {number}: only {len(outcomes) - len(failures)} of {len(outcomes)} proposers "
-                    f"succeeded, fewer than min_ok={min_ok}. Failures: " + "; ".join(map(str, failures)),
-                    failures)
-            # Failed proposers are dropped; the survivors keep their configuration order.
-            positions = [j for j, o in enumerate(outcomes) if not isinstance(o, ModelError)]
-            references = [outcomes[j] for j in positions]
-        # The aggregator synthesizes the last proposer layer's answers into the final answer.
-        final = Call("aggregator", len(plan) + 1, aggregator, [0], positions)
-        answer = run.aggregate(1, (len(plan) + 1,), final, inject_references(messages, references, instruction),
-                               _Params(aggregator_temperature, aggregator_max_tokens, seed), stream)
-        return Result(answer, _method, run.sorted_trace(), params)
-    except SelfMoAError as exc:
-        raise _fail(exc, run, _method, params) from None
-    finally:
-        if owned:
-            pool.shutdown()
+    plan = _proposer_plan(proposers, layers)
+    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
+                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
+                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+    _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
+    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="moa")
+
+
+def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min_ok: int, settings: _Settings,
+         method: str) -> Result:
+    """The MoA layer loop, shared by ``moa`` and ``self_moa``: ``plan`` holds the models of each proposer layer."""
+    params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, **settings.params(),
+              "min_ok": min_ok}
+    with _Run(settings, method=method, params=params) as run:
+        references: list[str] = []  # the answers of the previous layer, in configuration order
+        positions: list[int] = []  # where each of them stood in its layer
+        for number, models in enumerate(plan, 1):
+            # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
+            outcomes = run.layer(number, models, inject_references(messages, references, settings.instruction),
+                                 shown=positions, remaining=len(plan) + 2 - number)
+            # A proposer that failed is dropped and the survivors keep their order; too few stop the run.
+            positions = _survivors(outcomes, layer=number, min_ok=min_ok)
+            references = [outcome for outcome in outcomes if isinstance(outcome, str)]
+        # The aggregator synthesizes the last layer's answers into the final answer.
+        final = Call("aggregator", layer=len(plan) + 1, model=aggregator, indices=[0], references=positions)
+        answer = run.aggregate(final, inject_references(messages, references, settings.instruction),
+                               remaining=1, stream=settings.stream)
+        return run.result(answer)
 
 
 # ======================================================================================================
@@ -625,7 +620,7 @@ def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], 
              aggregator: str | None = None, layers: int = 2, temperature: float = 0.7,
              max_tokens: int | None = None, aggregator_temperature: float = 0.7,
              aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-             concurrency: int = 8, instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
+             concurrency: int = 8, instruction: str | None = None, use_n: bool = True,
              stream: Callable[[str], None] | None = None) -> Result:
     """Self-MoA: ``n`` samples of ``model`` at ``temperature > 0``, aggregated by ``aggregator``.
 
@@ -635,17 +630,20 @@ def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], 
 
     >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4").calls
     4
+    >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4", temperature=0)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    selfmoa.ConfigError: temperature=0: ...; pass a temperature above 0 (the paper samples at 0.7)
     """
-    _check_model("model", model)
-    _check(_is_int(n) and n >= 1, "n", n, "Self-MoA aggregates n samples", "pass n >= 1 (the paper uses 4 to 6)")
-    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
-           "temperature", temperature, "Self-MoA's diversity comes from sampling; at 0 every sample is the same",
-           "pass a temperature above 0 (the paper samples at 0.7)")
-    return moa(prompt, [model] * n, aggregator if aggregator is not None else model, complete=complete,
-               layers=layers, temperature=temperature, max_tokens=max_tokens,
-               aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-               seed=seed, min_ok=min_ok, concurrency=concurrency, instruction=instruction, use_n=use_n,
-               stream=stream, _method="self-moa")
+    messages = as_messages(prompt)
+    _check_sampled(model=model, n=n, temperature=temperature, method="Self-MoA")
+    plan = _proposer_plan([model] * n, layers)
+    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
+                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
+                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+    aggregator = model if aggregator is None else aggregator
+    _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
+    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="self-moa")
 
 
 # ======================================================================================================
@@ -653,10 +651,29 @@ def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], 
 # ======================================================================================================
 
 
-def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
-    """The number of Self-MoA-Seq rounds (aggregation calls) for ``n`` samples.
+def seq_plan(n: int, window: int = 6, carry: int = 3) -> list[tuple[int, range]]:
+    """Self-MoA-Seq's window plan for ``n`` samples: per round, the copies of the previous synthesis shown
+    first, and the numbers of the new samples.
 
-    Round 1 takes ``window`` samples; each later round takes ``window - carry`` new ones.
+    Round 1 takes ``window`` samples; each later round shows the previous synthesis ``carry`` times, then
+    the next ``window - carry`` samples (the last round may take fewer). Round ``t`` shows ``s<t-1>``:
+
+    >>> for t, (carried, new) in enumerate(seq_plan(10, window=6, carry=3), 1):
+    ...     print(t, " ".join([f"s{t - 1}"] * carried + [f"x{i}" for i in new]))
+    1 x0 x1 x2 x3 x4 x5
+    2 s1 s1 s1 x6 x7 x8
+    3 s2 s2 s2 x9
+    """
+    _check_window(window, carry)
+    _check(_is_int(n) and n >= 1, "n", n, "there must be at least one sample", "pass n >= 1")
+    plan = [(0, range(0, min(n, window)))]
+    for start in range(window, n, window - carry):
+        plan.append((carry, range(start, min(n, start + window - carry))))
+    return plan
+
+
+def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
+    """The number of Self-MoA-Seq rounds (aggregation calls) for ``n`` samples: ``len(seq_plan(...))``.
 
     >>> [seq_rounds(n) for n in (1, 6, 7, 9, 10, 30)]
     [1, 1, 2, 2, 3, 9]
@@ -666,26 +683,19 @@ def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
     return 1 if n <= window else 1 + math.ceil((n - window) / (window - carry))
 
 
-def _check_window(window: Any, carry: Any) -> None:
-    _check(_is_int(window) and window >= 2, "window", window,
-           "each round must hold the carried synthesis and at least one new sample", "pass window >= 2 (default 6)")
-    _check(_is_int(carry) and 1 <= carry < window, "carry", carry,
-           f"carry copies of the synthesis plus at least one new sample must fit in window={window}",
-           f"pass carry between 1 and {window - 1} (default 3)")
-
-
 def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable[[Request], Any],
                  n: int | None = None, samples: Iterable[str] | None = None, window: int = 6, carry: int = 3,
                  aggregator: str | None = None, temperature: float = 0.7, max_tokens: int | None = None,
                  aggregator_temperature: float = 0.7, aggregator_max_tokens: int | None = None,
                  seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
-                 instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
+                 instruction: str | None = None, use_n: bool = True,
                  stream: Callable[[str], None] | None = None) -> Result:
     """Self-MoA-Seq: aggregate many samples of one model in rounds over a sliding window.
 
     Round 1 aggregates samples ``0 .. window-1``; round ``t >= 2`` aggregates the synthesis of round
     ``t - 1`` repeated ``carry`` times, then the next ``window - carry`` samples (the last round may have
-    fewer). Every sample is shown as new in exactly one round, in order; the answer is the last synthesis.
+    fewer; see ``seq_plan``). Every sample is shown as new in exactly one round, in order; the answer is
+    the last synthesis.
 
     The samples are either generated (``model`` and ``n``, default 6; sample ``i`` has seed ``seed + i``;
     all are requested at once, and each round starts as soon as its own samples have arrived), or given
@@ -694,116 +704,52 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     good samples raises ``NotEnoughProposals``.
 
     >>> r = self_moa_seq("Q", complete=lambda r: "s", samples=["a", "b", "c"], aggregator="m", window=2, carry=1)
-    >>> [(call.round, call.references) for call in r.trace]
-    [(1, [0, 1]), (2, [2])]
+    >>> [(call.round, call.carried, call.references) for call in r.trace]
+    [(1, 0, [0, 1]), (2, 1, [2])]
+    >>> self_moa_seq("Q", complete=lambda r: "s", samples=["a"], aggregator="m", window=3, carry=3)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    selfmoa.ConfigError: carry=3: carry copies ... must fit in window=3; pass carry between 1 and 2 (default 3)
     """
     messages = as_messages(prompt)
     _check_window(window, carry)
     if samples is None:
-        _check_model("model", model)
         n = 6 if n is None else n
-        _check(_is_int(n) and n >= 1, "n", n, "Self-MoA-Seq aggregates n samples", "pass n >= 1")
-        _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
-               "temperature", temperature, "at temperature 0 every sample is the same",
-               "pass a temperature above 0 (the paper samples at 0.7)")
+        _check_sampled(model=model, n=n, temperature=temperature, method="Self-MoA-Seq")
     else:
-        _check(n is None, "n", n, "the samples were given, so there is nothing to generate",
-               "pass either samples= or n=, not both")
-        _check(isinstance(samples, Iterable) and not isinstance(samples, (str, bytes, Mapping)), "samples",
-               samples, "it is an iterable of sample texts", 'pass a list or generator of strings')
-        _check(not (isinstance(samples, Sequence) and len(samples) == 0), "samples", samples,
-               "there is nothing to aggregate", "pass at least one sample text")
-    aggregator = aggregator if aggregator is not None else model
+        _check_given(samples=samples, n=n)
+    aggregator = model if aggregator is None else aggregator
     _check_model("aggregator", aggregator)
-    _check_common(temperature, max_tokens, aggregator_temperature, aggregator_max_tokens, seed, instruction)
+    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
+                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
+                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
     known = n if samples is None else (len(samples) if isinstance(samples, Sequence) else None)
-    _check(_is_int(min_ok) and min_ok >= 1 and (known is None or min_ok <= known), "min_ok", min_ok,
-           "it is the fewest samples that must succeed", f"pass min_ok between 1 and {known or 'the sample count'}")
-    pool, owned, priority = _start(complete, concurrency)
-    run = _Run(complete, pool, priority)
+    _check_min_ok_samples(min_ok, known)
     params = {"model": model, "aggregator": aggregator, "n": known, "window": window, "carry": carry,
-              "temperature": temperature, "max_tokens": max_tokens,
-              "aggregator_temperature": aggregator_temperature, "aggregator_max_tokens": aggregator_max_tokens,
-              "seed": seed, "min_ok": min_ok}
-    failures: list[ModelError] = []
-    consumed = [0]  # samples pulled from the source so far, failed ones included
-
-    def generated() -> Iterator[tuple[int, str]]:
-        # Ask for every sample at once, window by window (round 1's window, then each round's new
-        # samples), so that each round's samples share one request and arrive as early as possible.
-        assert model is not None and n is not None
-        chunks = [(0, min(n, window))] + [(start, min(window - carry, n - start))
-                                          for start in range(window, n, window - carry)]
-        rounds = seq_rounds(n, window, carry)
-        slots = [slot for chunk, (start, size) in enumerate(chunks)  # chunk c feeds round c + 1
-                 for first in range(start, start + size, MAX_N)  # n is capped per request
-                 for slot in run.samples(rounds - chunk + 1, (1,), 1, model, messages, first,
-                                         min(MAX_N, start + size - first), [],
-                                         _Params(temperature, max_tokens, seed), use_n)]
-        for index, slot in enumerate(slots):
-            outcome = slot.result()
-            consumed[0] = index + 1
-            if isinstance(outcome, ModelError):
-                failures.append(outcome)
-                if n - len(failures) < min_ok:
-                    raise NotEnoughProposals(
-                        f"only {n - len(failures)} of {n} samples can still succeed, fewer than "
-                        f"min_ok={min_ok}. Failures: " + "; ".join(map(str, failures)), failures)
-                continue
-            yield index, outcome
-
-    def given() -> Iterator[tuple[int, str]]:
-        for index, text in enumerate(samples):  # type: ignore[arg-type]
-            consumed[0] = index + 1
-            _check(isinstance(text, str), f"samples[{index}]", text, "a sample is a string of text",
-                   "pass the sample texts")
-            yield index, text
-
-    def none_left() -> bool:
-        """Whether the source is known to hold no more samples, found out without waiting for any."""
-        return known is not None and consumed[0] >= known
-
-    source = generated() if samples is None else given()
-    taken = 0
-    aggregator_params = _Params(aggregator_temperature, aggregator_max_tokens, seed)
-    try:
+              **settings.params(), "min_ok": min_ok}
+    with _Run(settings, method="self-moa-seq", params=params) as run:
+        source = (_Given(samples, min_ok=min_ok) if samples is not None else
+                  _Generated(run, model=model, messages=messages, n=n, window=window, carry=carry, min_ok=min_ok))
         synthesis: str | None = None
-        round_number = 0
+        number = 0
         while True:
-            # Each round takes the next window - carry samples (round 1: a whole window).
-            wanted = window if synthesis is None else window - carry
-            new = list(itertools.islice(source, wanted))
-            taken += len(new)
+            # Round 1 takes a whole window of samples; every later round, the next window - carry.
+            new = source.take(window if synthesis is None else window - carry)
             if not new:
                 break
-            # The last round is known without waiting for a sample the round does not need: the source
-            # ran dry while filling it, or its length is known and all of it has been pulled. (A generator
-            # of unknown length whose last round is full is not known to be last: that round is not
-            # streamed, and the answer arrives whole.)
-            last = len(new) < wanted or none_left()
-            if last and taken < min_ok:
-                raise NotEnoughProposals(f"only {taken} samples succeeded, fewer than min_ok={min_ok}"
-                                         + ("".join(f"; {f}" for f in failures)), failures)
-            round_number += 1
-            carried = [] if synthesis is None else [synthesis] * carry
-            window_texts = carried + [text for _, text in new]
-            call = Call("aggregator", 2, aggregator, [0], [index for index, _ in new], round=round_number,
-                        carried=len(carried))
-            remaining = 1 if samples is not None else seq_rounds(n, window, carry) - round_number + 1
-            synthesis = run.aggregate(remaining, (0, round_number), call,
-                                      inject_references(messages, window_texts, instruction),
-                                      aggregator_params, stream if last else None)
-        if synthesis is None or taken < min_ok:  # failed samples never reach the rounds
-            raise NotEnoughProposals(f"only {taken} samples succeeded, fewer than min_ok={min_ok}"
-                                     + ("; no samples were given" if samples is not None and taken == 0 else
-                                        "".join(f"; {f}" for f in failures)), failures)
-        params["n"], params["rounds"] = taken + len(failures), round_number
-        return Result(synthesis, "self-moa-seq", run.sorted_trace(), params)
-    except SelfMoAError as exc:
-        raise _fail(exc, run, "self-moa-seq", params) from None
-    finally:
-        if owned:
-            pool.shutdown()
+            number += 1
+            # The window: the previous synthesis carry times, first, to bias the aggregator towards it;
+            # then the new samples, in order.
+            shown = ([] if synthesis is None else [synthesis] * carry) + [text for _, text in new]
+            call = Call("aggregator", layer=2, model=aggregator, indices=[0], references=[i for i, _ in new],
+                        round=number, carried=len(shown) - len(new))
+            # Only the round known to be last (without waiting for another sample) is streamed.
+            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction),
+                                      remaining=max(1, source.rounds - number + 1),
+                                      stream=settings.stream if source.exhausted else None)
+        assert synthesis is not None, "a source that yields no sample raises NotEnoughProposals"
+        params["n"], params["rounds"] = source.count, number
+        return run.result(synthesis)
 
 
 ########################################################################################################
@@ -893,68 +839,144 @@ class _Params:
     seed: int | None
 
 
-class _Run:
-    """One method run: the completion function, the pool, and the trace of every request made."""
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The checked arguments every method shares."""
 
-    def __init__(self, complete: Callable[[Request], Any], pool: _Pool, priority: tuple = ()):
-        self.complete, self.pool, self.priority = complete, pool, priority
+    complete: Callable[[Request], Any]
+    concurrency: int
+    proposing: _Params
+    aggregating: _Params
+    instruction: str
+    use_n: bool
+    stream: Callable[[str], None] | None
+
+    def params(self) -> dict[str, Any]:
+        """The sampling arguments as a Result's ``params`` reports them."""
+        return {"temperature": self.proposing.temperature, "max_tokens": self.proposing.max_tokens,
+                "aggregator_temperature": self.aggregating.temperature,
+                "aggregator_max_tokens": self.aggregating.max_tokens, "seed": self.proposing.seed}
+
+
+class _Run:
+    """One method run: the completion function, the pool, and the trace of every request sent.
+
+    A run never stops early. Which requests it sends depends on the replies alone: a failure stops it from
+    starting new layers or rounds, but every request already issued (and the follow-ups its reply calls
+    for) is still sent and awaited before the error is raised, whatever the concurrency or the timing.
+    So ``partial`` lists every request sent, each with its outcome. Use it as a context manager: an error
+    leaving the block gets ``partial``; the run's own pool is shut down.
+    """
+
+    def __init__(self, settings: _Settings, *, method: str, params: dict):
+        self.settings, self.method, self.params = settings, method, params
+        self.pool, self._owned, self.priority = _start(settings.complete, settings.concurrency)
         self.trace: list[Call] = []
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._open = 0  # requests queued or running, follow-ups included
 
-    def request(self, remaining: int, rank: tuple, call: Call, request: Request) -> concurrent.futures.Future:
-        """Queue one request; its future gives the Reply, or the ModelError the call failed with.
+    def __enter__(self) -> _Run:
+        return self
 
-        ``remaining`` counts the calls chained after this one, itself included (the pool runs the longest
-        chains first); ``rank`` orders calls within one run.
-        """
-        return self.pool.submit((-remaining,) + self.priority + rank, self._call, call, request)
+    def __exit__(self, kind: Any, exc: BaseException | None, traceback: Any) -> None:
+        try:
+            if isinstance(exc, Exception):  # not on Ctrl-C: then nothing more is awaited
+                with self._idle:
+                    self._idle.wait_for(lambda: self._open == 0)
+                with contextlib.suppress(AttributeError):  # a foreign exception may refuse new attributes
+                    exc.partial = self.result("")  # type: ignore[union-attr]
+        finally:
+            if self._owned:
+                self.pool.shutdown()
+
+    def result(self, answer: str) -> Result:
+        with self._lock:
+            trace = sorted(self.trace, key=Call.sort_key)
+        return Result(answer, self.method, trace, dict(self.params))
+
+    def _submit(self, call: Call, remaining: int, task: Callable, *args: Any) -> concurrent.futures.Future:
+        """Queue ``task(*args)``. ``remaining`` counts the calls chained after this one, itself included (the
+        pool runs the longest chains first); within a run, aggregations go before proposals, then by position."""
+        rank = (0, call.round or 0) if call.role == "aggregator" else (call.layer, call.indices[0])
+        with self._lock:
+            self._open += 1
+        future = self.pool.submit((-remaining,) + self.priority + rank, task, *args)
+        future.add_done_callback(self._closed)
+        return future
+
+    def _closed(self, _: concurrent.futures.Future) -> None:
+        with self._idle:
+            self._open -= 1
+            if self._open == 0:
+                self._idle.notify_all()
 
     def _call(self, call: Call, request: Request) -> Reply | ModelError:
+        """Send one request and record it in the trace, whatever happens."""
         started = time.perf_counter()
         try:
             outcome: Reply | ModelError = _as_reply(self.complete(request), request)
         except ModelError as exc:
             outcome = exc
-        call.latency = round(time.perf_counter() - started, 6)
+        except Exception as exc:  # a bug in the completion function: recorded, then it propagates
+            call.error = f"{type(exc).__name__}: {exc}"
+            self._record(call, started)
+            raise
         if isinstance(outcome, ModelError):
             call.error, call.url = str(outcome), outcome.url or None
             call.retries = max(0, outcome.attempts - 1)
         else:
+            block = _block_key(request.messages[0]["content"]) if request.messages[0]["role"] == "system" else None
+            if block is not None:  # a model may echo the markers of the prompt it answers: they are no answer
+                outcome.texts = [_strip_markers(text, block[1]) for text in outcome.texts]
             call.outputs, call.finish_reasons = outcome.texts, outcome.finish_reasons
             call.prompt_tokens, call.completion_tokens = outcome.prompt_tokens, outcome.completion_tokens
             call.retries, call.url = outcome.retries, outcome.url
-        with self._lock:
-            self.trace.append(call)
+        self._record(call, started)
         return outcome
 
-    def samples(self, remaining: int, rank: tuple, layer: int, model: str, messages: list[Message], first: int,
-                count: int, references: list[int], params: _Params, group: bool) -> list[concurrent.futures.Future]:
+    @property
+    def complete(self) -> Callable[[Request], Any]:
+        return self.settings.complete
+
+    def _record(self, call: Call, started: float) -> None:
+        call.latency = round(time.perf_counter() - started, 6)
+        with self._lock:
+            self.trace.append(call)
+
+    def samples(self, *, model: str, messages: list[Message], first: int, count: int, layer: int,
+                references: list[int], remaining: int) -> list[concurrent.futures.Future]:
         """Ask ``model`` for samples ``first .. first+count-1`` of one prompt: one future per sample,
         resolving to its ``Outcome`` (the text, or the ModelError that sample failed with).
 
-        With ``group``, all ``count`` samples go in one request with ``n = count`` and seed ``S + first``;
-        any the server did not return are then asked for one by one, sample ``i`` with seed ``S + i``
-        (spec/wire.md section 4). Each future resolves as soon as its own sample exists.
+        With ``use_n``, the samples go in requests of at most ``MAX_N``, each with ``n`` and seed ``S + i0``
+        for its first sample ``i0``; any the server did not return are then asked for one by one, sample
+        ``i`` with seed ``S + i`` (spec/wire.md section 4). Each future resolves as soon as its own sample
+        exists.
         """
-        slots = [concurrent.futures.Future() for _ in range(count)]
+        params = self.settings.proposing
+        slots: list[concurrent.futures.Future] = [concurrent.futures.Future() for _ in range(count)]
         frozen = tuple(messages)
 
         def ask(start: int, size: int) -> None:
             seed = None if params.seed is None else params.seed + first + start
-            call = Call("proposer", layer, model, list(range(first + start, first + start + size)),
-                        list(references), n=size, seed=seed, temperature=params.temperature,
+            call = Call("proposer", layer=layer, model=model, indices=list(range(first + start, first + start + size)),
+                        references=list(references), n=size, seed=seed, temperature=params.temperature,
                         max_tokens=params.max_tokens)
             request = Request(model, frozen, params.temperature, params.max_tokens, size, seed)
-            future = self.request(remaining, rank + (first + start,), call, request)
-            future.add_done_callback(lambda done: deliver(start, size, done))
+            future = self._submit(call, remaining, answer, start, size, call, request)
+            future.add_done_callback(lambda done: done.cancelled() and never_sent(start, size))
 
-        def deliver(start: int, size: int, done: concurrent.futures.Future) -> None:
+        def answer(start: int, size: int, call: Call, request: Request) -> None:
             try:
-                outcome = done.result()
+                outcome = self._call(call, request)
             except BaseException as exc:  # a bug in the completion function: surface it to the waiter
                 for slot in slots[start:start + size]:
                     slot.set_exception(exc)
-                return
+                raise
+            deliver(start, size, outcome)
+
+        def deliver(start: int, size: int, outcome: Reply | ModelError) -> None:
             if isinstance(outcome, ModelError):
                 for slot in slots[start:start + size]:
                     slot.set_result(outcome)
@@ -964,27 +986,184 @@ class _Run:
             for missing in range(start + len(outcome.texts), start + size):
                 ask(missing, 1)  # the server ignored n: one request per missing sample
 
-        if group:
-            ask(0, count)
-        else:
-            for start in range(count):
-                ask(start, 1)
+        def never_sent(start: int, size: int) -> None:  # the pool was shut down (a batch interrupted)
+            for slot in slots[start:start + size]:
+                if not slot.done():
+                    slot.set_exception(concurrent.futures.CancelledError())
+
+        step = MAX_N if self.settings.use_n else 1
+        for start in range(0, count, step):
+            ask(start, min(step, count - start))
         return slots
 
-    def aggregate(self, remaining: int, rank: tuple, call: Call, messages: list[Message], params: _Params,
+    def layer(self, number: int, models: Sequence[str], messages: list[Message], *, shown: list[int],
+              remaining: int) -> list[Outcome]:
+        """Ask every proposer of one layer, concurrently; their outcomes in configuration order.
+
+        Consecutive proposers of one model share requests with ``n`` (see ``samples``)."""
+        slots: list[concurrent.futures.Future] = []
+        for model, run_of in itertools.groupby(enumerate(models), key=lambda item: item[1]):
+            positions = [position for position, _ in run_of]
+            slots += self.samples(model=model, messages=messages, first=positions[0], count=len(positions),
+                                  layer=number, references=shown, remaining=remaining)
+        return [slot.result() for slot in slots]
+
+    def aggregate(self, call: Call, messages: list[Message], *, remaining: int,
                   stream: Callable[[str], None] | None = None) -> str:
-        """One aggregation call, waited for. A failure raises its ModelError."""
+        """One aggregation call, waited for: its text, with any echoed marker line removed (also from what is
+        streamed). A failure raises its ModelError."""
+        params = self.settings.aggregating
+        block = _block_key(messages[0]["content"])
+        assert block is not None, "an aggregation always shows references"
+        shown = None if stream is None else _MarkerFilter(stream, block[1])
         request = Request(call.model, tuple(messages), params.temperature, params.max_tokens, 1, params.seed,
-                          stream)
+                          shown)
         call.seed, call.temperature, call.max_tokens = params.seed, params.temperature, params.max_tokens
-        outcome = self.request(remaining, rank, call, request).result()
+        outcome = self._submit(call, remaining, self._call, call, request).result()
         if isinstance(outcome, ModelError):
             raise outcome
+        if shown is not None:
+            shown.close()
         return outcome.texts[0]
 
-    def sorted_trace(self) -> list[Call]:
-        with self._lock:
-            return sorted(self.trace, key=Call.sort_key)
+
+def _survivors(outcomes: list[Outcome], *, layer: int, min_ok: int) -> list[int]:
+    """The positions of the proposers of a layer that succeeded; fewer than ``min_ok`` is an error."""
+    failures = [outcome for outcome in outcomes if isinstance(outcome, ModelError)]
+    if len(outcomes) - len(failures) < min_ok:
+        raise NotEnoughProposals(f"layer {layer}: only {len(outcomes) - len(failures)} of {len(outcomes)} proposers "
+                                 f"succeeded, fewer than min_ok={min_ok}. Failures: {_failures_text(failures)}",
+                                 failures)
+    return [j for j, outcome in enumerate(outcomes) if not isinstance(outcome, ModelError)]
+
+
+def _failures_text(failures: Sequence[ModelError]) -> str:
+    """The failures' messages, ``; ``-separated, identical ones once with a count.
+
+    >>> _failures_text([ModelError("HTTP 404", model="x")] * 3 + [ModelError("timed out", model="y")])
+    "3 x model 'x': HTTP 404; model 'y': timed out"
+    """
+    counts: dict[str, int] = {}
+    for failure in failures:
+        counts[str(failure)] = counts.get(str(failure), 0) + 1
+    return "; ".join(text if count == 1 else f"{count} x {text}" for text, count in counts.items())
+
+
+class _Generated:
+    """Self-MoA-Seq's samples drawn from the model: all requested at once, one request per round's new
+    samples (so each round's arrive together), then handed out in sample order, failed ones skipped."""
+
+    def __init__(self, run: _Run, *, model: str | None, messages: list[Message], n: int | None, window: int,
+                 carry: int, min_ok: int):
+        assert model is not None and n is not None
+        plan = seq_plan(n, window, carry)
+        self.n, self.min_ok, self.rounds = n, min_ok, len(plan)
+        self.failures: list[ModelError] = []
+        self.consumed = 0  # samples handed out or skipped so far
+        self.slots = [slot for number, (_, new) in enumerate(plan, 1)  # these samples feed round `number`
+                      for slot in run.samples(model=model, messages=messages, first=new.start, count=len(new),
+                                              layer=1, references=[], remaining=len(plan) - number + 2)]
+
+    @property
+    def count(self) -> int:
+        return self.n
+
+    @property
+    def exhausted(self) -> bool:
+        return self.consumed == self.n
+
+    def take(self, wanted: int) -> list[tuple[int, str]]:
+        """The next ``wanted`` good samples (fewer at the end), each with its number."""
+        new: list[tuple[int, str]] = []
+        while len(new) < wanted and self.consumed < self.n:
+            index, outcome = self.consumed, self.slots[self.consumed].result()
+            self.consumed += 1
+            if isinstance(outcome, ModelError):
+                self.failures.append(outcome)
+                if self.n - len(self.failures) < self.min_ok:
+                    raise NotEnoughProposals(
+                        f"only {self.n - len(self.failures)} of {self.n} samples can still succeed, fewer than "
+                        f"min_ok={self.min_ok}. Failures: {_failures_text(self.failures)}", self.failures)
+                continue
+            new.append((index, outcome))
+        return new
+
+
+class _Given:
+    """Self-MoA-Seq's samples given by the caller: any iterable of strings, pulled only when a round needs them."""
+
+    def __init__(self, samples: Iterable[str], *, min_ok: int):
+        self.known = len(samples) if isinstance(samples, Sequence) else None
+        self.source, self.min_ok, self.rounds = iter(samples), min_ok, 0
+        self.consumed, self.dry = 0, False
+
+    @property
+    def count(self) -> int:
+        return self.consumed
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the source is known to hold no more samples, found out without waiting for one."""
+        return self.dry or (self.known is not None and self.consumed >= self.known)
+
+    def take(self, wanted: int) -> list[tuple[int, str]]:
+        new = []
+        for text in itertools.islice(self.source, wanted):
+            _check(isinstance(text, str), f"samples[{self.consumed}]", text, "a sample is a string of text",
+                   "pass the sample texts")
+            new.append((self.consumed, text))
+            self.consumed += 1
+        self.dry = self.dry or len(new) < wanted
+        if self.exhausted and self.consumed < self.min_ok:  # checked before the round being filled is aggregated
+            raise NotEnoughProposals(f"only {self.consumed} samples succeeded, fewer than min_ok={self.min_ok}"
+                                     + ("; no samples were given" if self.consumed == 0 else ""))
+        return new
+
+
+class _MarkerFilter:
+    """Passes a streamed answer on, without the marker lines that ``_strip_markers`` removes from the text.
+
+    A line that could still become a marker is held back until it ends (or the stream does), so what is
+    streamed is exactly the answer returned, whatever pieces the text arrives in.
+    """
+
+    _MARKER_CHARACTERS = frozenset("<> \t\r,endofrspky0123456789abcdef")
+
+    def __init__(self, stream: Callable[[str], None], key: str):
+        self.stream, self.key = stream, key
+        self.line = ""  # the current line, while it could still be a marker
+        self.passing = False  # the current line is known not to be a marker: passed on as it comes
+        self.lines = 0  # lines passed on so far (each after the first is preceded by its line break)
+
+    def __call__(self, piece: str) -> None:
+        out = []
+        for part in re.split(r"(\n)", piece):
+            if part == "\n":
+                out.append(self._end_line())
+            elif self.passing:
+                out.append(part)
+            else:
+                self.line += part
+                if not set(self.line) <= self._MARKER_CHARACTERS:
+                    out.append(self._pass_line())
+        if any(out):
+            self.stream("".join(out))
+
+    def _pass_line(self) -> str:
+        text = ("\n" if self.lines else "") + self.line
+        self.passing, self.line, self.lines = True, "", self.lines + 1
+        return text
+
+    def _end_line(self) -> str:
+        text = "" if self.passing or _marker(self.key).fullmatch(self.line) else self._pass_line()
+        self.passing, self.line = False, ""
+        return text
+
+    def close(self) -> None:
+        """The stream ended: decide on its last line."""
+        text = self._end_line()
+        if text:
+            self.stream(text)
 
 
 # A batch (or a server) runs many method calls on one shared pool. It says so through this context
@@ -1013,6 +1192,9 @@ def _start(complete: Any, concurrency: int) -> tuple[_Pool, bool, tuple]:
     return (shared[0], False, shared[1]) if shared is not None else (_Pool(concurrency), True, ())
 
 
+# --- Argument checks: every argument is checked before the first call ---------------------------------
+
+
 def _check_sampling(temperature: Any, max_tokens: Any, prefix: str = "") -> None:
     _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
            and 0 <= temperature <= 2, f"{prefix}temperature", temperature,
@@ -1026,20 +1208,85 @@ def _check_model(name: str, value: Any) -> None:
            "pass the name the server knows the model by")
 
 
-def _check_common(temperature: Any, max_tokens: Any, aggregator_temperature: Any, aggregator_max_tokens: Any,
-                  seed: Any, instruction: Any) -> None:
+def _settings(*, complete: Any, temperature: Any, max_tokens: Any, aggregator_temperature: Any,
+              aggregator_max_tokens: Any, seed: Any, concurrency: Any, instruction: Any, use_n: Any,
+              stream: Any) -> _Settings:
+    """The arguments every method shares, checked."""
     _check_sampling(temperature, max_tokens)
     _check_sampling(aggregator_temperature, aggregator_max_tokens, "aggregator_")
     _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
            "pass an integer, or None")
+    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     _check(isinstance(instruction, str) and instruction.strip() != "", "instruction", instruction,
-           "it tells the aggregator what to do with the references", "pass a non-empty string")
+           "it tells the aggregator what to do with the references", "pass a non-empty string, or None")
+    _check(stream is None or callable(stream), "stream", stream, "it receives the final answer's text pieces",
+           "pass a function taking a str, or None")
+    return _Settings(complete=complete, concurrency=concurrency, proposing=_Params(temperature, max_tokens, seed),
+                     aggregating=_Params(aggregator_temperature, aggregator_max_tokens, seed),
+                     instruction=instruction, use_n=bool(use_n), stream=stream)
 
 
-def _fail(exc: SelfMoAError, run: _Run, method: str, params: dict) -> SelfMoAError:
-    """Attach the work done so far to an error, so that nothing already paid for is lost."""
-    exc.partial = Result("", method, run.sorted_trace(), params)
-    return exc
+def _proposer_plan(proposers: Any, layers: Any) -> list[list[str]]:
+    """One list of proposer models per proposer layer, from ``proposers`` (one list, or one per layer)."""
+    _check(isinstance(proposers, Sequence) and not isinstance(proposers, str) and len(proposers) > 0,
+           "proposers", proposers, "MoA needs at least one proposer", 'pass a list of model names, e.g. ["a", "b"]')
+    if all(isinstance(p, Sequence) and not isinstance(p, str) for p in proposers):
+        _check(layers is None or layers == len(proposers) + 1, "layers", layers,
+               f"{len(proposers)} proposer layers plus the aggregator make {len(proposers) + 1} layers",
+               f"pass layers={len(proposers) + 1} or leave it out")
+        plan = [list(layer) for layer in proposers]
+    else:
+        layers = 2 if layers is None else layers
+        _check(_is_int(layers) and layers >= 2, "layers", layers,
+               "layers count the aggregator, so MoA has at least 2 (proposers, then the aggregator)",
+               "pass layers=2 for one proposer layer")
+        plan = [list(proposers)] * (layers - 1)
+    for number, layer in enumerate(plan, 1):
+        _check(len(layer) > 0, f"proposers (layer {number})", layer, "a proposer layer is empty",
+               "give every layer at least one model")
+        for model in layer:
+            _check_model("proposer", model)
+    return plan
+
+
+def _check_moa(*, plan: list[list[str]], aggregator: Any, min_ok: Any) -> None:
+    _check_model("aggregator", aggregator)
+    smallest = min(len(layer) for layer in plan)
+    _check(_is_int(min_ok) and 1 <= min_ok <= smallest, "min_ok", min_ok,
+           f"it is the fewest proposers of a layer that must succeed, between 1 and the smallest layer "
+           f"({smallest})", f"pass min_ok between 1 and {smallest}")
+
+
+def _check_sampled(*, model: Any, n: Any, temperature: Any, method: str) -> None:
+    """Self-MoA and a generated Self-MoA-Seq: one model, sampled n >= 1 times above temperature 0."""
+    _check_model("model", model)
+    _check(_is_int(n) and n >= 1, "n", n, f"{method} aggregates n samples", "pass n >= 1 (the paper uses 4 to 6)")
+    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
+           "temperature", temperature, f"{method}'s diversity comes from sampling; at 0 every sample is the same",
+           "pass a temperature above 0 (the paper samples at 0.7)")
+
+
+def _check_window(window: Any, carry: Any) -> None:
+    _check(_is_int(window) and window >= 2, "window", window,
+           "each round must hold the carried synthesis and at least one new sample", "pass window >= 2 (default 6)")
+    _check(_is_int(carry) and 1 <= carry < window, "carry", carry,
+           f"carry copies of the synthesis plus at least one new sample must fit in window={window}",
+           f"pass carry between 1 and {window - 1} (default 3)")
+
+
+def _check_given(*, samples: Any, n: Any) -> None:
+    _check(n is None, "n", n, "the samples were given, so there is nothing to generate",
+           "pass either samples= or n=, not both")
+    _check(isinstance(samples, Iterable) and not isinstance(samples, (str, bytes, Mapping)), "samples",
+           samples, "it is an iterable of sample texts", 'pass a list or generator of strings')
+    _check(not (isinstance(samples, Sequence) and len(samples) == 0), "samples", samples,
+           "there is nothing to aggregate", "pass at least one sample text")
+
+
+def _check_min_ok_samples(min_ok: Any, known: int | None) -> None:
+    """Self-MoA-Seq's min_ok: 1..n for generated samples, 1..len(samples) for a list, >= 1 for a generator."""
+    _check(_is_int(min_ok) and min_ok >= 1 and (known is None or min_ok <= known), "min_ok", min_ok,
+           "it is the fewest samples that must succeed", f"pass min_ok between 1 and {known or 'the sample count'}")
 
 
 # ======================================================================================================
@@ -1706,12 +1953,13 @@ def _lines(records: Iterable[dict]) -> bytes:
 
 def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
               complete: Callable[[Request], Any], concurrency: int = 8, trace: bool = False,
-              progress: Callable[[int, int, int, float], None] | None = None, **options: Any) -> dict[str, int]:
+              progress: Callable[[int, int, int, float], None] | None = None, diversity: bool = False,
+              **options: Any) -> dict[str, int]:
     """Run ``method`` on every item, ``concurrency`` calls at a time, appending one JSONL line per item.
 
     ``options`` go to the method (``model``, ``n``, ``proposers``...). Each line holds the input record, plus
-    ``id``, ``answer``, ``method``, ``usage``, ``calls``, ``requests``, ``retries`` and ``diversity`` (the
-    Vendi score of each proposer layer; and ``trace`` when asked); a failed item gets a line with ``error`` instead of ``answer``, and is retried by the next run.
+    ``id``, ``answer``, ``method``, ``usage``, ``calls``, ``requests`` and ``retries`` (and ``trace``, and
+    ``diversity``, the Vendi score of each proposer layer, when asked); a failed item gets a line with ``error`` instead of ``answer``, and is retried by the next run.
     Returns the counts ``total``, ``skipped`` (done before), ``done`` and ``failed``.
     """
     _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
@@ -1742,8 +1990,9 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
             record["answer"] = result.answer
             done_so_far, ok = result, True
         if done_so_far is not None:
-            summary = done_so_far.to_dict(trace=trace)
-            record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries", "diversity")})
+            summary = done_so_far.to_dict(trace=trace, diversity=diversity)
+            record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries", "diversity")
+                           if key in summary})
             if trace:
                 record["trace"] = summary["trace"]
         line = _lines([record])
@@ -1850,10 +2099,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("-p", "--proposer", action="append", metavar="MODEL", help="a proposer of each MoA proposer layer "
         "(repeat it, in order; a model may appear several times)")
     add("-a", "--aggregator", metavar="MODEL", help="the aggregator (default: --model)")
-    add("--layers", type=int, default=2, metavar="L", help="MoA layers, the aggregator counted (default: 2)")
-    add("-n", "--samples", type=int, default=6, metavar="N", help="samples of --model (default: 6)")
-    add("--window", type=int, default=6, metavar="W", help="self-moa-seq: responses per round (default: 6)")
-    add("--carry", type=int, default=3, metavar="R",
+    add("--layers", type=int, metavar="L", help="moa and self-moa: layers, the aggregator counted (default: 2)")
+    add("-n", "--samples", type=int, metavar="N",
+        help="self-moa and self-moa-seq: samples of --model (default: 6)")
+    add("--window", type=int, metavar="W", help="self-moa-seq: responses per round (default: 6)")
+    add("--carry", type=int, metavar="R",
         help="self-moa-seq: copies of the previous synthesis per round (default: 3)")
     add("--temperature", type=float, default=0.7, metavar="T", help="proposers' temperature (default: 0.7)")
     add("--max-tokens", type=int, metavar="K", help="proposers' token limit (default: the server's)")
@@ -1872,6 +2122,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api-key", metavar="KEY", help="the default endpoint's key (default: see below)")
     add("--endpoint", action="append", metavar="MODEL=URL", help="serve MODEL from its own endpoint (repeatable)")
     add("--json", action="store_true", help="print the whole result (answer, trace of every call, usage) as JSON")
+    add("--diversity", action="store_true",
+        help="add each proposer layer's diversity (Vendi score) to --json output and batch lines")
     add("--stream", action=argparse.BooleanOptionalAction, default=None,
         help="stream the final answer as it is written (default: when stdout is a terminal)")
     add("-i", "--input", metavar="FILE", help="batch mode: run every item of FILE")
@@ -1909,44 +2161,84 @@ def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPCli
     return HTTPClient(base_url, key, endpoints=endpoints, timeout=args.timeout, retries=args.retries)
 
 
+# Flags that only some methods use: given under another method they would do nothing, so they are refused.
+_METHOD_FLAGS = {
+    "layers": ("--layers", ("moa", "self-moa"), "aggregates in rounds over a window, not in layers"),
+    "samples": ("-n/--samples", ("self-moa", "self-moa-seq"), "asks each --proposer once per layer and draws no "
+                "samples"),
+    "window": ("--window", ("self-moa-seq",), "aggregates all its samples at once, with no window"),
+    "carry": ("--carry", ("self-moa-seq",), "has no rounds, so nothing is carried"),
+    "proposer": ("--proposer", ("moa",), "samples --model instead of asking proposers"),
+}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse every flag that would have no effect under the chosen method (or output), naming both."""
+    for name, (flag, methods, why) in _METHOD_FLAGS.items():
+        if getattr(args, name) is not None and args.method not in methods:
+            raise ConfigError(f"{flag}: --method {args.method} {why}, so {flag} would have no effect; drop it, or "
+                              f"use --method {' or '.join(methods)}")
+    if args.method == "moa" and args.model and args.aggregator:
+        raise ConfigError("--model: --method moa samples no model and --aggregator names the aggregator, so --model "
+                          "would have no effect; drop it")
+    if args.diversity and not (args.json or args.input or args.output):
+        raise ConfigError("--diversity: it adds each proposer layer's diversity to --json output and to batch lines, "
+                          "so alone it would have no effect; add --json, or run a batch with -i and -o")
+
+
 def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
-    """The keyword arguments of the chosen method, from the flags; usage errors name the flag."""
+    """The keyword arguments of the chosen method, from the flags; usage errors name the flag.
+
+    Flags a method does not use are refused; flags not given are left out, so the method's defaults apply.
+    """
+    _check_flags(args)
     model = args.model or environ.get("SELFMOA_MODEL") or None
-    instruction = DEFAULT_INSTRUCTION
+    instruction = None
     if args.instruction_file:
         try:
             with open(args.instruction_file, encoding="utf-8") as file:
                 instruction = file.read().strip()
         except OSError as exc:
             raise ConfigError(f"--instruction-file {args.instruction_file}: cannot read it ({exc})") from None
+    given = {name: value for name, value in (("layers", args.layers), ("n", args.samples), ("window", args.window),
+                                              ("carry", args.carry)) if value is not None}
     common = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
               "aggregator_temperature": args.aggregator_temperature, "min_ok": args.min_ok,
               "aggregator_max_tokens": args.aggregator_max_tokens, "concurrency": args.concurrency,
-              "instruction": instruction, "use_n": args.use_n}
+              "instruction": instruction, "use_n": args.use_n, **given}
     if args.method == "moa":
         if not args.proposer:
-            raise ConfigError("--proposer: MoA needs proposers; pass -p MODEL once per proposer")
+            raise ConfigError("--proposer: --method moa needs proposers; pass -p MODEL once per proposer")
         aggregator = args.aggregator or model
         if not aggregator:
-            raise ConfigError("--aggregator: MoA needs an aggregator; pass -a MODEL (or -m MODEL)")
-        return {**common, "proposers": args.proposer, "aggregator": aggregator, "layers": args.layers}
+            raise ConfigError("--aggregator: --method moa needs an aggregator; pass -a MODEL (or -m MODEL)")
+        return {**common, "proposers": args.proposer, "aggregator": aggregator}
     if not model:
-        raise ConfigError(f"--model: {args.method} needs the model to sample; pass -m MODEL or set $SELFMOA_MODEL")
-    if args.proposer:
-        raise ConfigError(f"--proposer: only --method moa takes proposers; {args.method} samples --model")
-    options = {**common, "model": model, "n": args.samples, "aggregator": args.aggregator or model}
-    if args.method == "self-moa":
-        return {**options, "layers": args.layers}
-    return {**options, "window": args.window, "carry": args.carry}
+        raise ConfigError(f"--model: --method {args.method} needs the model to sample; pass -m MODEL or set "
+                          f"$SELFMOA_MODEL")
+    return {**common, "model": model, "aggregator": args.aggregator or model}
+
+
+_LIBRARY_NAME = re.compile(r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")(=| >=| between)")
+
+
+def _in_flags(text: str) -> str:
+    """Library spellings in a message ("pass layers=2", "min_ok between 1 and 3") as flags ("--layers 2").
+
+    >>> _in_flags("pass layers=2 for one proposer layer; carry between 1 and 3")
+    'pass --layers 2 for one proposer layer; --carry between 1 and 3'
+    """
+    return _LIBRARY_NAME.sub(lambda m: _FLAGS[m[1]] + (" " if m[2] == "=" else m[2]), text)
 
 
 def _usage_error(exc: ConfigError) -> str:
-    """A library message ("window=1: ...") in the words of the command line ("--window 1: ...")."""
+    """A library message ("window=1: ...; pass window >= 2") in the words of the command line
+    ("--window 1: ...; pass --window >= 2")."""
     message = str(exc)
     name, sep, rest = message.partition("=")
     if sep and name in _FLAGS:
         value, _, why = rest.partition(": ")
-        return f"{_FLAGS[name]} {value}: {why}"
+        return f"{_FLAGS[name]} {value}: {_in_flags(why)}"
     return message
 
 
@@ -2001,9 +2293,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except SelfMoAError as exc:
         if streamed:
             print(file=sys.stdout)
-        print(f"selfmoa: {exc}", file=sys.stderr)
+        message = str(exc).replace(" min_ok=", " --min-ok ", 1) if isinstance(exc, NotEnoughProposals) else str(exc)
+        print(f"selfmoa: {message}", file=sys.stderr)
         if args.json and exc.partial is not None:
-            print(json.dumps({**exc.partial.to_dict(), "error": str(exc)}, indent=2, ensure_ascii=False))
+            print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message}, indent=2,
+                             ensure_ascii=False))
         elif exc.partial is not None and exc.partial.trace:
             print(f"selfmoa: {exc.partial.requests} requests had been made; --json shows them", file=sys.stderr)
         return 1
@@ -2011,7 +2305,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print("\nselfmoa: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        print(json.dumps(result.to_dict(diversity=args.diversity), indent=2, ensure_ascii=False))
     elif streamed:
         # What was streamed is the answer, unless the server's stream and final text differ.
         print("" if "".join(streamed) == result.answer else "\n" + result.answer)
@@ -2033,8 +2327,8 @@ def _main_batch(args: argparse.Namespace, options: dict[str, Any], client: HTTPC
 
     try:
         with client:
-            counts = run_batch(items, records_path, method=args.method, complete=client,
-                               trace=args.trace, progress=progress if show_progress else None, **options)
+            counts = run_batch(items, records_path, method=args.method, complete=client, trace=args.trace,
+                               diversity=args.diversity, progress=progress if show_progress else None, **options)
     except KeyboardInterrupt:
         print(f"\nselfmoa: interrupted; finished items are in {records_path}; run the same command to resume",
               file=sys.stderr)

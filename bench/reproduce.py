@@ -60,7 +60,7 @@ class Runner:
             for task in tasks:
                 file.write(json.dumps({"id": task.id, "prompt": task.prompt, "domain": task.domain}) + "\n")
         argv = [sys.executable, str(ROOT / "selfmoa.py"), "--base-url", self.base_url, *flags,
-                "--seed", str(self.seed), "--concurrency", "16", "--trace", "-i", source, "-o", target]
+                "--seed", str(self.seed), "--concurrency", "16", "--trace", "--diversity", "-i", source, "-o", target]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"selfmoa failed ({done.returncode}): {' '.join(argv)}\n{done.stderr}")

@@ -82,8 +82,10 @@ def test_regression_refuses_too_few_or_constant_rows():
         selfmoa.fit_quality_diversity([(1, d, d) for d in range(5)])
 
 
-def test_json_result_reports_each_layers_diversity():
+def test_json_result_reports_each_layers_diversity_only_when_asked():
+    """to_dict() leaves the O(n^3) Vendi score out unless asked: reporting never costs more than the run."""
     result = selfmoa.moa("Q", ["a", "b"], "c", layers=3, complete=lambda r: f"{r.model} says {r.seed}", seed=0)
-    data = result.to_dict()
+    assert "diversity" not in result.to_dict() and "diversity" not in result.to_dict(trace=False)
+    data = result.to_dict(diversity=True)
     assert set(data["diversity"]) == {"1", "2"}
     assert data["diversity"]["1"] == selfmoa.vendi_score(["a says 0", "b says 1"])
