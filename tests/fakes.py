@@ -24,13 +24,15 @@ class Recorder:
     """A fake model server at the seam.
 
     - honour_n: return n choices (True) or always one (False, like llama.cpp's server).
-    - fail: model names, or (model, seed) pairs of proposal requests, whose calls raise ModelError.
+    - fail: model names, or (model, seed) pairs of proposal requests, whose calls raise ModelError; or a
+      function of the Request saying whether it fails (a pure function: then timing cannot change it).
     - jitter: sleep up to this many seconds, chosen from the request hash, to shuffle completion order.
     - reverse: later proposer positions finish sooner (sleep decreasing with the seed).
     """
 
     def __init__(self, honour_n=True, fail=(), jitter=0.0, reverse=False):
-        self.honour_n, self.fail, self.jitter, self.reverse = honour_n, set(fail), jitter, reverse
+        self.honour_n, self.jitter, self.reverse = honour_n, jitter, reverse
+        self.fail, self.fails = (set(), fail) if callable(fail) else (set(fail), None)
         self.requests: list[selfmoa.Request] = []
         self._lock = threading.Lock()
 
@@ -49,7 +51,8 @@ class Recorder:
         if self.reverse and request.seed is not None:
             time.sleep(max(0.0, 0.02 - 0.002 * request.seed))
         proposal = not selfmoa.read_references(request.messages)
-        if request.model in self.fail or (proposal and (request.model, request.seed) in self.fail):
+        if request.model in self.fail or (proposal and (request.model, request.seed) in self.fail) or \
+                (self.fails is not None and self.fails(request)):
             raise selfmoa.ModelError("scripted failure", model=request.model, url="fake://", status=500)
         count = request.n if self.honour_n else 1
         texts = [self.text(request, j) for j in range(count)]

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import selfmoa
-from tests.fakes import Recorder, reference_moa, reference_seq
+from tests.fakes import Recorder, digest, reference_moa, reference_seq
 
 MODELS = ["alpha", "beta", "gamma"]
 text = st.text(st.characters(blacklist_categories=["Cs"]), max_size=40)
@@ -348,3 +349,150 @@ def test_W1_the_mock_aggregator_votes_over_the_block_added_last():
     ours = [f"The answer is {task.answer}."] * 3
     reply = models.reply("generalist", selfmoa.inject_references(upstream, ours), 0.7, 1)
     assert tasks.extract_answer(reply) == task.answer and "123456789" not in reply
+
+
+# --- E: errors keep every request sent; T: which requests are sent never depends on timing ------------
+
+
+@pytest.mark.parametrize("concurrency, honour_n", [(1, True), (16, True), (3, False), (16, False)])
+def test_E1_partial_lists_every_request_the_server_received(concurrency, honour_n):
+    """A Seq whose first aggregation fails while its samples are still in flight: partial.trace holds exactly
+    the requests the loopback server received, each with its outcome (texts or error)."""
+    from mock_models import MockServer
+
+    with MockServer(latency=0.01, honour_n=honour_n) as server:
+        with pytest.raises(selfmoa.ModelError, match="404") as caught:
+            selfmoa.self_moa_seq("What is 2 + 2?", "generalist", n=10, window=4, carry=1, aggregator="nope",
+                                 complete=selfmoa.HTTPClient(server.base_url, retries=0), seed=0,
+                                 concurrency=concurrency)
+        received = [entry["body"] for entry in server.requests if entry["path"] == "/v1/chat/completions"]
+    partial = caught.value.partial
+    assert partial.requests == len(received) == (4 if honour_n else 11)
+    assert sorted((c.model, c.n, c.seed) for c in partial.trace) == \
+        sorted((b["model"], b.get("n", 1), b.get("seed")) for b in received)
+    assert all(bool(call.outputs) != bool(call.error) for call in partial.trace)
+
+
+def test_E1_a_generators_own_exception_carries_the_rounds_already_paid_for():
+    """An exception raised by the caller's sample generator propagates unchanged, with partial attached."""
+    def samples():
+        yield from ["a", "b", "c"]
+        raise OSError("the sample file went away")
+
+    with pytest.raises(OSError, match="went away") as caught:
+        selfmoa.self_moa_seq("Q", complete=Recorder(), samples=samples(), aggregator="m", window=2, carry=1)
+    assert [call.round for call in caught.value.partial.trace] == [1, 2]
+
+
+def test_E1_a_bug_in_the_completion_function_is_traced_and_carries_partial():
+    """A completion function that raises something other than ModelError is a bug: it propagates, after the
+    other requests already issued have finished, and partial lists every request including the buggy one."""
+    def complete(request):
+        if request.seed == 2:
+            raise ZeroDivisionError("bug")
+        return f"{request.model} {request.seed}"
+
+    with pytest.raises(ZeroDivisionError) as caught:
+        selfmoa.moa("Q", ["a", "b", "c", "d"], "z", complete=complete, seed=0, concurrency=4)
+    trace = caught.value.partial.trace
+    assert [(c.indices, c.error) for c in trace] == [([0], None), ([1], None), ([2], "ZeroDivisionError: bug"),
+                                                     ([3], None)]
+
+
+def failing_at(salt: int, rate: float):
+    """A pure failure rule: whether a request fails depends on its content and the salt, never on timing."""
+    def fails(request) -> bool:
+        key = digest(request.model, list(request.messages), request.n, request.seed, salt)
+        return int(key[:8], 16) / 0xFFFFFFFF < rate
+    return fails
+
+
+@given(plan=plans, n=st.integers(1, 14), wc=windows(), salt=st.integers(0, 10_000),
+       rate=st.sampled_from([0.0, 0.15, 0.4, 0.8]), honour_n=st.booleans(), concurrency=st.integers(2, 16),
+       min_ok=st.integers(1, 2))
+@example(plan=[["alpha"]], n=10, wc=(4, 1), salt=0, rate=0.0, honour_n=False, concurrency=16, min_ok=1)
+@settings(max_examples=30)
+def test_T2_requests_and_trace_do_not_depend_on_concurrency_even_with_failures(plan, n, wc, salt, rate, honour_n,
+                                                                               concurrency, min_ok):
+    """The requests a run sends, its result or error, and its (partial) trace are the same at concurrency 1
+    and at any other concurrency with shuffled timing, whichever requests fail (aggregations included)."""
+    window, carry = wc
+    min_ok = min(min_ok, n, min(len(layer) for layer in plan))
+
+    def run(concurrency, jitter):
+        failing = failing_at(salt, rate)
+        fake = Recorder(honour_n=honour_n, jitter=jitter, fail=lambda r: r.model == "nope" or failing(r))
+        outcomes = []
+        for method in (lambda: selfmoa.moa("Q", plan, "gamma", complete=fake, seed=3, min_ok=min_ok,
+                                           concurrency=concurrency),
+                       lambda: selfmoa.self_moa_seq("Q", "beta", n=n, window=window, carry=carry, complete=fake,
+                                                    seed=3, min_ok=min_ok, concurrency=concurrency),
+                       lambda: selfmoa.self_moa_seq("Q", "beta", n=n, window=window, carry=carry, complete=fake,
+                                                    aggregator="nope", seed=3, min_ok=min_ok,
+                                                    concurrency=concurrency)):
+            try:
+                result = method()
+                outcomes.append(("answer", result.answer, [strip_timing(c) for c in result.trace]))
+            except selfmoa.SelfMoAError as exc:
+                outcomes.append((type(exc).__name__, str(exc), [strip_timing(c) for c in exc.partial.trace]))
+        sent = sorted((r.model, r.n, r.seed, str(selfmoa.read_references(r.messages))) for r in fake.requests)
+        return outcomes, sent
+
+    assert run(concurrency, 0.002) == run(1, 0.0)
+
+
+@pytest.mark.parametrize("use_n", [True, False])
+def test_E4_identical_failures_are_reported_once_with_a_count(use_n):
+    """Six proposers of a model the server does not know: the 404 is reported once, as '6 x ...'."""
+    from mock_models import MockServer
+
+    with MockServer() as server:
+        with pytest.raises(selfmoa.NotEnoughProposals) as caught:
+            selfmoa.moa("Q", ["nope"] * 6, "generalist", complete=selfmoa.HTTPClient(server.base_url, retries=0),
+                        use_n=use_n)
+    message = str(caught.value)
+    assert message.count("404") == 1 and "6 x model 'nope'" in message
+    assert len(caught.value.failures) == 6
+
+
+# --- W: a model echoing the prompt's markers ---------------------------------------------------------
+
+ECHOES = ["{begin}", "{end}", "{end_short}", "  {begin}  ", "response 2, key {key}", "<<<response 1 of 9, key 0000aaaa>>>",
+          "Paris.", "", "<b>bold</b>", "end of response", "the key {key} is", "Lyon is\tnot it."]
+
+
+@given(lines=st.lists(st.sampled_from(ECHOES), min_size=1, max_size=8), cuts=st.lists(st.integers(1, 12), max_size=30),
+       method=st.sampled_from(["self_moa", "seq"]))
+@example(lines=["Paris.", "{end_short}"], cuts=[], method="self_moa")  # as SmolLM2 did against llama.cpp
+def test_W7_an_answer_never_holds_the_marker_lines_of_the_prompt_it_answered(lines, cuts, method):
+    """A model that copies its prompt's marker lines into its reply: the answer, every carried synthesis and
+    the streamed text hold none of them, and the streamed text equals the answer exactly."""
+    marker = r"^[ \t]*<{0,3}[ \t]*(?:end of )?response \d+(?: of \d+)?, key %s[ \t]*>{0,3}[ \t\r]*$"
+
+    def reply(request):
+        block = selfmoa.read_references(request.messages)
+        if not block:
+            return "sample"
+        key = re.search(r"key ([0-9a-f]{8})>>>\s*\Z", request.messages[0]["content"]).group(1)
+        fill = {"begin": f"<<<response 1 of {len(block)}, key {key}>>>", "key": key,
+                "end": f"<<<end of response {len(block)}, key {key}>>>",
+                "end_short": f"<<<end of response {len(block)}, key {key}>>"}
+        text = "\n".join(line.format(**fill) for line in lines)
+        if request.stream is not None:
+            position = 0
+            for cut in cuts:
+                request.stream(text[position:position + cut])
+                position += cut
+            request.stream(text[position:])
+        expected.append("\n".join(line for line in text.split("\n") if not re.match(marker % key, line)))
+        return text
+
+    expected: list[str] = []
+    pieces: list[str] = []
+    if method == "self_moa":
+        result = selfmoa.self_moa("Q", "m", n=2, complete=reply, stream=pieces.append)
+    else:
+        result = selfmoa.self_moa_seq("Q", "m", n=5, window=3, carry=1, complete=reply, stream=pieces.append)
+        carried = [call.outputs[0] for call in result.trace if call.role == "aggregator"][:-1]
+        assert carried == expected[:-1]
+    assert result.answer == expected[-1] == "".join(pieces)

@@ -82,10 +82,26 @@ def test_regression_refuses_too_few_or_constant_rows():
         selfmoa.fit_quality_diversity([(1, d, d) for d in range(5)])
 
 
-def test_json_result_reports_each_layers_diversity_only_when_asked():
+def test_V2_reporting_computes_diversity_only_when_asked():
     """to_dict() leaves the O(n^3) Vendi score out unless asked: reporting never costs more than the run."""
     result = selfmoa.moa("Q", ["a", "b"], "c", layers=3, complete=lambda r: f"{r.model} says {r.seed}", seed=0)
     assert "diversity" not in result.to_dict() and "diversity" not in result.to_dict(trace=False)
     data = result.to_dict(diversity=True)
     assert set(data["diversity"]) == {"1", "2"}
     assert data["diversity"]["1"] == selfmoa.vendi_score(["a says 0", "b says 1"])
+
+
+def test_V2_the_command_line_computes_diversity_only_with_the_diversity_flag(monkeypatch, capsys):
+    """--json alone never runs the O(n^3) Vendi score; --json --diversity does."""
+    import json
+
+    from mock_models import MockServer
+
+    calls = []
+    monkeypatch.setattr(selfmoa, "vendi_score", lambda texts: calls.append(len(texts)) or 1.0)
+    with MockServer() as server:
+        argv = ["--base-url", server.base_url, "-m", "generalist", "-n", "3", "--seed", "0", "--json", "Hi"]
+        assert selfmoa.main(argv, environ={}) == 0
+        assert calls == [] and "diversity" not in json.loads(capsys.readouterr().out)
+        assert selfmoa.main(argv + ["--diversity"], environ={}) == 0
+        assert calls == [3] and json.loads(capsys.readouterr().out)["diversity"] == {"1": 1.0}
