@@ -40,12 +40,12 @@ Public API
 ``Result`` / ``Call``       the final answer, with a trace of every call made
 ``inject_references``       the aggregator prompt: messages + instruction + numbered references
 ``read_references``         the inverse: the references an aggregator prompt holds
+``seq_plan``                Self-MoA-Seq's windows: per round, the carried copies and the new samples
 ``seq_rounds``              the number of Self-MoA-Seq rounds for ``n``, ``window``, ``carry``
 ``MAX_N``                   the most samples asked for in one request (16)
 ``read_items``              read and check a batch input file (JSONL or a JSON list)
 ``check_items``             check batch items given as Python objects
 ``vendi_score``             the diversity of a set of outputs (Vendi score)
-``fit_quality_diversity``   the paper's regression: score = a * quality + b * diversity + c
 ``run_batch``               many prompts, concurrently, written out line by line, resumable
 ``main``                    the command line
 ==========================  =================================================================
@@ -133,7 +133,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = [
@@ -150,7 +150,6 @@ __all__ = [
     "Result",
     "SelfMoAError",
     "check_items",
-    "fit_quality_diversity",
     "inject_references",
     "main",
     "moa",
@@ -159,6 +158,7 @@ __all__ = [
     "run_batch",
     "self_moa",
     "self_moa_seq",
+    "seq_plan",
     "seq_rounds",
     "vendi_score",
 ]
@@ -244,7 +244,7 @@ DEFAULT_INSTRUCTION = (
 REFERENCES_HEADER = "Responses from models:"
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
-Prompt = Union[str, Sequence[Message]]
+Prompt = str | Sequence[Message]
 
 
 def as_messages(prompt: Prompt) -> list[Message]:
@@ -276,7 +276,7 @@ def reference_key(texts: Sequence[str]) -> str:
     """
     joined = "\0".join(texts)
     for counter in itertools.count():
-        key = hashlib.sha256(f"{joined}\0{counter}".encode("utf-8")).hexdigest()[:8]
+        key = hashlib.sha256(f"{joined}\0{counter}".encode()).hexdigest()[:8]
         if not any(key in text for text in texts):
             return key
     raise AssertionError("unreachable")  # pragma: no cover
@@ -666,7 +666,7 @@ def seq_plan(n: int, window: int = 6, carry: int = 3) -> list[tuple[int, range]]
     """
     _check_window(window, carry)
     _check(_is_int(n) and n >= 1, "n", n, "there must be at least one sample", "pass n >= 1")
-    plan = [(0, range(0, min(n, window)))]
+    plan = [(0, range(min(n, window)))]
     for start in range(window, n, window - carry):
         plan.append((carry, range(start, min(n, start + window - carry))))
     return plan
@@ -741,7 +741,7 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
             # The window: the previous synthesis carry times, first, to bias the aggregator towards it;
             # then the new samples, in order.
             shown = ([] if synthesis is None else [synthesis] * carry) + [text for _, text in new]
-            call = Call("aggregator", layer=2, model=aggregator, indices=[0], references=[i for i, _ in new],
+            call = Call("aggregator", layer=2, model=str(aggregator), indices=[0], references=[i for i, _ in new],
                         round=number, carried=len(shown) - len(new))
             # Only the round known to be last (without waiting for another sample) is streamed.
             synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction),
@@ -809,7 +809,7 @@ class _Pool:
                 continue
             try:
                 future.set_result(fn(*args))
-            except BaseException as exc:  # handed to whoever waits on the future
+            except BaseException as exc:  # noqa: BLE001 (handed to whoever waits on the future)
                 future.set_exception(exc)
 
     def shutdown(self) -> None:
@@ -827,7 +827,7 @@ class _Pool:
             self._queue.put(((math.inf,), next(self._order), None, None, None))
 
 
-Outcome = Union[str, ModelError]  # a sample's text, or why it failed
+Outcome = str | ModelError  # a sample's text, or why it failed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -876,16 +876,16 @@ class _Run:
         self._idle = threading.Condition(self._lock)
         self._open = 0  # requests queued or running, follow-ups included
 
-    def __enter__(self) -> _Run:
+    def __enter__(self) -> _Run:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
-    def __exit__(self, kind: Any, exc: BaseException | None, traceback: Any) -> None:
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
         try:
             if isinstance(exc, Exception):  # not on Ctrl-C: then nothing more is awaited
                 with self._idle:
                     self._idle.wait_for(lambda: self._open == 0)
                 with contextlib.suppress(AttributeError):  # a foreign exception may refuse new attributes
-                    exc.partial = self.result("")  # type: ignore[union-attr]
+                    exc.partial = self.result("")  # type: ignore[attr-defined]
         finally:
             if self._owned:
                 self.pool.shutdown()
@@ -965,7 +965,7 @@ class _Run:
                         max_tokens=params.max_tokens)
             request = Request(model, frozen, params.temperature, params.max_tokens, size, seed)
             future = self._submit(call, remaining, answer, start, size, call, request)
-            future.add_done_callback(lambda done: done.cancelled() and never_sent(start, size))
+            future.add_done_callback(lambda done: never_sent(start, size) if done.cancelled() else None)
 
         def answer(start: int, size: int, call: Call, request: Request) -> None:
             try:
@@ -1748,56 +1748,6 @@ def vendi_score(texts: Sequence[str]) -> float:
     return round(min(float(size), max(1.0, math.exp(entropy))), 9)
 
 
-def fit_quality_diversity(rows: Sequence[tuple[float, float, float]]) -> dict[str, float]:
-    """Least-squares fit of ``score = a * quality + b * diversity + c`` on standardised inputs.
-
-    ``rows`` are ``(quality, diversity, score)`` triples, one per configuration. Quality and diversity
-    are standardised (zero mean, unit variance) so that ``a`` and ``b`` compare: each is the change in
-    score per standard deviation. Returns ``a``, ``b``, ``c``, their standard errors ``se_a`` and ``se_b``,
-    and ``r2``, as the paper's Table 4 reports them.
-
-    >>> fit = fit_quality_diversity([(q, d, 2 * q + d) for q, d in [(0, 0), (1, 0), (0, 1), (1, 1), (2, 1)]])
-    >>> round(fit["a"] / fit["b"], 6) > 1, round(fit["r2"], 6)
-    (True, 1.0)
-    """
-    _check(len(rows) >= 4, "rows", len(rows), "a fit of 3 coefficients needs at least 4 configurations",
-           "pass more (quality, diversity, score) rows")
-
-    def standardised(values: list[float]) -> list[float]:
-        mean = sum(values) / len(values)
-        spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-        _check(spread > 0, "rows", "constant column", "quality and diversity must vary across configurations",
-               "use configurations that differ")
-        return [(v - mean) / spread for v in values]
-
-    quality = standardised([float(r[0]) for r in rows])
-    diversity = standardised([float(r[1]) for r in rows])
-    scores = [float(r[2]) for r in rows]
-    design = [[q, d, 1.0] for q, d in zip(quality, diversity)]
-    gram = [[sum(x[i] * x[j] for x in design) for j in range(3)] for i in range(3)]
-    inverse = _invert3(gram)
-    moments = [sum(x[i] * y for x, y in zip(design, scores)) for i in range(3)]
-    a, b, c = (sum(inverse[i][j] * moments[j] for j in range(3)) for i in range(3))
-    residuals = [y - (a * x[0] + b * x[1] + c) for x, y in zip(design, scores)]
-    mean = sum(scores) / len(scores)
-    total = sum((y - mean) ** 2 for y in scores)
-    error = sum(r * r for r in residuals)
-    sigma2 = error / max(1, len(rows) - 3)
-    return {"a": a, "b": b, "c": c, "se_a": math.sqrt(max(0.0, sigma2 * inverse[0][0])),
-            "se_b": math.sqrt(max(0.0, sigma2 * inverse[1][1])), "r2": 1 - error / total if total else 1.0,
-            "n": len(rows)}
-
-
-def _invert3(m: list[list[float]]) -> list[list[float]]:
-    """The inverse of a 3 x 3 matrix by cofactors."""
-    cof = [[m[(i + 1) % 3][(j + 1) % 3] * m[(i + 2) % 3][(j + 2) % 3]
-            - m[(i + 1) % 3][(j + 2) % 3] * m[(i + 2) % 3][(j + 1) % 3] for j in range(3)] for i in range(3)]
-    det = sum(m[0][j] * cof[0][j] for j in range(3))
-    _check(abs(det) > 1e-12, "rows", "collinear", "quality and diversity move together exactly",
-           "use configurations where they vary independently")
-    return [[cof[j][i] / det for j in range(3)] for i in range(3)]
-
-
 # ======================================================================================================
 # Batch runs: many prompts, concurrently, one output line per finished item, resumable
 # ======================================================================================================
@@ -2164,8 +2114,7 @@ def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPCli
 # Flags that only some methods use: given under another method they would do nothing, so they are refused.
 _METHOD_FLAGS = {
     "layers": ("--layers", ("moa", "self-moa"), "aggregates in rounds over a window, not in layers"),
-    "samples": ("-n/--samples", ("self-moa", "self-moa-seq"), "asks each --proposer once per layer and draws no "
-                "samples"),
+    "samples": ("-n/--samples", ("self-moa", "self-moa-seq"), "asks each --proposer once per layer, drawing no samples"),
     "window": ("--window", ("self-moa-seq",), "aggregates all its samples at once, with no window"),
     "carry": ("--carry", ("self-moa-seq",), "has no rounds, so nothing is carried"),
     "proposer": ("--proposer", ("moa",), "samples --model instead of asking proposers"),

@@ -35,7 +35,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import selfmoa  # noqa: E402  (for the analysis only: the runs go through the command line)
+from bench.regression import fit_quality_diversity  # noqa: E402
 from mock_models import MockServer  # noqa: E402
 from mock_models.tasks import is_correct, make_tasks  # noqa: E402
 
@@ -60,7 +60,8 @@ class Runner:
             for task in tasks:
                 file.write(json.dumps({"id": task.id, "prompt": task.prompt, "domain": task.domain}) + "\n")
         argv = [sys.executable, str(ROOT / "selfmoa.py"), "--base-url", self.base_url, *flags,
-                "--seed", str(self.seed), "--concurrency", "16", "--trace", "--diversity", "-i", source, "-o", target]
+                "--seed", str(self.seed), "--concurrency", "16", "--trace", "--diversity", "-i", source,
+                "-o", target]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"selfmoa failed ({done.returncode}): {' '.join(argv)}\n{done.stderr}")
@@ -160,7 +161,7 @@ def reproduce(questions: int = 60, compositions: int = 50, sample_counts=(6, 12,
                               "diversity": mean(r["diversity"] for r in rs),
                               "score": 100 * mean(r["correct"] for r in rs)})
     results["table4_points"] = points
-    results["table4"] = {d: selfmoa.fit_quality_diversity([(p["quality"], p["diversity"], p["score"])
+    results["table4"] = {d: fit_quality_diversity([(p["quality"], p["diversity"], p["score"])
                                                            for p in points[d]]) for d in DOMAINS}
     # Seq vs one-shot.
     results["seq"] = {d: {kind: {n: 100 * mean(r["correct"] for r in seq[(d, kind, n)]) for n in sample_counts}

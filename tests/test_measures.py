@@ -1,4 +1,4 @@
-"""The diversity and quality measures: Vendi score properties, the eigen-solver, the regression."""
+"""The diversity and quality measures: Vendi score properties, the eigen-solver (selfmoa), the regression (bench)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import selfmoa
+from bench.regression import fit_quality_diversity
 
 words = st.text("abcdefgh", min_size=1, max_size=3)
 texts = st.lists(st.lists(words, min_size=0, max_size=6).map(" ".join), min_size=1, max_size=8)
@@ -66,7 +67,7 @@ def test_regression_recovers_known_coefficients():
     rng = random.Random(7)
     rows = [(q, d, 3.0 * q + 1.0 * d + 5 + rng.gauss(0, 0.01))
             for q, d in ((rng.uniform(0, 1), rng.uniform(0, 1)) for _ in range(200))]
-    fit = selfmoa.fit_quality_diversity(rows)
+    fit = fit_quality_diversity(rows)
     qs = [r[0] for r in rows]
     ds = [r[1] for r in rows]
     sd = lambda xs: math.sqrt(sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / len(xs))  # noqa: E731
@@ -77,9 +78,9 @@ def test_regression_recovers_known_coefficients():
 
 def test_regression_refuses_too_few_or_constant_rows():
     with pytest.raises(selfmoa.ConfigError, match="at least 4"):
-        selfmoa.fit_quality_diversity([(1, 2, 3)] * 3)
+        fit_quality_diversity([(1, 2, 3)] * 3)
     with pytest.raises(selfmoa.ConfigError, match="must vary"):
-        selfmoa.fit_quality_diversity([(1, d, d) for d in range(5)])
+        fit_quality_diversity([(1, d, d) for d in range(5)])
 
 
 def test_V2_reporting_computes_diversity_only_when_asked():
