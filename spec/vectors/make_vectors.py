@@ -114,9 +114,10 @@ class Script:
         self.requests.append(entry)
         return entry
 
-    def samples(self, layer, model, first, count, references, text, use_n, honour_n, fails):
+    def samples(self, layer, model, first, count, references, text, use_n, honour_n, fails, extra=False):
         """Samples first..first+count-1 of one prompt: one request with n (split at MAX_N) when use_n,
         else one request each; a server ignoring n gets one request per missing sample, seed S + i.
+        With extra, the server returns one choice more than asked, which must be ignored.
         Returns position -> text, or None for a sample whose request failed."""
         out = {}
         sizes = []
@@ -134,7 +135,8 @@ class Script:
                 continue
             returned = size if honour_n else 1
             replies = [text(model, start + j) for j in range(returned)]
-            self.ask("proposer", layer, None, model, size, seed, references, 0, replies=replies)
+            self.ask("proposer", layer, None, model, size, seed, references, 0,
+                     replies=replies + (["an extra choice nobody asked for"] if extra else []))
             out.update({start + j: reply for j, reply in enumerate(replies)})
             for missing in range(start + returned, start + size):
                 seed = None if self.seed is None else self.seed + missing
@@ -145,7 +147,7 @@ class Script:
 
 def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(), min_ok=1,
             instruction=None, temperature=0.7, max_tokens=None, agg_temperature=0.7, agg_max_tokens=None,
-            sample_text=None):
+            sample_text=None, extra=False):
     """MoA over ``plan`` (one list of proposer models per proposer layer): the requests and the outcome."""
     script = Script(prompt, instruction or default_instruction(), seed, temperature, max_tokens,
                     agg_temperature, agg_max_tokens)
@@ -163,7 +165,7 @@ def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(
             while use_n and position + size < len(layer) and layer[position + size] == model:
                 size += 1
             outputs.update(script.samples(number, model, position, size, references, text, use_n, honour_n,
-                                          fails))
+                                          fails, extra))
             position += size
         good = [outputs[j] for j in range(len(layer)) if outputs[j] is not None]
         if len(good) < min_ok:
@@ -228,8 +230,14 @@ def rounds(n: int, window: int, carry: int) -> int:
 
 
 def counts(requests: list[dict], answer: str) -> dict:
-    """calls = generations (texts returned), requests = requests sent."""
-    return {"answer": answer, "calls": sum(len(r.get("replies", [])) for r in requests), "requests": len(requests)}
+    """calls = generations (texts returned, at most n per request), requests = requests sent."""
+    return {"answer": answer, "calls": sum(min(len(r.get("replies", [])), r["n"]) for r in requests),
+            "requests": len(requests)}
+
+
+def refused(argument: str, value) -> tuple[list, dict]:
+    """A call with a bad argument: ConfigError naming the argument and its value, and no request at all."""
+    return [], {"error": "ConfigError", "match": [f"{argument}={value!r}"], "failures": 0, "requests": 0}
 
 
 # --- The vectors -------------------------------------------------------------------------------------------
@@ -314,6 +322,11 @@ def build() -> list[dict]:
                "self_moa", PRIME, {"model": "m", "n": 2, "seed": 0, "instruction": quoting},
                run_moa([["m"] * 2], "m", prompt=PRIME, seed=0, instruction=quoting,
                        sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("moa-layers-below-two", "layers=1 is refused before any request: layers count the aggregator, so "
+               "MoA has at least 2.",
+               "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "layers": 1}, refused("layers", 1)),
+        vector("moa-min-ok-above-layer", "min_ok=3 with a layer of 2 proposers can never be met: refused up front.",
+               "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "min_ok": 3}, refused("min_ok", 3)),
         # --- Self-MoA
         vector("self-moa-n6", "Self-MoA, n=6: the six samples in one request (n=6, seed S), then one aggregation "
                "by the same model with seed S: 6 + 1 = 7 calls in 2 requests.",
@@ -328,6 +341,12 @@ def build() -> list[dict]:
                "aggregation: 3 + 3 + 1 calls in 3 requests.",
                "self_moa", PRIME, {"model": "m", "n": 3, "layers": 3, "seed": 0},
                run_moa([["m"] * 3, ["m"] * 3], "m", prompt=PRIME, seed=0)),
+        vector("self-moa-extra-choice-ignored", "The server returns n + 1 choices for n=3: the extra one is "
+               "ignored (not a sample, not a call, not shown to the aggregator): 3 + 1 calls in 2 requests.",
+               "self_moa", PRIME, {"model": "m", "n": 3, "seed": 4},
+               run_moa([["m"] * 3], "m", prompt=PRIME, seed=4, extra=True, sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("self-moa-temperature-zero", "Self-MoA at temperature 0 is refused: every sample would be the same.",
+               "self_moa", PRIME, {"model": "m", "n": 3, "temperature": 0}, refused("temperature", 0)),
         vector("self-moa-n20-split", "n=20 > MAX_N=16: one request for samples 0-15 (seed S), one for 16-19 "
                "(seed S+16).",
                "self_moa", PRIME, {"model": "m", "n": 20, "seed": 0, "aggregator": "judge"},
@@ -362,6 +381,11 @@ def build() -> list[dict]:
                "self_moa_seq", PRIME, {"model": "m", "n": 8, "window": 6, "carry": 3, "seed": 0, "use_n": False},
                run_seq(prompt=PRIME, model="m", n=8, window=6, carry=3, aggregator="m", seed=0, use_n=False,
                        fail={2})),
+        vector("seq-carry-fills-the-window", "carry=3 with window=3 leaves no room for a new sample: refused.",
+               "self_moa_seq", PRIME, {"model": "m", "n": 5, "window": 3, "carry": 3}, refused("carry", 3)),
+        vector("seq-min-ok-above-given-samples", "min_ok=3 over a list of 2 given samples can never be met: refused.",
+               "self_moa_seq", HAMLET, {"samples": ["one", "two"], "aggregator": "m", "min_ok": 3},
+               refused("min_ok", 3)),
         vector("seq-min-ok-not-met", "n=4, min_ok=3, samples 1 and 2 fail: NotEnoughProposals as soon as fewer "
                "than 3 samples can succeed; no aggregation is asked for.",
                "self_moa_seq", PRIME, {"model": "m", "n": 4, "seed": 0, "use_n": False, "min_ok": 3},
