@@ -24,9 +24,9 @@ sensitive to the *quality* of the proposals than to their *diversity*.
 **Self-MoA-Seq** (Li et al.): a sequential Self-MoA for many samples. A sliding *window* of ``window``
 responses is aggregated per round: round 1 aggregates the first ``window`` samples; every later round
 aggregates the previous round's synthesis, repeated ``carry`` times to bias the aggregator towards it,
-together with the next ``window - carry`` new samples. Each round starts as soon as its samples exist,
-so samples can still be arriving. With ``n`` samples there are ``1 + ceil((n - window) / (window - carry))``
-rounds (one if ``n <= window``) and ``n`` + rounds calls.
+together with the next ``window - carry`` new samples (``seq_plan`` lists the windows). Each round starts
+as soon as its samples exist, so samples can still be arriving. With ``n`` samples there are
+``1 + ceil((n - window) / (window - carry))`` rounds (one if ``n <= window``) and ``n`` + rounds calls.
 
 Public API
 ----------
@@ -57,7 +57,8 @@ Errors form one small tree, rooted in ``SelfMoAError``::
      +-- ModelError             a model call failed for good: model, url, status, body, attempts
      +-- NotEnoughProposals     fewer than ``min_ok`` proposers of a layer succeeded
 
-Every error raised after work began carries that work as ``error.partial`` (a ``Result``).
+An error raised after work began carries that work as ``error.partial`` (a ``Result`` whose trace lists
+every request sent: a run waits for the requests it has issued before it raises).
 
 Usage
 -----
@@ -599,8 +600,8 @@ def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min
         positions: list[int] = []  # where each of them stood in its layer
         for number, models in enumerate(plan, 1):
             # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
-            outcomes = run.layer(number, models, inject_references(messages, references, settings.instruction),
-                                 shown=positions, remaining=len(plan) + 2 - number)
+            prompt_l = inject_references(messages, references, settings.instruction)
+            outcomes = run.layer(number, models, prompt_l, shown=positions, remaining=len(plan) + 2 - number)
             # A proposer that failed is dropped and the survivors keep their order; too few stop the run.
             positions = _survivors(outcomes, layer=number, min_ok=min_ok)
             references = [outcome for outcome in outcomes if isinstance(outcome, str)]
