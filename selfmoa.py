@@ -138,12 +138,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = [
+    "DEFAULT_INSTRUCTION",
+    "MAX_N",
     "Call",
     "ConfigError",
-    "DEFAULT_INSTRUCTION",
     "Endpoint",
     "HTTPClient",
-    "MAX_N",
     "ModelError",
     "NotEnoughProposals",
     "Reply",
@@ -707,7 +707,7 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     >>> r = self_moa_seq("Q", complete=lambda r: "s", samples=["a", "b", "c"], aggregator="m", window=2, carry=1)
     >>> [(call.round, call.carried, call.references) for call in r.trace]
     [(1, 0, [0, 1]), (2, 1, [2])]
-    >>> self_moa_seq("Q", complete=lambda r: "s", samples=["a"], aggregator="m", window=3, carry=3)  # doctest: +ELLIPSIS
+    >>> self_moa_seq("Q", "m", complete=print, window=3, carry=3)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
     selfmoa.ConfigError: carry=3: carry copies ... must fit in window=3; pass carry between 1 and 2 (default 3)
@@ -1910,7 +1910,8 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
 
     ``options`` go to the method (``model``, ``n``, ``proposers``...). Each line holds the input record, plus
     ``id``, ``answer``, ``method``, ``usage``, ``calls``, ``requests`` and ``retries`` (and ``trace``, and
-    ``diversity``, the Vendi score of each proposer layer, when asked); a failed item gets a line with ``error`` instead of ``answer``, and is retried by the next run.
+    ``diversity``, the Vendi score of each proposer layer, when asked); a failed item gets a line with ``error``
+    instead of ``answer``, and is retried by the next run.
     Returns the counts ``total``, ``skipped`` (done before), ``done`` and ``failed``.
     """
     _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
@@ -2115,7 +2116,7 @@ def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPCli
 # Flags that only some methods use: given under another method they would do nothing, so they are refused.
 _METHOD_FLAGS = {
     "layers": ("--layers", ("moa", "self-moa"), "aggregates in rounds over a window, not in layers"),
-    "samples": ("-n/--samples", ("self-moa", "self-moa-seq"), "asks each --proposer once per layer, drawing no samples"),
+    "samples": ("-n/--samples", ("self-moa", "self-moa-seq"), "asks each --proposer once, drawing no samples"),
     "window": ("--window", ("self-moa-seq",), "aggregates all its samples at once, with no window"),
     "carry": ("--carry", ("self-moa-seq",), "has no rounds, so nothing is carried"),
     "proposer": ("--proposer", ("moa",), "samples --model instead of asking proposers"),

@@ -8,7 +8,7 @@ import pytest
 
 import selfmoa
 
-URL = ["--base-url", "http://127.0.0.1:9/v1", "--retries", "0"]  # nothing listens there: a refused run must not even try
+URL = ["--base-url", "http://127.0.0.1:9/v1", "--retries", "0"]  # nothing listens: a refused run must not try
 FOR = {"moa": ["--method", "moa", "-p", "a", "-p", "b", "-a", "z"],
        "self-moa": ["--method", "self-moa", "-m", "q"],
        "self-moa-seq": ["--method", "self-moa-seq", "-m", "q"]}
@@ -45,7 +45,7 @@ def test_E3_a_flag_the_method_uses_is_passed_on(method, argv):
 
 def test_E3_flags_left_out_take_the_methods_defaults():
     """Not giving --layers, -n, --window or --carry passes nothing: the library's defaults apply."""
-    for method, argv in FOR.items():
+    for argv in FOR.values():
         options = selfmoa._method_options(selfmoa.build_parser().parse_args(argv + ["hi"]), {})
         assert not {"layers", "n", "window", "carry"} & set(options)
 

@@ -488,8 +488,9 @@ def test_E4_identical_failures_are_reported_once_with_a_count(use_n):
 
 # --- W: a model echoing the prompt's markers ---------------------------------------------------------
 
-ECHOES = ["{begin}", "{end}", "{end_short}", "  {begin}  ", "response 2, key {key}", "<<<response 1 of 9, key 0000aaaa>>>",
-          "Paris.", "", "<b>bold</b>", "end of response", "the key {key} is", "Lyon is\tnot it."]
+ECHOES = ["{begin}", "{end}", "{end_short}", "  {begin}  ", "response 2, key {key}",
+          "<<<response 1 of 9, key 0000aaaa>>>", "Paris.", "", "<b>bold</b>", "end of response", "the key {key} is",
+          "Lyon is\tnot it."]
 
 
 @given(lines=st.lists(st.sampled_from(ECHOES), min_size=1, max_size=8), cuts=st.lists(st.integers(1, 12), max_size=30),
