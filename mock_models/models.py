@@ -13,7 +13,8 @@ Answering a task question (spec/mock.md):
    which is often the question's common misconception (``COMMON``).
 3. At temperature 0 there is no noise: the model answers right if ``p >= 0.5``, else its favourite.
 
-As an aggregator (its system message holds references in the format of spec/wire.md section 6), the model
+As an aggregator (its system message ends with a block of references in the format of spec/wire.md section 6;
+only that last block counts, whatever blocks the messages held before it), the model
 extracts each reference's final answer and votes: every reference counts once (so a synthesis carried r
 times counts r times), and the aggregator adds ``BIAS`` votes for the right answer when it would answer
 the question right itself (``p >= 0.5``). The top answer wins (ties: by a hash of the call). It then
