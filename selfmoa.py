@@ -729,6 +729,8 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     params = {"model": model, "aggregator": aggregator, "n": known, "window": window, "carry": carry,
               **settings.params(), "min_ok": min_ok}
     with _Run(settings, method="self-moa-seq", params=params) as run:
+        # The samples: drawn from the model (all requested at once, each round's new ones in one request) or
+        # the caller's, handed out in order as the rounds need them, failed ones skipped.
         source = (_Given(samples, min_ok=min_ok) if samples is not None else
                   _Generated(run, model=model, messages=messages, n=n, window=window, carry=carry, min_ok=min_ok))
         synthesis: str | None = None
@@ -964,7 +966,8 @@ class _Run:
             call = Call("proposer", layer=layer, model=model, indices=list(range(first + start, first + start + size)),
                         references=list(references), n=size, seed=seed, temperature=params.temperature,
                         max_tokens=params.max_tokens)
-            request = Request(model, frozen, params.temperature, params.max_tokens, size, seed)
+            request = Request(model=model, messages=frozen, temperature=params.temperature,
+                              max_tokens=params.max_tokens, n=size, seed=seed)
             future = self._submit(call, remaining, answer, start, size, call, request)
             future.add_done_callback(lambda done: never_sent(start, size) if done.cancelled() else None)
 
@@ -1017,8 +1020,8 @@ class _Run:
         block = _block_key(messages[0]["content"])
         assert block is not None, "an aggregation always shows references"
         shown = None if stream is None else _MarkerFilter(stream, block[1])
-        request = Request(call.model, tuple(messages), params.temperature, params.max_tokens, 1, params.seed,
-                          shown)
+        request = Request(model=call.model, messages=tuple(messages), temperature=params.temperature,
+                          max_tokens=params.max_tokens, n=1, seed=params.seed, stream=shown)
         call.seed, call.temperature, call.max_tokens = params.seed, params.temperature, params.max_tokens
         outcome = self._submit(call, remaining, self._call, call, request).result()
         if isinstance(outcome, ModelError):
@@ -1222,8 +1225,10 @@ def _settings(*, complete: Any, temperature: Any, max_tokens: Any, aggregator_te
            "it tells the aggregator what to do with the references", "pass a non-empty string, or None")
     _check(stream is None or callable(stream), "stream", stream, "it receives the final answer's text pieces",
            "pass a function taking a str, or None")
-    return _Settings(complete=complete, concurrency=concurrency, proposing=_Params(temperature, max_tokens, seed),
-                     aggregating=_Params(aggregator_temperature, aggregator_max_tokens, seed),
+    return _Settings(complete=complete, concurrency=concurrency,
+                     proposing=_Params(temperature=temperature, max_tokens=max_tokens, seed=seed),
+                     aggregating=_Params(temperature=aggregator_temperature, max_tokens=aggregator_max_tokens,
+                                         seed=seed),
                      instruction=instruction, use_n=bool(use_n), stream=stream)
 
 
