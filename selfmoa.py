@@ -931,7 +931,8 @@ class _Run:
         else:
             block = _block_key(request.messages[0]["content"]) if request.messages[0]["role"] == "system" else None
             if block is not None:  # a model may echo the markers of the prompt it answers: they are no answer
-                outcome.texts = [_strip_markers(text, block[1]) for text in outcome.texts]
+                outcome.texts = [_strip_markers(text, block[1]) if isinstance(text, str) else text
+                                 for text in outcome.texts]
             call.outputs, call.finish_reasons = outcome.texts, outcome.finish_reasons
             call.prompt_tokens, call.completion_tokens = outcome.prompt_tokens, outcome.completion_tokens
             call.retries, call.url = outcome.retries, outcome.url
