@@ -43,6 +43,17 @@ def references_in(messages) -> list[str]:
     return refs
 
 
+def stripped(text: str, messages) -> str:
+    """A reply without the marker lines of the block its request showed (wire.md section 6)."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    found = LAST.search(system)
+    if not found:
+        return text
+    key = found.group(2)
+    marker = re.compile(rf"[ \t]*<{{0,3}}[ \t]*(end of )?response \d+( of \d+)?, key {key}[ \t]*>{{0,3}}[ \t\r]*")
+    return "\n".join(line for line in text.split("\n") if not marker.fullmatch(line))
+
+
 def key(model, n, seed, references) -> tuple:
     return (model, n, seed, tuple(references))
 
@@ -77,8 +88,8 @@ class ScriptedModel:
                     self.problems.append(f"{asked[:3]}: temperature, max_tokens = "
                                          f"{(request.temperature, request.max_tokens)}, expected "
                                          f"{(entry['temperature'], entry['max_tokens'])}")
-                if "replies" in entry:
-                    self.shown_so_far.update(entry["replies"])
+                if "replies" in entry:  # a later request may show a reply, without echoed marker lines
+                    self.shown_so_far.update(stripped(reply, messages) for reply in entry["replies"])
         assert entry is not None, f"unexpected request {asked}; the vector expects {list(self.script)}"
         if "error" in entry:
             raise impl.ModelError(entry["error"]["message"], model=request.model, status=entry["error"]["status"])

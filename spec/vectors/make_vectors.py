@@ -66,6 +66,12 @@ def inject(messages: list[dict], references: list[str], instruction: str) -> lis
     return out
 
 
+def strip_markers(text: str, key: str) -> str:
+    """A reply without the marker lines of its prompt's block (key ``key``), as wire.md section 6 says."""
+    marker = re.compile(rf"[ \t]*<{{0,3}}[ \t]*(end of )?response \d+( of \d+)?, key {key}[ \t]*>{{0,3}}[ \t\r]*")
+    return "\n".join(line for line in text.split("\n") if not marker.fullmatch(line))
+
+
 LAST_LINE = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
 
 
@@ -181,7 +187,7 @@ def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(
 
 def run_seq(*, prompt, window, carry, aggregator, seed, samples=None, model=None, n=None, use_n=True,
             honour_n=True, fail=(), min_ok=1, instruction=None, temperature=0.7, max_tokens=None,
-            agg_temperature=0.7, agg_max_tokens=None):
+            agg_temperature=0.7, agg_max_tokens=None, echo=False):
     """Self-MoA-Seq: samples given, or generated window by window; then the rounds."""
     script = Script(prompt, instruction or default_instruction(), seed, temperature, max_tokens,
                     agg_temperature, agg_max_tokens)
@@ -216,9 +222,12 @@ def run_seq(*, prompt, window, carry, aggregator, seed, samples=None, model=None
         round_number += 1
         carried = [] if synthesis is None else [synthesis] * carry
         reply = f"{aggregator}: synthesis of round {round_number}"
-        script.ask("aggregator", 2, round_number, aggregator, 1, seed, carried + [t for _, t in new], len(carried),
-                   replies=[reply])
-        synthesis = reply
+        shown = carried + [t for _, t in new]
+        if echo:  # the model copies its prompt's first and (mangled) last marker lines around its answer
+            key, count = key_for(shown), len(shown)
+            reply = f"<<<response 1 of {count}, key {key}>>>\n{reply}\n <<<end of response {count}, key {key}>>"
+        script.ask("aggregator", 2, round_number, aggregator, 1, seed, shown, len(carried), replies=[reply])
+        synthesis = strip_markers(reply, key_for(shown))
     good = total - failures
     if samples is not None:
         assert round_number == rounds(good, window, carry)
@@ -361,6 +370,11 @@ def build() -> list[dict]:
         seq("seq-carry-window-minus-one", "w=3, r=2 = w-1: one new sample per round after the first; n=5 gives "
             "3 rounds.", 5, 3, 2),
         # --- Self-MoA-Seq, samples generated
+        vector("seq-echoed-markers", "The aggregator copies its prompt's marker lines (one of them mangled, as "
+               "small models do) around its answer: they are removed, so round 2 carries the clean synthesis and "
+               "the answer holds no marker line (wire.md section 6). w=2, r=1 over 3 given samples.",
+               "self_moa_seq", HAMLET, {"samples": s(3), "aggregator": "m", "window": 2, "carry": 1, "seed": 3},
+               run_seq(prompt=HAMLET, samples=s(3), window=2, carry=1, aggregator="m", seed=3, echo=True)),
         vector("seq-worked-example", "The worked example of methods.md, generated: n=10, w=6, r=3, seed 0. "
                "Samples in one request per round (n=6 seed 0, n=3 seed 6, n=1 seed 9), then 3 rounds: "
                "10 + 3 = 13 calls in 6 requests.",
