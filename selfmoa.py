@@ -137,13 +137,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "DEFAULT_INSTRUCTION",
-    "MAX_N",
+__all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "Call",
     "ConfigError",
+    "DEFAULT_INSTRUCTION",
     "Endpoint",
     "HTTPClient",
+    "MAX_N",
     "ModelError",
     "NotEnoughProposals",
     "Reply",
