@@ -4,7 +4,8 @@ Each test is named after the invariant it checks (test_<ID>_...) and listed unde
 tests/test_spec.py checks both directions. The methods under test are selfmoa's, or those of the module named
 by SELFMOA_IMPL (spec/exercises.md): the tests call ``impl.moa``, ``impl.self_moa`` and ``impl.self_moa_seq``
 and read what was sent with their own reader of wire.md section 6. A test that needs a trace is skipped for
-an implementation whose results keep none; the tests of selfmoa's prompt builders and client test selfmoa.
+an implementation whose results keep none; the tests of selfmoa's prompt builders, client, measures and
+command line test selfmoa.
 """
 
 from __future__ import annotations
@@ -799,3 +800,59 @@ def test_E2_bad_arguments_are_refused_up_front_naming_argument_value_and_fix(cal
 def test_E2_a_bad_client_argument_is_refused_naming_it(make, match):
     with pytest.raises(selfmoa.ConfigError, match=match):
         make()
+
+
+# --- V: the Vendi score, and reporting that never dominates ------------------------------------------
+
+words = st.text("abcdefgh", min_size=1, max_size=3)
+word_texts = st.lists(st.lists(words, min_size=0, max_size=6).map(" ".join), min_size=1, max_size=8)
+
+
+@given(text=st.lists(words, max_size=6).map(" ".join), n=st.integers(1, 10))
+def test_V1_vendi_of_identical_items_is_one(text, n):
+    """n copies of one text have Vendi score 1."""
+    assert selfmoa.vendi_score([text] * n) == pytest.approx(1.0)
+
+
+@given(n=st.integers(1, 12))
+def test_V1_vendi_of_mutually_orthogonal_items_is_n(n):
+    """n texts that share no word have Vendi score n."""
+    assert selfmoa.vendi_score([f"w{i} x{i}" for i in range(n)]) == pytest.approx(n)
+
+
+@given(items=word_texts, data=st.data())
+def test_V1_vendi_is_permutation_invariant(items, data):
+    """Reordering the texts leaves the Vendi score unchanged."""
+    shuffled = data.draw(st.permutations(items))
+    assert selfmoa.vendi_score(shuffled) == pytest.approx(selfmoa.vendi_score(items), abs=1e-7)
+
+
+@given(items=word_texts)
+def test_V1_vendi_is_between_one_and_n(items):
+    """1 <= VS <= n for any texts."""
+    assert 1.0 <= selfmoa.vendi_score(items) <= len(items)
+
+
+def test_V2_reporting_computes_diversity_only_when_asked():
+    """to_dict() leaves the O(n^3) Vendi score out unless asked: reporting never costs more than the run."""
+    result = selfmoa.moa("Q", ["a", "b"], "c", layers=3, complete=lambda r: f"{r.model} says {r.seed}", seed=0)
+    assert "diversity" not in result.to_dict() and "diversity" not in result.to_dict(trace=False)
+    data = result.to_dict(diversity=True)
+    assert set(data["diversity"]) == {"1", "2"}
+    assert data["diversity"]["1"] == selfmoa.vendi_score(["a says 0", "b says 1"])
+
+
+def test_V2_the_command_line_computes_diversity_only_with_the_diversity_flag(monkeypatch, capsys):
+    """--json alone never runs the O(n^3) Vendi score; --json --diversity does."""
+    import json
+
+    from mock_models import MockServer
+
+    calls = []
+    monkeypatch.setattr(selfmoa, "vendi_score", lambda texts: calls.append(len(texts)) or 1.0)
+    with MockServer() as server:
+        argv = ["--base-url", server.base_url, "-m", "generalist", "-n", "3", "--seed", "0", "--json", "Hi"]
+        assert selfmoa.main(argv, environ={}) == 0
+        assert calls == [] and "diversity" not in json.loads(capsys.readouterr().out)
+        assert selfmoa.main(argv + ["--diversity"], environ={}) == 0
+        assert calls == [3] and json.loads(capsys.readouterr().out)["diversity"] == {"1": 1.0}
