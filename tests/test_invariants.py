@@ -913,9 +913,9 @@ def test_E3_other_flags_without_effect_are_refused(capsys, argv, flag):
 
 
 CLI_BAD = [["--layers", "1"], ["--layers", "0"], ["-n", "0"], ["--window", "1"], ["--carry", "0"], ["--carry", "9"],
-       ["--min-ok", "0"], ["--min-ok", "99"], ["--temperature", "3"], ["--temperature", "0"], ["--max-tokens", "0"],
-       ["--aggregator-temperature", "-1"], ["--aggregator-max-tokens", "0"], ["--concurrency", "0"],
-       ["--seed", "-1", "--min-ok", "7"]]
+           ["--min-ok", "0"], ["--min-ok", "99"], ["--temperature", "3"], ["--temperature", "0"], ["--max-tokens", "0"],
+           ["--aggregator-temperature", "-1"], ["--aggregator-max-tokens", "0"], ["--concurrency", "0"],
+           ["--seed", "-1", "--min-ok", "7"]]
 
 
 @pytest.mark.parametrize("method", list(CLI_METHODS))
