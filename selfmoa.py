@@ -24,9 +24,9 @@ sensitive to the *quality* of the proposals than to their *diversity*.
 **Self-MoA-Seq** (Li et al.): a sequential Self-MoA for many samples. A sliding *window* of ``window``
 responses is aggregated per round: round 1 aggregates the first ``window`` samples; every later round
 aggregates the previous round's synthesis, repeated ``carry`` times to bias the aggregator towards it,
-together with the next ``window - carry`` new samples. Each round starts as soon as its samples exist,
-so samples can still be arriving. With ``n`` samples there are ``1 + ceil((n - window) / (window - carry))``
-rounds (one if ``n <= window``) and ``n`` + rounds calls.
+together with the next ``window - carry`` new samples (``seq_plan`` lists the windows). Each round starts
+as soon as its samples exist, so samples can still be arriving. With ``n`` samples there are
+``1 + ceil((n - window) / (window - carry))`` rounds (one if ``n <= window``) and ``n`` + rounds calls.
 
 Public API
 ----------
@@ -40,12 +40,12 @@ Public API
 ``Result`` / ``Call``       the final answer, with a trace of every call made
 ``inject_references``       the aggregator prompt: messages + instruction + numbered references
 ``read_references``         the inverse: the references an aggregator prompt holds
+``seq_plan``                Self-MoA-Seq's windows: per round, the carried copies and the new samples
 ``seq_rounds``              the number of Self-MoA-Seq rounds for ``n``, ``window``, ``carry``
 ``MAX_N``                   the most samples asked for in one request (16)
 ``read_items``              read and check a batch input file (JSONL or a JSON list)
 ``check_items``             check batch items given as Python objects
 ``vendi_score``             the diversity of a set of outputs (Vendi score)
-``fit_quality_diversity``   the paper's regression: score = a * quality + b * diversity + c
 ``run_batch``               many prompts, concurrently, written out line by line, resumable
 ``main``                    the command line
 ==========================  =================================================================
@@ -57,7 +57,8 @@ Errors form one small tree, rooted in ``SelfMoAError``::
      +-- ModelError             a model call failed for good: model, url, status, body, attempts
      +-- NotEnoughProposals     fewer than ``min_ok`` proposers of a layer succeeded
 
-Every error raised after work began carries that work as ``error.partial`` (a ``Result``).
+An error raised after work began carries that work as ``error.partial`` (a ``Result`` whose trace lists
+every request sent: a run waits for the requests it has issued before it raises).
 
 Usage
 -----
@@ -139,10 +140,10 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
+__all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "Call",
     "ConfigError",
     "DEFAULT_INSTRUCTION",
@@ -156,7 +157,6 @@ __all__ = [
     "Result",
     "SelfMoAError",
     "check_items",
-    "fit_quality_diversity",
     "inject_references",
     "main",
     "moa",
@@ -165,6 +165,7 @@ __all__ = [
     "run_batch",
     "self_moa",
     "self_moa_seq",
+    "seq_plan",
     "seq_rounds",
     "vendi_score",
 ]
@@ -250,7 +251,7 @@ DEFAULT_INSTRUCTION = (
 REFERENCES_HEADER = "Responses from models:"
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
-Prompt = Union[str, Sequence[Message]]
+Prompt = str | Sequence[Message]
 
 
 def as_messages(prompt: Prompt) -> list[Message]:
@@ -282,14 +283,15 @@ def reference_key(texts: Sequence[str]) -> str:
     """
     joined = "\0".join(texts)
     for counter in itertools.count():
-        key = hashlib.sha256(f"{joined}\0{counter}".encode("utf-8")).hexdigest()[:8]
+        key = hashlib.sha256(f"{joined}\0{counter}".encode()).hexdigest()[:8]
         if not any(key in text for text in texts):
             return key
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def format_references(references: Sequence[str], instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The system-message block: the instruction, a header, then each reference between its markers.
+def format_references(references: Sequence[str], instruction: str | None = None) -> str:
+    """The system-message block: the instruction (``DEFAULT_INSTRUCTION`` if None), a header, then each
+    reference between its markers.
 
     >>> print(format_references(["Paris.", "Lyon."], instruction="Combine these."))
     Combine these.
@@ -304,6 +306,7 @@ def format_references(references: Sequence[str], instruction: str = DEFAULT_INST
     Lyon.
     <<<end of response 2, key 29d190ab>>>
     """
+    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     key, count = reference_key(references), len(references)
     blocks = [f"<<<response {i} of {count}, key {key}>>>\n{text}\n<<<end of response {i}, key {key}>>>"
               for i, text in enumerate(references, 1)]
@@ -311,7 +314,7 @@ def format_references(references: Sequence[str], instruction: str = DEFAULT_INST
 
 
 def inject_references(messages: Sequence[Message], references: Sequence[str],
-                      instruction: str = DEFAULT_INSTRUCTION) -> list[Message]:
+                      instruction: str | None = None) -> list[Message]:
     """A new message list: ``messages`` with the instruction and references in the system message.
 
     An existing system message gets the block appended after a blank line; otherwise one system message
@@ -334,35 +337,64 @@ def inject_references(messages: Sequence[Message], references: Sequence[str],
     return out
 
 
-_FIRST_MARKER = re.compile(r"^<<<response 1 of (\d+), key ([0-9a-f]{8})>>>$", re.MULTILINE)
+_LAST_LINE = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
+
+
+def _block_key(system: str) -> tuple[int, str] | None:
+    """(N, K) of the reference block that ends ``system``, or None when it ends with none."""
+    found = _LAST_LINE.search(system)
+    return (int(found.group(1)), found.group(2)) if found else None
 
 
 def read_references(prompt: str | Sequence[Message]) -> list[str]:
-    """The references held by an aggregator prompt (a system text or a message list), in order.
+    """The references of the block that ends an aggregator prompt (a system text or a message list), in order.
+
+    The block is the one ``inject_references`` added last, so references the caller's messages or the
+    instruction already held (a prompt built by another MoA) are not read as this prompt's.
 
     >>> read_references(inject_references([{"role": "user", "content": "Q"}], ["x", "<<<end of response 1"]))
     ['x', '<<<end of response 1']
+    >>> upstream = inject_references([{"role": "user", "content": "Q"}], ["old"])
+    >>> read_references(inject_references(upstream, ["new 1", "new 2"]))
+    ['new 1', 'new 2']
     >>> read_references([{"role": "user", "content": "no references here"}])
     []
     """
     if not isinstance(prompt, str):
         system = [m["content"] for m in prompt[:1] if m.get("role") == "system"]
         prompt = system[0] if system else ""
-    found = _FIRST_MARKER.search(prompt)
-    if not found:
+    found = _block_key(prompt)
+    if found is None:
         return []
-    count, key = int(found.group(1)), found.group(2)
-    references, position = [], found.start()
+    count, key = found
+    # No reference holds the key, so the last "response 1" line with it opens this block, whatever came before.
+    position = prompt.rfind(f"<<<response 1 of {count}, key {key}>>>\n")
+    references = []
     for i in range(1, count + 1):
         begin = f"<<<response {i} of {count}, key {key}>>>\n"
         end = f"\n<<<end of response {i}, key {key}>>>"
-        start = prompt.find(begin, position)
+        start = prompt.find(begin, position) if position >= 0 else -1
         stop = prompt.find(end, start + len(begin) - 1) if start >= 0 else -1
         if start < 0 or stop < 0:
-            break
+            return []
         references.append(prompt[start + len(begin):stop])
         position = stop + len(end)
     return references
+
+
+def _marker(key: str) -> re.Pattern:
+    """A marker line of the block with ``key``, also as a model echoes it (fewer angle brackets, spaces)."""
+    return re.compile(rf"[ \t]*<{{0,3}}[ \t]*(?:end of )?response \d+(?: of \d+)?, key {key}[ \t]*>{{0,3}}[ \t\r]*")
+
+
+def _strip_markers(text: str, key: str) -> str:
+    """``text`` without the marker lines of the prompt (block key ``key``) it answers: a model may echo them.
+
+    >>> _strip_markers("Paris.\\n<<<end of response 2, key 29d190ab>>", "29d190ab")
+    'Paris.'
+    """
+    marker = _marker(key)
+    return "\n".join(line for line in text.split("\n") if not marker.fullmatch(line))
 
 
 # ======================================================================================================
@@ -506,15 +538,18 @@ class Result:
         return {layer: [outputs[i] for i in sorted(outputs)] for layer, outputs in sorted(layers.items())}
 
     def diversity(self) -> dict[int, float]:
-        """The Vendi score of each proposer layer's outputs (see ``vendi_score``)."""
+        """The Vendi score of each proposer layer's outputs (see ``vendi_score``; O(n^3) in n outputs)."""
         return {layer: vendi_score(texts) for layer, texts in self.proposals().items() if texts}
 
-    def to_dict(self, trace: bool = True) -> dict[str, Any]:
-        """Everything as plain JSON-serialisable data (without the trace if ``trace`` is false)."""
-        data = {"answer": self.answer, "method": self.method, "params": self.params,
-                "calls": self.calls, "requests": self.requests,
-                "retries": sum(call.retries for call in self.trace), "usage": self.usage,
-                "diversity": {str(layer): score for layer, score in self.diversity().items()}}
+    def to_dict(self, trace: bool = True, diversity: bool = False) -> dict[str, Any]:
+        """Everything as plain JSON-serialisable data: without the trace if ``trace`` is false, and with
+        ``diversity`` (each proposer layer's Vendi score, keyed by the layer number as a string) only if asked,
+        as it costs more than the run itself for thousands of samples."""
+        data: dict[str, Any] = {"answer": self.answer, "method": self.method, "params": self.params,
+                                "calls": self.calls, "requests": self.requests,
+                                "retries": sum(call.retries for call in self.trace), "usage": self.usage}
+        if diversity:
+            data["diversity"] = {str(layer): score for layer, score in self.diversity().items()}
         if trace:
             data["trace"] = [dataclasses.asdict(call) for call in self.trace]
         return data
@@ -529,8 +564,8 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
         complete: Callable[[Request], Any], layers: int | None = None, temperature: float = 0.7,
         max_tokens: int | None = None, aggregator_temperature: float = 0.7,
         aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-        concurrency: int = 8, instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
-        stream: Callable[[str], None] | None = None, _method: str = "moa") -> Result:
+        concurrency: int = 8, instruction: str | None = None, use_n: bool = True,
+        stream: Callable[[str], None] | None = None) -> Result:
     """Mixture-of-Agents: ``layers - 1`` layers of proposers, then one aggregator.
 
     ``proposers`` is the list of proposer models of every proposer layer (a model may appear several
@@ -540,78 +575,53 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
     they finish in. A proposer that fails is dropped, the numbering staying contiguous; a layer with fewer
     than ``min_ok`` successes raises ``NotEnoughProposals``. Proposer ``j`` of a layer gets seed
     ``seed + j``; consecutive proposers of the same model share one request with ``n`` (at most ``MAX_N``
-    per request; none with ``use_n=False``). ``stream`` receives the final answer's text pieces as they arrive.
+    per request; none with ``use_n=False``). ``instruction`` replaces ``DEFAULT_INSTRUCTION``. ``stream``
+    receives the final answer's text pieces as they arrive.
 
     >>> moa("2+2?", ["a", "b"], "c", complete=lambda r: f"{r.model}:{len(read_references(r.messages))}",
     ...     layers=3).answer
     'c:2'
+
+    A layer whose proposers all fail stops the run; the error keeps the requests already made:
+
+    >>> def down(request):
+    ...     raise ModelError("HTTP 404: no such model", model=request.model)
+    >>> try:
+    ...     moa("2+2?", ["x", "x"], "c", complete=down, use_n=False)
+    ... except NotEnoughProposals as error:
+    ...     print(error); print(error.partial.requests, "requests made")
+    layer 1: only 0 of 2 proposers succeeded, fewer than min_ok=1. Failures: 2 x model 'x': HTTP 404: no such model
+    2 requests made
     """
     messages = as_messages(prompt)
-    nested = bool(proposers) and not isinstance(proposers, str) and all(
-        isinstance(p, Sequence) and not isinstance(p, str) for p in proposers)
-    _check(isinstance(proposers, Sequence) and not isinstance(proposers, str) and len(proposers) > 0,
-           "proposers", proposers, "MoA needs at least one proposer", 'pass a list of model names, e.g. ["a", "b"]')
-    if nested:
-        plan = [list(layer) for layer in proposers]
-        _check(layers is None or layers == len(plan) + 1, "layers", layers,
-               f"{len(plan)} proposer layers plus the aggregator make {len(plan) + 1} layers",
-               f"pass layers={len(plan) + 1} or leave it out")
-    else:
-        layers = 2 if layers is None else layers
-        _check(_is_int(layers) and layers >= 2, "layers", layers,
-               "layers count the aggregator, so MoA has at least 2 (proposers, then the aggregator)",
-               "pass layers=2 for one proposer layer")
-        plan = [list(proposers)] * (layers - 1)
-    for number, layer in enumerate(plan, 1):
-        _check(len(layer) > 0, f"proposers (layer {number})", layer, "a proposer layer is empty",
-               "give every layer at least one model")
-        for model in layer:
-            _check_model("proposer", model)
-    _check_model("aggregator", aggregator)
-    _check_common(temperature, max_tokens, aggregator_temperature, aggregator_max_tokens, seed, instruction)
-    smallest = min(len(layer) for layer in plan)
-    _check(_is_int(min_ok) and 1 <= min_ok <= smallest, "min_ok", min_ok,
-           f"it is the fewest proposers of a layer that must succeed, between 1 and the smallest layer "
-           f"({smallest})", f"pass min_ok between 1 and {smallest}")
-    pool, owned, priority = _start(complete, concurrency)
-    run = _Run(complete, pool, priority)
-    proposer_params = _Params(temperature, max_tokens, seed)
-    params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, "temperature": temperature,
-              "max_tokens": max_tokens, "aggregator_temperature": aggregator_temperature,
-              "aggregator_max_tokens": aggregator_max_tokens, "seed": seed, "min_ok": min_ok}
-    try:
-        # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
-        references: list[str] = []
-        positions: list[int] = []
-        for number, layer in enumerate(plan, 1):
-            prompt_l = inject_references(messages, references, instruction)
-            slots: list[concurrent.futures.Future] = []
-            for model, run_of in itertools.groupby(enumerate(layer), key=lambda item: item[1]):
-                group = [position for position, _ in run_of]
-                for start in range(0, len(group), MAX_N):  # n is capped per request
-                    chunk = group[start:start + MAX_N]
-                    slots += run.samples(len(plan) + 2 - number, (number,), number, model, prompt_l, chunk[0],
-                                         len(chunk), positions, proposer_params, use_n)
-            outcomes = [slot.result() for slot in slots]
-            failures = [o for o in outcomes if isinstance(o, ModelError)]
-            if len(outcomes) - len(failures) < min_ok:
-                raise NotEnoughProposals(
-                    f"layer {number}: only {len(outcomes) - len(failures)} of {len(outcomes)} proposers "
-                    f"succeeded, fewer than min_ok={min_ok}. Failures: " + "; ".join(map(str, failures)),
-                    failures)
-            # Failed proposers are dropped; the survivors keep their configuration order.
-            positions = [j for j, o in enumerate(outcomes) if not isinstance(o, ModelError)]
-            references = [outcomes[j] for j in positions]
-        # The aggregator synthesizes the last proposer layer's answers into the final answer.
-        final = Call("aggregator", len(plan) + 1, aggregator, [0], positions)
-        answer = run.aggregate(1, (len(plan) + 1,), final, inject_references(messages, references, instruction),
-                               _Params(aggregator_temperature, aggregator_max_tokens, seed), stream)
-        return Result(answer, _method, run.sorted_trace(), params)
-    except SelfMoAError as exc:
-        raise _fail(exc, run, _method, params) from None
-    finally:
-        if owned:
-            pool.shutdown()
+    plan = _proposer_plan(proposers, layers)
+    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
+                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
+                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+    _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
+    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="moa")
+
+
+def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min_ok: int, settings: _Settings,
+         method: str) -> Result:
+    """The MoA layer loop, shared by ``moa`` and ``self_moa``: ``plan`` holds the models of each proposer layer."""
+    params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, **settings.params(),
+              "min_ok": min_ok}
+    with _Run(settings, method=method, params=params) as run:
+        references: list[str] = []  # the answers of the previous layer, in configuration order
+        positions: list[int] = []  # where each of them stood in its layer
+        for number, models in enumerate(plan, 1):
+            # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
+            prompt_l = inject_references(messages, references, settings.instruction)
+            outcomes = run.layer(number, models, prompt_l, shown=positions, remaining=len(plan) + 2 - number)
+            # A proposer that failed is dropped and the survivors keep their order; too few stop the run.
+            positions = _survivors(outcomes, layer=number, min_ok=min_ok)
+            references = [outcome for outcome in outcomes if isinstance(outcome, str)]
+        # The aggregator synthesizes the last layer's answers into the final answer.
+        final = Call("aggregator", layer=len(plan) + 1, model=aggregator, indices=[0], references=positions)
+        answer = run.aggregate(final, inject_references(messages, references, settings.instruction),
+                               remaining=1, stream=settings.stream)
+        return run.result(answer)
 
 
 # ======================================================================================================
@@ -623,7 +633,7 @@ def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], 
              aggregator: str | None = None, layers: int = 2, temperature: float = 0.7,
              max_tokens: int | None = None, aggregator_temperature: float = 0.7,
              aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-             concurrency: int = 8, instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
+             concurrency: int = 8, instruction: str | None = None, use_n: bool = True,
              stream: Callable[[str], None] | None = None) -> Result:
     """Self-MoA: ``n`` samples of ``model`` at ``temperature > 0``, aggregated by ``aggregator``.
 
@@ -633,17 +643,20 @@ def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], 
 
     >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4").calls
     4
+    >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4", temperature=0)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    selfmoa.ConfigError: temperature=0: ...; pass a temperature above 0 (the paper samples at 0.7)
     """
-    _check_model("model", model)
-    _check(_is_int(n) and n >= 1, "n", n, "Self-MoA aggregates n samples", "pass n >= 1 (the paper uses 4 to 6)")
-    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
-           "temperature", temperature, "Self-MoA's diversity comes from sampling; at 0 every sample is the same",
-           "pass a temperature above 0 (the paper samples at 0.7)")
-    return moa(prompt, [model] * n, aggregator if aggregator is not None else model, complete=complete,
-               layers=layers, temperature=temperature, max_tokens=max_tokens,
-               aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-               seed=seed, min_ok=min_ok, concurrency=concurrency, instruction=instruction, use_n=use_n,
-               stream=stream, _method="self-moa")
+    messages = as_messages(prompt)
+    _check_sampled(model=model, n=n, temperature=temperature, method="Self-MoA")
+    plan = _proposer_plan([model] * n, layers)
+    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
+                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
+                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+    aggregator = model if aggregator is None else aggregator
+    _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
+    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="self-moa")
 
 
 # ======================================================================================================
@@ -651,10 +664,29 @@ def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], 
 # ======================================================================================================
 
 
-def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
-    """The number of Self-MoA-Seq rounds (aggregation calls) for ``n`` samples.
+def seq_plan(n: int, window: int = 6, carry: int = 3) -> list[tuple[int, range]]:
+    """Self-MoA-Seq's window plan for ``n`` samples: per round, the copies of the previous synthesis shown
+    first, and the numbers of the new samples.
 
-    Round 1 takes ``window`` samples; each later round takes ``window - carry`` new ones.
+    Round 1 takes ``window`` samples; each later round shows the previous synthesis ``carry`` times, then
+    the next ``window - carry`` samples (the last round may take fewer). Round ``t`` shows ``s<t-1>``:
+
+    >>> for t, (carried, new) in enumerate(seq_plan(10, window=6, carry=3), 1):
+    ...     print(t, " ".join([f"s{t - 1}"] * carried + [f"x{i}" for i in new]))
+    1 x0 x1 x2 x3 x4 x5
+    2 s1 s1 s1 x6 x7 x8
+    3 s2 s2 s2 x9
+    """
+    _check_window(window, carry)
+    _check(_is_int(n) and n >= 1, "n", n, "there must be at least one sample", "pass n >= 1")
+    plan = [(0, range(min(n, window)))]
+    for start in range(window, n, window - carry):
+        plan.append((carry, range(start, min(n, start + window - carry))))
+    return plan
+
+
+def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
+    """The number of Self-MoA-Seq rounds (aggregation calls) for ``n`` samples: ``len(seq_plan(...))``.
 
     >>> [seq_rounds(n) for n in (1, 6, 7, 9, 10, 30)]
     [1, 1, 2, 2, 3, 9]
@@ -664,26 +696,19 @@ def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
     return 1 if n <= window else 1 + math.ceil((n - window) / (window - carry))
 
 
-def _check_window(window: Any, carry: Any) -> None:
-    _check(_is_int(window) and window >= 2, "window", window,
-           "each round must hold the carried synthesis and at least one new sample", "pass window >= 2 (default 6)")
-    _check(_is_int(carry) and 1 <= carry < window, "carry", carry,
-           f"carry copies of the synthesis plus at least one new sample must fit in window={window}",
-           f"pass carry between 1 and {window - 1} (default 3)")
-
-
 def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable[[Request], Any],
                  n: int | None = None, samples: Iterable[str] | None = None, window: int = 6, carry: int = 3,
                  aggregator: str | None = None, temperature: float = 0.7, max_tokens: int | None = None,
                  aggregator_temperature: float = 0.7, aggregator_max_tokens: int | None = None,
                  seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
-                 instruction: str = DEFAULT_INSTRUCTION, use_n: bool = True,
+                 instruction: str | None = None, use_n: bool = True,
                  stream: Callable[[str], None] | None = None) -> Result:
     """Self-MoA-Seq: aggregate many samples of one model in rounds over a sliding window.
 
     Round 1 aggregates samples ``0 .. window-1``; round ``t >= 2`` aggregates the synthesis of round
     ``t - 1`` repeated ``carry`` times, then the next ``window - carry`` samples (the last round may have
-    fewer). Every sample is shown as new in exactly one round, in order; the answer is the last synthesis.
+    fewer; see ``seq_plan``). Every sample is shown as new in exactly one round, in order; the answer is
+    the last synthesis.
 
     The samples are either generated (``model`` and ``n``, default 6; sample ``i`` has seed ``seed + i``;
     all are requested at once, and each round starts as soon as its own samples have arrived), or given
@@ -692,116 +717,54 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     good samples raises ``NotEnoughProposals``.
 
     >>> r = self_moa_seq("Q", complete=lambda r: "s", samples=["a", "b", "c"], aggregator="m", window=2, carry=1)
-    >>> [(call.round, call.references) for call in r.trace]
-    [(1, [0, 1]), (2, [2])]
+    >>> [(call.round, call.carried, call.references) for call in r.trace]
+    [(1, 0, [0, 1]), (2, 1, [2])]
+    >>> self_moa_seq("Q", "m", complete=print, window=3, carry=3)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    selfmoa.ConfigError: carry=3: carry copies ... must fit in window=3; pass carry between 1 and 2 (default 3)
     """
     messages = as_messages(prompt)
     _check_window(window, carry)
     if samples is None:
-        _check_model("model", model)
         n = 6 if n is None else n
-        _check(_is_int(n) and n >= 1, "n", n, "Self-MoA-Seq aggregates n samples", "pass n >= 1")
-        _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
-               "temperature", temperature, "at temperature 0 every sample is the same",
-               "pass a temperature above 0 (the paper samples at 0.7)")
+        _check_sampled(model=model, n=n, temperature=temperature, method="Self-MoA-Seq")
     else:
-        _check(n is None, "n", n, "the samples were given, so there is nothing to generate",
-               "pass either samples= or n=, not both")
-        _check(isinstance(samples, Iterable) and not isinstance(samples, (str, bytes, Mapping)), "samples",
-               samples, "it is an iterable of sample texts", 'pass a list or generator of strings')
-        _check(not (isinstance(samples, Sequence) and len(samples) == 0), "samples", samples,
-               "there is nothing to aggregate", "pass at least one sample text")
-    aggregator = aggregator if aggregator is not None else model
+        _check_given(samples=samples, n=n)
+    aggregator = model if aggregator is None else aggregator
     _check_model("aggregator", aggregator)
-    _check_common(temperature, max_tokens, aggregator_temperature, aggregator_max_tokens, seed, instruction)
+    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
+                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
+                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
     known = n if samples is None else (len(samples) if isinstance(samples, Sequence) else None)
-    _check(_is_int(min_ok) and min_ok >= 1 and (known is None or min_ok <= known), "min_ok", min_ok,
-           "it is the fewest samples that must succeed", f"pass min_ok between 1 and {known or 'the sample count'}")
-    pool, owned, priority = _start(complete, concurrency)
-    run = _Run(complete, pool, priority)
+    _check_min_ok_samples(min_ok, known)
     params = {"model": model, "aggregator": aggregator, "n": known, "window": window, "carry": carry,
-              "temperature": temperature, "max_tokens": max_tokens,
-              "aggregator_temperature": aggregator_temperature, "aggregator_max_tokens": aggregator_max_tokens,
-              "seed": seed, "min_ok": min_ok}
-    failures: list[ModelError] = []
-    consumed = [0]  # samples pulled from the source so far, failed ones included
-
-    def generated() -> Iterator[tuple[int, str]]:
-        # Ask for every sample at once, window by window (round 1's window, then each round's new
-        # samples), so that each round's samples share one request and arrive as early as possible.
-        assert model is not None and n is not None
-        chunks = [(0, min(n, window))] + [(start, min(window - carry, n - start))
-                                          for start in range(window, n, window - carry)]
-        rounds = seq_rounds(n, window, carry)
-        slots = [slot for chunk, (start, size) in enumerate(chunks)  # chunk c feeds round c + 1
-                 for first in range(start, start + size, MAX_N)  # n is capped per request
-                 for slot in run.samples(rounds - chunk + 1, (1,), 1, model, messages, first,
-                                         min(MAX_N, start + size - first), [],
-                                         _Params(temperature, max_tokens, seed), use_n)]
-        for index, slot in enumerate(slots):
-            outcome = slot.result()
-            consumed[0] = index + 1
-            if isinstance(outcome, ModelError):
-                failures.append(outcome)
-                if n - len(failures) < min_ok:
-                    raise NotEnoughProposals(
-                        f"only {n - len(failures)} of {n} samples can still succeed, fewer than "
-                        f"min_ok={min_ok}. Failures: " + "; ".join(map(str, failures)), failures)
-                continue
-            yield index, outcome
-
-    def given() -> Iterator[tuple[int, str]]:
-        for index, text in enumerate(samples):  # type: ignore[arg-type]
-            consumed[0] = index + 1
-            _check(isinstance(text, str), f"samples[{index}]", text, "a sample is a string of text",
-                   "pass the sample texts")
-            yield index, text
-
-    def none_left() -> bool:
-        """Whether the source is known to hold no more samples, found out without waiting for any."""
-        return known is not None and consumed[0] >= known
-
-    source = generated() if samples is None else given()
-    taken = 0
-    aggregator_params = _Params(aggregator_temperature, aggregator_max_tokens, seed)
-    try:
+              **settings.params(), "min_ok": min_ok}
+    with _Run(settings, method="self-moa-seq", params=params) as run:
+        # The samples: drawn from the model (all requested at once, each round's new ones in one request) or
+        # the caller's, handed out in order as the rounds need them, failed ones skipped.
+        source = (_Given(samples, min_ok=min_ok) if samples is not None else
+                  _Generated(run, model=model, messages=messages, n=n, window=window, carry=carry, min_ok=min_ok))
         synthesis: str | None = None
-        round_number = 0
+        number = 0
         while True:
-            # Each round takes the next window - carry samples (round 1: a whole window).
-            wanted = window if synthesis is None else window - carry
-            new = list(itertools.islice(source, wanted))
-            taken += len(new)
+            # Round 1 takes a whole window of samples; every later round, the next window - carry.
+            new = source.take(window if synthesis is None else window - carry)
             if not new:
                 break
-            # The last round is known without waiting for a sample the round does not need: the source
-            # ran dry while filling it, or its length is known and all of it has been pulled. (A generator
-            # of unknown length whose last round is full is not known to be last: that round is not
-            # streamed, and the answer arrives whole.)
-            last = len(new) < wanted or none_left()
-            if last and taken < min_ok:
-                raise NotEnoughProposals(f"only {taken} samples succeeded, fewer than min_ok={min_ok}"
-                                         + ("".join(f"; {f}" for f in failures)), failures)
-            round_number += 1
-            carried = [] if synthesis is None else [synthesis] * carry
-            window_texts = carried + [text for _, text in new]
-            call = Call("aggregator", 2, aggregator, [0], [index for index, _ in new], round=round_number,
-                        carried=len(carried))
-            remaining = 1 if samples is not None else seq_rounds(n, window, carry) - round_number + 1
-            synthesis = run.aggregate(remaining, (0, round_number), call,
-                                      inject_references(messages, window_texts, instruction),
-                                      aggregator_params, stream if last else None)
-        if synthesis is None or taken < min_ok:  # failed samples never reach the rounds
-            raise NotEnoughProposals(f"only {taken} samples succeeded, fewer than min_ok={min_ok}"
-                                     + ("; no samples were given" if samples is not None and taken == 0 else
-                                        "".join(f"; {f}" for f in failures)), failures)
-        params["n"], params["rounds"] = taken + len(failures), round_number
-        return Result(synthesis, "self-moa-seq", run.sorted_trace(), params)
-    except SelfMoAError as exc:
-        raise _fail(exc, run, "self-moa-seq", params) from None
-    finally:
-        if owned:
-            pool.shutdown()
+            number += 1
+            # The window: the previous synthesis carry times, first, to bias the aggregator towards it;
+            # then the new samples, in order.
+            shown = ([] if synthesis is None else [synthesis] * carry) + [text for _, text in new]
+            call = Call("aggregator", layer=2, model=str(aggregator), indices=[0], references=[i for i, _ in new],
+                        round=number, carried=len(shown) - len(new))
+            # Only the round known to be last (without waiting for another sample) is streamed.
+            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction),
+                                      remaining=max(1, source.rounds - number + 1),
+                                      stream=settings.stream if source.exhausted else None)
+        assert synthesis is not None, "a source that yields no sample raises NotEnoughProposals"
+        params["n"], params["rounds"] = source.count, number
+        return run.result(synthesis)
 
 
 ########################################################################################################
@@ -861,7 +824,7 @@ class _Pool:
                 continue
             try:
                 future.set_result(fn(*args))
-            except BaseException as exc:  # handed to whoever waits on the future
+            except BaseException as exc:  # noqa: BLE001 (handed to whoever waits on the future)
                 future.set_exception(exc)
 
     def shutdown(self) -> None:
@@ -879,7 +842,7 @@ class _Pool:
             self._queue.put(((math.inf,), next(self._order), None, None, None))
 
 
-Outcome = Union[str, ModelError]  # a sample's text, or why it failed
+Outcome = str | ModelError  # a sample's text, or why it failed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -891,68 +854,146 @@ class _Params:
     seed: int | None
 
 
-class _Run:
-    """One method run: the completion function, the pool, and the trace of every request made."""
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The checked arguments every method shares."""
 
-    def __init__(self, complete: Callable[[Request], Any], pool: _Pool, priority: tuple = ()):
-        self.complete, self.pool, self.priority = complete, pool, priority
+    complete: Callable[[Request], Any]
+    concurrency: int
+    proposing: _Params
+    aggregating: _Params
+    instruction: str
+    use_n: bool
+    stream: Callable[[str], None] | None
+
+    def params(self) -> dict[str, Any]:
+        """The sampling arguments as a Result's ``params`` reports them."""
+        return {"temperature": self.proposing.temperature, "max_tokens": self.proposing.max_tokens,
+                "aggregator_temperature": self.aggregating.temperature,
+                "aggregator_max_tokens": self.aggregating.max_tokens, "seed": self.proposing.seed}
+
+
+class _Run:
+    """One method run: the completion function, the pool, and the trace of every request sent.
+
+    A run never stops early. Which requests it sends depends on the replies alone: a failure stops it from
+    starting new layers or rounds, but every request already issued (and the follow-ups its reply calls
+    for) is still sent and awaited before the error is raised, whatever the concurrency or the timing.
+    So ``partial`` lists every request sent, each with its outcome. Use it as a context manager: an error
+    leaving the block gets ``partial``; the run's own pool is shut down.
+    """
+
+    def __init__(self, settings: _Settings, *, method: str, params: dict):
+        self.settings, self.method, self.params = settings, method, params
+        self.pool, self._owned, self.priority = _start(settings.complete, settings.concurrency)
         self.trace: list[Call] = []
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._open = 0  # requests queued or running, follow-ups included
 
-    def request(self, remaining: int, rank: tuple, call: Call, request: Request) -> concurrent.futures.Future:
-        """Queue one request; its future gives the Reply, or the ModelError the call failed with.
+    def __enter__(self) -> _Run:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        return self
 
-        ``remaining`` counts the calls chained after this one, itself included (the pool runs the longest
-        chains first); ``rank`` orders calls within one run.
-        """
-        return self.pool.submit((-remaining,) + self.priority + rank, self._call, call, request)
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        try:
+            if isinstance(exc, Exception):  # not on Ctrl-C: then nothing more is awaited
+                with self._idle:
+                    self._idle.wait_for(lambda: self._open == 0)
+                with contextlib.suppress(AttributeError):  # a foreign exception may refuse new attributes
+                    exc.partial = self.result("")  # type: ignore[attr-defined]
+        finally:
+            if self._owned:
+                self.pool.shutdown()
+
+    def result(self, answer: str) -> Result:
+        with self._lock:
+            trace = sorted(self.trace, key=Call.sort_key)
+        return Result(answer, self.method, trace, dict(self.params))
+
+    def _submit(self, call: Call, remaining: int, task: Callable, *args: Any) -> concurrent.futures.Future:
+        """Queue ``task(*args)``. ``remaining`` counts the calls chained after this one, itself included (the
+        pool runs the longest chains first); within a run, aggregations go before proposals, then by position."""
+        rank = (0, call.round or 0) if call.role == "aggregator" else (call.layer, call.indices[0])
+        with self._lock:
+            self._open += 1
+        future = self.pool.submit((-remaining,) + self.priority + rank, task, *args)
+        future.add_done_callback(self._closed)
+        return future
+
+    def _closed(self, _: concurrent.futures.Future) -> None:
+        with self._idle:
+            self._open -= 1
+            if self._open == 0:
+                self._idle.notify_all()
 
     def _call(self, call: Call, request: Request) -> Reply | ModelError:
+        """Send one request and record it in the trace, whatever happens."""
         started = time.perf_counter()
         try:
             outcome: Reply | ModelError = _as_reply(self.complete(request), request)
         except ModelError as exc:
             outcome = exc
-        call.latency = round(time.perf_counter() - started, 6)
+        except Exception as exc:  # a bug in the completion function: recorded, then it propagates
+            call.error = f"{type(exc).__name__}: {exc}"
+            self._record(call, started)
+            raise
         if isinstance(outcome, ModelError):
             call.error, call.url = str(outcome), outcome.url or None
             call.retries = max(0, outcome.attempts - 1)
         else:
+            block = _block_key(request.messages[0]["content"]) if request.messages[0]["role"] == "system" else None
+            if block is not None:  # a model may echo the markers of the prompt it answers: they are no answer
+                outcome.texts = [_strip_markers(text, block[1]) if isinstance(text, str) else text
+                                 for text in outcome.texts]
             call.outputs, call.finish_reasons = outcome.texts, outcome.finish_reasons
             call.prompt_tokens, call.completion_tokens = outcome.prompt_tokens, outcome.completion_tokens
             call.retries, call.url = outcome.retries, outcome.url
-        with self._lock:
-            self.trace.append(call)
+        self._record(call, started)
         return outcome
 
-    def samples(self, remaining: int, rank: tuple, layer: int, model: str, messages: list[Message], first: int,
-                count: int, references: list[int], params: _Params, group: bool) -> list[concurrent.futures.Future]:
+    @property
+    def complete(self) -> Callable[[Request], Any]:
+        return self.settings.complete
+
+    def _record(self, call: Call, started: float) -> None:
+        call.latency = round(time.perf_counter() - started, 6)
+        with self._lock:
+            self.trace.append(call)
+
+    def samples(self, *, model: str, messages: list[Message], first: int, count: int, layer: int,
+                references: list[int], remaining: int) -> list[concurrent.futures.Future]:
         """Ask ``model`` for samples ``first .. first+count-1`` of one prompt: one future per sample,
         resolving to its ``Outcome`` (the text, or the ModelError that sample failed with).
 
-        With ``group``, all ``count`` samples go in one request with ``n = count`` and seed ``S + first``;
-        any the server did not return are then asked for one by one, sample ``i`` with seed ``S + i``
-        (spec/wire.md section 4). Each future resolves as soon as its own sample exists.
+        With ``use_n``, the samples go in requests of at most ``MAX_N``, each with ``n`` and seed ``S + i0``
+        for its first sample ``i0``; any the server did not return are then asked for one by one, sample
+        ``i`` with seed ``S + i`` (spec/wire.md section 4). Each future resolves as soon as its own sample
+        exists.
         """
-        slots = [concurrent.futures.Future() for _ in range(count)]
+        params = self.settings.proposing
+        slots: list[concurrent.futures.Future] = [concurrent.futures.Future() for _ in range(count)]
         frozen = tuple(messages)
 
         def ask(start: int, size: int) -> None:
             seed = None if params.seed is None else params.seed + first + start
-            call = Call("proposer", layer, model, list(range(first + start, first + start + size)),
-                        list(references), n=size, seed=seed, temperature=params.temperature,
+            call = Call("proposer", layer=layer, model=model, indices=list(range(first + start, first + start + size)),
+                        references=list(references), n=size, seed=seed, temperature=params.temperature,
                         max_tokens=params.max_tokens)
-            request = Request(model, frozen, params.temperature, params.max_tokens, size, seed)
-            future = self.request(remaining, rank + (first + start,), call, request)
-            future.add_done_callback(lambda done: deliver(start, size, done))
+            request = Request(model=model, messages=frozen, temperature=params.temperature,
+                              max_tokens=params.max_tokens, n=size, seed=seed)
+            future = self._submit(call, remaining, answer, start, size, call, request)
+            future.add_done_callback(lambda done: never_sent(start, size) if done.cancelled() else None)
 
-        def deliver(start: int, size: int, done: concurrent.futures.Future) -> None:
+        def answer(start: int, size: int, call: Call, request: Request) -> None:
             try:
-                outcome = done.result()
+                outcome = self._call(call, request)
             except BaseException as exc:  # a bug in the completion function: surface it to the waiter
                 for slot in slots[start:start + size]:
                     slot.set_exception(exc)
-                return
+                raise
+            deliver(start, size, outcome)
+
+        def deliver(start: int, size: int, outcome: Reply | ModelError) -> None:
             if isinstance(outcome, ModelError):
                 for slot in slots[start:start + size]:
                     slot.set_result(outcome)
@@ -965,27 +1006,184 @@ class _Run:
             for missing in range(start + len(outcome.texts), start + size):
                 ask(missing, 1)  # the server ignored n: one request per missing sample
 
-        if group:
-            ask(0, count)
-        else:
-            for start in range(count):
-                ask(start, 1)
+        def never_sent(start: int, size: int) -> None:  # the pool was shut down (a batch interrupted)
+            for slot in slots[start:start + size]:
+                if not slot.done():
+                    slot.set_exception(concurrent.futures.CancelledError())
+
+        step = MAX_N if self.settings.use_n else 1
+        for start in range(0, count, step):
+            ask(start, min(step, count - start))
         return slots
 
-    def aggregate(self, remaining: int, rank: tuple, call: Call, messages: list[Message], params: _Params,
+    def layer(self, number: int, models: Sequence[str], messages: list[Message], *, shown: list[int],
+              remaining: int) -> list[Outcome]:
+        """Ask every proposer of one layer, concurrently; their outcomes in configuration order.
+
+        Consecutive proposers of one model share requests with ``n`` (see ``samples``)."""
+        slots: list[concurrent.futures.Future] = []
+        for model, run_of in itertools.groupby(enumerate(models), key=lambda item: item[1]):
+            positions = [position for position, _ in run_of]
+            slots += self.samples(model=model, messages=messages, first=positions[0], count=len(positions),
+                                  layer=number, references=shown, remaining=remaining)
+        return [slot.result() for slot in slots]
+
+    def aggregate(self, call: Call, messages: list[Message], *, remaining: int,
                   stream: Callable[[str], None] | None = None) -> str:
-        """One aggregation call, waited for. A failure raises its ModelError."""
-        request = Request(call.model, tuple(messages), params.temperature, params.max_tokens, 1, params.seed,
-                          stream)
+        """One aggregation call, waited for: its text, with any echoed marker line removed (also from what is
+        streamed). A failure raises its ModelError."""
+        params = self.settings.aggregating
+        block = _block_key(messages[0]["content"])
+        assert block is not None, "an aggregation always shows references"
+        shown = None if stream is None else _MarkerFilter(stream, block[1])
+        request = Request(model=call.model, messages=tuple(messages), temperature=params.temperature,
+                          max_tokens=params.max_tokens, n=1, seed=params.seed, stream=shown)
         call.seed, call.temperature, call.max_tokens = params.seed, params.temperature, params.max_tokens
-        outcome = self.request(remaining, rank, call, request).result()
+        outcome = self._submit(call, remaining, self._call, call, request).result()
         if isinstance(outcome, ModelError):
             raise outcome
+        if shown is not None:
+            shown.close()
         return outcome.texts[0]
 
-    def sorted_trace(self) -> list[Call]:
-        with self._lock:
-            return sorted(self.trace, key=Call.sort_key)
+
+def _survivors(outcomes: list[Outcome], *, layer: int, min_ok: int) -> list[int]:
+    """The positions of the proposers of a layer that succeeded; fewer than ``min_ok`` is an error."""
+    failures = [outcome for outcome in outcomes if isinstance(outcome, ModelError)]
+    if len(outcomes) - len(failures) < min_ok:
+        raise NotEnoughProposals(f"layer {layer}: only {len(outcomes) - len(failures)} of {len(outcomes)} proposers "
+                                 f"succeeded, fewer than min_ok={min_ok}. Failures: {_failures_text(failures)}",
+                                 failures)
+    return [j for j, outcome in enumerate(outcomes) if not isinstance(outcome, ModelError)]
+
+
+def _failures_text(failures: Sequence[ModelError]) -> str:
+    """The failures' messages, ``; ``-separated, identical ones once with a count.
+
+    >>> _failures_text([ModelError("HTTP 404", model="x")] * 3 + [ModelError("timed out", model="y")])
+    "3 x model 'x': HTTP 404; model 'y': timed out"
+    """
+    counts: dict[str, int] = {}
+    for failure in failures:
+        counts[str(failure)] = counts.get(str(failure), 0) + 1
+    return "; ".join(text if count == 1 else f"{count} x {text}" for text, count in counts.items())
+
+
+class _Generated:
+    """Self-MoA-Seq's samples drawn from the model: all requested at once, one request per round's new
+    samples (so each round's arrive together), then handed out in sample order, failed ones skipped."""
+
+    def __init__(self, run: _Run, *, model: str | None, messages: list[Message], n: int | None, window: int,
+                 carry: int, min_ok: int):
+        assert model is not None and n is not None
+        plan = seq_plan(n, window, carry)
+        self.n, self.min_ok, self.rounds = n, min_ok, len(plan)
+        self.failures: list[ModelError] = []
+        self.consumed = 0  # samples handed out or skipped so far
+        self.slots = [slot for number, (_, new) in enumerate(plan, 1)  # these samples feed round `number`
+                      for slot in run.samples(model=model, messages=messages, first=new.start, count=len(new),
+                                              layer=1, references=[], remaining=len(plan) - number + 2)]
+
+    @property
+    def count(self) -> int:
+        return self.n
+
+    @property
+    def exhausted(self) -> bool:
+        return self.consumed == self.n
+
+    def take(self, wanted: int) -> list[tuple[int, str]]:
+        """The next ``wanted`` good samples (fewer at the end), each with its number."""
+        new: list[tuple[int, str]] = []
+        while len(new) < wanted and self.consumed < self.n:
+            index, outcome = self.consumed, self.slots[self.consumed].result()
+            self.consumed += 1
+            if isinstance(outcome, ModelError):
+                self.failures.append(outcome)
+                if self.n - len(self.failures) < self.min_ok:
+                    raise NotEnoughProposals(
+                        f"only {self.n - len(self.failures)} of {self.n} samples can still succeed, fewer than "
+                        f"min_ok={self.min_ok}. Failures: {_failures_text(self.failures)}", self.failures)
+                continue
+            new.append((index, outcome))
+        return new
+
+
+class _Given:
+    """Self-MoA-Seq's samples given by the caller: any iterable of strings, pulled only when a round needs them."""
+
+    def __init__(self, samples: Iterable[str], *, min_ok: int):
+        self.known = len(samples) if isinstance(samples, Sequence) else None
+        self.source, self.min_ok, self.rounds = iter(samples), min_ok, 0
+        self.consumed, self.dry = 0, False
+
+    @property
+    def count(self) -> int:
+        return self.consumed
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the source is known to hold no more samples, found out without waiting for one."""
+        return self.dry or (self.known is not None and self.consumed >= self.known)
+
+    def take(self, wanted: int) -> list[tuple[int, str]]:
+        new = []
+        for text in itertools.islice(self.source, wanted):
+            _check(isinstance(text, str), f"samples[{self.consumed}]", text, "a sample is a string of text",
+                   "pass the sample texts")
+            new.append((self.consumed, text))
+            self.consumed += 1
+        self.dry = self.dry or len(new) < wanted
+        if self.exhausted and self.consumed < self.min_ok:  # checked before the round being filled is aggregated
+            raise NotEnoughProposals(f"only {self.consumed} samples succeeded, fewer than min_ok={self.min_ok}"
+                                     + ("; no samples were given" if self.consumed == 0 else ""))
+        return new
+
+
+class _MarkerFilter:
+    """Passes a streamed answer on, without the marker lines that ``_strip_markers`` removes from the text.
+
+    A line that could still become a marker is held back until it ends (or the stream does), so what is
+    streamed is exactly the answer returned, whatever pieces the text arrives in.
+    """
+
+    _MARKER_CHARACTERS = frozenset("<> \t\r,endofrspky0123456789abcdef")
+
+    def __init__(self, stream: Callable[[str], None], key: str):
+        self.stream, self.key = stream, key
+        self.line = ""  # the current line, while it could still be a marker
+        self.passing = False  # the current line is known not to be a marker: passed on as it comes
+        self.lines = 0  # lines passed on so far (each after the first is preceded by its line break)
+
+    def __call__(self, piece: str) -> None:
+        out = []
+        for part in re.split(r"(\n)", piece):
+            if part == "\n":
+                out.append(self._end_line())
+            elif self.passing:
+                out.append(part)
+            else:
+                self.line += part
+                if not set(self.line) <= self._MARKER_CHARACTERS:
+                    out.append(self._pass_line())
+        if any(out):
+            self.stream("".join(out))
+
+    def _pass_line(self) -> str:
+        text = ("\n" if self.lines else "") + self.line
+        self.passing, self.line, self.lines = True, "", self.lines + 1
+        return text
+
+    def _end_line(self) -> str:
+        text = "" if self.passing or _marker(self.key).fullmatch(self.line) else self._pass_line()
+        self.passing, self.line = False, ""
+        return text
+
+    def close(self) -> None:
+        """The stream ended: decide on its last line."""
+        text = self._end_line()
+        if text:
+            self.stream(text)
 
 
 # A batch (or a server) runs many method calls on one shared pool. It says so through this context
@@ -1014,6 +1212,9 @@ def _start(complete: Any, concurrency: int) -> tuple[_Pool, bool, tuple]:
     return (shared[0], False, shared[1]) if shared is not None else (_Pool(concurrency), True, ())
 
 
+# --- Argument checks: every argument is checked before the first call ---------------------------------
+
+
 def _check_sampling(temperature: Any, max_tokens: Any, prefix: str = "") -> None:
     _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
            and 0 <= temperature <= 2, f"{prefix}temperature", temperature,
@@ -1027,20 +1228,87 @@ def _check_model(name: str, value: Any) -> None:
            "pass the name the server knows the model by")
 
 
-def _check_common(temperature: Any, max_tokens: Any, aggregator_temperature: Any, aggregator_max_tokens: Any,
-                  seed: Any, instruction: Any) -> None:
+def _settings(*, complete: Any, temperature: Any, max_tokens: Any, aggregator_temperature: Any,
+              aggregator_max_tokens: Any, seed: Any, concurrency: Any, instruction: Any, use_n: Any,
+              stream: Any) -> _Settings:
+    """The arguments every method shares, checked."""
     _check_sampling(temperature, max_tokens)
     _check_sampling(aggregator_temperature, aggregator_max_tokens, "aggregator_")
     _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
            "pass an integer, or None")
+    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     _check(isinstance(instruction, str) and instruction.strip() != "", "instruction", instruction,
-           "it tells the aggregator what to do with the references", "pass a non-empty string")
+           "it tells the aggregator what to do with the references", "pass a non-empty string, or None")
+    _check(stream is None or callable(stream), "stream", stream, "it receives the final answer's text pieces",
+           "pass a function taking a str, or None")
+    return _Settings(complete=complete, concurrency=concurrency,
+                     proposing=_Params(temperature=temperature, max_tokens=max_tokens, seed=seed),
+                     aggregating=_Params(temperature=aggregator_temperature, max_tokens=aggregator_max_tokens,
+                                         seed=seed),
+                     instruction=instruction, use_n=bool(use_n), stream=stream)
 
 
-def _fail(exc: SelfMoAError, run: _Run, method: str, params: dict) -> SelfMoAError:
-    """Attach the work done so far to an error, so that nothing already paid for is lost."""
-    exc.partial = Result("", method, run.sorted_trace(), params)
-    return exc
+def _proposer_plan(proposers: Any, layers: Any) -> list[list[str]]:
+    """One list of proposer models per proposer layer, from ``proposers`` (one list, or one per layer)."""
+    _check(isinstance(proposers, Sequence) and not isinstance(proposers, str) and len(proposers) > 0,
+           "proposers", proposers, "MoA needs at least one proposer", 'pass a list of model names, e.g. ["a", "b"]')
+    if all(isinstance(p, Sequence) and not isinstance(p, str) for p in proposers):
+        _check(layers is None or layers == len(proposers) + 1, "layers", layers,
+               f"{len(proposers)} proposer layers plus the aggregator make {len(proposers) + 1} layers",
+               f"pass layers={len(proposers) + 1} or leave it out")
+        plan = [list(layer) for layer in proposers]
+    else:
+        layers = 2 if layers is None else layers
+        _check(_is_int(layers) and layers >= 2, "layers", layers,
+               "layers count the aggregator, so MoA has at least 2 (proposers, then the aggregator)",
+               "pass layers=2 for one proposer layer")
+        plan = [list(proposers)] * (layers - 1)
+    for number, layer in enumerate(plan, 1):
+        _check(len(layer) > 0, f"proposers (layer {number})", layer, "a proposer layer is empty",
+               "give every layer at least one model")
+        for model in layer:
+            _check_model("proposer", model)
+    return plan
+
+
+def _check_moa(*, plan: list[list[str]], aggregator: Any, min_ok: Any) -> None:
+    _check_model("aggregator", aggregator)
+    smallest = min(len(layer) for layer in plan)
+    _check(_is_int(min_ok) and 1 <= min_ok <= smallest, "min_ok", min_ok,
+           f"it is the fewest proposers of a layer that must succeed, between 1 and the smallest layer "
+           f"({smallest})", f"pass min_ok between 1 and {smallest}")
+
+
+def _check_sampled(*, model: Any, n: Any, temperature: Any, method: str) -> None:
+    """Self-MoA and a generated Self-MoA-Seq: one model, sampled n >= 1 times above temperature 0."""
+    _check_model("model", model)
+    _check(_is_int(n) and n >= 1, "n", n, f"{method} aggregates n samples", "pass n >= 1 (the paper uses 4 to 6)")
+    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
+           "temperature", temperature, f"{method}'s diversity comes from sampling; at 0 every sample is the same",
+           "pass a temperature above 0 (the paper samples at 0.7)")
+
+
+def _check_window(window: Any, carry: Any) -> None:
+    _check(_is_int(window) and window >= 2, "window", window,
+           "each round must hold the carried synthesis and at least one new sample", "pass window >= 2 (default 6)")
+    _check(_is_int(carry) and 1 <= carry < window, "carry", carry,
+           f"carry copies of the synthesis plus at least one new sample must fit in window={window}",
+           f"pass carry between 1 and {window - 1} (default 3)")
+
+
+def _check_given(*, samples: Any, n: Any) -> None:
+    _check(n is None, "n", n, "the samples were given, so there is nothing to generate",
+           "pass either samples= or n=, not both")
+    _check(isinstance(samples, Iterable) and not isinstance(samples, (str, bytes, Mapping)), "samples",
+           samples, "it is an iterable of sample texts", 'pass a list or generator of strings')
+    _check(not (isinstance(samples, Sequence) and len(samples) == 0), "samples", samples,
+           "there is nothing to aggregate", "pass at least one sample text")
+
+
+def _check_min_ok_samples(min_ok: Any, known: int | None) -> None:
+    """Self-MoA-Seq's min_ok: 1..n for generated samples, 1..len(samples) for a list, >= 1 for a generator."""
+    _check(_is_int(min_ok) and min_ok >= 1 and (known is None or min_ok <= known), "min_ok", min_ok,
+           "it is the fewest samples that must succeed", f"pass min_ok between 1 and {known or 'the sample count'}")
 
 
 # ======================================================================================================
@@ -1450,7 +1718,7 @@ class HTTPClient:
             response = connection.getresponse()
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
             raise _Retry(f"connection dropped before a reply ({type(exc).__name__})", stale=reused) from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _Retry(f"no reply within timeout={self.timeout:g} s") from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise _Retry(f"could not reach the server, or its reply is not HTTP ({type(exc).__name__}: "
@@ -1459,7 +1727,7 @@ class HTTPClient:
             return self._read_stream(response, endpoint, request, flight)
         try:
             raw, whole = _read_capped(response, self.max_reply_bytes if response.status == 200 else MAX_ERROR_BYTES)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _Retry(f"the reply stalled beyond timeout={self.timeout:g} s") from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise _Retry(f"the reply was cut off ({type(exc).__name__})") from None
@@ -1538,7 +1806,7 @@ class HTTPClient:
         while True:
             try:
                 raw = response.readline(MAX_EVENT_LINE + 1)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 raise broke(f"no data within timeout={self.timeout:g} s") from None
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 raise broke(type(exc).__name__) from None
@@ -1783,56 +2051,6 @@ def vendi_score(texts: Sequence[str]) -> float:
     eigenvalues = [max(0.0, x / size) for x in symmetric_eigenvalues(similarity_matrix(texts))]
     entropy = -sum(x * math.log(x) for x in eigenvalues if x > 1e-15)
     return round(min(float(size), max(1.0, math.exp(entropy))), 9)
-
-
-def fit_quality_diversity(rows: Sequence[tuple[float, float, float]]) -> dict[str, float]:
-    """Least-squares fit of ``score = a * quality + b * diversity + c`` on standardised inputs.
-
-    ``rows`` are ``(quality, diversity, score)`` triples, one per configuration. Quality and diversity
-    are standardised (zero mean, unit variance) so that ``a`` and ``b`` compare: each is the change in
-    score per standard deviation. Returns ``a``, ``b``, ``c``, their standard errors ``se_a`` and ``se_b``,
-    and ``r2``, as the paper's Table 4 reports them.
-
-    >>> fit = fit_quality_diversity([(q, d, 2 * q + d) for q, d in [(0, 0), (1, 0), (0, 1), (1, 1), (2, 1)]])
-    >>> round(fit["a"] / fit["b"], 6) > 1, round(fit["r2"], 6)
-    (True, 1.0)
-    """
-    _check(len(rows) >= 4, "rows", len(rows), "a fit of 3 coefficients needs at least 4 configurations",
-           "pass more (quality, diversity, score) rows")
-
-    def standardised(values: list[float]) -> list[float]:
-        mean = sum(values) / len(values)
-        spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-        _check(spread > 0, "rows", "constant column", "quality and diversity must vary across configurations",
-               "use configurations that differ")
-        return [(v - mean) / spread for v in values]
-
-    quality = standardised([float(r[0]) for r in rows])
-    diversity = standardised([float(r[1]) for r in rows])
-    scores = [float(r[2]) for r in rows]
-    design = [[q, d, 1.0] for q, d in zip(quality, diversity)]
-    gram = [[sum(x[i] * x[j] for x in design) for j in range(3)] for i in range(3)]
-    inverse = _invert3(gram)
-    moments = [sum(x[i] * y for x, y in zip(design, scores)) for i in range(3)]
-    a, b, c = (sum(inverse[i][j] * moments[j] for j in range(3)) for i in range(3))
-    residuals = [y - (a * x[0] + b * x[1] + c) for x, y in zip(design, scores)]
-    mean = sum(scores) / len(scores)
-    total = sum((y - mean) ** 2 for y in scores)
-    error = sum(r * r for r in residuals)
-    sigma2 = error / max(1, len(rows) - 3)
-    return {"a": a, "b": b, "c": c, "se_a": math.sqrt(max(0.0, sigma2 * inverse[0][0])),
-            "se_b": math.sqrt(max(0.0, sigma2 * inverse[1][1])), "r2": 1 - error / total if total else 1.0,
-            "n": len(rows)}
-
-
-def _invert3(m: list[list[float]]) -> list[list[float]]:
-    """The inverse of a 3 x 3 matrix by cofactors."""
-    cof = [[m[(i + 1) % 3][(j + 1) % 3] * m[(i + 2) % 3][(j + 2) % 3]
-            - m[(i + 1) % 3][(j + 2) % 3] * m[(i + 2) % 3][(j + 1) % 3] for j in range(3)] for i in range(3)]
-    det = sum(m[0][j] * cof[0][j] for j in range(3))
-    _check(abs(det) > 1e-12, "rows", "collinear", "quality and diversity move together exactly",
-           "use configurations where they vary independently")
-    return [[cof[j][i] / det for j in range(3)] for i in range(3)]
 
 
 # ======================================================================================================
@@ -2311,10 +2529,10 @@ def _lock(output: str) -> Callable[[], None]:
             os.lseek(descriptor, 0, os.SEEK_SET)  # the check above read to the end
             _write_all(descriptor, f"{os.getpid()}\n".encode())
 
-        def release_flock() -> None:
+        def release_flock(held: int = descriptor) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(lock_path)  # removed while still held, so no one can lock a file about to vanish
-            os.close(descriptor)
+            os.close(held)
         return release_flock
     raise _busy(output, lock_path, "")
 
@@ -2344,13 +2562,14 @@ def _id_key(item_id: Any) -> tuple:
 
 def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
               complete: Callable[[Request], Any], concurrency: int = 8, trace: bool = False,
-              progress: Callable[[int, int, int, float], None] | None = None, **options: Any) -> dict[str, int]:
+              progress: Callable[[int, int, int, float], None] | None = None, diversity: bool = False,
+              **options: Any) -> dict[str, int]:
     """Run ``method`` on every item, ``concurrency`` calls at a time, appending one JSONL line per item.
 
     ``options`` go to the method (``model``, ``n``, ``proposers``...). Each line is a record of format
     ``BATCH_FORMAT`` (spec/batch.md): ``selfmoa_batch``, ``id``, ``status`` (``"ok"`` with ``answer``, or
     ``"error"`` with ``error``), ``method``, ``fingerprint``, ``usage``, ``calls``, ``requests``, ``retries``,
-    ``diversity`` (the Vendi score of each proposer layer; ``trace`` when asked), and ``input``: the input
+    ``trace`` and ``diversity`` (the Vendi score of each proposer layer) when asked, and ``input``: the input
     record, unchanged. A re-run on the same ``output`` skips the items whose line is ``"ok"`` with the same
     fingerprint and runs the rest; at the end ``output`` holds one line per item, in input order, and lines
     taken out of it are appended to the sibling file named ``.removed`` (``out.jsonl``: ``out.removed.jsonl``).
@@ -2372,8 +2591,9 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
     pool, _, _ = _start(complete, concurrency)
     try:
         with _output_lock(output):
-            return _run_locked(items, output, method, complete, concurrency, trace, progress, options, prints,
-                               pool)
+            job = _BatchJob(method=method, complete=complete, concurrency=concurrency, trace=trace,
+                            diversity=diversity, progress=progress, options=options, prints=prints, pool=pool)
+            return _run_locked(items, output, job)
     except OSError as exc:  # reading the output, or cutting a torn line off it (writes report themselves)
         raise SelfMoAError(f"{output}: {exc.strerror or exc}; every finished line is kept in it; fix that, then "
                            f"run the same command again") from exc
@@ -2402,9 +2622,22 @@ def _open_output(output: str) -> tuple[int, bool]:
     return descriptor, created
 
 
-def _run_locked(items: list[Item], output: str, method: str, complete: Callable[[Request], Any], concurrency: int,
-                trace: bool, progress: Callable[[int, int, int, float], None] | None, options: dict[str, Any],
-                prints: dict[tuple, str], pool: _Pool) -> dict[str, int]:
+@dataclasses.dataclass(frozen=True)
+class _BatchJob:
+    """What every item of one batch run shares: the method and its options, how calls run, what a line holds."""
+
+    method: str
+    complete: Callable[[Request], Any]
+    concurrency: int
+    trace: bool
+    diversity: bool
+    progress: Callable[[int, int, int, float], None] | None
+    options: dict[str, Any]
+    prints: dict[tuple, str]  # each item's fingerprint, by id key
+    pool: _Pool
+
+
+def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int]:
     """run_batch, holding the output's lock."""
     descriptor, created = _open_output(output)
     try:
@@ -2433,7 +2666,7 @@ def _run_locked(items: list[Item], output: str, method: str, complete: Callable[
         todo = []
         for position, item in enumerate(items):
             lines = history.get(_id_key(item.id), [])
-            current = [record for record in lines if record["fingerprint"] == prints[_id_key(item.id)]]
+            current = [record for record in lines if record["fingerprint"] == job.prints[_id_key(item.id)]]
             if any(record["status"] == "ok" for record in current):
                 counts["skipped"] += 1
                 continue
@@ -2444,14 +2677,13 @@ def _run_locked(items: list[Item], output: str, method: str, complete: Callable[
         if keep < len(data):
             os.ftruncate(descriptor, keep)  # a torn line left by a crash: its item runs again
         try:
-            _append_results(todo, descriptor, keep, output, method, complete, concurrency, trace, progress,
-                            options, prints, pool, counts)
+            _append_results(todo, descriptor=descriptor, size=keep, output=output, job=job, counts=counts)
         except ConfigError:  # a bad option, found by the method before any call: leave no empty file behind
             if created and os.fstat(descriptor).st_size == 0:
                 with contextlib.suppress(OSError):
                     os.unlink(output)
             raise
-        final, to_move, unchanged = _final_lines(items, descriptor, output, prints)
+        final, to_move, unchanged = _final_lines(items, descriptor, output, job.prints)
         os.close(descriptor)  # before the rename, which Windows refuses over an open file
         descriptor = -1
         try:
@@ -2469,10 +2701,8 @@ def _run_locked(items: list[Item], output: str, method: str, complete: Callable[
             os.close(descriptor)
 
 
-def _append_results(todo: list[tuple[int, Item]], descriptor: int, size: int, output: str, method: str,
-                    complete: Callable[[Request], Any], concurrency: int, trace: bool,
-                    progress: Callable[[int, int, int, float], None] | None, options: dict[str, Any],
-                    prints: dict[tuple, str], pool: _Pool, counts: dict[str, int]) -> None:
+def _append_results(todo: list[tuple[int, Item]], *, descriptor: int, size: int, output: str, job: _BatchJob,
+                    counts: dict[str, int]) -> None:
     """Run the items to do, appending each one's line as it finishes. A failed write stops the run."""
     lock = threading.Lock()
     started = time.monotonic()
@@ -2481,8 +2711,8 @@ def _append_results(todo: list[tuple[int, Item]], descriptor: int, size: int, ou
     def solve(position: int, item: Item) -> None:
         record: dict[str, Any] = {"selfmoa_batch": BATCH_FORMAT, "id": item.id}
         try:
-            with _on_shared_pool(pool, (position,)):
-                result = METHODS[method](item.messages, complete=complete, **options)
+            with _on_shared_pool(job.pool, (position,)):
+                result = METHODS[job.method](item.messages, complete=job.complete, **job.options)
         except ConfigError:
             raise  # a bad option fails every item alike: the run stops, as for a bug
         except SelfMoAError as exc:
@@ -2491,11 +2721,12 @@ def _append_results(todo: list[tuple[int, Item]], descriptor: int, size: int, ou
         else:
             record.update(status="ok", answer=result.answer)
             done_so_far = result
-        record.update(method=method, fingerprint=prints[_id_key(item.id)])
+        record.update(method=job.method, fingerprint=job.prints[_id_key(item.id)])
         if done_so_far is not None:
-            summary = done_so_far.to_dict(trace=trace)
-            record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries", "diversity")})
-            if trace:
+            summary = done_so_far.to_dict(trace=job.trace, diversity=job.diversity)
+            record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries", "diversity")
+                           if key in summary})
+            if job.trace:
                 record["trace"] = summary["trace"]
         record["input"] = item.record
         line = _dump_line(record)
@@ -2511,15 +2742,15 @@ def _append_results(todo: list[tuple[int, Item]], descriptor: int, size: int, ou
                 return
             state["size"] += len(line)
             counts["done" if record["status"] == "ok" else "failed"] += 1
-            if progress is not None:
-                progress(counts["done"] + counts["failed"], counts["failed"], len(todo),
-                         time.monotonic() - started)
+            if job.progress is not None:
+                job.progress(counts["done"] + counts["failed"], counts["failed"], len(todo),
+                             time.monotonic() - started)
 
     # Item orchestrators only wait on calls; the pool bounds the calls. Twice as many orchestrators as
     # call slots keep the pool fed while items start and finish; at most 4 x concurrency items are queued
     # ahead, so memory stays flat on huge inputs.
-    runners = concurrent.futures.ThreadPoolExecutor(max_workers=2 * concurrency, thread_name_prefix="item")
-    ahead = threading.Semaphore(4 * concurrency)
+    runners = concurrent.futures.ThreadPoolExecutor(max_workers=2 * job.concurrency, thread_name_prefix="item")
+    ahead = threading.Semaphore(4 * job.concurrency)
     bugs: list[BaseException] = []
 
     def finished(future: concurrent.futures.Future) -> None:
@@ -2921,8 +3152,9 @@ class ModelServer:
         self.defaults = {**SERVE_DEFAULTS, **(defaults or {})}
         d = self.defaults
         seq_rounds(d["n"], d["window"], d["carry"])  # checks n, window and carry
-        _check_common(d["temperature"], d["max_tokens"], d["aggregator_temperature"], d["aggregator_max_tokens"],
-                      d["seed"], d["instruction"])
+        _settings(complete=complete, temperature=d["temperature"], max_tokens=d["max_tokens"],
+                  aggregator_temperature=d["aggregator_temperature"], aggregator_max_tokens=d["aggregator_max_tokens"],
+                  seed=d["seed"], concurrency=concurrency, instruction=d["instruction"], use_n=True, stream=None)
         _check(_is_int(d["layers"]) and d["layers"] >= 2, "layers", d["layers"],
                "layers count the aggregator, so there are at least 2", "pass 2 for one proposer layer")
         _check(_is_int(d["min_ok"]) and 1 <= d["min_ok"] <= d["n"], "min_ok", d["min_ok"],
@@ -3535,10 +3767,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("-p", "--proposer", action="append", metavar="MODEL", help="a proposer of each MoA proposer layer "
         "(repeat it, in order; a model may appear several times)")
     add("-a", "--aggregator", metavar="MODEL", help="the aggregator (default: --model)")
-    add("--layers", type=int, default=2, metavar="L", help="MoA layers, the aggregator counted (default: 2)")
-    add("-n", "--samples", type=int, default=6, metavar="N", help="samples of --model (default: 6)")
-    add("--window", type=int, default=6, metavar="W", help="self-moa-seq: responses per round (default: 6)")
-    add("--carry", type=int, default=3, metavar="R",
+    add("--layers", type=int, metavar="L", help="moa and self-moa: layers, the aggregator counted (default: 2)")
+    add("-n", "--samples", type=int, metavar="N",
+        help="self-moa and self-moa-seq: samples of --model (default: 6)")
+    add("--window", type=int, metavar="W", help="self-moa-seq: responses per round (default: 6)")
+    add("--carry", type=int, metavar="R",
         help="self-moa-seq: copies of the previous synthesis per round (default: 3)")
     add("--temperature", type=float, default=0.7, metavar="T", help="proposers' temperature (default: 0.7)")
     add("--max-tokens", type=int, metavar="K", help="proposers' token limit (default: the server's)")
@@ -3560,6 +3793,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api-key", metavar="KEY", help="the default endpoint's key (default: see below)")
     add("--endpoint", action="append", metavar="MODEL=URL", help="serve MODEL from its own endpoint (repeatable)")
     add("--json", action="store_true", help="print the whole result (answer, trace of every call, usage) as JSON")
+    add("--diversity", action="store_true",
+        help="add each proposer layer's diversity (Vendi score) to --json output and batch lines")
     add("--stream", action=argparse.BooleanOptionalAction, default=None,
         help="stream the final answer as it is written (default: when stdout is a terminal)")
     add("-i", "--input", metavar="FILE", help="batch mode: run every item of FILE")
@@ -3616,44 +3851,83 @@ def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPCli
                       deadline=args.deadline, retries=args.retries)
 
 
+# Flags that only some methods use: given under another method they would do nothing, so they are refused.
+_METHOD_FLAGS = {
+    "layers": ("--layers", ("moa", "self-moa"), "aggregates in rounds over a window, not in layers"),
+    "samples": ("-n/--samples", ("self-moa", "self-moa-seq"), "asks each --proposer once, drawing no samples"),
+    "window": ("--window", ("self-moa-seq",), "aggregates all its samples at once, with no window"),
+    "carry": ("--carry", ("self-moa-seq",), "has no rounds, so nothing is carried"),
+    "proposer": ("--proposer", ("moa",), "samples --model instead of asking proposers"),
+}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse every flag that would have no effect under the chosen method (or output), naming both."""
+    for name, (flag, methods, why) in _METHOD_FLAGS.items():
+        if getattr(args, name) is not None and args.method not in methods:
+            raise ConfigError(f"{flag}: --method {args.method} {why}, so {flag} would have no effect; drop it, or "
+                              f"use --method {' or '.join(methods)}")
+    if args.method == "moa" and args.model and args.aggregator:
+        raise ConfigError("--model: --method moa samples no model and --aggregator names the aggregator, so --model "
+                          "would have no effect; drop it")
+    if args.diversity and not (args.json or args.input or args.output):
+        raise ConfigError("--diversity: it adds each proposer layer's diversity to --json output and to batch lines, "
+                          "so alone it would have no effect; add --json, or run a batch with -i and -o")
+
+
 def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
-    """The keyword arguments of the chosen method, from the flags; usage errors name the flag."""
+    """The keyword arguments of the chosen method, from the flags; usage errors name the flag.
+
+    Flags a method does not use are refused; flags not given are left out, so the method's defaults apply.
+    """
+    _check_flags(args)
     model = args.model or environ.get("SELFMOA_MODEL") or None
-    instruction = DEFAULT_INSTRUCTION
+    instruction = None
     if args.instruction_file:
         try:
             with open(args.instruction_file, encoding="utf-8") as file:
                 instruction = file.read().strip()
         except OSError as exc:
             raise ConfigError(f"--instruction-file {args.instruction_file}: cannot read it ({exc})") from None
+    given = {name: value for name, value in (("layers", args.layers), ("n", args.samples), ("window", args.window),
+                                              ("carry", args.carry)) if value is not None}
     common = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
               "aggregator_temperature": args.aggregator_temperature, "min_ok": args.min_ok,
               "aggregator_max_tokens": args.aggregator_max_tokens, "concurrency": args.concurrency,
-              "instruction": instruction, "use_n": args.use_n}
+              "instruction": instruction, "use_n": args.use_n, **given}
     if args.method == "moa":
         if not args.proposer:
-            raise ConfigError("--proposer: MoA needs proposers; pass -p MODEL once per proposer")
+            raise ConfigError("--proposer: --method moa needs proposers; pass -p MODEL once per proposer")
         aggregator = args.aggregator or model
         if not aggregator:
-            raise ConfigError("--aggregator: MoA needs an aggregator; pass -a MODEL (or -m MODEL)")
-        return {**common, "proposers": args.proposer, "aggregator": aggregator, "layers": args.layers}
+            raise ConfigError("--aggregator: --method moa needs an aggregator; pass -a MODEL (or -m MODEL)")
+        return {**common, "proposers": args.proposer, "aggregator": aggregator}
     if not model:
-        raise ConfigError(f"--model: {args.method} needs the model to sample; pass -m MODEL or set $SELFMOA_MODEL")
-    if args.proposer:
-        raise ConfigError(f"--proposer: only --method moa takes proposers; {args.method} samples --model")
-    options = {**common, "model": model, "n": args.samples, "aggregator": args.aggregator or model}
-    if args.method == "self-moa":
-        return {**options, "layers": args.layers}
-    return {**options, "window": args.window, "carry": args.carry}
+        raise ConfigError(f"--model: --method {args.method} needs the model to sample; pass -m MODEL or set "
+                          f"$SELFMOA_MODEL")
+    return {**common, "model": model, "aggregator": args.aggregator or model}
+
+
+_LIBRARY_NAME = re.compile(r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")(=| >=| between)")
+
+
+def _in_flags(text: str) -> str:
+    """Library spellings in a message ("pass layers=2", "min_ok between 1 and 3") as flags ("--layers 2").
+
+    >>> _in_flags("pass layers=2 for one proposer layer; carry between 1 and 3")
+    'pass --layers 2 for one proposer layer; --carry between 1 and 3'
+    """
+    return _LIBRARY_NAME.sub(lambda m: _FLAGS[m[1]] + (" " if m[2] == "=" else m[2]), text)
 
 
 def _usage_error(exc: ConfigError) -> str:
-    """A library message ("window=1: ...") in the words of the command line ("--window 1: ...")."""
+    """A library message ("window=1: ...; pass window >= 2") in the words of the command line
+    ("--window 1: ...; pass --window >= 2")."""
     message = str(exc)
     name, sep, rest = message.partition("=")
     if sep and name in _FLAGS:
         value, _, why = rest.partition(": ")
-        return f"{_FLAGS[name]} {value}: {why}"
+        return f"{_FLAGS[name]} {value}: {_in_flags(why)}"
     return message
 
 
@@ -3711,9 +3985,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except SelfMoAError as exc:
         if streamed:
             print(file=sys.stdout)
-        print(f"selfmoa: {exc}", file=sys.stderr)
+        message = str(exc).replace(" min_ok=", " --min-ok ", 1) if isinstance(exc, NotEnoughProposals) else str(exc)
+        print(f"selfmoa: {message}", file=sys.stderr)
         if args.json and exc.partial is not None:
-            print(json.dumps({**exc.partial.to_dict(), "error": str(exc)}, indent=2, ensure_ascii=False))
+            print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message}, indent=2,
+                             ensure_ascii=False))
         elif exc.partial is not None and exc.partial.trace:
             print(f"selfmoa: {exc.partial.requests} requests had been made; --json shows them", file=sys.stderr)
         return 1
@@ -3722,7 +3998,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print("\nselfmoa: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        print(json.dumps(result.to_dict(diversity=args.diversity), indent=2, ensure_ascii=False))
     elif streamed:
         # What was streamed is the answer, unless the server's stream and final text differ.
         print("" if "".join(streamed) == result.answer else "\n" + result.answer)
@@ -3761,8 +4037,8 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
 
     try:
         with client:
-            counts = run_batch(items, records_path, method=args.method, complete=client,
-                               trace=args.trace, progress=progress if show_progress else None, **options)
+            counts = run_batch(items, records_path, method=args.method, complete=client, trace=args.trace,
+                               diversity=args.diversity, progress=progress if show_progress else None, **options)
     except KeyboardInterrupt:
         client.abort()  # calls still in flight end now, so that the process can exit at once
         print(f"\nselfmoa: interrupted; finished items are in {records_path}; run the same command to resume",
@@ -3845,7 +4121,7 @@ stopping:
 # The one-shot flags that configure nothing serve has: the prompt, the choice of method and models (the
 # request's model names them), the output, and batch mode. Every other flag is shared, with its meaning.
 _NOT_SERVE_FLAGS = frozenset({"help", "version", "prompt", "method", "model", "aggregator", "json", "stream",
-                              "input", "output", "format", "trace"})
+                              "input", "output", "format", "trace", "diversity", "generator"})
 _SERVE_HELP = {
     "samples": "samples of M per request (default: 6)",
     "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7)",
@@ -3896,6 +4172,7 @@ def _main_serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
                     "max_tokens": args.max_tokens, "aggregator_temperature": args.aggregator_temperature,
                     "aggregator_max_tokens": args.aggregator_max_tokens, "seed": args.seed,
                     "instruction": instruction, "use_n": args.use_n}
+        defaults = {name: value for name, value in defaults.items() if value is not None}  # not given: the default
         client = make_client(args, environ)
         server = ModelServer(client, host=args.host, port=args.port, defaults=defaults,
                              server_key=args.server_key or environ.get("SELFMOA_SERVER_KEY") or None,

@@ -47,6 +47,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import selfmoa  # noqa: E402
+from bench.regression import fit_quality_diversity  # noqa: E402
 from mock_models import MockServer, models  # noqa: E402
 from mock_models.server import count_tokens, prompt_tokens  # noqa: E402
 from mock_models.tasks import is_correct, make_tasks  # noqa: E402
@@ -133,7 +134,8 @@ class ViaCommandLine:
             for task in tasks:
                 file.write(json.dumps({"id": task.id, "prompt": task.prompt, "domain": task.domain}) + "\n")
         argv = [sys.executable, str(ROOT / "selfmoa.py"), "--base-url", self.base_url, *command_line(*config),
-                "--seed", str(self.seed), "--concurrency", "16", "--trace", "-i", source, "-o", target]
+                "--seed", str(self.seed), "--concurrency", "16", "--trace", "--diversity", "-i",
+                source, "-o", target]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"selfmoa failed ({done.returncode}): {' '.join(argv)}\n{done.stderr}")
@@ -253,7 +255,7 @@ def reproduce(questions: int = 60, compositions: int = 50, sample_counts=(6, 12,
 
     results["table4_points"] = points(regression)
     results["self_moa_points"] = points(self_moa)
-    results["table4"] = {d: selfmoa.fit_quality_diversity([(p["quality"], p["diversity"], p["score"])
+    results["table4"] = {d: fit_quality_diversity([(p["quality"], p["diversity"], p["score"])
                                                            for p in results["table4_points"][d]]) for d in DOMAINS}
     # Seq vs one-shot.
     results["seq"] = {d: {kind: {n: 100 * mean(r["correct"] for r in seq[(d, kind, n)]) for n in sample_counts}

@@ -13,7 +13,8 @@ Answering a task question (the mechanism spec/mock.md describes):
    which is often the question's common misconception (``COMMON``).
 3. At temperature 0 there is no noise: the model answers right if ``p >= 0.5``, else its favourite.
 
-As an aggregator (its system message holds references in the format of spec/wire.md section 6), the model
+As an aggregator (its system message ends with a block of references in the format of spec/wire.md section 6;
+only that last block counts, whatever blocks the messages held before it), the model
 extracts each reference's final answer and votes: every reference counts once (so a synthesis carried r
 times counts r times), and the aggregator adds ``BIAS`` votes for the right answer when it would answer
 the question right itself (``p >= 0.5``). The top answer wins (ties: by a hash of the call). It then
@@ -157,23 +158,28 @@ def echo(messages: list[dict]) -> str:
 
 # --- Reading the aggregator prompt (spec/wire.md section 6), written from the spec, not from selfmoa -----
 
-_FIRST = re.compile(r"^<<<response 1 of (\d+), key ([0-9a-f]{8})>>>$", re.MULTILINE)
+_LAST = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
 
 
 def references_in(system: str) -> list[str]:
-    found = _FIRST.search(system)
+    """The references of the block that ends the system message (the one the client added last).
+
+    A system message can hold older blocks before it (a prompt built by another MoA, an instruction quoting
+    one): only the last block counts. Its last line gives N and the key K; no reference contains K, so the
+    last line "<<<response 1 of N, key K>>>" opens it.
+    """
+    found = _LAST.search(system)
     if not found:
         return []
     count, key = int(found.group(1)), found.group(2)
-    out, position = [], found.start()
+    position = system.rfind(f"<<<response 1 of {count}, key {key}>>>\n")
+    out = []
     for i in range(1, count + 1):
         begin, end = f"<<<response {i} of {count}, key {key}>>>\n", f"\n<<<end of response {i}, key {key}>>>"
-        start = system.find(begin, position)
-        if start < 0:
-            break
-        stop = system.find(end, start + len(begin) - 1)
-        if stop < 0:
-            break
+        start = system.find(begin, position) if position >= 0 else -1
+        stop = system.find(end, start + len(begin) - 1) if start >= 0 else -1
+        if start < 0 or stop < 0:
+            return []
         out.append(system[start + len(begin):stop])
         position = stop + len(end)
     return out

@@ -1,5 +1,9 @@
 """Fakes at the seam: deterministic recording models, and a sequential reference implementation.
 
+`impl` is the implementation under test: selfmoa, or the module named by SELFMOA_IMPL (spec/exercises.md).
+`references_in` reads a request's references by the rule of spec/wire.md section 6, written again here so
+that the tests do not trust the implementation's own reader.
+
 `Recorder` is a completion function that records every Request it receives. Its replies are a pure
 function of the request (sha256 over model, messages, temperature and the effective seed of each choice), so
 a run's result cannot depend on thread scheduling unless the orchestrator lets it. It follows the seed
@@ -9,11 +13,35 @@ convention of spec/wire.md section 4: choice j of a request with seed S equals c
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import os
+import re
 import threading
 import time
 
 import selfmoa
+
+impl = importlib.import_module(os.environ.get("SELFMOA_IMPL", "selfmoa"))
+_LAST = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
+
+
+def references_in(messages) -> list[str]:
+    """The references a request shows: those of the block that ends its system message (wire.md section 6)."""
+    messages = list(messages)
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    found = _LAST.search(system)
+    if not found:
+        return []
+    count, key = int(found.group(1)), found.group(2)
+    refs, position = [], system.rindex(f"<<<response 1 of {count}, key {key}>>>\n")
+    for i in range(1, count + 1):
+        begin, end = f"<<<response {i} of {count}, key {key}>>>\n", f"\n<<<end of response {i}, key {key}>>>"
+        start = system.index(begin, position)
+        stop = system.index(end, start + len(begin) - 1)
+        refs.append(system[start + len(begin):stop])
+        position = stop + len(end)
+    return refs
 
 
 def digest(*parts) -> str:
@@ -24,13 +52,15 @@ class Recorder:
     """A fake model server at the seam.
 
     - honour_n: return n choices (True) or always one (False, like llama.cpp's server).
-    - fail: model names, or (model, seed) pairs of proposal requests, whose calls raise ModelError.
+    - fail: model names, or (model, seed) pairs of proposal requests, whose calls raise ModelError; or a
+      function of the Request saying whether it fails (a pure function: then timing cannot change it).
     - jitter: sleep up to this many seconds, chosen from the request hash, to shuffle completion order.
     - reverse: later proposer positions finish sooner (sleep decreasing with the seed).
     """
 
     def __init__(self, honour_n=True, fail=(), jitter=0.0, reverse=False):
-        self.honour_n, self.fail, self.jitter, self.reverse = honour_n, set(fail), jitter, reverse
+        self.honour_n, self.jitter, self.reverse = honour_n, jitter, reverse
+        self.fail, self.fails = (set(), fail) if callable(fail) else (set(fail), None)
         self.requests: list[selfmoa.Request] = []
         self._lock = threading.Lock()
 
@@ -48,19 +78,27 @@ class Recorder:
             time.sleep(int(key[:4], 16) / 0xFFFF * self.jitter)
         if self.reverse and request.seed is not None:
             time.sleep(max(0.0, 0.02 - 0.002 * request.seed))
-        proposal = not selfmoa.read_references(request.messages)
-        if request.model in self.fail or (proposal and (request.model, request.seed) in self.fail):
-            raise selfmoa.ModelError("scripted failure", model=request.model, url="fake://", status=500)
+        if self.fails_on(request):
+            raise impl.ModelError("scripted failure", model=request.model, status=500)
         count = request.n if self.honour_n else 1
         texts = [self.text(request, j) for j in range(count)]
-        if request.stream is not None:
+        stream = getattr(request, "stream", None)
+        if stream is not None:
             for text in texts:
                 for piece in (text[:5], text[5:]):
-                    request.stream(piece)
+                    stream(piece)
+        if impl is not selfmoa:
+            return texts  # spec/exercises.md: a completion function may return a list of texts
         return selfmoa.Reply(texts, ["stop"] * count, prompt_tokens=10, completion_tokens=3 * count)
 
+    def fails_on(self, request) -> bool:
+        """Whether this fake fails the request (a pure function of it)."""
+        proposal = not references_in(request.messages)
+        return request.model in self.fail or (proposal and (request.model, request.seed) in self.fail) or \
+            (self.fails is not None and self.fails(request))
+
     def aggregator_requests(self) -> list[selfmoa.Request]:
-        return [r for r in self.requests if selfmoa.read_references(r.messages)]
+        return [r for r in self.requests if references_in(r.messages)]
 
 
 # --- A sequential reference implementation, written straight from spec/methods.md ---------------------

@@ -115,7 +115,7 @@ def test_min_ok_and_retries_and_exit_status_1_on_model_failure(capsys):
         code, out, err = run(capsys, ["--base-url", server.base_url, "-m", "q", "-n", "2", "--retries", "1",
                                       "--no-n", "--min-ok", "2", "--seed", "0", "hi"])
     assert code == 1 and out == ""
-    assert "fewer than min_ok=2" in err and "overloaded" in err and server.base_url in err
+    assert "fewer than --min-ok 2" in err and "overloaded" in err and server.base_url in err
     assert len(server.log) == 4  # 2 samples x (1 try + 1 retry); no aggregation
     assert "Traceback" not in err
 

@@ -1,4 +1,5 @@
-"""The diversity and quality measures: Vendi score properties, the eigen-solver, the regression."""
+"""The measures beyond the invariants V1, V2 (tests/test_invariants.py): the similarity matrix, the eigen-solver
+(selfmoa), the regression (bench/regression.py)."""
 
 from __future__ import annotations
 
@@ -10,34 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import selfmoa
+from bench.regression import fit_quality_diversity
 
 words = st.text("abcdefgh", min_size=1, max_size=3)
 texts = st.lists(st.lists(words, min_size=0, max_size=6).map(" ".join), min_size=1, max_size=8)
-
-
-@given(text=st.lists(words, max_size=6).map(" ".join), n=st.integers(1, 10))
-def test_vendi_of_identical_items_is_one(text, n):
-    """n copies of one text have Vendi score 1."""
-    assert selfmoa.vendi_score([text] * n) == pytest.approx(1.0)
-
-
-@given(n=st.integers(1, 12))
-def test_vendi_of_mutually_orthogonal_items_is_n(n):
-    """n texts that share no word have Vendi score n."""
-    assert selfmoa.vendi_score([f"w{i} x{i}" for i in range(n)]) == pytest.approx(n)
-
-
-@given(items=texts, data=st.data())
-def test_vendi_is_permutation_invariant(items, data):
-    """Reordering the texts leaves the Vendi score unchanged."""
-    shuffled = data.draw(st.permutations(items))
-    assert selfmoa.vendi_score(shuffled) == pytest.approx(selfmoa.vendi_score(items), abs=1e-7)
-
-
-@given(items=texts)
-def test_vendi_is_between_one_and_n(items):
-    """1 <= VS <= n for any texts."""
-    assert 1.0 <= selfmoa.vendi_score(items) <= len(items)
 
 
 @given(items=texts)
@@ -66,7 +43,7 @@ def test_regression_recovers_known_coefficients():
     rng = random.Random(7)
     rows = [(q, d, 3.0 * q + 1.0 * d + 5 + rng.gauss(0, 0.01))
             for q, d in ((rng.uniform(0, 1), rng.uniform(0, 1)) for _ in range(200))]
-    fit = selfmoa.fit_quality_diversity(rows)
+    fit = fit_quality_diversity(rows)
     qs = [r[0] for r in rows]
     ds = [r[1] for r in rows]
     sd = lambda xs: math.sqrt(sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / len(xs))  # noqa: E731
@@ -77,13 +54,7 @@ def test_regression_recovers_known_coefficients():
 
 def test_regression_refuses_too_few_or_constant_rows():
     with pytest.raises(selfmoa.ConfigError, match="at least 4"):
-        selfmoa.fit_quality_diversity([(1, 2, 3)] * 3)
+        fit_quality_diversity([(1, 2, 3)] * 3)
     with pytest.raises(selfmoa.ConfigError, match="must vary"):
-        selfmoa.fit_quality_diversity([(1, d, d) for d in range(5)])
+        fit_quality_diversity([(1, d, d) for d in range(5)])
 
-
-def test_json_result_reports_each_layers_diversity():
-    result = selfmoa.moa("Q", ["a", "b"], "c", layers=3, complete=lambda r: f"{r.model} says {r.seed}", seed=0)
-    data = result.to_dict()
-    assert set(data["diversity"]) == {"1", "2"}
-    assert data["diversity"]["1"] == selfmoa.vendi_score(["a says 0", "b says 1"])

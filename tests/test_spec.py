@@ -52,7 +52,7 @@ def is_xfail(function) -> bool:
 def test_every_invariant_has_a_test_and_every_named_test_exists():
     table = invariants()
     missing = [ident for ident in PAPER if ident not in table]
-    assert not missing, f"spec/invariants.md lacks the invariants {missing} of PAPER-NOTES section 2"
+    assert not missing, f"spec/invariants.md lacks the paper's invariants {missing} (methods.md sections 1-3)"
     for ident, tests in table.items():
         assert tests, f"invariant {ident} has no test"
         functions = [resolve(test) for test in tests]

@@ -25,17 +25,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 VECTORS = sorted((ROOT / "spec" / "vectors").glob("*.json"))
 IMPL = os.environ.get("SELFMOA_IMPL", "selfmoa")
 impl = importlib.import_module(IMPL)
-FIRST = re.compile(r"^<<<response 1 of (\d+), key ([0-9a-f]{8})>>>$", re.MULTILINE)
-
-
+LAST = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
 def references_in(messages) -> list[str]:
-    """The references a request shows: wire.md section 6, read from its first (system) message."""
+    """The references a request shows: wire.md section 6, the block that ends its first (system) message."""
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-    found = FIRST.search(system)
+    found = LAST.search(system)
     if not found:
         return []
     count, key = int(found.group(1)), found.group(2)
-    refs, position = [], found.start()
+    refs, position = [], system.rindex(f"<<<response 1 of {count}, key {key}>>>\n")
     for i in range(1, count + 1):
         begin, end = f"<<<response {i} of {count}, key {key}>>>\n", f"\n<<<end of response {i}, key {key}>>>"
         start = system.index(begin, position)
@@ -43,6 +41,17 @@ def references_in(messages) -> list[str]:
         refs.append(system[start + len(begin):stop])
         position = stop + len(end)
     return refs
+
+
+def stripped(text: str, messages) -> str:
+    """A reply without the marker lines of the block its request showed (wire.md section 6)."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    found = LAST.search(system)
+    if not found:
+        return text
+    key = found.group(2)
+    marker = re.compile(rf"[ \t]*<{{0,3}}[ \t]*(end of )?response \d+( of \d+)?, key {key}[ \t]*>{{0,3}}[ \t\r]*")
+    return "\n".join(line for line in text.split("\n") if not marker.fullmatch(line))
 
 
 def key(model, n, seed, references) -> tuple:
@@ -57,7 +66,7 @@ class ScriptedModel:
         self.seen: list[tuple] = []
         self.problems: list[str] = []
         # Texts a request may show: the given samples, and whatever the fake has already answered.
-        self.shown_so_far = set(vector["params"].get("samples", []))
+        self.shown_so_far = set(vector["params"].get("samples", [])) | set(references_in(vector["prompt"]))
         self.lock = threading.Lock()
 
     def __call__(self, request):
@@ -79,8 +88,8 @@ class ScriptedModel:
                     self.problems.append(f"{asked[:3]}: temperature, max_tokens = "
                                          f"{(request.temperature, request.max_tokens)}, expected "
                                          f"{(entry['temperature'], entry['max_tokens'])}")
-                if "replies" in entry:
-                    self.shown_so_far.update(entry["replies"])
+                if "replies" in entry:  # a later request may show a reply, without echoed marker lines
+                    self.shown_so_far.update(stripped(reply, messages) for reply in entry["replies"])
         assert entry is not None, f"unexpected request {asked}; the vector expects {list(self.script)}"
         if "error" in entry:
             raise impl.ModelError(entry["error"]["message"], model=request.model, status=entry["error"]["status"])

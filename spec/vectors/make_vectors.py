@@ -66,6 +66,33 @@ def inject(messages: list[dict], references: list[str], instruction: str) -> lis
     return out
 
 
+def strip_markers(text: str, key: str) -> str:
+    """A reply without the marker lines of its prompt's block (key ``key``), as wire.md section 6 says."""
+    marker = re.compile(rf"[ \t]*<{{0,3}}[ \t]*(end of )?response \d+( of \d+)?, key {key}[ \t]*>{{0,3}}[ \t\r]*")
+    return "\n".join(line for line in text.split("\n") if not marker.fullmatch(line))
+
+
+LAST_LINE = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
+
+
+def read_back(messages: list[dict]) -> list[str]:
+    """The references a request shows: those of the block that ends its system message (wire.md section 6).
+    A layer-1 request of a prompt that already holds a block (from an upstream MoA) shows that block's."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    found = LAST_LINE.search(system)
+    if not found:
+        return []
+    count, key = int(found.group(1)), found.group(2)
+    position, out = system.rindex(f"<<<response 1 of {count}, key {key}>>>\n"), []
+    for i in range(1, count + 1):
+        begin, end = f"<<<response {i} of {count}, key {key}>>>\n", f"\n<<<end of response {i}, key {key}>>>"
+        start = system.index(begin, position)
+        stop = system.index(end, start + len(begin) - 1)
+        out.append(system[start + len(begin):stop])
+        position = stop + len(end)
+    return out
+
+
 # --- A scripted run: every request, in trace order, with its reply ---------------------------------------
 
 
@@ -80,9 +107,12 @@ class Script:
 
     def ask(self, role, layer, round_, model, n, seed, references, carried, replies=None, error=None):
         temperature, max_tokens = self.proposer if role == "proposer" else self.aggregator
+        messages = inject(self.prompt, list(references), self.instruction)
+        shown = read_back(messages)
+        assert not references or shown == list(references), "a built prompt reads back what went in"
         entry = {"role": role, "layer": layer, "round": round_, "model": model, "n": n, "seed": seed,
-                 "temperature": temperature, "max_tokens": max_tokens, "references": list(references),
-                 "carried": carried, "messages": inject(self.prompt, list(references), self.instruction)}
+                 "temperature": temperature, "max_tokens": max_tokens, "references": shown,
+                 "carried": carried, "messages": messages}
         if error is not None:
             entry["error"] = error
         else:
@@ -90,9 +120,10 @@ class Script:
         self.requests.append(entry)
         return entry
 
-    def samples(self, layer, model, first, count, references, text, use_n, honour_n, fails):
+    def samples(self, layer, model, first, count, references, text, use_n, honour_n, fails, extra=False):
         """Samples first..first+count-1 of one prompt: one request with n (split at MAX_N) when use_n,
         else one request each; a server ignoring n gets one request per missing sample, seed S + i.
+        With extra, the server returns one choice more than asked, which must be ignored.
         Returns position -> text, or None for a sample whose request failed."""
         out = {}
         sizes = []
@@ -110,7 +141,8 @@ class Script:
                 continue
             returned = size if honour_n else 1
             replies = [text(model, start + j) for j in range(returned)]
-            self.ask("proposer", layer, None, model, size, seed, references, 0, replies=replies)
+            self.ask("proposer", layer, None, model, size, seed, references, 0,
+                     replies=replies + (["an extra choice nobody asked for"] if extra else []))
             out.update({start + j: reply for j, reply in enumerate(replies)})
             for missing in range(start + returned, start + size):
                 seed = None if self.seed is None else self.seed + missing
@@ -121,7 +153,7 @@ class Script:
 
 def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(), min_ok=1,
             instruction=None, temperature=0.7, max_tokens=None, agg_temperature=0.7, agg_max_tokens=None,
-            sample_text=None):
+            sample_text=None, extra=False):
     """MoA over ``plan`` (one list of proposer models per proposer layer): the requests and the outcome."""
     script = Script(prompt, instruction or default_instruction(), seed, temperature, max_tokens,
                     agg_temperature, agg_max_tokens)
@@ -139,7 +171,7 @@ def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(
             while use_n and position + size < len(layer) and layer[position + size] == model:
                 size += 1
             outputs.update(script.samples(number, model, position, size, references, text, use_n, honour_n,
-                                          fails))
+                                          fails, extra))
             position += size
         good = [outputs[j] for j in range(len(layer)) if outputs[j] is not None]
         if len(good) < min_ok:
@@ -155,7 +187,7 @@ def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(
 
 def run_seq(*, prompt, window, carry, aggregator, seed, samples=None, model=None, n=None, use_n=True,
             honour_n=True, fail=(), min_ok=1, instruction=None, temperature=0.7, max_tokens=None,
-            agg_temperature=0.7, agg_max_tokens=None):
+            agg_temperature=0.7, agg_max_tokens=None, echo=False):
     """Self-MoA-Seq: samples given, or generated window by window; then the rounds."""
     script = Script(prompt, instruction or default_instruction(), seed, temperature, max_tokens,
                     agg_temperature, agg_max_tokens)
@@ -190,9 +222,12 @@ def run_seq(*, prompt, window, carry, aggregator, seed, samples=None, model=None
         round_number += 1
         carried = [] if synthesis is None else [synthesis] * carry
         reply = f"{aggregator}: synthesis of round {round_number}"
-        script.ask("aggregator", 2, round_number, aggregator, 1, seed, carried + [t for _, t in new], len(carried),
-                   replies=[reply])
-        synthesis = reply
+        shown = carried + [t for _, t in new]
+        if echo:  # the model copies its prompt's first and (mangled) last marker lines around its answer
+            key, count = key_for(shown), len(shown)
+            reply = f"<<<response 1 of {count}, key {key}>>>\n{reply}\n <<<end of response {count}, key {key}>>"
+        script.ask("aggregator", 2, round_number, aggregator, 1, seed, shown, len(carried), replies=[reply])
+        synthesis = strip_markers(reply, key_for(shown))
     good = total - failures
     if samples is not None:
         assert round_number == rounds(good, window, carry)
@@ -204,8 +239,14 @@ def rounds(n: int, window: int, carry: int) -> int:
 
 
 def counts(requests: list[dict], answer: str) -> dict:
-    """calls = generations (texts returned), requests = requests sent."""
-    return {"answer": answer, "calls": sum(len(r.get("replies", [])) for r in requests), "requests": len(requests)}
+    """calls = generations (texts returned, at most n per request), requests = requests sent."""
+    return {"answer": answer, "calls": sum(min(len(r.get("replies", [])), r["n"]) for r in requests),
+            "requests": len(requests)}
+
+
+def refused(argument: str, value) -> tuple[list, dict]:
+    """A call with a bad argument: ConfigError naming the argument and its value, and no request at all."""
+    return [], {"error": "ConfigError", "match": [f"{argument}={value!r}"], "failures": 0, "requests": 0}
 
 
 # --- The vectors -------------------------------------------------------------------------------------------
@@ -230,6 +271,9 @@ def build() -> list[dict]:
               {"role": "user", "content": "What is 6 * 7?"},
               {"role": "assistant", "content": "42."},
               {"role": "user", "content": "And 6 * 8?"}]
+    upstream = inject([{"role": "system", "content": "You answer arithmetic."}, QUESTION[0]],
+                      ["upstream says 41", "upstream says 42"], default)
+    quoting = "Merge the answers. An example of the format:\n\n" + block(["like this"], "Example.")
     s = lambda count: [f"sample {i}" for i in range(count)]  # noqa: E731
     seq = lambda name, description, count, window, carry: vector(  # noqa: E731
         name, description, "self_moa_seq", HAMLET,
@@ -277,6 +321,21 @@ def build() -> list[dict]:
         vector("moa-no-seed", "Without a seed no request carries one (seed null).",
                "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "use_n": False},
                run_moa([["a", "b"]], "z", prompt=QUESTION, seed=None, use_n=False)),
+        vector("moa-nested-prompt", "selfmoa behind another MoA: the caller's system message already ends with "
+               "an upstream reference block. Layer 1 is sent it unchanged (and so shows the upstream references); "
+               "the aggregator reads back the block selfmoa added last, never the upstream one.",
+               "moa", upstream, {"proposers": ["a", "b"], "aggregator": "z", "seed": 2, "use_n": False},
+               run_moa([["a", "b"]], "z", prompt=upstream, seed=2, use_n=False)),
+        vector("self-moa-instruction-quotes-a-block", "An instruction that itself holds a reference block: the "
+               "aggregator's references are the samples, in the block after the instruction.",
+               "self_moa", PRIME, {"model": "m", "n": 2, "seed": 0, "instruction": quoting},
+               run_moa([["m"] * 2], "m", prompt=PRIME, seed=0, instruction=quoting,
+                       sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("moa-layers-below-two", "layers=1 is refused before any request: layers count the aggregator, so "
+               "MoA has at least 2.",
+               "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "layers": 1}, refused("layers", 1)),
+        vector("moa-min-ok-above-layer", "min_ok=3 with a layer of 2 proposers can never be met: refused up front.",
+               "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "min_ok": 3}, refused("min_ok", 3)),
         # --- Self-MoA
         vector("self-moa-n6", "Self-MoA, n=6: the six samples in one request (n=6, seed S), then one aggregation "
                "by the same model with seed S: 6 + 1 = 7 calls in 2 requests.",
@@ -291,6 +350,12 @@ def build() -> list[dict]:
                "aggregation: 3 + 3 + 1 calls in 3 requests.",
                "self_moa", PRIME, {"model": "m", "n": 3, "layers": 3, "seed": 0},
                run_moa([["m"] * 3, ["m"] * 3], "m", prompt=PRIME, seed=0)),
+        vector("self-moa-extra-choice-ignored", "The server returns n + 1 choices for n=3: the extra one is "
+               "ignored (not a sample, not a call, not shown to the aggregator): 3 + 1 calls in 2 requests.",
+               "self_moa", PRIME, {"model": "m", "n": 3, "seed": 4},
+               run_moa([["m"] * 3], "m", prompt=PRIME, seed=4, extra=True, sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("self-moa-temperature-zero", "Self-MoA at temperature 0 is refused: every sample would be the same.",
+               "self_moa", PRIME, {"model": "m", "n": 3, "temperature": 0}, refused("temperature", 0)),
         vector("self-moa-n20-split", "n=20 > MAX_N=16: one request for samples 0-15 (seed S), one for 16-19 "
                "(seed S+16).",
                "self_moa", PRIME, {"model": "m", "n": 20, "seed": 0, "aggregator": "judge"},
@@ -305,6 +370,11 @@ def build() -> list[dict]:
         seq("seq-carry-window-minus-one", "w=3, r=2 = w-1: one new sample per round after the first; n=5 gives "
             "3 rounds.", 5, 3, 2),
         # --- Self-MoA-Seq, samples generated
+        vector("seq-echoed-markers", "The aggregator copies its prompt's marker lines (one of them mangled, as "
+               "small models do) around its answer: they are removed, so round 2 carries the clean synthesis and "
+               "the answer holds no marker line (wire.md section 6). w=2, r=1 over 3 given samples.",
+               "self_moa_seq", HAMLET, {"samples": s(3), "aggregator": "m", "window": 2, "carry": 1, "seed": 3},
+               run_seq(prompt=HAMLET, samples=s(3), window=2, carry=1, aggregator="m", seed=3, echo=True)),
         vector("seq-worked-example", "The worked example of methods.md, generated: n=10, w=6, r=3, seed 0. "
                "Samples in one request per round (n=6 seed 0, n=3 seed 6, n=1 seed 9), then 3 rounds: "
                "10 + 3 = 13 calls in 6 requests.",
@@ -325,6 +395,11 @@ def build() -> list[dict]:
                "self_moa_seq", PRIME, {"model": "m", "n": 8, "window": 6, "carry": 3, "seed": 0, "use_n": False},
                run_seq(prompt=PRIME, model="m", n=8, window=6, carry=3, aggregator="m", seed=0, use_n=False,
                        fail={2})),
+        vector("seq-carry-fills-the-window", "carry=3 with window=3 leaves no room for a new sample: refused.",
+               "self_moa_seq", PRIME, {"model": "m", "n": 5, "window": 3, "carry": 3}, refused("carry", 3)),
+        vector("seq-min-ok-above-given-samples", "min_ok=3 over a list of 2 given samples can never be met: refused.",
+               "self_moa_seq", HAMLET, {"samples": ["one", "two"], "aggregator": "m", "min_ok": 3},
+               refused("min_ok", 3)),
         vector("seq-min-ok-not-met", "n=4, min_ok=3, samples 1 and 2 fail: NotEnoughProposals as soon as fewer "
                "than 3 samples can succeed; no aggregation is asked for.",
                "self_moa_seq", PRIME, {"model": "m", "n": 4, "seed": 0, "use_n": False, "min_ok": 3},
