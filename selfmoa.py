@@ -885,7 +885,7 @@ class _Run:
 
     def __init__(self, settings: _Settings, *, method: str, params: dict):
         self.settings, self.method, self.params = settings, method, params
-        self.pool, self._owned, self.priority = _start(settings.complete, settings.concurrency)
+        self.pool, self._owned, self.priority, self._oldest_first = _start(settings.complete, settings.concurrency)
         self.trace: list[Call] = []
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -916,7 +916,9 @@ class _Run:
         rank = (0, call.round or 0) if call.role == "aggregator" else (call.layer, call.indices[0])
         with self._lock:
             self._open += 1
-        future = self.pool.submit((-remaining,) + self.priority + rank, task, *args)
+        chain = (-remaining,)
+        priority = self.priority + chain + rank if self._oldest_first else chain + self.priority + rank
+        future = self.pool.submit(priority, task, *args)
         future.add_done_callback(self._closed)
         return future
 
@@ -1188,28 +1190,33 @@ class _MarkerFilter:
 
 # A batch (or a server) runs many method calls on one shared pool. It says so through this context
 # variable rather than through a parameter, so that no private knob shows in a method's signature.
-_SHARED_POOL: contextvars.ContextVar[tuple[_Pool, tuple] | None] = contextvars.ContextVar("selfmoa_shared_pool",
-                                                                                        default=None)
+_SHARED_POOL: contextvars.ContextVar[tuple[_Pool, tuple, bool] | None] = contextvars.ContextVar(
+    "selfmoa_shared_pool", default=None)
 
 
 @contextlib.contextmanager
-def _on_shared_pool(pool: _Pool, priority: tuple) -> Iterator[None]:
-    """Run the method calls made inside the block on ``pool``, ranked by ``priority`` (e.g. the item's position)."""
-    token = _SHARED_POOL.set((pool, priority))
+def _on_shared_pool(pool: _Pool, priority: tuple, *, oldest_first: bool = False) -> Iterator[None]:
+    """Run the method calls made inside the block on ``pool``, ranked by ``priority`` (e.g. the item's position).
+
+    A batch wants throughput: the pool runs the longest chains of calls first, whichever run they belong to.
+    A server wants each answer soon: with ``oldest_first``, the calls of runs that started earlier go first.
+    """
+    token = _SHARED_POOL.set((pool, priority, oldest_first))
     try:
         yield
     finally:
         _SHARED_POOL.reset(token)
 
 
-def _start(complete: Any, concurrency: int) -> tuple[_Pool, bool, tuple]:
-    """The pool to run on and the run's priority: a shared one (a batch's), or a new one owned by this run."""
+def _start(complete: Any, concurrency: int) -> tuple[_Pool, bool, tuple, bool]:
+    """The pool to run on, whether this run owns it, the run's priority and whether older runs go first: a
+    shared pool (a batch's, a server's), or a new one owned by this run."""
     _check(callable(complete), "complete", complete, "it is the completion function every call goes through",
            'pass complete=HTTPClient("http://host:port/v1"), or any function Request -> str')
     _check(_is_int(concurrency) and concurrency >= 1, "concurrency", concurrency,
            "it bounds how many calls run at once", "pass an integer >= 1")
     shared = _SHARED_POOL.get()
-    return (shared[0], False, shared[1]) if shared is not None else (_Pool(concurrency), True, ())
+    return (shared[0], False, shared[1], shared[2]) if shared is not None else (_Pool(concurrency), True, (), False)
 
 
 # --- Argument checks: every argument is checked before the first call ---------------------------------
@@ -2588,7 +2595,7 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
            "give every item its own id (check_items finds the duplicates)")
     parameters = _batch_parameters(method, options)
     prints = {_id_key(item.id): _fingerprint(item.messages, method, parameters) for item in items}
-    pool, _, _ = _start(complete, concurrency)
+    pool, _, _, _ = _start(complete, concurrency)
     try:
         with _output_lock(output):
             job = _BatchJob(method=method, complete=complete, concurrency=concurrency, trace=trace,
@@ -3400,7 +3407,7 @@ class ModelServer:
 
         def run() -> None:
             try:
-                with _on_shared_pool(self.pool, (next(self._order),)):
+                with _on_shared_pool(self.pool, (next(self._order),), oldest_first=True):
                     result = METHODS[method](request["messages"], complete=call,
                                              stream=lambda piece: events.put(("piece", piece)), **arguments)
                 events.put(("done", result))

@@ -625,3 +625,41 @@ def test_an_http_1_0_client_gets_its_stream_ended_by_closing_the_connection(serv
     head, _, events_text = reply.partition(b"\r\n\r\n")
     assert b" 200 " in head.split(b"\r\n")[0] and b"Transfer-Encoding" not in head
     assert events_text.endswith(b"data: [DONE]\n\n") and events_text.startswith(b"data: {")
+
+
+def test_a_saturated_server_runs_the_older_requests_calls_first():
+    """Under load, serve runs the calls of earlier requests first: request A's aggregation, once queued, runs
+    before the samples request B queued earlier (a batch does the opposite, longest chains first, for
+    throughput; with that order this test fails)."""
+    a_started, b_started, gate, order = threading.Event(), threading.Event(), threading.Event(), []
+
+    def waiting_in_queue(count):
+        for _ in range(1000):  # bounded: 10 s at most
+            if server.pool._queue.qsize() >= count:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def complete(request):
+        order.append((request.model, "aggregation" if selfmoa.read_references(request.messages) else "sample"))
+        if len(order) == 1:  # A's samples: hold the only worker until B's samples are queued
+            a_started.set()
+            assert gate.wait(10)
+        elif order[-1] == ("b", "sample") and not b_started.is_set():  # hold it until A's aggregation is queued
+            b_started.set()
+            assert waiting_in_queue(3)  # B's two other samples and A's aggregation
+        return selfmoa.Reply([f"{request.model} text"] * request.n, ["stop"] * request.n, 1, 1)
+
+    with selfmoa.ModelServer(complete, port=0, concurrency=1, defaults={"n": 2}) as server:
+        first = threading.Thread(target=post, args=(server, {"model": "self-moa/a", "messages": QUESTION}))
+        second = threading.Thread(target=post, args=(server, {"model": "self-moa/b", "messages": QUESTION,
+                                                              "selfmoa": {"n": 3, "use_n": False}}))
+        first.start()
+        assert a_started.wait(10)
+        second.start()
+        assert waiting_in_queue(3)  # B's three samples, each its own request
+        gate.set()
+        first.join(10)
+        second.join(10)
+    assert order == [("a", "sample"), ("b", "sample"), ("a", "aggregation"), ("b", "sample"), ("b", "sample"),
+                     ("b", "aggregation")]
