@@ -1902,7 +1902,7 @@ def _key_forms(secret: str) -> list[str]:
     quoted = urllib.parse.quote(secret, safe="")
     forms = [secret, json.dumps(secret)[1:-1], secret.replace("/", "\\/"), quoted,
              re.sub("%[0-9A-F]{2}", lambda hexa: hexa.group().lower(), quoted), urllib.parse.quote_plus(secret)]
-    return list(dict.fromkeys(forms))
+    return sorted(dict.fromkeys(forms), key=len, reverse=True)  # longest first: an escaped echo goes whole
 
 
 def _redact(text: str, secret: str | None, run: int = 8) -> str:
@@ -1916,9 +1916,11 @@ def _redact(text: str, secret: str | None, run: int = 8) -> str:
     """
     if not secret:
         return text
-    for form in _key_forms(secret):
+    forms = _key_forms(secret)
+    for form in forms:  # whole echoes first, each as one ***
+        text = text.replace(form, "***")
+    for form in forms:  # then any cut-off part of one
         if len(form) < run:
-            text = text.replace(form, "***")
             continue
         grams = {form[i:i + run] for i in range(len(form) - run + 1)}
         out, start, i = [], 0, 0

@@ -663,3 +663,50 @@ def test_a_saturated_server_runs_the_older_requests_calls_first():
         second.join(10)
     assert order == [("a", "sample"), ("b", "sample"), ("a", "aggregation"), ("b", "sample"), ("b", "sample"),
                      ("b", "aggregation")]
+
+
+def test_pass_through_blanks_an_echoed_upstream_key_in_every_form_even_split_over_two_reads():
+    """A hostile upstream that echoes its key, whole, JSON-escaped or percent-encoded, in a passed-through
+    reply (streamed, with the key cut in two by a pause between writes, or not) never shows it to the client."""
+    key = "sk-up/stream+secret-4242"
+    forms = [key, key.replace("/", "\\/"), "sk-up%2Fstream%2Bsecret-4242"]
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def upstream():
+        for _ in range(2):  # bounded: one streamed and one plain request
+            connection, _ = listener.accept()
+            with connection:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += connection.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                while len(body) < length:
+                    body += connection.recv(65536)
+                if json.loads(body).get("stream"):
+                    text = "".join(f'data: {{"choices": [{{"delta": {{"content": "echo {form}"}}}}]}}\n\n'
+                                   for form in forms) + "data: [DONE]\n\n"
+                    middle = text.index(key) + len(key) // 2
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+                    connection.sendall(text[:middle].encode())
+                    time.sleep(0.05)  # the client reads the first half on its own
+                    connection.sendall(text[middle:].encode())
+                else:
+                    payload = ('{"error": {"message": "' + " ".join(forms) + '"}}').encode()  # as a server writes it
+                    connection.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+                                       b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload)
+
+    thread = threading.Thread(target=upstream, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    client = selfmoa.HTTPClient(f"http://127.0.0.1:{port}/v1", key, retries=0)
+    with listener, selfmoa.ModelServer(client, port=0) as server:
+        streamed = post(server, {"model": "m", "messages": QUESTION, "stream": True})
+        plain = post(server, {"model": "m", "messages": QUESTION})
+    thread.join(10)
+    assert streamed.status_code == 200 and plain.status_code == 401
+    for reply in (streamed, plain):
+        assert reply.text.count("***") == 3, reply.text
+        assert not any(key[i:i + 8] in reply.text for i in range(len(key) - 7))
+        assert "secret" not in reply.text
