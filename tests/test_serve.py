@@ -688,7 +688,8 @@ def test_pass_through_blanks_an_echoed_upstream_key_in_every_form_even_split_ove
                     text = "".join(f'data: {{"choices": [{{"delta": {{"content": "echo {form}"}}}}]}}\n\n'
                                    for form in forms) + "data: [DONE]\n\n"
                     middle = text.index(key) + len(key) // 2
-                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                       b"Connection: close\r\n\r\n")
                     connection.sendall(text[:middle].encode())
                     time.sleep(0.05)  # the client reads the first half on its own
                     connection.sendall(text[middle:].encode())
