@@ -2077,7 +2077,7 @@ def vendi_score(texts: Sequence[str]) -> float:
 # dropped (items gone from the input, answers to an older prompt or configuration) move to a sibling file.
 # A lock beside the output lets one run at a time write it.
 
-METHODS = {"moa": moa, "self-moa": self_moa, "self-moa-seq": self_moa_seq}
+METHODS: dict[str, Callable[..., Result]] = {"moa": moa, "self-moa": self_moa, "self-moa-seq": self_moa_seq}
 
 BATCH_FORMAT = 1  # the version of the output lines; a line of any other version is not read as ours
 _LINE_START = b'{"selfmoa_batch": 1, "id": '  # how every output line begins (json.dumps keeps key order)
@@ -2163,7 +2163,8 @@ def _loads(text: str) -> Any:
 def _check_records(numbered: Sequence[tuple[int, Any]], source: str, unit: str,
                    problems: list[tuple[int, str]]) -> list[Item]:
     """Items from (number, record) pairs; raise one ConfigError listing every bad one, with ``problems``."""
-    items, seen = [], {}
+    items: list[Item] = []
+    seen: dict[Any, int] = {}
     for position, (number, record) in enumerate(numbered):
         messages, problem = _item_messages(record)
         item_id = record.get("id", position) if isinstance(record, dict) else None
@@ -2174,8 +2175,8 @@ def _check_records(numbered: Sequence[tuple[int, Any]], source: str, unit: str,
         if problem is None:
             problem = _json_problem(record)
             problem = f"the record {problem.lstrip()}" if problem else None
-        if problem:
-            problems.append((number, problem))
+        if problem or messages is None:
+            problems.append((number, problem or "no messages"))
             continue
         seen[item_id] = number
         items.append(Item(item_id, record, messages))
@@ -2764,8 +2765,9 @@ def _append_results(todo: list[tuple[int, Item]], *, descriptor: int, size: int,
 
     def finished(future: concurrent.futures.Future) -> None:
         ahead.release()
-        if not future.cancelled() and future.exception() is not None:
-            bugs.append(future.exception())  # not a model failure (those are recorded): a bug, re-raised
+        bug = None if future.cancelled() else future.exception()
+        if bug is not None:
+            bugs.append(bug)  # not a model failure (those are recorded): a bug, re-raised
 
     try:
         for position, item in todo:
@@ -2832,7 +2834,7 @@ def _final_lines(items: list[Item], descriptor: int, output: str,
 def _instruction(record: dict) -> str:
     """The instruction of an input record, as AlpacaEval shows it: its text, or its last user message."""
     if "instruction" in record or "prompt" in record:
-        return record.get("instruction", record.get("prompt"))
+        return str(record.get("instruction", record.get("prompt")))
     users = [message["content"] for message in record.get("messages", []) if message.get("role") == "user"]
     return users[-1] if users else ""
 
@@ -2902,7 +2904,7 @@ def _check_alpaca_target(path: str, records_path: str, items: Sequence[Item]) ->
         entries = _loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         entries = None
-    answered = set()
+    answered: set[tuple[str, Any]] = set()
     for source in (records_path, _removed_path(records_path)):
         try:
             with open(source, "rb") as file:
@@ -3186,7 +3188,7 @@ class ModelServer:
         server_class = type("_ServeHTTPServer", (http.server.ThreadingHTTPServer,),
                             {"address_family": family, "daemon_threads": True, "request_queue_size": 128})
         self.httpd = server_class((host, port), _ServeHandler)
-        self.httpd.app = self  # type: ignore[attr-defined]
+        self.httpd.app = self
         self.host, self.port = self.httpd.server_address[:2]
         self.base_url = f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}/v1"
 
@@ -3287,8 +3289,8 @@ class ModelServer:
     def _upstream_models(self, endpoint: Endpoint) -> list[str]:
         """The model ids an upstream lists (none if it cannot say so within a few seconds)."""
         parts = urllib.parse.urlsplit(endpoint.base_url)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = kind(parts.hostname, parts.port, timeout=min(5.0, getattr(self.complete, "timeout", 5.0)))
+        kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
+        connection = kind(parts.hostname or "", parts.port, timeout=min(5.0, getattr(self.complete, "timeout", 5.0)))
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         try:
             connection.request("GET", parts.path.rstrip("/") + "/models", headers=headers)
@@ -3344,7 +3346,7 @@ class ModelServer:
         layers = options["layers"] if _is_int(options.get("layers")) and options["layers"] >= 2 else 2
         for key in ("layers", "n", "proposers"):
             value = options.get(key)
-            size = len(_flatten(value)) if key == "proposers" else value if _is_int(value) else 0
+            size = len(_flatten(value)) if key == "proposers" else value if isinstance(value, int) else 0
             if size * (layers - 1 if key != "layers" else 1) > SERVE_MAX_CALLS:
                 raise _ServeError(400, f"'selfmoa.{key}' asks for more than {SERVE_MAX_CALLS} calls in one request; "
                                   f"ask for fewer", f"selfmoa.{key}")
@@ -3379,11 +3381,12 @@ class ModelServer:
         if isinstance(exc, SelfMoAError):
             failures = exc.failures if isinstance(exc, NotEnoughProposals) else [exc]
             message = _redact_all(str(exc), secrets)[:2000]
-            if failures and all(isinstance(f, ModelError) and f.status == 404 for f in failures):
-                missing = " and ".join(dict.fromkeys(f"'{f.model[:200]}'" for f in failures))
-                return _ServeError(404, f"The model {missing} does not exist upstream (at {failures[0].url}): "
-                                   f"{_redact_all(failures[0].message, secrets)[:500]}", "model", "model_not_found",
-                                   report=report)
+            missing_models = [f for f in failures if isinstance(f, ModelError) and f.status == 404]
+            if failures and len(missing_models) == len(failures):
+                missing = " and ".join(dict.fromkeys(f"'{f.model[:200]}'" for f in missing_models))
+                return _ServeError(404, f"The model {missing} does not exist upstream (at {missing_models[0].url}): "
+                                   f"{_redact_all(missing_models[0].message, secrets)[:500]}", "model",
+                                   "model_not_found", report=report)
             return _ServeError(502, f"upstream failure: {message}", None, "upstream_error", "upstream_error",
                                report=report)
         print(f"selfmoa serve: internal error: {type(exc).__name__}: {_redact_all(str(exc), secrets)}",
@@ -3483,10 +3486,7 @@ class ModelServer:
         while True:
             connection, reused = self._upstream(parts)
             try:
-                if connection.sock is None:
-                    connection.connect()
-                    connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                connection.request("POST", path, body=raw, headers=headers)
+                connection.request("POST", path, body=raw, headers=headers)  # connects (TCP_NODELAY) if new
                 response = connection.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 connection.close()
@@ -3514,7 +3514,8 @@ class ModelServer:
                     raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply is "
                                       f"over {SERVE_MAX_UPSTREAM} bytes", None, "upstream_error", "upstream_error")
                 kept = self._keep(parts, connection, response)
-                extra = {"Retry-After": response.getheader("Retry-After")} if response.getheader("Retry-After") else {}
+                retry_after = response.getheader("Retry-After")
+                extra = {"Retry-After": retry_after} if retry_after else {}
                 return handler.send_bytes(response.status, _redact_bytes(data, endpoint.api_key), content_type,
                                           extra)
             handler.start_chunked(200, content_type)
@@ -3549,8 +3550,8 @@ class ModelServer:
             idle = self._idle.get((parts.scheme, parts.hostname, parts.port))
             if idle:
                 return idle.pop(), True
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        return kind(parts.hostname, parts.port, timeout=getattr(self.complete, "timeout", 120.0)), False
+        kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
+        return kind(parts.hostname or "", parts.port, timeout=getattr(self.complete, "timeout", 120.0)), False
 
     def _keep(self, parts: urllib.parse.SplitResult, connection: http.client.HTTPConnection,
               response: http.client.HTTPResponse) -> bool:
@@ -3586,7 +3587,8 @@ class _ChunkStream:
     gets a proper error status."""
 
     def __init__(self, handler: _ServeHandler, model: str, include_usage: bool):
-        self.handler, self.include_usage, self.started, self.sent = handler, include_usage, False, []
+        self.handler, self.include_usage, self.started = handler, include_usage, False
+        self.sent: list[str] = []
         self.base = {"id": f"chatcmpl-selfmoa-{os.urandom(12).hex()}", "object": "chat.completion.chunk",
                      "created": int(time.time()), "model": model}
 
