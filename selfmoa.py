@@ -444,10 +444,11 @@ def _as_reply(value: Any, request: Request) -> Reply:
     """Normalise what a completion function returned; refuse anything that is not text."""
     if isinstance(value, str):
         value = Reply([value])
-    elif isinstance(value, (list, tuple)) and all(isinstance(text, str) for text in value):
+    elif isinstance(value, (list, tuple)) and all(text is None or isinstance(text, str) for text in value):
         value = Reply(list(value))
     if not isinstance(value, Reply) or not all(text is None or isinstance(text, str) for text in value.texts):
-        raise TypeError(f"a completion function must return a Reply, a str or a list of str, "
+        raise TypeError(f"a completion function must return a Reply, a str or a list of str (None where a "
+                        f"choice has no usable text), "
                         f"not {type(value).__name__} (model {request.model!r})")
     if not value.texts or value.texts[0] is None and request.n == 1:
         raise ModelError("the reply holds no text", model=request.model, url=value.url or "")

@@ -120,10 +120,12 @@ class Script:
         self.requests.append(entry)
         return entry
 
-    def samples(self, layer, model, first, count, references, text, use_n, honour_n, fails, extra=False):
+    def samples(self, layer, model, first, count, references, text, use_n, honour_n, fails, extra=False,
+                unusable=()):
         """Samples first..first+count-1 of one prompt: one request with n (split at MAX_N) when use_n,
         else one request each; a server ignoring n gets one request per missing sample, seed S + i.
-        With extra, the server returns one choice more than asked, which must be ignored.
+        With extra, the server returns one choice more than asked, which must be ignored. A position in
+        unusable gets a choice without usable text (null) in the grouped reply, and is asked for alone.
         Returns position -> text, or None for a sample whose request failed."""
         out = {}
         sizes = []
@@ -140,11 +142,13 @@ class Script:
                 out.update({i: None for i in range(start, start + size)})
                 continue
             returned = size if honour_n else 1
-            replies = [text(model, start + j) for j in range(returned)]
+            replies = [None if size > 1 and start + j in unusable else text(model, start + j)
+                       for j in range(returned)]
             self.ask("proposer", layer, None, model, size, seed, references, 0,
                      replies=replies + (["an extra choice nobody asked for"] if extra else []))
-            out.update({start + j: reply for j, reply in enumerate(replies)})
-            for missing in range(start + returned, start + size):
+            out.update({start + j: reply for j, reply in enumerate(replies) if reply is not None})
+            again = [start + j for j, reply in enumerate(replies) if reply is None]
+            for missing in again + list(range(start + returned, start + size)):
                 seed = None if self.seed is None else self.seed + missing
                 out[missing] = text(model, missing)
                 self.ask("proposer", layer, None, model, 1, seed, references, 0, replies=[out[missing]])
@@ -153,7 +157,7 @@ class Script:
 
 def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(), min_ok=1,
             instruction=None, temperature=0.7, max_tokens=None, agg_temperature=0.7, agg_max_tokens=None,
-            sample_text=None, extra=False):
+            sample_text=None, extra=False, unusable=()):
     """MoA over ``plan`` (one list of proposer models per proposer layer): the requests and the outcome."""
     script = Script(prompt, instruction or default_instruction(), seed, temperature, max_tokens,
                     agg_temperature, agg_max_tokens)
@@ -171,7 +175,7 @@ def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(
             while use_n and position + size < len(layer) and layer[position + size] == model:
                 size += 1
             outputs.update(script.samples(number, model, position, size, references, text, use_n, honour_n,
-                                          fails, extra))
+                                          fails, extra, unusable))
             position += size
         good = [outputs[j] for j in range(len(layer)) if outputs[j] is not None]
         if len(good) < min_ok:
@@ -240,7 +244,8 @@ def rounds(n: int, window: int, carry: int) -> int:
 
 def counts(requests: list[dict], answer: str) -> dict:
     """calls = generations (texts returned, at most n per request), requests = requests sent."""
-    return {"answer": answer, "calls": sum(min(len(r.get("replies", [])), r["n"]) for r in requests),
+    return {"answer": answer, "calls": sum(sum(text is not None for text in r.get("replies", [])[:r["n"]])
+                                           for r in requests),
             "requests": len(requests)}
 
 
@@ -354,6 +359,13 @@ def build() -> list[dict]:
                "ignored (not a sample, not a call, not shown to the aggregator): 3 + 1 calls in 2 requests.",
                "self_moa", PRIME, {"model": "m", "n": 3, "seed": 4},
                run_moa([["m"] * 3], "m", prompt=PRIME, seed=4, extra=True, sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("self-moa-unusable-first-choice", "The reply to n=3 holds no usable text for its first choice "
+               "(content null): only that sample is asked for again, alone, with the same seed S; in the trace the "
+               "request for n=3 comes before the request for n=1 that starts at the same position (larger n "
+               "first): 3 + 1 calls in 3 requests.",
+               "self_moa", PRIME, {"model": "m", "n": 3, "seed": 2},
+               run_moa([["m"] * 3], "m", prompt=PRIME, seed=2, unusable=(0,),
+                       sample_text=lambda m, i: f"{m} sample {i}")),
         vector("self-moa-temperature-zero", "Self-MoA at temperature 0 is refused: every sample would be the same.",
                "self_moa", PRIME, {"model": "m", "n": 3, "temperature": 0}, refused("temperature", 0)),
         vector("self-moa-n20-split", "n=20 > MAX_N=16: one request for samples 0-15 (seed S), one for 16-19 "
