@@ -39,6 +39,7 @@ Public API
 ``Request`` / ``Reply``     what crosses the seam between the methods and a model
 ``Result`` / ``Call``       the final answer, with a trace of every call made
 ``inject_references``       the aggregator prompt: messages + instruction + numbered references
+``DEFAULT_INSTRUCTION``     the aggregator's instruction unless ``instruction=`` replaces it
 ``read_references``         the inverse: the references an aggregator prompt holds
 ``seq_plan``                Self-MoA-Seq's windows: per round, the carried copies and the new samples
 ``seq_rounds``              the number of Self-MoA-Seq rounds for ``n``, ``window``, ``carry``
@@ -47,8 +48,15 @@ Public API
 ``check_items``             check batch items given as Python objects
 ``vendi_score``             the diversity of a set of outputs (Vendi score)
 ``run_batch``               many prompts, concurrently, written out line by line, resumable
+``ModelServer``             the methods as models behind an OpenAI-compatible endpoint (``selfmoa serve``)
 ``main``                    the command line
 ==========================  =================================================================
+
+The three methods at a glance (the arguments after ``prompt`` and the models are keywords)::
+
+    moa(prompt, proposers, aggregator, *, complete, layers=2, min_ok=1, seed=None, temperature=0.7, ...)
+    self_moa(prompt, model, *, complete, n=6, aggregator=model, layers=2, min_ok=1, seed=None, ...)
+    self_moa_seq(prompt, model, *, complete, n=6 (or samples=...), window=6, carry=3, min_ok=1, ...)
 
 Errors form one small tree, rooted in ``SelfMoAError``::
 
@@ -98,12 +106,13 @@ Against a real server, pass an ``HTTPClient``; give each model its own endpoint 
                         endpoints={"gpt-4o": Endpoint("https://api.openai.com/v1", api_key=KEY)})
     print(self_moa("Explain RAID 5.", "qwen", n=6, complete=client).answer)
 
-On the command line (``python selfmoa.py --help`` for every flag)::
+On the command line (``python3 selfmoa.py --help`` for every flag)::
 
     selfmoa --base-url http://localhost:8000/v1 -m qwen "Explain RAID 5."
     selfmoa --method moa -p qwen -p llama -p mistral -a qwen "Explain RAID 5."
     selfmoa --method self-moa-seq -m qwen -n 30 --window 6 --carry 3 --json "Explain RAID 5."
     selfmoa -m qwen -i prompts.jsonl -o answers.jsonl          # batch; re-run to resume
+    selfmoa serve --base-url http://localhost:8000/v1 --port 8080   # "self-moa/qwen" is now a model
 
 The exact behaviour (invariants, wire format, prompt format) is specified in the ``spec/`` folder of the
 project; the tests check every invariant by name.
@@ -142,7 +151,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "Call",
     "ConfigError",
@@ -151,6 +160,7 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "HTTPClient",
     "MAX_N",
     "ModelError",
+    "ModelServer",
     "NotEnoughProposals",
     "Reply",
     "Request",

@@ -32,3 +32,11 @@ def test_selfmoa_py_works_alone_in_an_empty_folder_without_site_packages(tmp_pat
     helped = subprocess.run([sys.executable, "-I", "-S", "selfmoa.py", "--help"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60)
     assert helped.returncode == 0 and "usage: selfmoa" in helped.stdout
+
+
+def test_the_manual_names_every_public_name():
+    """The module docstring (the manual) shows every name of __all__: in its API table, the error tree or the
+    examples, so that a public addition cannot go undocumented."""
+    manual = selfmoa.__doc__
+    missing = [name for name in selfmoa.__all__ if name not in manual]
+    assert missing == [], f"the module docstring does not mention {missing}"
