@@ -96,6 +96,7 @@ Against a real server, pass an ``HTTPClient``; give each model its own endpoint 
     client = HTTPClient("http://localhost:8000/v1",                    # vLLM, serving "qwen"
                         endpoints={"gpt-4o": Endpoint("https://api.openai.com/v1", api_key=KEY)})
     print(self_moa("Explain RAID 5.", "qwen", n=6, complete=client).answer)
+    client = HTTPClient(["http://gpu0:8000/v1", "http://gpu1:8000/v1"])  # replicas: calls spread over both
 
 On the command line (``python selfmoa.py --help`` for every flag)::
 

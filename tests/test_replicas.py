@@ -49,7 +49,7 @@ def test_a_replica_killed_mid_batch_costs_no_item_and_the_trace_shows_the_failov
     """kill -9 one of three replicas while a batch runs, with retries=0: every item is answered exactly once;
     calls in flight on it, or sent to it after, are failed over to the others (recorded as an extra attempt,
     served by a survivor)."""
-    victim, victim_url = start_mock_process("--latency", "0.05")
+    victim, victim_url = start_mock_process("--latency", "0.05", "--max-concurrency", "8")
     try:
         with MockServer(latency=0.05) as a, MockServer(latency=0.05) as b:
             client = selfmoa.HTTPClient([victim_url, a.base_url, b.base_url], retries=0, cooldown=60)
@@ -159,3 +159,26 @@ def test_replica_arguments_are_checked(capsys):
     assert selfmoa.main(["--base-url", "http://127.0.0.1:9/v1", "--max-in-flight", "0", "-m", "m", "Q"],
                         environ={}) == 2
     assert "--max-in-flight 0" in capsys.readouterr().err
+
+
+def test_with_every_replica_down_a_call_fails_as_with_one_server():
+    """Two replicas refusing connections: the call is tried on each, then retried as usual, then fails."""
+    client = selfmoa.HTTPClient(["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"], retries=1, sleep=lambda s: None)
+    try:
+        client(selfmoa.Request("m", ({"role": "user", "content": "hi"},)))
+    except selfmoa.ModelError as error:
+        # one failover to the other replica, then the retry goes to the replica back from its cool-down first
+        assert "could not reach" in str(error) and error.attempts == 3
+    else:
+        raise AssertionError("no replica is up, yet the call succeeded")
+    assert list(client.servers().values()) == [{"requests": 2, "failed": 2}, {"requests": 1, "failed": 1}]
+
+
+def test_a_batch_over_replicas_reports_the_requests_per_server(tmp_path, capsys):
+    with ScriptedServer() as a, ScriptedServer() as b:
+        (tmp_path / "in.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:6]))
+        code = selfmoa.main(["--base-url", a.base_url, "--base-url", b.base_url, "-m", "m", "-n", "1",
+                             "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")], environ={})
+        err = capsys.readouterr().err
+    assert code == 0 and f"requests per server: {a.base_url} {len(a.log)} (0 failed), {b.base_url} {len(b.log)}" in err
+    assert len(a.log) + len(b.log) == 12 and len(a.log) >= 1 and len(b.log) >= 1
