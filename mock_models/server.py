@@ -13,6 +13,13 @@ choice ``j`` of a request with seed ``S`` has effective seed ``S + j`` (spec/wir
 request with ``n`` and one request per sample give the same samples. Temperature 0 ignores the seed;
 temperature > 0 without a seed draws a fresh random salt, like a real model.
 
+Capacity (``max_concurrency``): at most that many requests are worked on at once, the others wait in a queue
+with their connections open, like a GPU server with a fixed number of batch slots (llama.cpp's server has
+one); ``peak_concurrency`` records the most seen at once.
+
+Malformed requests (bodies that are not JSON, nested too deeply, holding a lone surrogate escape, fields of
+the wrong type) get an OpenAI-shaped 4xx; the server never drops a connection for what a client sent.
+
 Faults (``fault_rate``, ``faults``, ``fault_seed``): whether a request fails, and how, is drawn from sha256
 over (fault_seed, the request body, how many times this server has seen that same body), so a retry of
 the same request gets a fresh but reproducible draw.
