@@ -117,10 +117,14 @@ import argparse
 import concurrent.futures
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import email.utils
 import hashlib
+import hmac
 import http.client
+import http.server
+import ipaddress
 import itertools
 import json
 import math
@@ -128,6 +132,8 @@ import os
 import queue
 import random
 import re
+import select
+import signal
 import socket
 import sys
 import threading
@@ -384,6 +390,7 @@ class Request:
     n: int = 1
     seed: int | None = None
     stream: Callable[[str], None] | None = dataclasses.field(default=None, compare=False, repr=False)
+    stop: tuple[str, ...] | None = None  # stop sequences (serve sets them on the final aggregation only)
 
 
 @dataclasses.dataclass
@@ -1321,6 +1328,10 @@ class HTTPClient:
                               f"or --endpoint {model}=URL)")
         return replicas
 
+    def endpoint_for(self, model: str) -> Endpoint:
+        """The endpoint that serves ``model`` (the first of its replicas): its own if it has one, else the default."""
+        return self.replicas(model)[0]
+
     def servers(self) -> dict[str, dict[str, int]]:
         """By server URL (without credentials): the requests sent to it so far, and how many of them failed."""
         with self._slots:
@@ -1337,6 +1348,8 @@ class HTTPClient:
             body["n"] = request.n
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = list(request.stop)
         if request.stream is not None:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -1705,6 +1718,13 @@ class HTTPClient:
         self.close()
 
 
+def _endpoints_of(client: Any) -> list[Endpoint]:
+    """Every Endpoint a completion function holds: an HTTPClient's default replicas, then each model's."""
+    groups = [getattr(client, "default", None), *(getattr(client, "endpoints", None) or {}).values()]
+    flat = [e for group in groups for e in (group if isinstance(group, (list, tuple)) else [group])]
+    return list(dict.fromkeys(e for e in flat if isinstance(e, Endpoint)))
+
+
 def _read_capped(response: http.client.HTTPResponse, limit: int) -> tuple[bytes, bool]:
     """Up to ``limit`` bytes of a body, read piece by piece, and whether that was all of it.
 
@@ -1942,12 +1962,27 @@ def _invert3(m: list[list[float]]) -> list[list[float]]:
 # Batch runs: many prompts, concurrently, one output line per finished item, resumable
 # ======================================================================================================
 #
-# The output is JSONL, appended one whole line per finished item (one write call each), so a crash loses
-# no finished item and leaves at most a torn last line, which the next run detects and cuts off. A re-run
-# with the same output file skips the items already answered and retries the failed ones; at the end the
-# file is rewritten (atomically) with exactly one line per item, in input order.
+# The output is JSONL in a versioned format of its own (spec/batch.md): each line holds selfmoa's result
+# for one item (id, status, answer or error, fingerprint, counts) and, under "input", the input record
+# exactly as given, so no input field can pass for a result. One whole line is appended per finished item:
+# a crash loses no finished item and leaves at most a torn last line. Before a file is changed at all,
+# every line of it must read as such a record, and a torn tail as the start of one; anything else is
+# someone else's file and stays byte for byte as it was. A re-run skips the items whose line says "ok" for
+# the same fingerprint (the item's messages, the method and its parameters) and runs the others; at the end
+# the file is rewritten (atomically) with exactly one line per item, in input order, and lines that would be
+# dropped (items gone from the input, answers to an older prompt or configuration) move to a sibling file.
+# A lock beside the output lets one run at a time write it.
 
 METHODS = {"moa": moa, "self-moa": self_moa, "self-moa-seq": self_moa_seq}
+
+BATCH_FORMAT = 1  # the version of the output lines; a line of any other version is not read as ours
+_LINE_START = b'{"selfmoa_batch": 1, "id": '  # how every output line begins (json.dumps keeps key order)
+_MAX_NESTING = 64  # input records nested deeper are refused up front: JSON bombs never reach the encoder
+# Characters that str.splitlines() and some JSONL readers take for line ends, and lone surrogates that UTF-8
+# cannot encode: written as \uXXXX escapes, so a line ends only at "\n" whatever a reader splits on.
+_UNSAFE_IN_LINE = re.compile("[\u2028\u2029\x85\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise turn "\n" into "\r\n"
 
 
 @dataclasses.dataclass
@@ -1978,117 +2013,456 @@ def _item_messages(record: Any) -> tuple[list[Message] | None, str | None]:
     return [{"role": "user", "content": value}], None
 
 
-def check_items(records: Sequence[Any], source: str = "input") -> list[Item]:
-    """Check every record before any call is made; raise one ConfigError listing every bad one."""
-    problems, items, seen = [], [], {}
-    for number, record in enumerate(records, 1):
+def _json_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be written into an output line and read back equal, or None if it can.
+
+    >>> _json_problem({"prompt": "hi", "tags": ["a", 1, 2.5, None, True]}) is None
+    True
+    >>> _json_problem({"prompt": "\\ud83d"})
+    "['prompt'] holds text that UTF-8 cannot encode (a lone surrogate such as \\\\ud83d)"
+    """
+    stack = [(value, 1, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > _MAX_NESTING:
+            return f"{where} is nested deeper than {_MAX_NESTING} levels"
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return f"{where} holds text that UTF-8 cannot encode (a lone surrogate such as \\ud83d)"
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                if not isinstance(key, str):
+                    return f"{where} has a key that is not a string ({key!r})"
+                stack.append((key, depth, f"{where} key"))
+                stack.append((inner, depth + 1, f"{where}[{key!r}]"))
+        elif isinstance(value, list):
+            stack.extend((inner, depth + 1, f"{where}[{index}]") for index, inner in enumerate(value))
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return f"{where} holds {value}, which JSON cannot represent"
+        elif value is not None and not isinstance(value, (bool, int)):
+            return f"{where} holds a {type(value).__name__}, which is not a JSON value"
+    return None
+
+
+def _loads(text: str) -> Any:
+    """``json.loads``, strict: NaN and Infinity are not JSON, and a nesting bomb is bad JSON, not a crash."""
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _check_records(numbered: Sequence[tuple[int, Any]], source: str, unit: str,
+                   problems: list[tuple[int, str]]) -> list[Item]:
+    """Items from (number, record) pairs; raise one ConfigError listing every bad one, with ``problems``."""
+    items, seen = [], {}
+    for position, (number, record) in enumerate(numbered):
         messages, problem = _item_messages(record)
-        item_id = record.get("id", number - 1) if isinstance(record, dict) else None
+        item_id = record.get("id", position) if isinstance(record, dict) else None
         if problem is None and (isinstance(item_id, bool) or not isinstance(item_id, (str, int))):
             problem = f"'id' must be a string or an integer, not {type(item_id).__name__}"
         elif problem is None and item_id in seen:
-            problem = f"duplicate id {item_id!r} (first at item {seen[item_id]})"
+            problem = f"duplicate id {item_id!r} (first at {unit} {seen[item_id]})"
+        if problem is None:
+            problem = _json_problem(record)
+            problem = f"the record {problem.lstrip()}" if problem else None
         if problem:
-            problems.append(f"  item {number}: {problem}")
+            problems.append((number, problem))
             continue
         seen[item_id] = number
         items.append(Item(item_id, record, messages))
     if problems:
-        raise ConfigError(f"{source}: {len(problems)} bad item(s); fix them and run again:\n" + "\n".join(problems))
+        listed = "\n".join(f"  {unit} {number}: {problem}" for number, problem in sorted(problems))
+        raise ConfigError(f"{source}: {len(problems)} bad {unit}(s); fix them and run again:\n{listed}")
     if not items:
         raise ConfigError(f"{source}: there are no items; give one JSON object per line, or a JSON list")
     return items
+
+
+def check_items(records: Sequence[Any], source: str = "input") -> list[Item]:
+    """Check every record before any call is made; raise one ConfigError listing every bad one.
+
+    A record is a JSON object with ``prompt``, ``instruction`` or ``messages`` and an optional ``id`` (a
+    string or an integer; without one, an item's id is its position). It must hold JSON values only, nested
+    at most 64 levels, with text that UTF-8 can encode, so that it is written out and read back unchanged.
+    """
+    return _check_records(list(enumerate(records, 1)), source, "item", [])
 
 
 def read_items(path: str) -> list[Item]:
     """Read a batch input file: JSONL (one object per line) or one JSON list of objects.
 
     Each object carries ``prompt`` (a string), ``instruction`` (AlpacaEval's field) or ``messages`` (chat
-    messages), and optionally an ``id``; without one, an item's id is its position. Every bad line is
-    reported at once, by number, before anything runs.
+    messages), and optionally an ``id``; without one, an item's id is its position. Lines end at ``"\\n"``
+    only (a U+2028 inside a string is text, not a line break). Every bad line is reported at once, by number,
+    before anything runs: bad JSON, nesting bombs, text that is not UTF-8 or cannot be encoded.
     """
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc}); pass an existing UTF-8 file") from None
-    if text.lstrip().startswith("["):
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}); pass an existing file") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # the byte-order mark some editors put before UTF-8
+    if data.lstrip().startswith(b"["):
         # One JSON list, unless this is JSONL whose first line happens to be an array.
         try:
-            whole = json.loads(text)
-        except ValueError as exc:
-            first = text.lstrip().splitlines()[0]
+            whole = _loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
             try:
-                json.loads(first)
-            except ValueError:
+                _loads(data.lstrip().split(b"\n", 1)[0].decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
                 raise ConfigError(f"{path}: not valid JSON ({exc}); fix the file, or write one object per "
                                   f"line") from None
         else:
             if isinstance(whole, list):
                 return check_items(whole, path)
-    records, problems = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    numbered, problems = [], []
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip(b" \t\r"):
             continue
         try:
-            records.append(json.loads(line))
+            numbered.append((number, _loads(line.decode("utf-8"))))
+        except UnicodeDecodeError:
+            problems.append((number, "not UTF-8 text; save the file as UTF-8"))
         except ValueError as exc:
-            problems.append(f"  line {number}: not JSON ({exc})")
-            continue
-        _, problem = _item_messages(records[-1])
-        if problem:
-            problems.append(f"  line {number}: {problem}")
-    if problems:
-        raise ConfigError(f"{path}: {len(problems)} bad line(s); fix them and run again:\n" + "\n".join(problems))
-    return check_items(records, path)
+            problems.append((number, f"not JSON ({exc})"))
+    return _check_records(numbered, path, "line", problems)
 
 
-def _read_output(path: str) -> dict[Any, dict]:
-    """The records already in an output file, by id (the last one wins); a torn last line is cut off."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the output file ({exc})") from None
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        print(f"selfmoa: {path}: cut off a torn last line left by an interrupted run "
-              f"({len(data) - keep} bytes); that item will run again", file=sys.stderr)
-        with open(path, "r+b") as file:
-            file.truncate(keep)
-        data = data[:keep]
-    done: dict[Any, dict] = {}
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
+def _record_problem(record: Any) -> str | None:
+    """Why a parsed output line is not a selfmoa batch record, or None if it is one."""
+    if not isinstance(record, dict) or "selfmoa_batch" not in record:
+        if isinstance(record, dict) and "id" in record and "method" in record and ("answer" in record or "error"
+                                                                                   in record):
+            return ("it has no 'selfmoa_batch' field: selfmoa 0.1 wrote it, mixing input fields and results, "
+                    "which cannot be told apart safely; move it away, and rerun to answer every item again")
+        return "it has no 'selfmoa_batch' field"
+    if record["selfmoa_batch"] != BATCH_FORMAT:
+        return f"it is in batch format {record['selfmoa_batch']!r}; this selfmoa reads format {BATCH_FORMAT}"
+    item_id, status = record.get("id"), record.get("status")
+    wrong = [name for name, ok in (
+        ("id", isinstance(item_id, (str, int)) and not isinstance(item_id, bool)),
+        ("status", status in ("ok", "error")),
+        ("answer" if status == "ok" else "error", isinstance(record.get("answer" if status == "ok" else "error"),
+                                                             str)),
+        ("method", isinstance(record.get("method"), str)),
+        ("fingerprint", isinstance(record.get("fingerprint"), str)),
+        ("input", isinstance(record.get("input"), dict))) if not ok]
+    return f"its {', '.join(repr(name) for name in wrong)} missing or wrong" if wrong else None
+
+
+def _is_torn_start(tail: bytes, after_records: bool) -> bool:
+    """Whether bytes after the last newline are the unfinished start of a record line (a crash mid-write)."""
+    if tail.startswith(_LINE_START):
+        return True
+    return _LINE_START.startswith(tail) and (after_records or len(tail) >= len(b'{"selfmoa_batch"'))
+
+
+def _parse_output(data: bytes, path: str) -> tuple[list[tuple[dict, bytes]], int]:
+    """Every record of an output file with its line, and how many bytes the whole lines take.
+
+    Raises ConfigError, having changed nothing, unless every line is a record and a torn tail (bytes after
+    the last newline) is the start of one. Lines end at b"\\n" only.
+    """
+    keep = data.rfind(b"\n") + 1
+    records = []
+    for number, line in enumerate(data[:keep].split(b"\n")[:-1], 1):
         try:
-            record = json.loads(line)
-        except ValueError:
-            raise ConfigError(f"{path}: line {number} is not JSON, so this is not a selfmoa output file; "
-                              f"pass another --output, or move this file away") from None
-        if not isinstance(record, dict) or "id" not in record:
-            raise ConfigError(f"{path}: line {number} has no 'id'; pass another --output") from None
-        done[_id_key(record["id"])] = record
-    return done
+            record = _loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            problem: str | None = "it is not UTF-8 JSON"
+        else:
+            problem = _record_problem(record)
+        if problem:
+            raise ConfigError(f"{path}: line {number} is not a selfmoa batch record ({problem}), so this is not a "
+                              f"selfmoa output file; it was left untouched: pass another output file, or move "
+                              f"this one away")
+        records.append((record, line))
+    if keep < len(data) and not _is_torn_start(data[keep:], bool(records)):
+        raise ConfigError(f"{path}: its last line (with no newline at its end) is not the start of a selfmoa batch "
+                          f"record, so this is not a selfmoa output file; it was left untouched: pass another "
+                          f"output file, or move this one away")
+    return records, keep
+
+
+def _escape_unsafe(text: str) -> str:
+    r"""JSON text with U+2028, U+2029, U+0085 and lone surrogates written as \u escapes (same value).
+
+    >>> _escape_unsafe(json.dumps(["a\u2028b", "\ud83d"], ensure_ascii=False))
+    '["a\\u2028b", "\\ud83d"]'
+    """
+    return _UNSAFE_IN_LINE.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+
+
+def _dump_line(record: dict) -> bytes:
+    return _escape_unsafe(json.dumps(record, ensure_ascii=False)).encode("utf-8") + b"\n"
+
+
+def _batch_parameters(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The method's parameters as run, defaults filled in (so an explicit default changes no fingerprint).
+
+    ``use_n`` is left out: it says how samples are requested, not what is asked.
+    """
+    import inspect
+
+    signature = inspect.signature(METHODS[method])
+    parameters = {name: parameter.default for name, parameter in signature.parameters.items()
+                  if parameter.kind == parameter.KEYWORD_ONLY and parameter.default is not parameter.empty}
+    for name, value in options.items():
+        if name not in signature.parameters or name in ("complete", "stream"):
+            known = ", ".join(p for p in signature.parameters if p not in ("prompt", "complete", "stream", "samples"))
+            raise ConfigError(f"{name}={value!r}: {method} takes no such parameter in a batch; pass only {known}")
+    parameters.update(options)
+    for name in ("complete", "stream", "use_n", "concurrency"):
+        parameters.pop(name, None)
+    for name, value in parameters.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            raise ConfigError(f"{name}={value!r}: run_batch records the method's parameters in every output "
+                              f"line's fingerprint, so they must be JSON values; pass strings, numbers and "
+                              f"lists") from None
+    return parameters
+
+
+def _fingerprint(messages: list[Message], method: str, parameters: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of what produces an item's answer: its messages, the method, parameters.
+
+    >>> _fingerprint([{"role": "user", "content": "hi"}], "self-moa", {"n": 6})[:16]
+    'f1247f2503992f70'
+    """
+    canonical = json.dumps({"messages": messages, "method": method, "parameters": parameters},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _sibling(path: str, word: str) -> str:
+    """A file beside ``path`` named after it: ``_sibling("out.jsonl", "removed")`` is ``out.removed.jsonl``."""
+    root, extension = os.path.splitext(path)
+    return f"{root}.{word}{extension}"
+
+
+def _removed_path(output: str) -> str:
+    """Where a batch moves the lines it takes out of ``output`` (items gone from the input, replaced answers).
+
+    >>> _removed_path("answers.jsonl")
+    'answers.removed.jsonl'
+    """
+    return _sibling(output, "removed")
+
+
+def _read_descriptor(descriptor: int) -> bytes:
+    os.lseek(descriptor, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(descriptor, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    """Write all of ``data``. ``os.write`` may write less than asked (a short write): the rest follows, until
+    the disk takes nothing more (an OSError then says why, as ENOSPC, EFBIG or EIO do)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(descriptor, view)
+        if written <= 0:
+            import errno
+
+            raise OSError(errno.EIO, "the disk took no more bytes (a short write)")
+        view = view[written:]
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` by a file holding ``data``: a crash leaves the old file or the new one, never a mix."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY, 0o644)
+    try:
+        try:
+            os.chmod(temporary, os.stat(path).st_mode & 0o7777)  # keep the permissions of the file replaced
+        except OSError:
+            pass
+        _write_all(descriptor, data)
+        os.fsync(descriptor)
+    except BaseException:
+        os.close(descriptor)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    os.close(descriptor)
+    os.replace(temporary, path)
+    if os.name == "posix":  # the new name itself survives a power cut only once its folder is synced
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def _move_lines(path: str, lines: Sequence[bytes]) -> None:
+    """Append to ``path`` (a selfmoa file) the lines it does not hold yet, and sync it to disk."""
+    descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _O_BINARY, 0o644)
+    try:
+        data = _read_descriptor(descriptor)
+        _, keep = _parse_output(data, path)
+        if keep < len(data):
+            os.ftruncate(descriptor, keep)
+        present = set(data[:keep].split(b"\n"))
+        new = [line for line in dict.fromkeys(lines) if line not in present]
+        _write_all(descriptor, b"".join(line + b"\n" for line in new))
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# --- One writer at a time -----------------------------------------------------------------------------
+
+_HELD_OUTPUTS: contextvars.ContextVar[frozenset] = contextvars.ContextVar("selfmoa_held_outputs",
+                                                                          default=frozenset())
+
+
+def _fcntl() -> Any:
+    """The fcntl module where the system has one (POSIX), else None."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    return fcntl
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (the lock-file fallback's stale-lock test)."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there
+        import ctypes
+
+        kernel = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return kernel.GetLastError() == 5  # access denied: it exists
+        code = ctypes.c_ulong()
+        kernel.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _busy(output: str, lock_path: str, holder: str) -> ConfigError:
+    return ConfigError(f"{output} is being written by another selfmoa run ({holder or 'pid unknown'}), which "
+                       f"holds {lock_path}; wait for it to end, or pass another output file. Two runs on one file "
+                       f"would lose each other's answers")
+
+
+def _cannot_write(output: str, exc: OSError) -> ConfigError:
+    return ConfigError(f"{output}: cannot write the output file ({exc.strerror or exc}); pass a path in an "
+                       f"existing, writable folder")
+
+
+def _lock(output: str) -> Callable[[], None]:
+    """Take ``output``'s lock (``output + ".lock"``) or raise ConfigError at once; returns the release.
+
+    With fcntl, an flock on the lock file: the system drops it when its holder dies, even by kill -9.
+    Elsewhere the lock file is created exclusively and holds the owner's pid; a file whose pid is no
+    longer running is a stale lock, and is taken over.
+    """
+    lock_path = output + ".lock"
+    fcntl = _fcntl()
+    for _ in range(10):  # bounded: only a holder removing the file between our open and flock repeats this
+        if fcntl is None:
+            try:
+                descriptor = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(lock_path, encoding="ascii", errors="replace") as file:
+                        pid_text = file.read().strip()
+                except OSError:
+                    continue
+                if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+                    raise _busy(output, lock_path, f"pid {pid_text}; if no such run exists, delete the lock file"
+                                if pid_text.isdigit() else "") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock_path)  # its owner died without removing it: a stale lock
+                continue
+            except OSError as exc:
+                raise _cannot_write(output, exc) from None
+            with contextlib.suppress(OSError):  # without it, others see "pid unknown" and wait
+                _write_all(descriptor, f"{os.getpid()}\n".encode())
+            os.close(descriptor)
+
+            def release_file() -> None:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
+            return release_file
+        try:
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
+        except OSError as exc:
+            raise _cannot_write(output, exc) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_descriptor(descriptor).decode("ascii", "replace").strip()
+            os.close(descriptor)
+            raise _busy(output, lock_path, f"pid {holder}" if holder.isdigit() else "") from None
+        except OSError as exc:
+            os.close(descriptor)
+            raise ConfigError(f"{lock_path}: cannot lock it ({exc.strerror or exc}), so two runs could write "
+                              f"{output} at once; pass an output file on a local disk") from None
+        try:
+            current = os.path.samestat(os.fstat(descriptor), os.stat(lock_path))
+        except FileNotFoundError:
+            current = False
+        if not current:  # the previous holder removed it as we opened it: lock the file now at that path
+            os.close(descriptor)
+            continue
+        if os.fstat(descriptor).st_size > 32 or not re.fullmatch(rb"\d*\n?", _read_descriptor(descriptor)):
+            os.close(descriptor)  # someone's own file of that name: neither emptied nor removed
+            raise ConfigError(f"{lock_path} exists and is not a selfmoa lock file, so it was left untouched; move it "
+                              f"away, or pass another output file")
+        with contextlib.suppress(OSError):  # the pid only informs whoever finds the lock taken
+            os.ftruncate(descriptor, 0)
+            os.lseek(descriptor, 0, os.SEEK_SET)  # the check above read to the end
+            _write_all(descriptor, f"{os.getpid()}\n".encode())
+
+        def release_flock() -> None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)  # removed while still held, so no one can lock a file about to vanish
+            os.close(descriptor)
+        return release_flock
+    raise _busy(output, lock_path, "")
+
+
+@contextlib.contextmanager
+def _output_lock(output: str) -> Iterator[None]:
+    """Hold ``output``'s lock for the block (re-entrant within one thread of this process)."""
+    key = os.path.realpath(output)
+    if key in _HELD_OUTPUTS.get():
+        yield
+        return
+    release = _lock(output)
+    token = _HELD_OUTPUTS.set(_HELD_OUTPUTS.get() | {key})
+    try:
+        yield
+    finally:
+        _HELD_OUTPUTS.reset(token)
+        release()
+
+
+# --- The run --------------------------------------------------------------------------------------------
 
 
 def _id_key(item_id: Any) -> tuple:
     return (type(item_id).__name__, item_id)
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
-def _lines(records: Iterable[dict]) -> bytes:
-    return b"".join(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n" for record in records)
 
 
 def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
@@ -2096,47 +2470,170 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
               progress: Callable[[int, int, int, float], None] | None = None, **options: Any) -> dict[str, int]:
     """Run ``method`` on every item, ``concurrency`` calls at a time, appending one JSONL line per item.
 
-    ``options`` go to the method (``model``, ``n``, ``proposers``...). Each line holds the input record, plus
-    ``id``, ``answer``, ``method``, ``usage``, ``calls``, ``requests``, ``retries`` and ``diversity`` (the
-    Vendi score of each proposer layer; and ``trace`` when asked); a failed item gets a line with ``error`` instead of ``answer``, and is retried by the next run.
-    Returns the counts ``total``, ``skipped`` (done before), ``done`` and ``failed``.
+    ``options`` go to the method (``model``, ``n``, ``proposers``...). Each line is a record of format
+    ``BATCH_FORMAT`` (spec/batch.md): ``selfmoa_batch``, ``id``, ``status`` (``"ok"`` with ``answer``, or
+    ``"error"`` with ``error``), ``method``, ``fingerprint``, ``usage``, ``calls``, ``requests``, ``retries``,
+    ``diversity`` (the Vendi score of each proposer layer; ``trace`` when asked), and ``input``: the input
+    record, unchanged. A re-run on the same ``output`` skips the items whose line is ``"ok"`` with the same
+    fingerprint and runs the rest; at the end ``output`` holds one line per item, in input order, and lines
+    taken out of it are appended to the sibling file named ``.removed`` (``out.jsonl``: ``out.removed.jsonl``).
+
+    Raises ConfigError, before any call and with every file left as it was, when ``output`` is not a selfmoa
+    output file or another run holds its lock; SelfMoAError when a write fails (the lines finished before
+    are kept; the next run does the rest). Returns the counts ``total``, ``skipped`` (answered before),
+    ``done``, ``failed``, ``changed_prompt`` and ``changed_parameters`` (run again because their line's
+    fingerprint no longer matched), ``moved`` (lines moved out) and ``torn_bytes`` (a torn tail cut off).
     """
     _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
+    items = list(items)
+    _check(all(isinstance(item, Item) for item in items), "items", "...", "run_batch takes Item objects",
+           "pass check_items(records) or read_items(path)")
+    _check(len({_id_key(item.id) for item in items}) == len(items), "items", "...", "two items share an id",
+           "give every item its own id (check_items finds the duplicates)")
+    parameters = _batch_parameters(method, options)
+    prints = {_id_key(item.id): _fingerprint(item.messages, method, parameters) for item in items}
     pool, _, _ = _start(complete, concurrency)
-    finished = _read_output(output)
-    todo = [(position, item) for position, item in enumerate(items)
-            if "answer" not in finished.get(_id_key(item.id), {})]
-    counts = {"total": len(items), "skipped": len(items) - len(todo), "done": 0, "failed": 0}
+    try:
+        with _output_lock(output):
+            return _run_locked(items, output, method, complete, concurrency, trace, progress, options, prints,
+                               pool)
+    except OSError as exc:  # reading the output, or cutting a torn line off it (writes report themselves)
+        raise SelfMoAError(f"{output}: {exc.strerror or exc}; every finished line is kept in it; fix that, then "
+                           f"run the same command again") from exc
+    finally:
+        pool.shutdown()
+
+
+def _open_output(output: str) -> tuple[int, bool]:
+    """A descriptor of ``output`` for reading and appending, and whether this call created the file."""
+    import stat
+
+    try:
+        descriptor = os.open(output, os.O_RDWR | os.O_APPEND | _O_BINARY)
+        created = False
+    except FileNotFoundError:
+        try:
+            descriptor = os.open(output, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+        except OSError as exc:
+            raise _cannot_write(output, exc) from None
+        created = True
+    except OSError as exc:
+        raise _cannot_write(output, exc) from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ConfigError(f"{output}: not a regular file; pass the path of a file to write")
+    return descriptor, created
+
+
+def _run_locked(items: list[Item], output: str, method: str, complete: Callable[[Request], Any], concurrency: int,
+                trace: bool, progress: Callable[[int, int, int, float], None] | None, options: dict[str, Any],
+                prints: dict[tuple, str], pool: _Pool) -> dict[str, int]:
+    """run_batch, holding the output's lock."""
+    descriptor, created = _open_output(output)
+    try:
+        data = _read_descriptor(descriptor)
+        try:
+            existing, keep = _parse_output(data, output)
+            moved_to = _removed_path(output)
+            if os.path.exists(moved_to):
+                with open(moved_to, "rb") as file:
+                    _parse_output(file.read(), moved_to)  # lines are moved there later: refuse it now if foreign
+        except (ConfigError, OSError) as exc:
+            if created:  # leave no trace of a run that never started
+                os.close(descriptor)
+                descriptor = -1
+                with contextlib.suppress(OSError):
+                    os.unlink(output)
+            if isinstance(exc, OSError):
+                raise _cannot_write(_removed_path(output), exc) from None
+            raise
+        # Decide per item, on the explicit status and the fingerprint, never on which keys a line holds.
+        history: dict[tuple, list[dict]] = {}
+        for record, _ in existing:
+            history.setdefault(_id_key(record["id"]), []).append(record)
+        counts = {"total": len(items), "skipped": 0, "done": 0, "failed": 0, "changed_prompt": 0,
+                  "changed_parameters": 0, "moved": 0, "torn_bytes": len(data) - keep}
+        todo = []
+        for position, item in enumerate(items):
+            lines = history.get(_id_key(item.id), [])
+            current = [record for record in lines if record["fingerprint"] == prints[_id_key(item.id)]]
+            if any(record["status"] == "ok" for record in current):
+                counts["skipped"] += 1
+                continue
+            if lines and not current:
+                messages, _ = _item_messages(lines[-1]["input"])
+                counts["changed_parameters" if messages == item.messages else "changed_prompt"] += 1
+            todo.append((position, item))
+        if keep < len(data):
+            os.ftruncate(descriptor, keep)  # a torn line left by a crash: its item runs again
+        try:
+            _append_results(todo, descriptor, keep, output, method, complete, concurrency, trace, progress,
+                            options, prints, pool, counts)
+        except ConfigError:  # a bad option, found by the method before any call: leave no empty file behind
+            if created and os.fstat(descriptor).st_size == 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(output)
+            raise
+        final, to_move, unchanged = _final_lines(items, descriptor, output, prints)
+        os.close(descriptor)  # before the rename, which Windows refuses over an open file
+        descriptor = -1
+        try:
+            if to_move:
+                _move_lines(_removed_path(output), to_move)  # first, and synced: nothing is gone before it is kept
+            if not unchanged:
+                _write_atomically(output, final)
+        except OSError as exc:
+            raise SelfMoAError(f"{output}: cannot rewrite it ({exc.strerror or exc}); every finished line is kept "
+                               f"in it; fix that, then run the same command again") from exc
+        counts["moved"] = len(to_move)
+        return counts
+    finally:
+        if descriptor >= 0:
+            os.close(descriptor)
+
+
+def _append_results(todo: list[tuple[int, Item]], descriptor: int, size: int, output: str, method: str,
+                    complete: Callable[[Request], Any], concurrency: int, trace: bool,
+                    progress: Callable[[int, int, int, float], None] | None, options: dict[str, Any],
+                    prints: dict[tuple, str], pool: _Pool, counts: dict[str, int]) -> None:
+    """Run the items to do, appending each one's line as it finishes. A failed write stops the run."""
     lock = threading.Lock()
     started = time.monotonic()
-    try:
-        descriptor = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    except OSError as exc:
-        pool.shutdown()
-        raise ConfigError(f"{output}: cannot write the output file ({exc.strerror}); pass a path in an existing, "
-                          f"writable folder") from None
+    state: dict[str, Any] = {"size": size, "broken": None, "closed": False}
 
     def solve(position: int, item: Item) -> None:
-        record = {**item.record, "id": item.id, "method": method}
+        record: dict[str, Any] = {"selfmoa_batch": BATCH_FORMAT, "id": item.id}
         try:
             with _on_shared_pool(pool, (position,)):
                 result = METHODS[method](item.messages, complete=complete, **options)
+        except ConfigError:
+            raise  # a bad option fails every item alike: the run stops, as for a bug
         except SelfMoAError as exc:
-            record["error"] = str(exc)
+            record.update(status="error", error=str(exc))
             done_so_far = exc.partial
-            ok = False
         else:
-            record["answer"] = result.answer
-            done_so_far, ok = result, True
+            record.update(status="ok", answer=result.answer)
+            done_so_far = result
+        record.update(method=method, fingerprint=prints[_id_key(item.id)])
         if done_so_far is not None:
             summary = done_so_far.to_dict(trace=trace)
             record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries", "diversity")})
             if trace:
                 record["trace"] = summary["trace"]
-        line = _lines([record])
+        record["input"] = item.record
+        line = _dump_line(record)
         with lock:
-            os.write(descriptor, line)  # one whole line per write: a crash cannot split it from others
-            counts["done" if ok else "failed"] += 1
+            if state["broken"] is not None or state["closed"]:
+                return  # after a failed write nothing more is written: no line may follow a torn one
+            try:
+                _write_all(descriptor, line)  # one whole line per item, appended
+            except OSError as exc:
+                state["broken"] = exc
+                with contextlib.suppress(OSError):
+                    os.ftruncate(descriptor, state["size"])  # take back a partly written line, if we can
+                return
+            state["size"] += len(line)
+            counts["done" if record["status"] == "ok" else "failed"] += 1
             if progress is not None:
                 progress(counts["done"] + counts["failed"], counts["failed"], len(todo),
                          time.monotonic() - started)
@@ -2156,38 +2653,957 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
     try:
         for position, item in todo:
             ahead.acquire()
-            if bugs:
+            if bugs or state["broken"] is not None:
                 break
             runners.submit(solve, position, item).add_done_callback(finished)
-        runners.shutdown(wait=True)
+        runners.shutdown(wait=True, cancel_futures=bool(bugs or state["broken"]))
         if bugs:
             raise bugs[0]
     finally:
         runners.shutdown(wait=False, cancel_futures=True)
-        pool.shutdown()
-        os.close(descriptor)
-    # One line per item, in input order (records of ids not in this input are kept, at the end).
-    final = _read_output(output)
-    ordered = [final.pop(_id_key(item.id)) for item in items if _id_key(item.id) in final]
-    _write_atomically(output, _lines(ordered + list(final.values())))
-    return counts
+        with lock:
+            state["closed"] = True  # an item still running after an interrupt never writes
+    broken = state["broken"]
+    if broken is not None:
+        kept = counts["skipped"] + counts["done"] + counts["failed"]
+        raise SelfMoAError(f"{output}: cannot write ({broken.strerror or broken}); stopped with {kept} of "
+                           f"{counts['total']} items in the file, every finished line kept; fix that, then run "
+                           f"the same command again to do the rest") from broken
+
+
+def _final_lines(items: list[Item], descriptor: int, output: str,
+                 prints: dict[tuple, str]) -> tuple[bytes, list[bytes], bool]:
+    """The rewritten output (one line per item, in input order), the lines to move out of it, and whether
+    the file already holds exactly that.
+
+    First proves that ``output`` still names the file this run appended to (``descriptor``).
+    """
+    data = _read_descriptor(descriptor)  # what this run appended to, even if the name now points elsewhere
+    records, keep = _parse_output(data, output)
+    try:
+        ours = os.path.samestat(os.fstat(descriptor), os.stat(output))
+    except OSError:
+        ours = False
+    if not ours:
+        rescue = _sibling(output, f"recovered-{os.getpid()}")
+        _write_atomically(rescue, data[:keep])
+        raise SelfMoAError(f"{output} was moved or replaced by another program while this run wrote to it, so it "
+                           f"was not rewritten; this run's lines are saved in {rescue}")
+    chosen: dict[tuple, dict] = {}
+    to_move = []
+    for record, line in records:
+        key = _id_key(record["id"])
+        if key not in prints:
+            to_move.append(line)  # an item no longer in the input
+        elif record["fingerprint"] != prints[key]:
+            if record["status"] == "ok":
+                to_move.append(line)  # an answer to an older prompt or configuration
+        elif record["status"] == "ok" or chosen.get(key, {}).get("status") != "ok":
+            chosen[key] = record  # the last "ok" line wins; else the last "error" line
+    assert len(chosen) == len(items), "every item has a line once every item has run"
+    final = []
+    for item in items:
+        record = chosen[_id_key(item.id)]
+        record["input"] = item.record  # the same messages; the other input fields as given now
+        final.append(_dump_line(record))
+    return b"".join(final), to_move, b"".join(final) == data
+
+
+# --- AlpacaEval -----------------------------------------------------------------------------------------
+
+
+def _instruction(record: dict) -> str:
+    """The instruction of an input record, as AlpacaEval shows it: its text, or its last user message."""
+    if "instruction" in record or "prompt" in record:
+        return record.get("instruction", record.get("prompt"))
+    users = [message["content"] for message in record.get("messages", []) if message.get("role") == "user"]
+    return users[-1] if users else ""
 
 
 def alpaca_eval_outputs(records: Iterable[dict], generator: str) -> list[dict]:
-    """AlpacaEval's model-outputs records (``instruction``, ``output``, ``generator``) of answered items."""
+    """AlpacaEval's model-outputs records (``instruction``, ``output``, ``generator``) of the answered items
+    among output lines (``dataset`` is copied from the input when it has one)."""
     out = []
     for record in records:
-        if "answer" not in record:
+        if record.get("status") != "ok":
             continue
-        instruction = record.get("instruction", record.get("prompt"))
-        if instruction is None:
-            users = [m["content"] for m in record.get("messages", []) if m.get("role") == "user"]
-            instruction = users[-1] if users else ""
-        entry = {"instruction": instruction, "output": record["answer"], "generator": generator}
-        if "dataset" in record:
-            entry["dataset"] = record["dataset"]
+        given = record["input"]
+        entry = {"instruction": _instruction(given), "output": record["answer"], "generator": generator}
+        if "dataset" in given:
+            entry["dataset"] = given["dataset"]
         out.append(entry)
     return out
+
+
+def _generator_name(method: str, options: Mapping[str, Any]) -> str:
+    """The AlpacaEval generator name of a configuration: method, models, n, window and carry, so that two
+    configurations never share a leaderboard row (characters other than letters, digits, ``.+-`` become ``_``).
+
+    >>> _generator_name("self-moa-seq", {"model": "Qwen/Qwen2-7B", "n": 30, "window": 6, "carry": 3})
+    'selfmoa-self-moa-seq-Qwen_Qwen2-7B-n30-w6-r3'
+    >>> _generator_name("moa", {"proposers": ["a", "b"], "aggregator": "z", "layers": 3})
+    'selfmoa-moa-a+b-agg-z-L3'
+    """
+    def name(model: Any) -> str:
+        return re.sub(r"[^A-Za-z0-9.+-]", "_", str(model))
+
+    layers = options.get("layers", 2)
+    if method == "moa":
+        proposers = list(options.get("proposers") or [])
+        nested = bool(proposers) and not isinstance(proposers[0], str)
+        layered = proposers if nested else [proposers]
+        shown = "__".join("+".join(map(name, layer)) for layer in layered)
+        parts = ["moa", shown, f"agg-{name(options.get('aggregator'))}"]
+        if layers != 2 and not nested:
+            parts.append(f"L{layers}")
+        return "selfmoa-" + "-".join(parts)
+    model = options.get("model")
+    parts = [method, name(model), f"n{options.get('n', 6)}"]
+    if method == "self-moa-seq":
+        parts += [f"w{options.get('window', 6)}", f"r{options.get('carry', 3)}"]
+    if options.get("aggregator") not in (None, model):
+        parts.append(f"agg-{name(options['aggregator'])}")
+    if method == "self-moa" and layers != 2:
+        parts.append(f"L{layers}")
+    return "selfmoa-" + "-".join(parts)
+
+
+def _check_alpaca_target(path: str, records_path: str, items: Sequence[Item]) -> None:
+    """Refuse (ConfigError) to replace ``path`` unless it is absent, empty, or a selfmoa AlpacaEval output of
+    this input: every entry's instruction is one of these items', and its output is an answer recorded in the
+    selfmoa records beside it (``records_path`` or the lines moved out of it)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}); pass another --output") from None
+    if not data.strip():
+        return
+    try:
+        entries = _loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        entries = None
+    answered = set()
+    for source in (records_path, _removed_path(records_path)):
+        try:
+            with open(source, "rb") as file:
+                records, _ = _parse_output(file.read(), source)
+        except (OSError, ConfigError):
+            continue
+        answered.update((_instruction(record["input"]), record["answer"]) for record, _ in records
+                        if record["status"] == "ok")
+    instructions = {_instruction(item.record) for item in items}
+    ours = isinstance(entries, list) and all(
+        isinstance(entry, dict) and {"instruction", "output", "generator"} <= entry.keys()
+        <= {"instruction", "output", "generator", "dataset"}
+        and isinstance(entry["instruction"], str) and isinstance(entry["output"], str)
+        and entry["instruction"] in instructions and (entry["instruction"], entry["output"]) in answered
+        for entry in entries)
+    if not ours:
+        raise ConfigError(f"{path} is not a selfmoa AlpacaEval output of this input (each of its outputs must be "
+                          f"an answer recorded in {records_path}, to an instruction of this input), so it was "
+                          f"left untouched; pass another --output, or move this file away")
+
+
+# ======================================================================================================
+# Serving: the methods as models behind an OpenAI-compatible endpoint
+# ======================================================================================================
+#
+# `selfmoa serve` answers POST /v1/chat/completions like any OpenAI-compatible server, so every client of
+# one (the SDKs, AlpacaEval, lm-evaluation-harness, chat front-ends) uses a method by changing a model name:
+# "self-moa/M", "self-moa-seq/M" and "moa/A" run a method on upstream models (M may itself contain "/");
+# any other name is passed through to its upstream unchanged. All runs share one bounded call pool.
+#
+# A method hands its `stream` callback to its final aggregation, and to no other call. Serve always passes
+# one, and so recognises the call that writes the answer: the request's `stop` goes to that call only, and
+# it is streamed upstream only when the client asked for a stream. A run whose client went away is cancelled
+# at the seam: every call it still has queued fails at once, without reaching the upstream.
+
+SERVE_METHODS = {"self-moa/": "self-moa", "self-moa-seq/": "self-moa-seq", "moa/": "moa"}  # model prefix -> method
+SERVE_MAX_BODY = 16 * 1024 * 1024  # bytes of a request body at most (413 beyond)
+SERVE_MAX_UPSTREAM = 64 * 1024 * 1024  # bytes of a passed-through reply at most (502 beyond)
+SERVE_MAX_UPSTREAM_LINE = 1024 * 1024  # a longer streamed line is relayed (redacted) in pieces
+SERVE_MAX_CALLS = 256  # samples (or proposers of a layer), and layers x proposers, one request may ask for
+SERVE_DEFAULTS: dict[str, Any] = {
+    "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": 0.7,
+    "max_tokens": None, "aggregator_temperature": 0.7, "aggregator_max_tokens": None, "seed": None,
+    "instruction": DEFAULT_INSTRUCTION, "use_n": True}
+# What a request may set in its "selfmoa" object, per method (the other defaults come from the request itself).
+SERVE_OPTIONS = {
+    "self-moa": ("n", "aggregator", "layers", "min_ok", "temperature", "max_tokens", "use_n", "instruction"),
+    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", "temperature", "max_tokens", "use_n",
+                     "instruction"),
+    "moa": ("proposers", "layers", "min_ok", "temperature", "max_tokens", "use_n", "instruction"),
+}
+_CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class _ServeError(Exception):
+    """Internal: an OpenAI-shaped error reply (status, message, type, param, code)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", report: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.report = report
+
+    def body(self) -> dict:
+        data: dict[str, Any] = {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                          "code": self.code}}
+        if self.report is not None:
+            data["selfmoa"] = self.report
+        return data
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host``.
+
+    >>> _is_loopback("127.0.0.1"), _is_loopback("localhost"), _is_loopback("0.0.0.0"), _is_loopback("::1")
+    (True, True, False, True)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _chat_messages(value: Any) -> list[Message]:
+    """A request's ``messages``, checked: the whole conversation is the prompt. Text parts are joined."""
+    if not isinstance(value, list) or not value:
+        raise _ServeError(400, "'messages' must be a non-empty list of chat messages", "messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in _CHAT_ROLES:
+            raise _ServeError(400, f"messages[{i}] needs a role ({', '.join(_CHAT_ROLES)})", f"messages[{i}].role")
+        content = message.get("content")
+        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                             and isinstance(part.get("text"), str) for part in content):
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise _ServeError(400, f"messages[{i}].content must be a string (or a list of text parts)",
+                              f"messages[{i}].content")
+        role = "system" if message["role"] == "developer" else message["role"]
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _chat_request(body: dict, method: str) -> dict[str, Any]:
+    """The fields of a method request, checked; every refusal names the field (OpenAI's ``param``)."""
+    def refuse(field: str, why: str) -> _ServeError:
+        return _ServeError(400, f"'{field}' {why}", field)
+
+    def number(field: str, low: float, high: float, integer: bool = False) -> Any:
+        value = body.get(field)
+        if value is None:
+            return None
+        kinds = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            raise refuse(field, f"must be {'an integer' if integer else 'a number'} between {low} and {high:g}")
+        return value
+
+    out: dict[str, Any] = {"messages": _chat_messages(body.get("messages"))}
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n < 1):
+        raise refuse("n", "must be an integer >= 1")
+    if n is not None and n > 1:
+        raise refuse("n", "above 1 is not supported: a method gives one answer; send n=1 or leave it out")
+    for field in ("tools", "functions"):
+        if body.get(field):
+            raise refuse(field, "is not supported: the methods do not call tools; leave it out")
+    for field in ("tool_choice", "function_call"):
+        if body.get(field) not in (None, "none"):
+            raise refuse(field, "is not supported: the methods do not call tools; leave it out")
+    response_format = body.get("response_format")
+    if response_format is not None and not (isinstance(response_format, dict)
+                                            and response_format.get("type") == "text"):
+        raise refuse("response_format", 'is not supported except {"type": "text"}; leave it out')
+    if body.get("logprobs") not in (None, False):
+        raise refuse("logprobs", "is not supported: an aggregated answer has no log-probabilities")
+    if body.get("top_logprobs") not in (None, 0):
+        raise refuse("top_logprobs", "is not supported: an aggregated answer has no log-probabilities")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise refuse("stream", "must be true or false")
+    out["stream"] = bool(stream)
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False),
+                                                                              bool)):
+        raise refuse("stream_options", 'must be an object like {"include_usage": true}')
+    out["include_usage"] = bool(options and options.get("include_usage"))
+    out["temperature"] = number("temperature", 0, 2)
+    limits = [number(field, 1, 2 ** 31, integer=True) for field in ("max_completion_tokens", "max_tokens")]
+    out["max_tokens"] = limits[0] if limits[0] is not None else limits[1]
+    out["seed"] = number("seed", -2 ** 63, 2 ** 63 - 1, integer=True)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4
+                                 and all(isinstance(s, str) and s for s in stop)):
+        raise refuse("stop", "must be a string or a list of up to 4 non-empty strings")
+    out["stop"] = tuple(stop) if stop else None
+    extra = body.get("selfmoa")
+    if extra is not None and not isinstance(extra, dict):
+        raise refuse("selfmoa", 'must be an object of method options, e.g. {"n": 6}')
+    for key in extra or {}:
+        if key not in SERVE_OPTIONS[method]:
+            raise _ServeError(400, f"'selfmoa.{key}' is not an option of {method}; its options are "
+                              f"{', '.join(SERVE_OPTIONS[method])}", f"selfmoa.{key}")
+    if extra and "use_n" in extra and not isinstance(extra["use_n"], bool):
+        raise _ServeError(400, "'selfmoa.use_n' must be true or false", "selfmoa.use_n")
+    out["selfmoa"] = dict(extra or {})
+    return out
+
+
+# A library check names a keyword argument; a client knows the request field it sent.
+_SERVE_PARAMS = {"aggregator_temperature": "temperature", "aggregator_max_tokens": "max_tokens", "seed": "seed",
+                 "model": "model", "prompt": "messages", "proposer": "selfmoa.proposers"}
+
+
+def _param_of(exc: ConfigError) -> tuple[str, str]:
+    """The request field a library ConfigError is about, and its message in the request's words.
+
+    >>> _param_of(ConfigError("window=1: too small; pass window >= 2"))
+    ('selfmoa.window', 'selfmoa.window=1: too small; pass window >= 2')
+    """
+    message = str(exc)
+    name = re.split(r"[=\[ ]", message, maxsplit=1)[0]
+    param = _SERVE_PARAMS.get(name, f"selfmoa.{name}")
+    return param, param + message[len(name):]
+
+
+def _redact_bytes(data: bytes, secret: str | None) -> bytes:
+    """Bytes relayed from an upstream with its key blanked out in every form ``_redact`` knows; bytes that
+    are not UTF-8 pass through unchanged (surrogate escapes).
+
+    >>> _redact_bytes(b'{"error": "bad key sk-abcdef123456"}', "sk-abcdef123456")
+    b'{"error": "bad key ***"}'
+    """
+    if not secret:
+        return data
+    return _redact(data.decode("utf-8", "surrogateescape"), secret).encode("utf-8", "surrogateescape")
+
+
+def _redact_all(text: str, secrets: Iterable[str | None]) -> str:
+    for secret in secrets:
+        text = _redact(text, secret)
+    return text
+
+
+def _run_report(result: Result, secrets: Iterable[str | None] = ()) -> dict[str, Any]:
+    """The ``selfmoa`` field of a reply: calls, requests, retries and each request's latency. No keys."""
+    secrets = list(secrets)
+    return {"method": result.method, "calls": result.calls, "requests": result.requests,
+            "retries": sum(call.retries for call in result.trace), "unreported_usage": result.usage["unreported"],
+            "trace": [{"role": call.role, "model": call.model, "layer": call.layer, "round": call.round,
+                       "n": call.n, "latency": call.latency, "retries": call.retries,
+                       "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+                       "error": call.error and _redact_all(call.error, secrets)} for call in result.trace]}
+
+
+def _client_gone(connection: socket.socket) -> bool:
+    """Whether the client closed its connection (checked without reading anything it sent)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class ModelServer:
+    """MoA, Self-MoA and Self-MoA-Seq as models behind an OpenAI-compatible HTTP endpoint.
+
+    ``complete`` is the completion function every upstream call goes through (an ``HTTPClient``; another
+    function works too, without pass-through). ``defaults`` holds the method defaults (the keys of
+    ``SERVE_DEFAULTS``) that a request's ``selfmoa`` object and its own temperature, max_tokens, seed and
+    stop override. ``server_key`` makes every route but ``/health`` require ``Authorization: Bearer KEY``;
+    a host other than loopback needs one. ``models`` adds names to ``GET /v1/models``. A context manager::
+
+        with ModelServer(HTTPClient("http://localhost:8000/v1"), port=0) as server:
+            print(server.base_url)      # http://127.0.0.1:PORT/v1, serving until the block ends
+    """
+
+    def __init__(self, complete: Callable[[Request], Any], *, host: str = "127.0.0.1", port: int = 8000,
+                 defaults: Mapping[str, Any] | None = None, server_key: str | None = None, concurrency: int = 8,
+                 models: Sequence[str] = (), max_body: int = SERVE_MAX_BODY, drain_timeout: float = 30.0):
+        _check(callable(complete), "complete", complete, "every upstream call goes through it",
+               'pass complete=HTTPClient("http://host:port/v1")')
+        _check(server_key is None or (isinstance(server_key, str) and server_key.strip() != ""
+                                      and "\n" not in server_key), "server_key", "***",
+               "a server key is a non-empty single-line string", "pass the key clients will send, or None")
+        _check(server_key is not None or _is_loopback(host), "host", host,
+               "serving beyond this machine without a server key would let anyone who can reach it spend your "
+               "upstream keys", "pass a server key (--server-key or $SELFMOA_SERVER_KEY), or bind 127.0.0.1")
+        _check(_is_int(port) and 0 <= port <= 65535, "port", port, "a TCP port is 0 to 65535",
+               "pass e.g. 8000, or 0 for a free port")
+        unknown = sorted(set(defaults or {}) - set(SERVE_DEFAULTS))
+        _check(not unknown, "defaults", unknown, "these are not method defaults", f"use {', '.join(SERVE_DEFAULTS)}")
+        self.defaults = {**SERVE_DEFAULTS, **(defaults or {})}
+        d = self.defaults
+        seq_rounds(d["n"], d["window"], d["carry"])  # checks n, window and carry
+        _check_common(d["temperature"], d["max_tokens"], d["aggregator_temperature"], d["aggregator_max_tokens"],
+                      d["seed"], d["instruction"])
+        _check(_is_int(d["layers"]) and d["layers"] >= 2, "layers", d["layers"],
+               "layers count the aggregator, so there are at least 2", "pass 2 for one proposer layer")
+        _check(_is_int(d["min_ok"]) and 1 <= d["min_ok"] <= d["n"], "min_ok", d["min_ok"],
+               "it is the fewest proposers that must succeed", f"pass min_ok between 1 and {d['n']}")
+        _check(d["proposers"] is None or (isinstance(d["proposers"], list) and len(d["proposers"]) > 0),
+               "proposers", d["proposers"], "MoA proposers are a non-empty list", "pass a list of model names")
+        _check(_is_int(concurrency) and concurrency >= 1, "concurrency", concurrency,
+               "it bounds the upstream calls of all runs at once", "pass an integer >= 1")
+        self.complete, self.server_key, self.concurrency = complete, server_key, concurrency
+        self.models, self.max_body, self.drain_timeout = list(models), max_body, drain_timeout
+        self.pool = _Pool(concurrency)
+        self._order = itertools.count()  # earlier requests' calls go first among equals
+        self._active = 0
+        self._runs: set[threading.Event] = set()  # the cancel flag of every run in flight
+        self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}  # kept-alive pass-through connections
+        self._changed = threading.Condition()
+        self._stopping = self._serving = False
+        self._thread: threading.Thread | None = None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("_ServeHTTPServer", (http.server.ThreadingHTTPServer,),
+                            {"address_family": family, "daemon_threads": True, "request_queue_size": 128})
+        self.httpd = server_class((host, port), _ServeHandler)
+        self.httpd.app = self  # type: ignore[attr-defined]
+        self.host, self.port = self.httpd.server_address[:2]
+        self.base_url = f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}/v1"
+
+    # --- life cycle ------------------------------------------------------------------------------------
+
+    def start(self) -> ModelServer:
+        """Serve in a background thread (``serve_forever`` serves in this one)."""
+        self._serving = True  # so that a close() right after start() still stops it
+        self._thread = threading.Thread(target=self.serve_forever, name="selfmoa-serve", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._serving = True
+        self.httpd.serve_forever(0.1)
+
+    def close(self, drain_timeout: float | None = None) -> int:
+        """Stop accepting, let the runs in flight finish (at most ``drain_timeout`` seconds), cancel the
+        rest, and release everything. Returns how many runs were still in flight when the wait ended."""
+        wait = self.drain_timeout if drain_timeout is None else drain_timeout
+        self._stopping = True
+        if self._serving:
+            self.httpd.shutdown()
+        self.httpd.server_close()
+        deadline = time.monotonic() + wait
+        with self._changed:
+            while self._active and time.monotonic() < deadline:
+                self._changed.wait(max(0.0, deadline - time.monotonic()))
+            left = self._active
+            for cancel in self._runs:
+                cancel.set()
+        self.pool.shutdown()
+        with self._changed:
+            idle, self._idle = self._idle, {}
+        for connection in itertools.chain.from_iterable(idle.values()):
+            connection.close()
+        return left
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        with self._changed:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._active -= 1
+                self._changed.notify_all()
+
+    # --- routes ----------------------------------------------------------------------------------------
+
+    def _secrets(self) -> list[str | None]:
+        endpoints = _endpoints_of(self.complete)
+        return [self.server_key] + [getattr(endpoint, "api_key", None) for endpoint in endpoints]
+
+    def _authorize(self, handler: _ServeHandler) -> None:
+        if self.server_key is None:
+            return
+        given = handler.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {self.server_key}".encode()):
+            handler.close_connection = True  # the body is left unread
+            raise _ServeError(401, "a valid server key is required: send 'Authorization: Bearer KEY'", None,
+                              "invalid_api_key")
+
+    def handle_get(self, handler: _ServeHandler) -> None:
+        path = handler.path.split("?")[0].rstrip("/")
+        if path == "/health":
+            return handler.send_json(200, {"status": "ok"})
+        self._authorize(handler)
+        if path == "/v1/models":
+            return handler.send_json(200, {"object": "list", "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "selfmoa" if "/" in name and
+                 name.split("/")[0] + "/" in SERVE_METHODS else "upstream"} for name in self.model_names()]})
+        raise _ServeError(404, f"no route for GET {path[:100]}")
+
+    def model_names(self) -> list[str]:
+        """The served names: each upstream model (as its upstream lists it), and each method of it."""
+        names = list(self.models)
+        client = self.complete
+        endpoints = _endpoints_of(client)
+        for endpoint in dict.fromkeys(e for e in endpoints if isinstance(e, Endpoint)):
+            names += self._upstream_models(endpoint)
+        names += list(getattr(client, "endpoints", {}))
+        names += [m for m in _flatten(self.defaults["proposers"] or [])]
+        served = []
+        for name in dict.fromkeys(names):
+            served += [name, f"self-moa/{name}", f"self-moa-seq/{name}"]
+            if self.defaults["proposers"]:
+                served.append(f"moa/{name}")
+        return list(dict.fromkeys(served))
+
+    def _upstream_models(self, endpoint: Endpoint) -> list[str]:
+        """The model ids an upstream lists (none if it cannot say so within a few seconds)."""
+        parts = urllib.parse.urlsplit(endpoint.base_url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=min(5.0, getattr(self.complete, "timeout", 5.0)))
+        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        try:
+            connection.request("GET", parts.path.rstrip("/") + "/models", headers=headers)
+            response = connection.getresponse()
+            data = json.loads(response.read(SERVE_MAX_UPSTREAM)) if response.status == 200 else {}
+            return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):
+            return []
+        finally:
+            connection.close()
+
+    def handle_post(self, handler: _ServeHandler) -> None:
+        path = handler.path.split("?")[0].rstrip("/")
+        with self._in_flight():
+            if self._stopping:
+                handler.close_connection = True
+                raise _ServeError(503, "the server is shutting down", None, "shutting_down", "server_error")
+            self._authorize(handler)
+            raw = handler.read_body(self.max_body)
+            if path != "/v1/chat/completions":
+                raise _ServeError(404, f"no route for POST {path[:100]}")
+            try:
+                body = json.loads(raw, parse_constant=_no_constant)
+            except (ValueError, RecursionError):
+                raise _ServeError(400, "the body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise _ServeError(400, "the body must be a JSON object")
+            model = body.get("model")
+            if not isinstance(model, str) or not model.strip():
+                raise _ServeError(400, "'model' must be a non-empty string", "model")
+            prefix = next((p for p in SERVE_METHODS if model.startswith(p)), None)
+            if prefix is None:
+                return self._pass_through(handler, model, raw, body.get("stream") is True)
+            method, upstream = SERVE_METHODS[prefix], model[len(prefix):]
+            if not upstream.strip():
+                raise _ServeError(404, f"The model '{model[:200]}' does not exist: name the upstream model after "
+                                  f"'{prefix}'", "model", "model_not_found")
+            self._run(handler, model, method, upstream, _chat_request(body, method))
+
+    # --- the methods -----------------------------------------------------------------------------------
+
+    def _arguments(self, method: str, upstream: str, request: dict) -> dict[str, Any]:
+        """The method's keyword arguments: serve's defaults, then the request's ``selfmoa`` and own fields."""
+        d, extra = self.defaults, request["selfmoa"]
+        options = {key: extra.get(key, d.get(key)) for key in SERVE_OPTIONS[method] if key != "aggregator"}
+        options.update(
+            aggregator_temperature=d["aggregator_temperature"] if request["temperature"] is None
+            else request["temperature"],
+            aggregator_max_tokens=d["aggregator_max_tokens"] if request["max_tokens"] is None
+            else request["max_tokens"],
+            seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
+        # A request may not order unbounded work: n=10**9 would never end, and would hold the pool meanwhile.
+        layers = options["layers"] if _is_int(options.get("layers")) and options["layers"] >= 2 else 2
+        for key in ("layers", "n", "proposers"):
+            value = options.get(key)
+            size = len(_flatten(value)) if key == "proposers" else value if _is_int(value) else 0
+            if size * (layers - 1 if key != "layers" else 1) > SERVE_MAX_CALLS:
+                raise _ServeError(400, f"'selfmoa.{key}' asks for more than {SERVE_MAX_CALLS} calls in one request; "
+                                  f"ask for fewer", f"selfmoa.{key}")
+        if method == "moa":
+            if not options["proposers"]:
+                raise _ServeError(400, f"moa/{upstream} needs proposers: start serve with -p MODEL (repeatable) or "
+                                  f'send "selfmoa": {{"proposers": [...]}}', "selfmoa.proposers")
+            return {**options, "aggregator": upstream}
+        return {**options, "model": upstream, "aggregator": extra.get("aggregator", upstream)}
+
+    def _check_endpoints(self, arguments: dict[str, Any]) -> None:
+        """Refuse a model no upstream serves before any call is made (404 model_not_found)."""
+        endpoint_for = getattr(self.complete, "endpoint_for", None)
+        if endpoint_for is None:
+            return
+        for model in [arguments.get("model"), arguments.get("aggregator"), *_flatten(arguments.get("proposers"))]:
+            if isinstance(model, str):
+                try:
+                    endpoint_for(model)
+                except ConfigError:
+                    raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it",
+                                      "model", "model_not_found") from None
+
+    def _failure(self, exc: BaseException) -> _ServeError:
+        """The reply to a failed run: 400 for a bad option, 404 for an unknown upstream model, else 502."""
+        secrets = self._secrets()
+        partial = getattr(exc, "partial", None)
+        report = _run_report(partial, secrets) if isinstance(partial, Result) else None
+        if isinstance(exc, ConfigError):
+            param, message = _param_of(exc)
+            return _ServeError(400, _redact_all(message, secrets)[:2000], param, report=report)
+        if isinstance(exc, SelfMoAError):
+            failures = exc.failures if isinstance(exc, NotEnoughProposals) else [exc]
+            message = _redact_all(str(exc), secrets)[:2000]
+            if failures and all(isinstance(f, ModelError) and f.status == 404 for f in failures):
+                missing = " and ".join(dict.fromkeys(f"'{f.model[:200]}'" for f in failures))
+                return _ServeError(404, f"The model {missing} does not exist upstream (at {failures[0].url}): "
+                                   f"{_redact_all(failures[0].message, secrets)[:500]}", "model", "model_not_found",
+                                   report=report)
+            return _ServeError(502, f"upstream failure: {message}", None, "upstream_error", "upstream_error",
+                               report=report)
+        print(f"selfmoa serve: internal error: {type(exc).__name__}: {_redact_all(str(exc), secrets)}",
+              file=sys.stderr)
+        return _ServeError(500, f"internal error ({type(exc).__name__}); the server log has the details", None,
+                           "internal_error", "server_error")
+
+    def _run(self, handler: _ServeHandler, model: str, method: str, upstream: str, request: dict) -> None:
+        """Run one method request on the shared pool, streaming or not, cancelling it if the client goes."""
+        arguments = self._arguments(method, upstream, request)
+        self._check_endpoints(arguments)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        cancel = threading.Event()
+        streaming, stop, complete = request["stream"], request["stop"], self.complete
+
+        def call(upstream_request: Request) -> Any:
+            if cancel.is_set():
+                raise ModelError("cancelled: the client went away before this call ran", model=upstream_request.model)
+            if upstream_request.stream is not None:  # the final aggregation: it writes the answer
+                upstream_request = dataclasses.replace(upstream_request, stop=stop,
+                                                       stream=upstream_request.stream if streaming else None)
+            return complete(upstream_request)
+
+        def run() -> None:
+            try:
+                with _on_shared_pool(self.pool, (next(self._order),)):
+                    result = METHODS[method](request["messages"], complete=call,
+                                             stream=lambda piece: events.put(("piece", piece)), **arguments)
+                events.put(("done", result))
+            except BaseException as exc:  # handed to the request's thread, which answers with it
+                events.put(("error", exc))
+
+        with self._changed:
+            self._runs.add(cancel)
+        try:
+            threading.Thread(target=run, name="selfmoa-serve-run", daemon=True).start()
+            stream = _ChunkStream(handler, model, request["include_usage"]) if streaming else None
+            while True:
+                try:
+                    kind, value = events.get(timeout=0.05)
+                except queue.Empty:
+                    if _client_gone(handler.connection):
+                        cancel.set()
+                        handler.close_connection = True
+                        return
+                    continue
+                if kind == "piece":
+                    if stream is not None and not stream.send_piece(value):
+                        cancel.set()
+                        return
+                    continue
+                if kind == "error":
+                    failure = self._failure(value) if not cancel.is_set() else _ServeError(
+                        503, "the server stopped before this run finished", None, "shutting_down", "server_error")
+                    if stream is not None and stream.started:
+                        stream.send_error(failure)
+                        return
+                    raise failure
+                result = value
+                final = [c for c in result.trace if c.role == "aggregator"][-1]
+                reason = (final.finish_reasons or ["stop"])[0] or "stop"
+                usage = {key: result.usage[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+                if stream is not None:
+                    stream.finish(result.answer, reason, usage, _run_report(result, self._secrets()))
+                    return
+                return handler.send_json(200, {
+                    "id": f"chatcmpl-selfmoa-{os.urandom(12).hex()}", "object": "chat.completion",
+                    "created": int(time.time()), "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
+                                 "finish_reason": reason}],
+                    "usage": usage, "selfmoa": _run_report(result, self._secrets())})
+        finally:
+            with self._changed:
+                self._runs.discard(cancel)
+
+    # --- pass-through ----------------------------------------------------------------------------------
+
+    def _pass_through(self, handler: _ServeHandler, model: str, raw: bytes, streaming: bool) -> None:
+        """Send the request, as it came, to the model's own upstream (with that upstream's key, never the
+        client's), and its reply back as it comes: status, body and streamed events unchanged."""
+        endpoint_for = getattr(self.complete, "endpoint_for", None)
+        try:
+            if endpoint_for is None:
+                raise ConfigError("no upstream")
+            endpoint = endpoint_for(model)
+        except ConfigError:
+            raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it", "model",
+                              "model_not_found") from None
+        parts = urllib.parse.urlsplit(endpoint.base_url)
+        path = parts.path.rstrip("/") + "/chat/completions" + (f"?{parts.query}" if parts.query else "")
+        headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
+                   "Accept": "text/event-stream" if streaming else "application/json"}
+        if endpoint.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        retries = getattr(self.complete, "retries", 0)
+        attempt = 0
+        while True:
+            connection, reused = self._upstream(parts)
+            try:
+                if connection.sock is None:
+                    connection.connect()
+                    connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                connection.request("POST", path, body=raw, headers=headers)
+                response = connection.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                if reused:
+                    continue  # a kept-alive connection the upstream had closed meanwhile: not an attempt
+                failure = f"could not reach it ({type(exc).__name__})"
+            else:
+                if response.status not in RETRY_STATUSES or attempt == retries:
+                    break
+                connection.close()
+                failure = f"HTTP {response.status}"
+            if attempt == retries:
+                raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: {failure}"
+                                  + (f" (after {attempt + 1} attempts)" if attempt else ""), None,
+                                  "upstream_error", "upstream_error")
+            backoff, most = getattr(self.complete, "backoff", 0.5), getattr(self.complete, "max_backoff", 30.0)
+            time.sleep(min(most, backoff * 2 ** attempt) * random.random())
+            attempt += 1
+        key, kept = endpoint.api_key, False
+        try:
+            content_type = response.getheader("Content-Type") or "application/json"
+            if not (streaming and response.status == 200 and content_type.startswith("text/event-stream")):
+                data = response.read(SERVE_MAX_UPSTREAM + 1)
+                if len(data) > SERVE_MAX_UPSTREAM:
+                    raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply is "
+                                      f"over {SERVE_MAX_UPSTREAM} bytes", None, "upstream_error", "upstream_error")
+                kept = self._keep(parts, connection, response)
+                extra = {"Retry-After": response.getheader("Retry-After")} if response.getheader("Retry-After") else {}
+                return handler.send_bytes(response.status, _redact_bytes(data, endpoint.api_key), content_type,
+                                          extra)
+            handler.start_chunked(200, content_type)
+            # Relayed line by line: a key the upstream echoes never spans a line break (keys hold no control
+            # characters), so redacting whole lines catches it even when it arrives split over two reads.
+            pending = b""
+            while True:
+                data = response.read1(65536)
+                if not data:
+                    break
+                pending += data
+                cut = pending.rfind(b"\n") + 1 if key else len(pending)
+                if not cut and len(pending) <= SERVE_MAX_UPSTREAM_LINE:
+                    continue
+                ready, pending = (pending[:cut], pending[cut:]) if cut else (pending, b"")
+                if not handler.send_chunk(_redact_bytes(ready, endpoint.api_key)):
+                    return  # the client went away: closing the upstream connection stops the generation
+            if pending and not handler.send_chunk(_redact_bytes(pending, endpoint.api_key)):
+                return
+            response.read()  # the end of the body (nothing left to relay), so that the connection can be kept
+            kept = self._keep(parts, connection, response)
+            handler.end_chunked()
+        except (OSError, http.client.HTTPException):
+            handler.close_connection = True  # the upstream broke off mid-reply: so does this reply
+        finally:
+            if not kept:
+                connection.close()
+
+    def _upstream(self, parts: urllib.parse.SplitResult) -> tuple[http.client.HTTPConnection, bool]:
+        """A kept-alive connection to an upstream host if one is idle (True), else a new, unconnected one."""
+        with self._changed:
+            idle = self._idle.get((parts.scheme, parts.hostname, parts.port))
+            if idle:
+                return idle.pop(), True
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        return kind(parts.hostname, parts.port, timeout=getattr(self.complete, "timeout", 120.0)), False
+
+    def _keep(self, parts: urllib.parse.SplitResult, connection: http.client.HTTPConnection,
+              response: http.client.HTTPResponse) -> bool:
+        """Keep a connection whose reply was read in full for the next pass-through (at most 32 per host)."""
+        if response.will_close or not response.isclosed():
+            return False
+        with self._changed:
+            idle = self._idle.setdefault((parts.scheme, parts.hostname, parts.port), [])
+            if len(idle) >= 32:
+                return False
+            idle.append(connection)
+            return True
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python reads NaN and Infinity; JSON has neither
+
+
+def _flatten(proposers: Any) -> list[Any]:
+    """A proposer list, or a list of per-layer lists, as one flat list.
+
+    >>> _flatten([["a", "b"], ["c"]]), _flatten(["a", "b"]), _flatten(None)
+    (['a', 'b', 'c'], ['a', 'b'], [])
+    """
+    if not isinstance(proposers, list):
+        return []
+    return [m for item in proposers for m in (item if isinstance(item, list) else [item])]
+
+
+class _ChunkStream:
+    """The server-sent events of a streamed method reply: ``chat.completion.chunk`` objects, then
+    ``data: [DONE]``. Nothing is sent until the answer's first piece, so a run that fails before it still
+    gets a proper error status."""
+
+    def __init__(self, handler: _ServeHandler, model: str, include_usage: bool):
+        self.handler, self.include_usage, self.started, self.sent = handler, include_usage, False, []
+        self.base = {"id": f"chatcmpl-selfmoa-{os.urandom(12).hex()}", "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": model}
+
+    def _event(self, data: Any) -> bool:
+        return self.handler.send_chunk(b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n")
+
+    def _chunk(self, delta: dict, reason: str | None = None, **extra: Any) -> bool:
+        chunk = {**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
+        if self.include_usage and "usage" not in extra:
+            chunk["usage"] = None
+        return self._event(chunk)
+
+    def _start(self) -> bool:
+        if not self.started:
+            self.started = True
+            self.handler.start_chunked(200, "text/event-stream")
+            return self._chunk({"role": "assistant", "content": ""})
+        return True
+
+    def send_piece(self, piece: str) -> bool:
+        self.sent.append(piece)
+        return self._start() and self._chunk({"content": piece})
+
+    def finish(self, answer: str, reason: str, usage: dict, report: dict) -> None:
+        self._start()
+        if not self.sent and answer:  # a completion function that does not stream: the answer in one piece
+            self._chunk({"content": answer})
+        if self.include_usage:
+            self._chunk({}, reason)
+            self._event({**self.base, "choices": [], "usage": usage, "selfmoa": report})
+        else:
+            self._chunk({}, reason, selfmoa=report)
+        self.handler.send_chunk(b"data: [DONE]\n\n")
+        self.handler.end_chunked()
+
+    def send_error(self, failure: _ServeError) -> None:
+        self._event(failure.body())
+        self.handler.send_chunk(b"data: [DONE]\n\n")
+        self.handler.end_chunked()
+        self.handler.close_connection = True
+
+
+class _ServeHandler(http.server.BaseHTTPRequestHandler):
+    """One client connection of a ModelServer (HTTP/1.1, kept alive): the routes are the server's."""
+
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"  # so that even a garbled request line gets a status line back
+    server_version = f"selfmoa/{__version__}"
+    timeout = 120  # seconds an idle kept-alive connection, or a stalled request, is waited for
+    wbufsize = 1 << 16  # a reply's headers and body leave in one send
+    chunked = False
+
+    def setup(self) -> None:
+        super().setup()
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # requests are not logged: a log is one more place a prompt or a key could leak to
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        self.close_connection = True  # a malformed request line or header: the connection is not trusted
+        self.send_json(code, _ServeError(code, message or "bad request").body())
+
+    def _route(self, handle: Callable[[_ServeHandler], None]) -> None:
+        try:
+            handle(self)
+        except _ServeError as error:
+            self.send_json(error.status, error.body())
+        except OSError:  # the client went away
+            self.close_connection = True
+
+    def do_GET(self) -> None:
+        self._route(self.server.app.handle_get)  # type: ignore[attr-defined]
+
+    def do_POST(self) -> None:
+        self._route(self.server.app.handle_post)  # type: ignore[attr-defined]
+
+    def read_body(self, limit: int) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
+            self.close_connection = True
+            raise _ServeError(411, "send the body with a Content-Length header (chunked bodies are not read)")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.strip().isdigit():
+            self.close_connection = True
+            raise _ServeError(411 if length is None else 400, "a valid Content-Length header is required")
+        if int(length) > limit:
+            self.close_connection = True  # the unread body makes the connection unusable
+            raise _ServeError(413, f"the body is over the limit of {limit} bytes", None, "body_too_large")
+        data = self.rfile.read(int(length))
+        if len(data) < int(length):
+            self.close_connection = True
+            raise _ServeError(400, "the body ended before its Content-Length")
+        return data
+
+    def send_bytes(self, status: int, data: bytes, content_type: str = "application/json",
+                   headers: Mapping[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()  # now, while the request still counts as in flight (a drain waits for it)
+
+    def send_json(self, status: int, payload: dict) -> None:
+        self.send_bytes(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+
+    def start_chunked(self, status: int, content_type: str) -> None:
+        """Start a reply of unknown length: chunked over HTTP/1.1, else ended by closing the connection."""
+        self.chunked = self.request_version == "HTTP/1.1"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Cache-Control", "no-cache")
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def send_chunk(self, data: bytes) -> bool:
+        """Send one piece of a chunked reply now; False if the client has gone."""
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+            self.wfile.flush()
+            return True
+        except OSError:
+            self.close_connection = True
+            return False
+
+    def end_chunked(self) -> None:
+        self.send_chunk(b"")
 
 
 # ======================================================================================================
@@ -2198,7 +3614,9 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 CLI_DESCRIPTION = """\
 Answer a prompt with MoA, Self-MoA or Self-MoA-Seq against OpenAI-compatible servers.
-The prompt is the argument, or standard input; the final answer goes to standard output."""
+The prompt is the argument, or standard input; the final answer goes to standard output.
+"selfmoa serve" serves the methods as models instead (selfmoa serve --help); to ask the
+prompt "serve" itself, pass it after -- or on standard input."""
 
 CLI_EPILOG = """\
 endpoints and keys:
@@ -2211,8 +3629,11 @@ endpoints and keys:
 
 batch mode:
   -i FILE reads JSONL or a JSON list of objects with "prompt", "instruction" or "messages"
-  (and an optional "id"); -o FILE gets one JSON line per finished item. Run the same command
-  again to resume: answered items are skipped, failed ones retried.
+  (and an optional "id"); -o FILE gets one JSON line per item: {"selfmoa_batch": 1, "id": ...,
+  "status": "ok" or "error", "answer" or "error": ..., ..., "input": {the record as given}}.
+  Run the same command again to resume: items answered for the same prompt and parameters
+  are skipped, the others run. One run at a time writes a file (it holds FILE.lock); a file
+  that is not a selfmoa output file is never changed.
 
 exit status:
   0 success, 1 a model or server failed, 2 a usage error (the message names the flag)."""
@@ -2273,6 +3694,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--format", choices=["jsonl", "alpaca_eval"], default="jsonl",
         help="batch output format; alpaca_eval writes AlpacaEval's model-outputs JSON to --output, "
              "keeping the resumable JSONL in FILE.jsonl (default: jsonl)")
+    add("--generator", metavar="NAME", help="alpaca_eval: the generator name (default: selfmoa- followed by "
+        "the method, models, n, window and carry)")
     add("--trace", action="store_true", help="batch mode: put each item's trace in its output line")
     add("--version", action="version", version=f"selfmoa {__version__}")
     return parser
@@ -2297,6 +3720,12 @@ def _cli_endpoint(url: str, key: str | None, url_source: str, key_source: str) -
     if problem:
         raise ConfigError(f"{key_source}: {problem}; give the key alone, e.g. \"$(tr -d '\\r\\n' < key.txt)\"")
     return Endpoint(url, key)
+
+
+def _servers_of(client: Any) -> dict[str, Any]:
+    """``{"servers": ...}``, the requests each server got (HTTPClient.servers()), for --json; {} for other clients."""
+    servers = getattr(client, "servers", None)
+    return {"servers": servers()} if callable(servers) else {}
 
 
 def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPClient:
@@ -2378,6 +3807,9 @@ def _refuse(parser: argparse.ArgumentParser, exc: ConfigError) -> int:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 a model failed, 2 a usage error)."""
     environ = os.environ if environ is None else environ
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # a subcommand only as the first word: "selfmoa -- serve" asks the prompt "serve"
+        return _main_serve(argv[1:], environ)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -2419,7 +3851,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             print(file=sys.stdout)
         print(f"selfmoa: {exc}", file=sys.stderr)
         if args.json and exc.partial is not None:
-            print(json.dumps({**exc.partial.to_dict(), "error": str(exc), "servers": client.servers()}, indent=2,
+            print(json.dumps({**exc.partial.to_dict(), "error": str(exc), **_servers_of(client)}, indent=2,
                              ensure_ascii=False))
         elif exc.partial is not None and exc.partial.trace:
             print(f"selfmoa: {exc.partial.requests} requests had been made; --json shows them", file=sys.stderr)
@@ -2429,7 +3861,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print("\nselfmoa: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps({**result.to_dict(), "servers": client.servers()}, indent=2, ensure_ascii=False))
+        print(json.dumps({**result.to_dict(), **_servers_of(client)}, indent=2, ensure_ascii=False))
     elif streamed:
         # What was streamed is the answer, unless the server's stream and final text differ.
         print("" if "".join(streamed) == result.answer else "\n" + result.answer)
@@ -2439,8 +3871,25 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _main_batch(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient) -> int:
+    if args.generator is not None and (args.format != "alpaca_eval" or not args.generator.strip()):
+        raise ConfigError(f"--generator {args.generator!r}: names the AlpacaEval generator, so it goes with "
+                          f"--format alpaca_eval and is not empty; add --format alpaca_eval, or drop --generator")
     items = read_items(args.input)
     records_path = args.output if args.format == "jsonl" else args.output + ".jsonl"
+    try:
+        with _output_lock(records_path):  # held until outputs.json is written, too
+            if args.format == "alpaca_eval":
+                _check_alpaca_target(args.output, records_path, items)
+            return _run_batch_command(args, options, client, items, records_path)
+    except ConfigError:
+        raise
+    except (SelfMoAError, OSError) as exc:  # a failed read or write: what was finished is kept
+        print(f"selfmoa: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient, items: list[Item],
+                       records_path: str) -> int:
     show_progress = sys.stderr.isatty()
 
     def progress(finished: int, failed: int, total: int, elapsed: float) -> None:
@@ -2460,21 +3909,174 @@ def _main_batch(args: argparse.Namespace, options: dict[str, Any], client: HTTPC
         return 130
     if show_progress:
         sys.stderr.write("\n")
-    if args.format == "alpaca_eval":
-        generator = f"selfmoa-{args.method}-{options.get('model') or options.get('aggregator')}"
-        records = [json.loads(line) for line in open(records_path, encoding="utf-8") if line.strip()]
-        _write_atomically(args.output, json.dumps(alpaca_eval_outputs(records, generator), indent=2,
-                                                  ensure_ascii=False).encode("utf-8") + b"\n")
-    print(f"selfmoa: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already done "
-          f"(of {counts['total']}); results in {args.output}", file=sys.stderr)
-    servers = client.servers()
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    if counts["torn_bytes"]:
+        say(f"selfmoa: {records_path}: cut off a torn last line left by an interrupted run "
+            f"({counts['torn_bytes']} bytes); its item ran again")
+    if counts["changed_prompt"] or counts["changed_parameters"]:
+        say(f"selfmoa: ran {counts['changed_prompt'] + counts['changed_parameters']} item(s) again because their "
+            f"line no longer matched: {counts['changed_prompt']} with a changed prompt, "
+            f"{counts['changed_parameters']} with a changed method or parameters")
+    if counts["moved"]:
+        say(f"selfmoa: moved {counts['moved']} line(s) of items no longer in the input, or of answers replaced "
+            f"by a rerun, to {_removed_path(records_path)}")
+    say(f"selfmoa: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already done "
+        f"(of {counts['total']}); results in {records_path}")
+    servers = _servers_of(client).get("servers", {})
     if len(servers) > 1:
-        print("selfmoa: requests per server: " + ", ".join(f"{url} {count['requests']} ({count['failed']} failed)"
-                                                           for url, count in servers.items()), file=sys.stderr)
+        say("selfmoa: requests per server: " + ", ".join(f"{url} {count['requests']} ({count['failed']} failed)"
+                                                         for url, count in servers.items()))
     if counts["failed"]:
-        print(f"selfmoa: failed items have an 'error' field in {records_path}; run the same command to retry "
-              f"them", file=sys.stderr)
+        with open(records_path, "rb") as file:
+            records, _ = _parse_output(file.read(), records_path)
+        failed = [str(record["id"]) for record, _ in records if record["status"] == "error"]
+        shown = ", ".join(failed[:10]) + (f" and {len(failed) - 10} more" if len(failed) > 10 else "")
+        say(f"selfmoa: failed items (status \"error\" in {records_path}): {shown}; run the same command to "
+            f"retry them" + (f" and to write {args.output}" if args.format == "alpaca_eval" else ""))
+        if args.format == "alpaca_eval":
+            say(f"selfmoa: {args.output} was not written: AlpacaEval needs an answer to every instruction")
         return 1
+    if args.format == "alpaca_eval":
+        with open(records_path, "rb") as file:
+            records, _ = _parse_output(file.read(), records_path)
+        generator = args.generator or _generator_name(args.method, options)
+        entries = alpaca_eval_outputs((record for record, _ in records), generator)
+        try:
+            _write_atomically(args.output, _escape_unsafe(json.dumps(entries, indent=2, ensure_ascii=False))
+                              .encode("utf-8") + b"\n")
+        except OSError as exc:
+            raise SelfMoAError(f"{args.output}: cannot write it ({exc.strerror or exc}); the answers are kept in "
+                               f"{records_path}; fix that, then run the same command again") from exc
+        say(f"selfmoa: wrote {len(entries)} AlpacaEval outputs to {args.output} (generator {generator!r})")
+    return 0
+
+
+SERVE_DESCRIPTION = """\
+Serve MoA, Self-MoA and Self-MoA-Seq as models behind an OpenAI-compatible endpoint, in front of
+the same upstream servers as the one-shot command. Prints its base URL (http://HOST:PORT/v1) as the
+first line of standard output, then serves until SIGINT or SIGTERM."""
+
+SERVE_EPILOG = """\
+models (the "model" of POST /v1/chat/completions):
+  self-moa/M        Self-MoA of upstream model M (M may contain '/': self-moa/Qwen/Qwen2-7B-Instruct)
+  self-moa-seq/M    Self-MoA-Seq of M
+  moa/A             MoA with aggregator A and the proposers of -p, or of the request
+  any other name    passed through to its upstream unchanged (streamed or not)
+  GET /v1/models lists them; GET /health answers 200 (without a server key).
+
+per-request options:
+  A "selfmoa" object in the body overrides the flags: n, window, carry, proposers, layers,
+  min_ok, temperature and max_tokens (the proposers'), aggregator, use_n, instruction. The
+  request's own temperature, max_tokens, seed and stop apply to the answer (the final
+  aggregation); seed is also the base seed of the samples. The whole conversation is the prompt.
+  Replies carry usage over every call of the run, and a "selfmoa" field with the calls,
+  requests, retries and each request's latency.
+
+access:
+  With --server-key (else $SELFMOA_SERVER_KEY) clients must send "Authorization: Bearer KEY".
+  A --host other than loopback is refused without one. A client's Authorization is never
+  forwarded; upstream keys are found as for the one-shot command (see selfmoa --help).
+
+stopping:
+  On SIGINT or SIGTERM it stops accepting, lets the runs in flight finish (at most
+  --drain-timeout seconds), and exits 0; a second Ctrl-C stops it at once (exit status 130).
+  Exit status 2: a usage error; 1: it cannot listen on --host/--port."""
+
+# The one-shot flags that configure nothing serve has: the prompt, the choice of method and models (the
+# request's model names them), the output, and batch mode. Every other flag is shared, with its meaning.
+_NOT_SERVE_FLAGS = frozenset({"help", "version", "prompt", "method", "model", "aggregator", "json", "stream",
+                              "input", "output", "format", "trace"})
+_SERVE_HELP = {
+    "samples": "samples of M per request (default: 6)",
+    "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7)",
+    "aggregator_max_tokens": "the aggregator's token limit when a request gives none (default: the server's)",
+    "seed": "the seed when a request gives none: sample i gets S+i; aggregations get S",
+    "concurrency": "upstream calls at once, over all requests (default: 8)",
+    "api_key": "the default endpoint's key (default: as for the one-shot command, see selfmoa --help)",
+}
+_SERVE_FLAGS = {"host": "--host", "port": "--port", "server_key": "--server-key", "n": "--samples",
+                "proposers": "--proposer", "drain_timeout": "--drain-timeout"}
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    """The parser of ``selfmoa serve``: its own flags, then the one-shot flags it shares (the same actions)."""
+    parser = argparse.ArgumentParser(prog="selfmoa serve", description=SERVE_DESCRIPTION, epilog=SERVE_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)")
+    add("--port", type=int, default=8000, help="the port to listen on; 0 picks a free one (default: 8000)")
+    add("--server-key", metavar="KEY", help="the key clients must send as a Bearer token "
+        "(default: $SELFMOA_SERVER_KEY; none: no key asked, loopback only)")
+    add("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long runs in flight may take to finish (default: 30)")
+    for action in build_parser()._actions:
+        if action.dest in _NOT_SERVE_FLAGS:
+            continue
+        if action.dest in _SERVE_HELP:  # the same flag, its help in the words of serve
+            action = copy.copy(action)
+            action.help = _SERVE_HELP[action.dest]
+        parser._add_action(action)
+    return parser
+
+
+def _main_serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    """``selfmoa serve``: serve until SIGINT or SIGTERM, then drain and return 0."""
+    parser = build_serve_parser()
+    args = parser.parse_args(argv)
+    instruction = DEFAULT_INSTRUCTION
+    try:
+        if args.instruction_file:
+            try:
+                with open(args.instruction_file, encoding="utf-8") as file:
+                    instruction = file.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"--instruction-file {args.instruction_file}: cannot read it ({exc})") from None
+        defaults = {"n": args.samples, "window": args.window, "carry": args.carry, "proposers": args.proposer,
+                    "layers": args.layers, "min_ok": args.min_ok, "temperature": args.temperature,
+                    "max_tokens": args.max_tokens, "aggregator_temperature": args.aggregator_temperature,
+                    "aggregator_max_tokens": args.aggregator_max_tokens, "seed": args.seed,
+                    "instruction": instruction, "use_n": args.use_n}
+        client = make_client(args, environ)
+        server = ModelServer(client, host=args.host, port=args.port, defaults=defaults,
+                             server_key=args.server_key or environ.get("SELFMOA_SERVER_KEY") or None,
+                             concurrency=args.concurrency, drain_timeout=args.drain_timeout)
+    except ConfigError as exc:
+        name, sep, rest = str(exc).partition("=")
+        if sep and name in _SERVE_FLAGS:
+            value, _, why = rest.partition(": ")
+            exc = ConfigError(f"{_SERVE_FLAGS[name]} {value}: {why}")
+        return _refuse(parser, exc)
+    except OSError as exc:
+        print(f"selfmoa serve: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    print(server.base_url, flush=True)
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, lambda *_: stop.set())
+    try:
+        server.start()
+        while not stop.wait(0.5):
+            pass
+        if previous:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print(f"selfmoa serve: stopping; letting the runs in flight finish (at most {args.drain_timeout:g} s)",
+              file=sys.stderr)
+        left = server.close()
+    except KeyboardInterrupt:
+        print("selfmoa serve: stopped without waiting for the runs in flight", file=sys.stderr)
+        return 130
+    finally:
+        client.close()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if left:
+        print(f"selfmoa serve: {left} runs were still in flight after --drain-timeout and were cancelled",
+              file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,7 @@
 """P7 replicas: batch throughput with 1, 2 and 4 capacity-limited replicas of one model, measured in one run.
 
-    python -m bench.replicas                 # about 10 s
-    python -m bench.replicas --latency 0.2 --capacity 4 --seconds 2
+    python3 -m bench.replicas                # about 10 s
+    python3 -m bench.replicas --latency 0.2 --capacity 4 --seconds 2
 
 Each replica is a mock server in a process of its own that works on at most ``--capacity`` requests at once
 and queues the rest (``--max-concurrency``), every request taking ``--latency`` seconds: a GPU server with a
@@ -64,7 +64,7 @@ def p7_replicas(capacity: int = 4, latency: float = 0.2, seconds: float = 2.0, s
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.replicas", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 -m bench.replicas", description=__doc__.split("\n\n")[0])
     parser.add_argument("--capacity", type=int, default=4, help="requests each replica serves at once (4)")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds per request (0.2)")
     parser.add_argument("--seconds", type=float, default=2.0, help="target length of each batch (2)")

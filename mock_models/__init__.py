@@ -1,7 +1,7 @@
 """mock_models: deterministic OpenAI-compatible mock LLMs over real HTTP, for offline runs, tests and lessons.
 
-    python -m mock_models --port 0          # serve; the first line printed is the base URL
-    python -m mock_models demo              # selfmoa's three methods against the mock, step by step
+    python3 -m mock_models --port 0          # serve; the first line printed is the base URL
+    python3 -m mock_models demo              # selfmoa's three methods against the mock, step by step
 
     with MockServer(latency=0.1) as server:  # in Python: a context manager
         ... server.base_url ... server.requests ...

@@ -1,4 +1,4 @@
-"""`python -m mock_models demo`: selfmoa's three methods against the mock server, as a user runs them.
+"""`python3 -m mock_models demo`: selfmoa's three methods against the mock server, as a user runs them.
 
 It starts the mock server on a free port, runs the selfmoa command line (MoA, Self-MoA, Self-MoA-Seq) on
 one task of each domain, printing every command it runs, and compares the answers with the ground truth.
@@ -53,7 +53,7 @@ def demo(out=sys.stdout) -> int:
             ]
             for label, flags in runs:
                 argv = ["--base-url", server.base_url, *flags, "--seed", "0", "--json"]
-                shown = "python selfmoa.py " + " ".join(shlex.quote(a) for a in argv) + ' "$PROMPT"'
+                shown = "python3 selfmoa.py " + " ".join(shlex.quote(a) for a in argv) + ' "$PROMPT"'
                 say(f"$ {shown}")
                 done = subprocess.run(selfmoa_command() + argv + [task.prompt], capture_output=True, text=True,
                                       timeout=60, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
@@ -71,5 +71,5 @@ def demo(out=sys.stdout) -> int:
     for domain, label, answer, truth, correct, calls, requests in rows:
         say(f"| {domain} | {label} | {answer} | {truth} | {'yes' if correct else 'no'} | {calls} | {requests} |")
     say(f"\nDone in {time.monotonic() - started:.1f} s. Without --json, selfmoa prints only the answer; "
-        f"see python selfmoa.py --help.")
+        f"see python3 selfmoa.py --help.")
     return 0

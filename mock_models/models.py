@@ -1,6 +1,6 @@
 """The mock models: deterministic answers with the statistics of real ones, and a voting aggregator.
 
-Answering a task question (PAPER-NOTES section 5):
+Answering a task question (the mechanism spec/mock.md describes):
 
 1. *Latent knowledge*, drawn once per (model, question) from sha256: the probability ``p`` that a sample
    of this model answers this question right, ``p = Phi(a + SPREAD * z)``. ``z`` mixes the question's

@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from mock_models import models
 
@@ -75,9 +76,10 @@ def _check_body(body: object) -> dict:
                 or not isinstance(m.get("content"), str):
             raise BadRequest(400, f"messages[{i}] needs a role (system, user, assistant) and string content",
                              f"messages[{i}]")
-    checks = [("temperature", (int, float), 0, 2, 1.0), ("top_p", (int, float), 0, 1, 1.0),
-              ("n", int, 1, 128, 1), ("max_tokens", int, 1, 1_000_000, None), ("seed", int, -2**63, 2**63 - 1, None)]
-    out = {"model": model, "messages": messages}
+    checks: list[tuple[str, Any, int, int, float | None]] = [  # name, JSON types, low, high, default
+        ("temperature", (int, float), 0, 2, 1.0), ("top_p", (int, float), 0, 1, 1.0),
+        ("n", int, 1, 128, 1), ("max_tokens", int, 1, 1_000_000, None), ("seed", int, -2**63, 2**63 - 1, None)]
+    out: dict[str, Any] = {"model": model, "messages": messages}
     for name, kinds, low, high, default in checks:
         value = body.get(name, default)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high):
@@ -145,7 +147,7 @@ class MockServer:
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
         self._httpd = _Server((host, port), _make_handler(self, client_timeout))
-        self.host, self.port = self._httpd.server_address[:2]
+        self.host, self.port = self._httpd.socket.getsockname()[:2]
         self.base_url = f"http://{self.host}:{self.port}/v1"
         self._thread: threading.Thread | None = None
 
@@ -281,7 +283,7 @@ def _make_handler(server: MockServer, client_timeout: float):
 
         def _post(self) -> None:
             path = self.path.split("?")[0].rstrip("/")
-            entry = {"method": "POST", "path": path, "headers": dict(self.headers), "body": None,
+            entry: dict[str, Any] = {"method": "POST", "path": path, "headers": dict(self.headers), "body": None,
                      "status": None, "fault": None}
             server.log(entry)  # logged on arrival; status and fault are filled in as they are known
             try:

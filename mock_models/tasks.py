@@ -10,10 +10,16 @@ which is how the mock models know what the right answer is. ``extract_answer`` p
 of any reply ("The answer is X." and sensible fallbacks); ``is_correct`` scores a reply against a task.
 
 >>> task = make_tasks("MATH", 1, seed=0)[0]
->>> find_task(task.prompt) == task
+>>> task.prompt
+"Compute 84 - 63 - 39. Multiplication comes before addition and subtraction. End with 'The answer is N.'"
+>>> task.answer
+'-18'
+>>> find_task(task.prompt).answer   # recomputed from the text alone (its id is a hash of the text)
+'-18'
+>>> find_task("What is 2 + 2?") is None
 True
->>> is_correct("Adding up, the answer is " + task.answer + ".", task)
-True
+>>> extract_answer("First 21, then 21 - 39; so the answer is -18."), is_correct("The answer is 18.", task)
+('-18', False)
 """
 
 from __future__ import annotations
@@ -79,8 +85,8 @@ _PROGRAMS = {
                  "    return count"),
     "alt_sum": ("def f(xs):\n    sign, acc = 1, 0\n    for x in xs:\n        acc += sign * x\n        sign = -sign\n"
                 "    return acc"),
-    "max_pair": ("def f(xs):\n    best = 0\n    for i in range(len(xs) - 1):\n        best = max(best, xs[i] + xs[i + 1])\n"
-                 "    return best"),
+    "max_pair": ("def f(xs):\n    best = 0\n    for i in range(len(xs) - 1):\n"
+                 "        best = max(best, xs[i] + xs[i + 1])\n    return best"),
 }
 _CRUX = re.compile(r"def f\(xs\):\n(?P<body>.*?)\nprint\(f\(\[(?P<xs>[\d, ]+)\]\)\)", re.DOTALL)
 
@@ -143,13 +149,23 @@ def _mmlu_truth(stem: str, options: list[str]) -> int | None:
         return options.index(_CAPITALS[found.group(1)]) if _CAPITALS[found.group(1)] in options else None
     if stem.startswith("Which of the following is the largest?"):
         values = [eval_fraction(o) for o in options]
-        return values.index(max(values)) if None not in values and values.count(max(values)) == 1 else None
+        if None in values:
+            return None
+        best = max(value for value in values if value is not None)
+        return values.index(best) if values.count(best) == 1 else None
     return None
 
 
 def eval_fraction(text: str) -> float | None:
     found = re.fullmatch(r"(\d+)/(\d+)", text)
     return int(found.group(1)) / int(found.group(2)) if found else None
+
+
+def _fraction_value(fraction: str) -> float:
+    """The value of a fraction this module wrote itself (so it always parses)."""
+    value = eval_fraction(fraction)
+    assert value is not None, fraction
+    return value
 
 
 def _make_mmlu(index: int, seed: int) -> Task:
@@ -171,9 +187,9 @@ def _make_mmlu(index: int, seed: int) -> Task:
     else:
         stem = "Which of the following is the largest?"
         fractions = list(dict.fromkeys(f"{1 + r % 9}/{2 + (r // 9) % 9}" for r in rest))
-        values = {f: eval_fraction(f) for f in fractions}
+        values = {f: _fraction_value(f) for f in fractions}
         unique = [f for f in fractions if list(values.values()).count(values[f]) == 1]
-        unique.sort(key=values.get, reverse=True)
+        unique.sort(key=values.__getitem__, reverse=True)
         correct, wrong = unique[0], unique[1:4]
     if len(wrong) < 3:  # rare: not enough distinct distractors from this draw, try the next index's numbers
         return _make_mmlu(index + 100_000, seed)

@@ -240,7 +240,8 @@ def test_batch_writes_one_line_per_item_and_resume_skips_answered(capsys, tmp_pa
         assert code == 0 and stdout == "" and "5 answered" in err
         lines = read_lines(out)
         assert [line["id"] for line in lines] == [f"q{i}" for i in range(5)]
-        assert all(line["method"] == "self-moa" and line["calls"] == 3 and line["prompt"] for line in lines)
+        assert all(line["method"] == "self-moa" and line["calls"] == 3 and line["status"] == "ok" for line in lines)
+        assert [line["input"] for line in lines] == [{"id": f"q{i}", "prompt": f"question {i}"} for i in range(5)]
         requests = len(server.log)
         code, _, err = run(capsys, argv)
         assert code == 0 and "5 already done" in err and len(server.log) == requests
@@ -281,7 +282,7 @@ def test_batch_alpaca_eval_format(capsys, tmp_path):
                                   "--format", "alpaca_eval"])
     outputs = json.loads((tmp_path / "out.json").read_text())
     assert code == 0 and [o["instruction"] for o in outputs] == ["Say hi", "Say bye"]
-    assert outputs[0] == {"instruction": "Say hi", "output": "text 4 0", "generator": "selfmoa-self-moa-q",
+    assert outputs[0] == {"instruction": "Say hi", "output": "text 4 0", "generator": "selfmoa-self-moa-q-n2",
                           "dataset": "helpful_base"}
     assert len(read_lines(tmp_path / "out.json.jsonl")) == 2
 
@@ -297,10 +298,15 @@ def test_batch_trace_flag_puts_the_trace_in_each_line(capsys, tmp_path):
 def test_batch_torn_last_line_is_repaired_on_resume(capsys, tmp_path):
     write_items(tmp_path / "in.jsonl", 3)
     out = tmp_path / "out.jsonl"
-    out.write_text(json.dumps({"id": "q0", "prompt": "question 0", "answer": "kept"}) + "\n" + '{"id": "q1", "ans')
+    argv = ["-m", "q", "-n", "1", "-i", str(tmp_path / "in.jsonl"), "-o", str(out)]
     with ScriptedServer() as server:
-        code, _, err = run(capsys, ["--base-url", server.base_url, "-m", "q", "-n", "1", "-i",
-                                    str(tmp_path / "in.jsonl"), "-o", str(out)])
+        run(capsys, ["--base-url", server.base_url, *argv])
+    first, second = out.read_text().splitlines(keepends=True)[:2]
+    kept = json.loads(first)
+    kept["answer"] = "kept"
+    out.write_text(json.dumps(kept) + "\n" + second[:len(second) // 2])
+    with ScriptedServer() as server:
+        code, _, err = run(capsys, ["--base-url", server.base_url, *argv])
     lines = read_lines(out)
     assert code == 0 and "torn last line" in err and "2 answered" in err
     assert [line["id"] for line in lines] == ["q0", "q1", "q2"] and lines[0]["answer"] == "kept"

@@ -297,7 +297,7 @@ def test_demo_runs_every_method_and_prints_its_commands():
     done = subprocess.run([sys.executable, "-m", "mock_models", "demo"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("$ python selfmoa.py") == 9
+    assert done.stdout.count("$ python3 selfmoa.py") == 9
     assert "| MATH | Self-MoA |" in done.stdout and "| MMLU | Self-MoA-Seq |" in done.stdout
 
 

@@ -60,7 +60,8 @@ def test_malformed_input_lists_every_bad_line_before_any_call(tmp_path_factory, 
     ("\n\n", "there are no items"),
     ("[]", "there are no items"),
     ('[{"prompt": "a"}, 3]', "item 2: an item is a JSON object"),
-    ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "item 2: duplicate id 1 (first at item 1)"),
+    ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "line 2: duplicate id 1 (first at line 1)"),
+    ('[{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}]', "item 2: duplicate id 1 (first at item 1)"),
     ('{"id": [1], "prompt": "a"}\n', "'id' must be a string or an integer"),
     ('[{"prompt": "a"}', "not valid JSON"),
     ('["prompt", "x"]', "item 1: an item is a JSON object, not str"),
@@ -180,7 +181,9 @@ def test_a_batch_through_20_percent_faults_of_every_kind_answers_every_item_exac
         elapsed = time.monotonic() - started
         faults = {entry["fault"] for entry in server.requests if entry["fault"]}
     lines = [json.loads(line) for line in output.read_text().splitlines()]
-    assert counts == {"total": 200, "skipped": 0, "done": 200, "failed": 0}
+    assert {key: counts[key] for key in ("total", "skipped", "done", "failed")} == \
+        {"total": 200, "skipped": 0, "done": 200, "failed": 0}
+    assert all(line["status"] == "ok" for line in lines)
     assert [line["id"] for line in lines] == [r["id"] for r in records]
     assert all(line["answer"] for line in lines)
     assert faults == set(FAULTS), "every kind of fault was injected"

@@ -1,24 +1,29 @@
 """The paper's directions come out of the mock world's mechanism (python -m bench.reproduce, fixed seed).
 
-One run of the reproduction with its defaults (the same run the README shows), then one test per claim.
-Where a claim is scoped (the weaker-model claim on the domains where the other models are clearly weaker),
-the docstring says why; see the README section "Reproducing the paper offline" for what does not come out.
+One run of the reproduction with its defaults (the same run the README shows, in-process on two
+processes), then one test per claim. Where a claim is scoped (the weaker-model claim on the domains where
+the other models are clearly weaker), the docstring says why; see the README section "Reproducing the
+paper offline" for what does not come out. The in-process runs are checked against selfmoa's command line
+over HTTP on a few questions; the figures are checked only where matplotlib is installed (it is optional).
 """
 
 from __future__ import annotations
 
-import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from bench import reproduce as experiment
+from mock_models import MockServer
+from mock_models.tasks import make_tasks
 
 SEQ_TOLERANCE = 5.0  # points: Self-MoA-Seq may trail one-shot Self-MoA by at most this much, averaged over n
 
 
 @pytest.fixture(scope="module")
 def results():
-    return experiment.reproduce()
+    return experiment.reproduce(parallel=2)
 
 
 def test_self_moa_with_the_best_model_per_task_beats_every_mixture_on_average(results):
@@ -59,8 +64,71 @@ def test_seq_uses_n_plus_rounds_calls(results):
     assert {n: round(v["seq"]) for n, v in results["seq_calls"].items()} == {6: 7, 12: 15, 18: 23, 24: 31, 30: 39}
 
 
-def test_figures_are_written_as_svg(results, tmp_path):
-    experiment.write_outputs(results, str(tmp_path))
-    names = sorted(p.name for p in pathlib.Path(tmp_path).iterdir())
-    assert "results.json" in names and "accuracy_vs_samples.svg" in names
-    assert all((tmp_path / n).read_text().startswith("<svg") for n in names if n.endswith(".svg"))
+@pytest.mark.parametrize("config, calls", [
+    (experiment.moa_config("iimmdd"), 7), (experiment.moa_config("jjjjjj"), 7),
+    (("self-moa", {"model": "coder", "n": 12}), 13),
+    (("self-moa-seq", {"model": "mathematician", "n": 20, "window": 6, "carry": 3}), 20 + 6)],
+    ids=["moa", "moa-of-one-model", "self-moa", "self-moa-seq"])
+def test_in_process_records_equal_the_command_line_records_over_http(config, calls, tmp_path):
+    """The fast in-process runner (selfmoa as a library, mock models without HTTP) gives the records of
+    selfmoa's command line in batch mode against the mock server, for each method: same answers, same
+    proposals, same Vendi scores, same call counts. n = 20 crosses MAX_N (two requests) and takes 6 Seq rounds."""
+    tasks = [task for domain in experiment.DOMAINS for task in make_tasks(domain, 2, seed=5)]
+    in_process = experiment.run_in_process(3, tasks, config, diversity=True)
+    with MockServer() as server:
+        via_cli = experiment.ViaCommandLine(server.base_url, str(tmp_path), 3).run(tasks, config, diversity=True)
+    assert in_process == via_cli
+    assert [record["calls"] for record in in_process] == [calls] * len(tasks)
+
+
+def test_importing_the_reproduction_does_not_import_matplotlib():
+    """matplotlib is an optional extra: only drawing imports it."""
+    code = "import sys, bench.reproduce, bench.plots; print(sorted(m for m in sys.modules if 'matplotlib' in m))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=str(experiment.ROOT))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_without_matplotlib_every_table_is_printed_and_written_with_a_one_line_hint(results, monkeypatch, tmp_path,
+                                                                                    capsys):
+    """With matplotlib unimportable, ``--out`` still prints and writes every table and results.json, draws
+    nothing, and says in exactly one line how to get the figures."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    monkeypatch.setattr(experiment, "reproduce", lambda *args, **kwargs: results)
+    assert experiment.main(["--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    for header in ("Table 3 analogue", "Table 7 analogue", "Table 4 analogue", "Self-MoA-Seq (window 6, carry 3)",
+                   "calls per question"):
+        assert header in printed
+    assert experiment.markdown(results) in printed
+    hints = [line for line in printed.splitlines() if "matplotlib" in line.replace(str(tmp_path), "")]
+    assert hints == [experiment.FIGURES_HINT]
+    assert "pip install -e '.[bench]'" in hints[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "tables.md"]
+    assert (tmp_path / "tables.md").read_text(encoding="utf-8") == experiment.markdown(results)
+
+
+def test_figures_are_png_and_svg_titled_as_simulations_and_the_same_on_every_run(results, tmp_path):
+    """Every figure as PNG and SVG, each title saying it is a simulation with mock models, no date in the
+    files, and byte-identical files when drawn again."""
+    pytest.importorskip("matplotlib")
+    from bench import plots
+
+    written = experiment.write_outputs(results, str(tmp_path / "first"))
+    stems = [f"quality_vs_diversity_{d}" for d in experiment.DOMAINS] + ["accuracy_vs_samples", "table3"]
+    figures = [f"{stem}.{kind}" for stem in stems for kind in ("png", "svg")]
+    assert sorted(written) == sorted(["tables.md", "results.json", *figures])
+    for stem in stems:
+        assert (tmp_path / "first" / f"{stem}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+        svg = (tmp_path / "first" / f"{stem}.svg").read_text(encoding="utf-8")
+        assert "<svg" in svg and "simulation with mock models" in svg and "<dc:date>" not in svg
+    plt = plots.pyplot()
+    again = tmp_path / "again"
+    again.mkdir()
+    with plt.rc_context(plots.STYLE):
+        fig = plots.accuracy_vs_samples(plt, results)
+        plots.save(fig, str(again), "accuracy_vs_samples")
+        plt.close(fig)
+    for name in ("accuracy_vs_samples.png", "accuracy_vs_samples.svg"):
+        assert (again / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name

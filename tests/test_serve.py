@@ -1,0 +1,627 @@
+"""`selfmoa serve`: the methods as models behind an OpenAI-compatible endpoint, tested with `requests` (and the
+official `openai` package when it is installed) in front of the mock models, as any client would use it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import selfmoa
+from mock_models.server import MockServer
+from tests import test_readme
+from tests.scripted_server import ScriptedServer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 17 * 23 + 4?"}]
+SESSION = requests.Session()
+
+
+@pytest.fixture(scope="module")
+def mock():
+    with MockServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def served(mock):
+    """One server for most tests: samples n=3 by default, MoA proposers coder and mathematician."""
+    client = selfmoa.HTTPClient(mock.base_url, retries=0)
+    with selfmoa.ModelServer(client, port=0, defaults={"n": 3, "proposers": ["coder", "mathematician"]}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def slow_mock():
+    with MockServer(latency=0.1) as server:
+        yield server
+
+
+def post(server, body, **headers):
+    return SESSION.post(server.base_url + "/chat/completions", json=body, headers=headers, timeout=10)
+
+
+def events(response):
+    """The data of each server-sent event of a streamed reply, in order ("[DONE]" as a string)."""
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    found = [line[len("data: "):] for line in response.text.split("\n\n") if line.startswith("data: ")]
+    return [data if data == "[DONE]" else json.loads(data) for data in found]
+
+
+def sent_since(mock, count):
+    return [entry["body"] for entry in mock.requests[count:]]
+
+
+METHOD_CASES = [  # model, selfmoa options, calls the run makes
+    ("self-moa/generalist", {"n": 4}, 5),
+    ("self-moa-seq/generalist", {"n": 7, "window": 3, "carry": 1}, 10),
+    ("moa/generalist", {}, 3),
+    ("moa/coder", {"proposers": ["generalist", "generalist-2"], "layers": 3}, 5),
+]
+
+
+def test_models_lists_each_method_of_each_upstream_model(served):
+    """GET /v1/models lists every upstream model and self-moa/, self-moa-seq/ and moa/ of it; /health is 200."""
+    listed = SESSION.get(served.base_url + "/models", timeout=10).json()
+    names = [model["id"] for model in listed["data"]]
+    assert listed["object"] == "list" and all(model["object"] == "model" for model in listed["data"])
+    for upstream in ("generalist", "coder", "echo"):
+        assert {upstream, f"self-moa/{upstream}", f"self-moa-seq/{upstream}", f"moa/{upstream}"} <= set(names)
+    health = SESSION.get(served.base_url.removesuffix("/v1") + "/health", timeout=10)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("model, options, calls", METHOD_CASES)
+def test_streamed_chunks_reassemble_to_the_non_streamed_answer(served, model, options, calls):
+    """For the same seed, a method's streamed chunks join to exactly its non-streamed answer, and the last
+    chunk carries the same usage and run report."""
+    body = {"model": model, "messages": QUESTION, "seed": 4, "selfmoa": options}
+    whole = post(served, body)
+    assert whole.status_code == 200, whole.text
+    answer = whole.json()
+    assert answer["object"] == "chat.completion" and answer["model"] == model
+    assert answer["choices"][0]["message"]["role"] == "assistant" and answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["selfmoa"]["calls"] == calls and len(answer["selfmoa"]["trace"]) == answer["selfmoa"]["requests"]
+    assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
+
+    streamed = events(post(served, {**body, "stream": True, "stream_options": {"include_usage": True}}))
+    assert streamed[-1] == "[DONE]"
+    chunks = streamed[:-1]
+    assert all(chunk["object"] == "chat.completion.chunk" and chunk["model"] == model for chunk in chunks)
+    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
+    assert text == answer["choices"][0]["message"]["content"] != ""
+    assert len([chunk for chunk in chunks if chunk["choices"] and chunk["choices"][0]["delta"].get("content")]) > 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == answer["usage"]
+    assert chunks[-1]["selfmoa"]["calls"] == calls
+
+    plain = events(post(served, {**body, "stream": True}))[:-1]
+    assert plain[-1]["choices"][0]["finish_reason"] == "stop" and plain[-1]["selfmoa"]["calls"] == calls
+    assert all("usage" not in chunk for chunk in plain)
+
+
+def test_usage_is_the_sum_over_the_runs_calls_as_the_mock_counted_them(served, mock):
+    """`usage` of a run equals the mock's own usage of every request the run sent it, added up."""
+    before = len(mock.requests)
+    reply = post(served, {"model": "self-moa-seq/generalist", "messages": QUESTION, "seed": 9, "stream": True,
+                          "stream_options": {"include_usage": True}, "selfmoa": {"n": 5, "window": 3, "carry": 1}})
+    usage = events(reply)[-2]["usage"]
+    sent = sent_since(mock, before)
+    assert len(sent) == 4  # the samples in one request per round (3 + 2), then 2 rounds
+    counted = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for body in sent:  # the mock is deterministic: asking again gives the same reply and usage
+        again = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
+        for key, value in SESSION.post(mock.base_url + "/chat/completions", json=again).json()["usage"].items():
+            counted[key] += value
+    assert usage == counted
+
+
+def test_request_fields_reach_the_final_aggregation_and_selfmoa_the_samples(served, mock):
+    """The request's temperature, max_tokens, seed and stop go to the final aggregation (stop to it alone);
+    the selfmoa object's temperature and max_tokens go to the samples, whose seeds start at the request's."""
+    before = len(mock.requests)
+    reply = post(served, {"model": "self-moa-seq/generalist", "messages": QUESTION, "temperature": 0.3,
+                          "max_tokens": 60, "seed": 11, "stop": ["."],
+                          "selfmoa": {"n": 5, "window": 3, "carry": 1, "temperature": 0.9, "max_tokens": 70}})
+    assert reply.status_code == 200, reply.text
+    assert "." not in reply.json()["choices"][0]["message"]["content"]
+    sent = sent_since(mock, before)
+    samples = [b for b in sent if not selfmoa.read_references(b["messages"])]
+    rounds = [b for b in sent if selfmoa.read_references(b["messages"])]
+    assert sorted((b["temperature"], b["max_tokens"], b["seed"], b.get("n")) for b in samples) == [
+        (0.9, 70, 11, 3), (0.9, 70, 14, 2)]
+    assert [(b["temperature"], b["max_tokens"], b["seed"], b.get("stop")) for b in rounds] == [
+        (0.3, 60, 11, None), (0.3, 60, 11, ["."])]
+    assert all(b["messages"][-1] == QUESTION[-1] and "Be brief." in b["messages"][0]["content"] for b in sent)
+
+
+def test_pass_through_equals_calling_the_upstream_directly(served, mock):
+    """Any other model name is passed through: status, content type and body bytes (streamed or not) are
+    the upstream's own, errors included; the client's Authorization never reaches the upstream."""
+    bodies = [{"model": "coder", "messages": QUESTION, "seed": 5, "selfmoa": {"ignored": True}},
+              {"model": "coder", "messages": QUESTION, "seed": 5, "stream": True,
+               "stream_options": {"include_usage": True}},
+              {"model": "no-such-model", "messages": QUESTION}, {"model": "coder", "messages": QUESTION, "n": 2,
+                                                                  "seed": 1, "temperature": 9}]
+    for body in bodies:
+        before = len(mock.requests)
+        through = post(served, body, Authorization="Bearer client-secret")
+        direct = SESSION.post(mock.base_url + "/chat/completions", json=body)
+        assert (through.status_code, through.headers["Content-Type"], through.content) == (
+            direct.status_code, direct.headers["Content-Type"], direct.content)
+        assert mock.requests[before]["body"] == body
+        assert "client-secret" not in json.dumps(mock.requests[before]["headers"])
+
+
+@pytest.mark.parametrize("model, patch, param", [
+    ("self-moa/generalist", {"n": 2}, "n"),
+    ("self-moa/generalist", {"n": "1"}, "n"),
+    ("self-moa/generalist", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("self-moa/generalist", {"tool_choice": "auto"}, "tool_choice"),
+    ("self-moa/generalist", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("self-moa/generalist", {"logprobs": True}, "logprobs"),
+    ("self-moa/generalist", {"messages": "What is 2+2?"}, "messages"),
+    ("self-moa/generalist", {"messages": []}, "messages"),
+    ("self-moa/generalist", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ("self-moa/generalist", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("self-moa/generalist", {"temperature": "hot"}, "temperature"),
+    ("self-moa/generalist", {"temperature": 2.5}, "temperature"),
+    ("self-moa/generalist", {"max_tokens": 0}, "max_tokens"),
+    ("self-moa/generalist", {"seed": 1.5}, "seed"),
+    ("self-moa/generalist", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("self-moa/generalist", {"stream": "yes"}, "stream"),
+    ("self-moa/generalist", {"stream_options": [1]}, "stream_options"),
+    ("self-moa/generalist", {"selfmoa": "n=6"}, "selfmoa"),
+    ("self-moa/generalist", {"selfmoa": {"bogus": 1}}, "selfmoa.bogus"),
+    ("self-moa/generalist", {"selfmoa": {"window": 3}}, "selfmoa.window"),
+    ("self-moa/generalist", {"selfmoa": {"n": 0}}, "selfmoa.n"),
+    ("self-moa/generalist", {"selfmoa": {"n": "six"}}, "selfmoa.n"),
+    ("self-moa/generalist", {"selfmoa": {"temperature": 0}}, "selfmoa.temperature"),
+    ("self-moa/generalist", {"selfmoa": {"use_n": "no"}}, "selfmoa.use_n"),
+    ("self-moa/generalist", {"selfmoa": {"min_ok": 9}}, "selfmoa.min_ok"),
+    ("self-moa-seq/generalist", {"selfmoa": {"window": 1}}, "selfmoa.window"),
+    ("self-moa-seq/generalist", {"selfmoa": {"carry": 6}}, "selfmoa.carry"),
+    ("moa/generalist", {"selfmoa": {"proposers": []}}, "selfmoa.proposers"),
+    ("moa/generalist", {"selfmoa": {"proposers": [3]}}, "selfmoa.proposers"),
+    ("moa/generalist", {"selfmoa": {"layers": 1}}, "selfmoa.layers"),
+    ("self-moa/generalist", {"selfmoa": {"n": 257}}, "selfmoa.n"),
+    ("self-moa/generalist", {"selfmoa": {"n": 10**30}}, "selfmoa.n"),
+    ("self-moa/generalist", {"selfmoa": {"n": 100, "layers": 4}}, "selfmoa.n"),
+    ("moa/generalist", {"selfmoa": {"proposers": ["coder"] * 129, "layers": 3}}, "selfmoa.proposers"),
+    ("moa/generalist", {"selfmoa": {"layers": 10**9}}, "selfmoa.layers"),
+])
+def test_unsupported_or_wrong_requests_get_an_openai_shaped_400_naming_the_field(served, mock, model, patch, param):
+    """Each unsupported or ill-typed field is refused with 400 and an OpenAI-shaped error whose `param`
+    names it, before any upstream call is made."""
+    before = len(mock.requests)
+    reply = post(served, {"model": model, "messages": QUESTION, **patch})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert isinstance(error["message"], str) and param.split(".")[-1].split("[")[0] in error["message"]
+    assert len(mock.requests) == before
+
+
+def test_harmless_fields_are_accepted(served):
+    """Fields that do not change what a method computes are accepted (and ignored)."""
+    reply = post(served, {"model": "self-moa/generalist", "n": 1, "top_p": 0.9, "user": "u",
+                          "presence_penalty": 0, "frequency_penalty": 0, "metadata": {"k": "v"}, "logprobs": False,
+                          "response_format": {"type": "text"}, "tool_choice": "none", "tools": [], "stream": False,
+                          "stream_options": None, "parallel_tool_calls": False, "max_completion_tokens": 40,
+                          "messages": [{"role": "developer", "content": "Be brief."},
+                                       {"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]}]})
+    assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize("model", ["self-moa/no-such-model", "self-moa-seq/no-such-model", "moa/no-such-model",
+                                   "self-moa/", "no-such-model"])
+def test_unknown_models_get_404_model_not_found(served, model):
+    """An unknown upstream model, under a method prefix or passed through, is a 404 `model_not_found`."""
+    reply = post(served, {"model": model, "messages": QUESTION})
+    assert reply.status_code == 404, reply.text
+    assert reply.json()["error"]["code"] == "model_not_found" and reply.json()["error"]["param"] == "model"
+
+
+def raw_exchange(server, data: bytes) -> tuple[int, dict]:
+    """Send bytes as they are; the status and JSON body of the reply."""
+    with socket.create_connection((server.host, server.port), timeout=5) as connection:
+        connection.sendall(data)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"Content-Length: (\d+)", reply).group(1)):
+            piece = connection.recv(65536)
+            if not piece:
+                break
+            reply += piece
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"{", 400), (b"[]", 400), (b"null", 400), (b'"x"', 400), (b"\xff\xfe{}", 400), (b"[" * 100_000, 400),
+    (b'{"model": 5, "messages": []}', 400), (b'{"model": "", "messages": []}', 400),
+    (b'{"model": "self-moa/generalist", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400),
+    (b'{"model": "self-moa/generalist", "messages": [{"role": "user", "content": "x"}], "selfmoa": {"n": Infinity}}',
+     400),
+])
+def test_malformed_bodies_get_400_and_the_server_stays_up(served, data, status):
+    """Malformed JSON and wrong types get an OpenAI-shaped 400; the server keeps serving."""
+    reply = SESSION.post(served.base_url + "/chat/completions", data=data,
+                         headers={"Content-Type": "application/json"})
+    assert reply.status_code == status and set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    assert SESSION.get(served.base_url + "/models").status_code == 200
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n{", 413),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", 411),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n0\r\n\r\n", 411),
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /v2/elsewhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+])
+def test_oversized_or_malformed_http_gets_an_error_and_the_server_stays_up(served, request_bytes, status):
+    """Oversized bodies get 413 (without being read), bad framing 400/411, unknown routes 404; then the
+    server still answers."""
+    got, body = raw_exchange(served, request_bytes)
+    assert got == status and isinstance(body["error"]["message"], str)
+    assert SESSION.get(served.base_url + "/models").status_code == 200
+
+
+def echo(request):
+    return selfmoa.Reply([f"{request.model} ok"], ["stop"], prompt_tokens=3, completion_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """A server in front of a plain completion function (no HTTP upstream, no pass-through)."""
+    with selfmoa.ModelServer(echo, port=0, defaults={"n": 2}) as server:
+        yield server
+
+
+scalars = (st.none() | st.booleans() | st.integers(-10, 10**20) | st.floats(allow_nan=False, allow_infinity=False)
+           | st.text(max_size=8))
+json_values = st.recursive(scalars, lambda children: st.one_of(
+    st.lists(children, max_size=3), st.dictionaries(st.text(max_size=6), children, max_size=3)), max_leaves=6)
+fields = st.sampled_from(["n", "temperature", "max_tokens", "seed", "stop", "stream", "stream_options", "tools",
+                          "tool_choice", "response_format", "logprobs", "selfmoa", "messages", "user", "top_p"])
+
+
+@settings(max_examples=60)
+@given(model=st.sampled_from(["self-moa/m", "self-moa-seq/m", "moa/m", "self-moa/a/b"]),
+       patch=st.dictionaries(fields, json_values, max_size=4),
+       options=st.dictionaries(st.sampled_from(["n", "window", "carry", "proposers", "layers", "min_ok",
+                                                "temperature", "max_tokens", "use_n", "aggregator"]),
+                               json_values, max_size=3))
+def test_hostile_requests_get_an_answer_or_an_openai_error_and_never_break_the_server(plain, model, patch, options):
+    """Whatever values a request's fields hold, the reply is a chat completion (200) or an OpenAI-shaped 400
+    naming a field, never a 5xx, and the server keeps serving."""
+    body = {"model": model, "messages": QUESTION, "selfmoa": options, **patch}
+    reply = SESSION.post(plain.base_url + "/chat/completions", json=body, timeout=10)
+    assert reply.status_code in (200, 400), reply.text
+    if reply.status_code == 400:
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and isinstance(error["param"], str)
+    elif body.get("stream") is True:
+        assert events(reply)[-1] == "[DONE]"
+    else:
+        assert reply.json()["choices"][0]["message"]["content"].endswith(" ok")
+
+
+def test_upstream_model_names_may_contain_slashes(plain):
+    """`self-moa/<M>` and `moa/<A>` take everything after the prefix as the model, slashes included."""
+    reply = post(plain, {"model": "self-moa/Qwen/Qwen2-7B-Instruct", "messages": QUESTION})
+    assert reply.json()["choices"][0]["message"]["content"] == "Qwen/Qwen2-7B-Instruct ok"
+    assert {call["model"] for call in reply.json()["selfmoa"]["trace"]} == {"Qwen/Qwen2-7B-Instruct"}
+    reply = post(plain, {"model": "moa/org/agg", "messages": QUESTION, "selfmoa": {"proposers": ["x/y"]}})
+    assert [call["model"] for call in reply.json()["selfmoa"]["trace"]] == ["x/y", "org/agg"]
+    assert reply.json()["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}
+
+
+def test_upstream_failures_are_a_502_naming_the_model_and_never_a_key():
+    """Upstream failures after retries (here every proposer: fewer than min_ok) are an OpenAI-shaped 502
+    naming the upstream model; an upstream key the upstream echoes back is blanked out, passed through too."""
+    key = "sk-upstream-secret-123"
+    echoed = ("json", 500, {"error": {"message": f"Incorrect API key provided: {key}"}}, {})
+    with ScriptedServer(echoed) as upstream, selfmoa.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, key, retries=1, backoff=0), port=0) as server:
+        for model in ("self-moa/generalist", "self-moa-seq/generalist", "moa/generalist"):
+            reply = post(server, {"model": model, "messages": QUESTION,
+                                  "selfmoa": {"proposers": ["coder"]} if model.startswith("moa") else {"n": 2}})
+            assert reply.status_code == 502, reply.text
+            error = reply.json()["error"]
+            assert error["type"] == "upstream_error" and error["code"] == "upstream_error"
+            assert ("'coder'" if model.startswith("moa") else "'generalist'") in error["message"]
+            assert key not in reply.text and {call["retries"] for call in reply.json()["selfmoa"]["trace"]} == {1}
+        passed = post(server, {"model": "generalist", "messages": QUESTION})
+        assert passed.status_code == 500 and key not in passed.text and "***" in passed.text
+        assert all(entry["headers"]["Authorization"] == f"Bearer {key}" for entry in upstream.log)
+    with selfmoa.ModelServer(selfmoa.HTTPClient("http://127.0.0.1:9/v1", retries=0), port=0) as server:
+        for model in ("self-moa/generalist", "generalist"):
+            reply = post(server, {"model": model, "messages": QUESTION})
+            assert reply.status_code == 502 and "'generalist'" in reply.json()["error"]["message"]
+
+
+def test_a_server_key_is_required_when_set_and_never_forwarded(mock):
+    """With a server key, every route but /health needs it as a Bearer token (401 otherwise); it and the
+    client's Authorization never reach the upstream."""
+    with selfmoa.ModelServer(selfmoa.HTTPClient(mock.base_url, retries=0), port=0, server_key="serve-secret",
+                             defaults={"n": 2}) as server:
+        body = {"model": "self-moa/generalist", "messages": QUESTION, "seed": 1}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "serve-secret"}):
+            for reply in (post(server, body, **headers), SESSION.get(server.base_url + "/models", headers=headers)):
+                assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+        assert SESSION.get(server.base_url.removesuffix("/v1") + "/health").status_code == 200
+        before = len(mock.requests)
+        assert post(server, body, Authorization="Bearer serve-secret").status_code == 200
+        assert post(server, {**body, "model": "coder"}, Authorization="Bearer serve-secret").status_code == 200
+        assert len(mock.requests) - before == 3
+        assert all("Authorization" not in entry["headers"] for entry in mock.requests[before:])
+
+
+def test_a_non_loopback_host_without_a_server_key_is_refused(capsys):
+    """Binding beyond loopback without a server key is refused before anything listens."""
+    with pytest.raises(selfmoa.ConfigError, match="host"):
+        selfmoa.ModelServer(echo, host="0.0.0.0", port=0)
+    assert selfmoa.main(["serve", "--host", "0.0.0.0", "--port", "0", "--base-url", "http://127.0.0.1:9/v1"],
+                        environ={}) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--host '0.0.0.0'" in err and "--server-key" in err
+
+
+def test_a_port_in_use_is_exit_status_1_naming_it(plain, capsys):
+    """A port that cannot be listened on is reported, with the address, as exit status 1."""
+    assert selfmoa.main(["serve", "--port", str(plain.port), "--base-url", "http://127.0.0.1:9/v1"], environ={}) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and f"cannot listen on 127.0.0.1:{plain.port}" in err
+
+
+def test_serve_takes_the_one_shot_flags_with_their_meaning(capsys):
+    """serve shares every endpoint, key, retry, timeout and method-default flag of the one-shot command
+    (the same definitions), refuses the one-shot-only ones, and checks values naming the flag."""
+    args = selfmoa.build_serve_parser().parse_args(
+        ["--port", "0", "--retries", "2", "--timeout", "5", "-n", "4", "--window", "3", "--carry", "1", "-p", "a",
+         "-p", "b", "--layers", "3", "--min-ok", "2", "--temperature", "0.5", "--max-tokens", "9", "--seed", "3",
+         "--aggregator-temperature", "0.1", "--aggregator-max-tokens", "7", "--concurrency", "2", "--no-n",
+         "--api-key", "k", "--endpoint", "x=http://127.0.0.1:9/v1", "--base-url", "http://127.0.0.1:8/v1"])
+    assert (args.retries, args.timeout, args.samples, args.window, args.carry, args.proposer, args.layers) == (
+        2, 5.0, 4, 3, 1, ["a", "b"], 3)
+    assert (args.min_ok, args.temperature, args.max_tokens, args.seed, args.concurrency, args.use_n) == (
+        2, 0.5, 9, 3, 2, False)
+    one_shot = {a.dest for a in selfmoa.build_parser()._actions}
+    shared = {a.dest for a in selfmoa.build_serve_parser()._actions}
+    assert one_shot - shared == selfmoa._NOT_SERVE_FLAGS - {"help"}
+    for flag in ("--json", "--method", "-i", "--model"):
+        with pytest.raises(SystemExit):
+            selfmoa.build_serve_parser().parse_args([flag, "x"])
+    assert selfmoa.main(["serve", "--port", "0", "--window", "1"], environ={}) == 2
+    assert "selfmoa: error: --window 1:" in capsys.readouterr().err
+
+
+def test_a_prompt_that_is_literally_serve_is_still_possible(mock, capsys, monkeypatch):
+    """`serve` is a subcommand only as the first argument: after `--`, or on standard input, it is a prompt."""
+    flags = ["--base-url", mock.base_url, "-m", "generalist", "-n", "2", "--seed", "1", "--no-stream"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("serve"))
+    for argv in (flags + ["--", "serve"], flags):
+        before = len(mock.requests)
+        assert selfmoa.main(argv, environ={}) == 0
+        assert capsys.readouterr().out.strip() != ""
+        assert mock.requests[before]["body"]["messages"] == [{"role": "user", "content": "serve"}]
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_runs_queued_calls(slow_mock):
+    """A streamed run whose client goes away stops: its queued calls never reach the upstream."""
+    client = selfmoa.HTTPClient(slow_mock.base_url, retries=0)
+    with selfmoa.ModelServer(client, port=0, concurrency=1) as server:
+        question = [{"role": "user", "content": "disconnect test: what is 6 * 7?"}]
+        body = json.dumps({"model": "self-moa/generalist", "messages": question, "stream": True, "seed": 2,
+                           "selfmoa": {"n": 6, "use_n": False}}).encode()
+
+        def seen():
+            return sum(bool(entry["body"]) and entry["body"]["messages"][-1] == question[-1]
+                       for entry in list(slow_mock.requests))
+
+        with socket.create_connection((server.host, server.port), timeout=5) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 5
+            while seen() == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while server._runs and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not server._runs, "the run did not end after its client went away"
+        time.sleep(0.25)
+        assert 1 <= seen() <= 2, f"{seen()} of the run's 7 calls reached the upstream"
+        # The shared pool is free again for everyone else.
+        reply = post(server, {"model": "self-moa/generalist", "messages": QUESTION, "selfmoa": {"n": 1}})
+        assert reply.status_code == 200
+
+
+def test_sigterm_stops_accepting_drains_in_flight_runs_and_exits_0(slow_mock):
+    """`selfmoa serve --port 0` prints its base URL first (and takes its server key from
+    $SELFMOA_SERVER_KEY); on SIGTERM the run in flight still gets its answer, new connections are refused,
+    and the process exits 0."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith(("OPENAI_", "SELFMOA_"))}
+    process = subprocess.Popen([sys.executable, "selfmoa.py", "serve", "--port", "0", "--base-url",
+                                slow_mock.base_url, "--retries", "0"], cwd=ROOT,
+                               env={**environ, "SELFMOA_SERVER_KEY": "env-key"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base_url = process.stdout.readline().strip()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", base_url), base_url
+        assert requests.get(base_url + "/models", timeout=10).status_code == 401
+        before = len(slow_mock.requests)
+        replies = []
+        asking = threading.Thread(target=lambda: replies.append(requests.post(
+            base_url + "/chat/completions", timeout=10, headers={"Authorization": "Bearer env-key"},
+            json={"model": "self-moa/generalist", "messages": QUESTION, "selfmoa": {"n": 2}})))
+        asking.start()
+        deadline = time.monotonic() + 5
+        while len(slow_mock.requests) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        asking.join(10)
+        assert replies and replies[0].status_code == 200 and replies[0].json()["selfmoa"]["calls"] == 3
+        assert process.wait(timeout=10) == 0
+        assert "env-key" not in process.stderr.read()
+        with pytest.raises(requests.ConnectionError):
+            requests.get(base_url + "/models", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_a_second_ctrl_c_stops_at_once_with_status_130(slow_mock):
+    """Ctrl-C starts the drain; a second Ctrl-C during it stops serve at once (exit status 130)."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith(("OPENAI_", "SELFMOA_"))}
+    process = subprocess.Popen([sys.executable, "selfmoa.py", "serve", "--port", "0", "--base-url",
+                                slow_mock.base_url, "--retries", "0", "--concurrency", "1"], cwd=ROOT, env=environ,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base_url = process.stdout.readline().strip()
+        question = [{"role": "user", "content": "second ctrl-c test"}]
+
+        def ask():
+            with contextlib.suppress(requests.RequestException):  # serve stops without answering
+                requests.post(base_url + "/chat/completions", timeout=10, json={
+                    "model": "self-moa/generalist", "messages": question, "selfmoa": {"n": 8, "use_n": False}})
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        deadline = time.monotonic() + 5
+        while not any(e["body"] and e["body"]["messages"] == question for e in list(slow_mock.requests)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        for _ in range(200):  # bounded: the drain has begun once serve says so
+            if "stopping" in process.stderr.readline():
+                break
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=5) == 130
+        assert "stopped without waiting" in process.stderr.read()
+        asking.join(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_the_official_openai_sdk_works_unchanged(served):
+    """The official SDK (if installed) talks to serve as to any server: `extra_body` carries the options,
+    streaming reassembles to the same answer, and refusals arrive as its own error types."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0)
+    ask = {"model": "self-moa/generalist", "messages": QUESTION, "seed": 6, "extra_body": {"selfmoa": {"n": 2}}}
+    answer = client.chat.completions.create(**ask)
+    direct = post(served, {"model": "self-moa/generalist", "messages": QUESTION, "seed": 6, "selfmoa": {"n": 2}})
+    assert answer.choices[0].message.content == direct.json()["choices"][0]["message"]["content"]
+    assert answer.usage.total_tokens == direct.json()["usage"]["total_tokens"]
+    assert answer.model_extra["selfmoa"]["calls"] == 3
+    pieces = [chunk.choices[0].delta.content or "" for chunk in
+              client.chat.completions.create(**ask, stream=True) if chunk.choices]
+    assert "".join(pieces) == answer.choices[0].message.content
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**{**ask, "n": 2})
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(**{**ask, "model": "self-moa/no-such-model"})
+    assert "self-moa/generalist" in {model.id for model in client.models.list()}
+
+
+SERVE_HELP = re.compile(r"(<!-- serve-help:start -->\n```\n)(.*?)(```\n<!-- serve-help:end -->)", re.DOTALL)
+
+
+def serve_help() -> str:
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal width
+    return selfmoa.build_serve_parser().format_help()
+
+
+def test_readme_shows_exactly_serve_help(monkeypatch):
+    """The README's `selfmoa serve --help` block is the parser's help, word for word."""
+    monkeypatch.setenv("COLUMNS", "100")
+    found = SERVE_HELP.search(test_readme.README.read_text(encoding="utf-8"))
+    assert found, "README.md lost its <!-- serve-help:start --> ... <!-- serve-help:end --> block"
+    assert found.group(2) == serve_help(), "README.md's serve help is stale: run python -m tests.test_serve --update"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
+    text = test_readme.README.read_text(encoding="utf-8")
+    test_readme.README.write_text(SERVE_HELP.sub(lambda m: m.group(1) + serve_help() + m.group(3), text),
+                                  encoding="utf-8")
+    print("README.md updated")
+
+
+def test_close_finishes_runs_in_flight_refuses_new_requests_and_cancels_after_the_drain_timeout(slow_mock):
+    """While draining, a run in flight still gets its answer, a new request on an open connection gets
+    503; a run still going when the drain timeout ends is cancelled (its queued calls are never sent)."""
+    def asker(server, question, n, out):
+        body = {"model": "self-moa/generalist", "messages": [{"role": "user", "content": question}],
+                "selfmoa": {"n": n, "use_n": False}}
+        return threading.Thread(target=lambda: out.append(requests.post(server.base_url + "/chat/completions",
+                                                                         json=body, timeout=10)))
+
+    def sent(question):
+        return sum(bool(e["body"]) and e["body"]["messages"][-1]["content"] == question for e in slow_mock.requests)
+
+    for drain, n, question in ((5.0, 2, "drain test: 2 + 2?"), (0.05, 6, "drain timeout test: 3 + 3?")):
+        server = selfmoa.ModelServer(selfmoa.HTTPClient(slow_mock.base_url, retries=0), port=0,
+                                     concurrency=1).start()
+        kept = requests.Session()
+        assert kept.get(server.base_url.removesuffix("/v1") + "/health").status_code == 200
+        replies: list = []
+        asking = asker(server, question, n, replies)
+        asking.start()
+        deadline = time.monotonic() + 5
+        while sent(question) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left: list = []
+        closing = threading.Thread(target=lambda s=server, out=left, d=drain: out.append(s.close(drain_timeout=d)))
+        closing.start()
+        time.sleep(0.02)
+        late = kept.post(server.base_url + "/chat/completions", json={"model": "coder", "messages": QUESTION})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+        closing.join(10)
+        asking.join(10)
+        if drain > 1:
+            assert left == [0] and replies[0].status_code == 200 and sent(question) == n + 1
+        else:
+            assert left == [1]
+            time.sleep(0.3)
+            assert sent(question) <= 2, f"{sent(question)} of the cancelled run's {n + 1} calls were sent"
+
+
+@pytest.mark.parametrize("model", ["self-moa/generalist", "coder"])
+def test_an_http_1_0_client_gets_its_stream_ended_by_closing_the_connection(served, model):
+    """HTTP/1.0 has no chunked encoding: a stream to such a client is the raw events, ended by closing."""
+    body = json.dumps({"model": model, "messages": QUESTION, "stream": True, "seed": 1,
+                       "selfmoa": {"n": 2}} if "/" in model else {"model": model, "messages": QUESTION,
+                                                                  "stream": True, "seed": 1}).encode()
+    with socket.create_connection((served.host, served.port), timeout=5) as connection:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = b""
+        for _ in range(10_000):  # bounded: the server closes the connection at the end of the stream
+            piece = connection.recv(65536)
+            if not piece:
+                break
+            reply += piece
+    head, _, events_text = reply.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0] and b"Transfer-Encoding" not in head
+    assert events_text.endswith(b"data: [DONE]\n\n") and events_text.startswith(b"data: {")
