@@ -183,3 +183,15 @@ def test_a_batch_over_replicas_reports_the_requests_per_server(tmp_path, capsys)
         err = capsys.readouterr().err
     assert code == 0 and f"requests per server: {a.base_url} {len(a.log)} (0 failed), {b.base_url} {len(b.log)}" in err
     assert len(a.log) + len(b.log) == 12 and len(a.log) >= 1 and len(b.log) >= 1
+
+
+def test_every_replica_and_its_key_is_known_to_whoever_must_blank_keys():
+    """The serve front end blanks every upstream key from its replies: it must see every replica's key."""
+    client = selfmoa.HTTPClient([selfmoa.Endpoint("http://127.0.0.1:9/v1", "sk-first-0000"),
+                                 selfmoa.Endpoint("http://127.0.0.1:10/v1", "sk-second-000")],
+                                endpoints={"m": ["http://127.0.0.1:11/v1", selfmoa.Endpoint("http://127.0.0.1:12/v1",
+                                                                                            "sk-third-0000")]})
+    assert [e.api_key for e in selfmoa._endpoints_of(client)] == ["sk-first-0000", "sk-second-000", None,
+                                                                   "sk-third-0000"]
+    assert [e.base_url for e in client.replicas("m")] == ["http://127.0.0.1:11/v1", "http://127.0.0.1:12/v1"]
+    assert client.endpoint_for("other").base_url == "http://127.0.0.1:9/v1"
