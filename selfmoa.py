@@ -1174,7 +1174,8 @@ class _NoDelay:
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
-        self.socket = self.sock  # kept: http.client drops .sock while a read-to-close reply still uses it
+        # kept: http.client drops .sock while a read-to-close reply still reads from it
+        self.socket = self.sock  # type: ignore[attr-defined]
 
 
 class _HTTPConnection(_NoDelay, http.client.HTTPConnection):
@@ -1274,7 +1275,7 @@ class HTTPClient:
         _check(base_url is None or bool(urls), "base_url", base_url, "a list of replicas needs at least one URL",
                "pass a URL, or a list of URLs of servers of the same models")
         self.default: list[Endpoint] = [url if isinstance(url, Endpoint) else Endpoint(url, api_key)
-                                        for url in urls if base_url is not None]
+                                        for url in urls if url is not None]
         self.endpoints: dict[str, list[Endpoint]] = {}
         for model, given in (endpoints or {}).items():
             _check(isinstance(model, str) and model != "", "endpoints", model, "a model name is a non-empty string",
@@ -1456,7 +1457,7 @@ class HTTPClient:
             if idle:
                 return idle.pop(), True
         kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-        return kind(parts.hostname, parts.port, timeout=min(self.timeout, self.deadline)), False
+        return kind(parts.hostname or "", parts.port, timeout=min(self.timeout, self.deadline)), False
 
     def _release(self, endpoint: Endpoint, connection: http.client.HTTPConnection) -> None:
         """Put a connection whose reply was read in full back for reuse."""
@@ -1565,7 +1566,7 @@ class HTTPClient:
             response = connection.getresponse()
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
             raise _Retry(f"connection dropped before a reply ({type(exc).__name__})", stale=reused) from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _Retry(f"no reply within timeout={self.timeout:g} s") from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise _Retry(f"could not reach the server, or its reply is not HTTP ({type(exc).__name__}: "
@@ -1575,7 +1576,7 @@ class HTTPClient:
             return self._read_stream(response, endpoint, request, flight)
         try:
             raw, whole = _read_capped(response, self.max_reply_bytes if response.status == 200 else MAX_ERROR_BYTES)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _Retry(f"the reply stalled beyond timeout={self.timeout:g} s") from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise _Retry(f"the reply was cut off ({type(exc).__name__})") from None
@@ -1613,8 +1614,8 @@ class HTTPClient:
         reasons: list[str | None] = [None] * request.n
         taken, problem = [False] * request.n, None
         for place, choice in enumerate(choices):
-            index = choice.get("index") if isinstance(choice, dict) else None
-            index = index if _is_int(index) else place
+            given = choice.get("index") if isinstance(choice, dict) else None
+            index = given if isinstance(given, int) and not isinstance(given, bool) else place
             if not 0 <= index < request.n or taken[index]:
                 continue  # more choices than asked for, or a repeated index: the first one counts
             taken[index] = True
@@ -1654,7 +1655,7 @@ class HTTPClient:
         while True:
             try:
                 raw = response.readline(MAX_EVENT_LINE + 1)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 raise broke(f"no data within timeout={self.timeout:g} s") from None
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 raise broke(type(exc).__name__) from None

@@ -21,9 +21,8 @@ import sys
 import tempfile
 import time
 
-from bench.__main__ import mock_server, table
-
 import selfmoa
+from bench.__main__ import mock_server, table
 
 
 def throughput(replicas: int, capacity: int, latency: float, seconds: float) -> tuple[int, int, float]:

@@ -48,7 +48,7 @@ class HostileServer:
         while not self._stop.is_set():
             try:
                 connection, _ = self._listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -101,7 +101,7 @@ class HostileServer:
                                 if connection.recv(1024) == b"":
                                     self.closed_by_client.append(True)
                                     return
-                            except (TimeoutError, socket.timeout):
+                            except TimeoutError:
                                 continue
                 connection.shutdown(socket.SHUT_WR)
                 time.sleep(0.01)  # let the client read before the close resets anything unread

@@ -4,8 +4,8 @@ or a ModelError, in bounded time and memory, and the key never comes back out (s
 from __future__ import annotations
 
 import json
-import re
 import pathlib
+import re
 import signal
 import subprocess
 import sys

@@ -16,7 +16,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mock_models import FAULTS, MockServer, make_tasks
+from mock_models import MockServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 USER = [{"role": "user", "content": "Compute 12 * 7 + 3. Multiplication comes before addition."}]
@@ -206,7 +206,7 @@ def raw_exchange(server, payload: bytes, timeout: float = 3.0) -> bytes:
                 if not chunk:
                     break
                 chunks.append(chunk)
-        except socket.timeout:
+        except TimeoutError:
             pass
         return b"".join(chunks)
 
