@@ -105,6 +105,7 @@ Against a real server, pass an ``HTTPClient``; give each model its own endpoint 
     client = HTTPClient("http://localhost:8000/v1",                    # vLLM, serving "qwen"
                         endpoints={"gpt-4o": Endpoint("https://api.openai.com/v1", api_key=KEY)})
     print(self_moa("Explain RAID 5.", "qwen", n=6, complete=client).answer)
+    client = HTTPClient(["http://gpu0:8000/v1", "http://gpu1:8000/v1"])  # replicas: calls spread over both
 
 On the command line (``python3 selfmoa.py --help`` for every flag)::
 
@@ -1459,7 +1460,8 @@ class _NoDelay:
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
-        self.socket = self.sock  # kept: http.client drops .sock while a read-to-close reply still uses it
+        # kept: http.client drops .sock while a read-to-close reply still reads from it
+        self.socket = self.sock  # type: ignore[attr-defined]
 
 
 class _HTTPConnection(_NoDelay, http.client.HTTPConnection):
@@ -1482,10 +1484,10 @@ class _Retry(Exception):
     """Internal: a failure worth retrying (a 429, a 5xx, a timeout, a dropped or truncated reply)."""
 
     def __init__(self, message: str, status: int | None = None, body: str = "",
-                 retry_after: float | None = None, stale: bool = False):
+                 retry_after: float | None = None, stale: bool = False, down: bool = False):
         super().__init__(message)
         self.message, self.status, self.body = message, status, body
-        self.retry_after, self.stale = retry_after, stale
+        self.retry_after, self.stale, self.down = retry_after, stale, down  # down: refused, or no such host
 
 
 class _Attempt:
@@ -1498,12 +1500,34 @@ class _Attempt:
         self.shown = False  # whether streamed text was passed on (then the attempt cannot be retried)
 
 
+COOL_AFTER = 3  # failures in a row that take a replica out for HTTPClient's cooldown (a refusal: at once)
+
+
+class _Server:
+    """Internal: what the client knows of one server: calls in flight, failures in a row, when its
+    cool-down ends, and the requests it was sent (and how many failed) for the summary."""
+
+    __slots__ = ("url", "in_flight", "failures", "cool_until", "requests", "failed")
+
+    def __init__(self, url: str):
+        self.url, self.in_flight, self.failures, self.cool_until, self.requests, self.failed = url, 0, 0, 0.0, 0, 0
+
+
 class HTTPClient:
     """A completion function that calls ``POST {base_url}/chat/completions`` over HTTP(S).
 
     - ``base_url`` / ``api_key``: the default endpoint; ``endpoints`` maps a model name to its own
       ``Endpoint`` (or a URL string), so a local vLLM model and a hosted model can be mixed. A key is only
       ever sent to the endpoint it was given with.
+    - Replicas: ``base_url`` may be a list (of URLs, each with ``api_key``, or of ``Endpoint``), and an
+      ``endpoints`` value a list of endpoints: several servers of the same model. Each call goes to the
+      replica with the fewest calls in flight (ties in turn); a request carrying ``n`` samples goes to one
+      replica. ``max_in_flight`` caps the calls in flight per server (calls wait for a free slot). A replica
+      that refuses a connection, or fails ``COOL_AFTER`` times in a row, is left alone for ``cooldown``
+      seconds (then tried again; one more failure sends it back). A call that fails on one replica is sent
+      at once to another that is not cooling down and has not failed it, without waiting and without
+      spending a retry; when there is none, the usual retry (with backoff) follows, on all of them again.
+      ``servers()`` counts the requests each server got.
     - Connections are kept alive and shared: an idle connection to a host is reused by whichever thread
       calls next (at most ``max_idle`` idle ones per host).
     - Time: ``timeout`` bounds connecting and each wait for data (a silent server); ``deadline`` bounds a
@@ -1523,19 +1547,34 @@ class HTTPClient:
     - ``abort()`` ends every call in flight at once and makes later calls fail (the command line's Ctrl-C).
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 endpoints: Mapping[str, Endpoint | str] | None = None, timeout: float = 120.0,
+    def __init__(self, base_url: str | Endpoint | Sequence[str | Endpoint] | None = None,
+                 api_key: str | None = None, *,
+                 endpoints: Mapping[str, Endpoint | str | Sequence[Endpoint | str]] | None = None,
+                 timeout: float = 120.0,
                  deadline: float = 600.0, retries: int = 4, backoff: float = 0.5, max_backoff: float = 30.0,
                  max_retry_after: float = 120.0, max_idle: int = 64, max_reply_bytes: int = MAX_REPLY_BYTES,
+                 max_in_flight: int | None = None, cooldown: float = 5.0,
                  sleep: Callable[[float], None] | None = None, rng: random.Random | None = None):
         _check(api_key is None or base_url is not None, "api_key", "***",
                "a key needs the endpoint it belongs to", "pass base_url too")
-        self.default = Endpoint(base_url, api_key) if base_url is not None else None
-        self.endpoints: dict[str, Endpoint] = {}
-        for model, endpoint in (endpoints or {}).items():
+        urls = [base_url] if isinstance(base_url, (str, Endpoint)) or base_url is None else list(base_url)
+        _check(base_url is None or bool(urls), "base_url", base_url, "a list of replicas needs at least one URL",
+               "pass a URL, or a list of URLs of servers of the same models")
+        self.default: list[Endpoint] = [url if isinstance(url, Endpoint) else Endpoint(url, api_key)
+                                        for url in urls if url is not None]
+        self.endpoints: dict[str, list[Endpoint]] = {}
+        for model, given in (endpoints or {}).items():
             _check(isinstance(model, str) and model != "", "endpoints", model, "a model name is a non-empty string",
                    'map names to endpoints: {"qwen": Endpoint("http://host:8000/v1")}')
-            self.endpoints[model] = endpoint if isinstance(endpoint, Endpoint) else Endpoint(endpoint)
+            replicas = [given] if isinstance(given, (Endpoint, str)) else list(given)
+            _check(bool(replicas), "endpoints", model, "a model needs at least one endpoint",
+                   'pass {"qwen": [Endpoint(url1), Endpoint(url2)]}')
+            self.endpoints[model] = [e if isinstance(e, Endpoint) else Endpoint(e) for e in replicas]
+        _check(max_in_flight is None or (_is_int(max_in_flight) and max_in_flight >= 1), "max_in_flight",
+               max_in_flight, "it caps the calls in flight per server", "pass an integer >= 1, or None for no cap")
+        _check(isinstance(cooldown, (int, float)) and not isinstance(cooldown, bool) and math.isfinite(cooldown)
+               and cooldown >= 0, "cooldown", cooldown, "it is how long a failing replica is left alone",
+               "pass a number of seconds >= 0")
         for name, value in (("timeout", timeout), ("deadline", deadline), ("backoff", backoff),
                             ("max_backoff", max_backoff), ("max_retry_after", max_retry_after)):
             positive = name in ("timeout", "deadline")
@@ -1558,21 +1597,36 @@ class HTTPClient:
         self._watch = threading.Condition(threading.Lock())
         self._watching, self._wakes_at = False, math.inf
         self._aborted = threading.Event()
+        self.max_in_flight, self.cooldown = max_in_flight, cooldown
+        self._servers = {e.base_url: _Server(_public_url(e.base_url))
+                         for e in self.default + [e for group in self.endpoints.values() for e in group]}
+        self._turns: dict[tuple, int] = {}
+        self._slots = threading.Condition(threading.Lock())
 
     def __repr__(self) -> str:
         return f"HTTPClient(default={self.default!r}, endpoints={self.endpoints!r})"
 
-    def endpoint_for(self, model: str) -> Endpoint:
-        """The endpoint that serves ``model``: its own if it has one, else the default."""
-        endpoint = self.endpoints.get(model, self.default)
-        if endpoint is None:
+    def replicas(self, model: str) -> list[Endpoint]:
+        """The endpoints that serve ``model``: its own if it has any, else the default ones."""
+        replicas = self.endpoints.get(model) or self.default
+        if not replicas:
             raise ConfigError(f"model {model!r} has no endpoint: give HTTPClient a base_url, or "
                               f"endpoints={{{model!r}: Endpoint(...)}} (on the command line: --base-url "
                               f"or --endpoint {model}=URL)")
-        return endpoint
+        return replicas
+
+    def endpoint_for(self, model: str) -> Endpoint:
+        """The endpoint that serves ``model`` (the first of its replicas): its own if it has one, else the default."""
+        return self.replicas(model)[0]
+
+    def servers(self) -> dict[str, dict[str, int]]:
+        """By server URL (without credentials): the requests sent to it so far, and how many of them failed."""
+        with self._slots:
+            return {server.url: {"requests": server.requests, "failed": server.failed}
+                    for server in self._servers.values()}
 
     def __call__(self, request: Request) -> Reply:
-        endpoint = self.endpoint_for(request.model)
+        replicas = self.replicas(request.model)
         body: dict[str, Any] = {"model": request.model, "messages": list(request.messages),
                                 "temperature": request.temperature}
         if request.max_tokens is not None:
@@ -1587,16 +1641,25 @@ class HTTPClient:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         payload = _clean(json.dumps(body, ensure_ascii=False)).encode("utf-8")  # no lone surrogate can be sent
-        attempt, retries = 0, 0
+        attempt, retries, extra, reconnected = 0, 0, 0, False
+        failed_here: set[str] = set()  # replicas this call failed on since its last retry
         while True:
             attempt += 1
+            endpoint = self._pick(replicas, failed_here, request)
             try:
                 reply = self._send(endpoint, payload, request)
-                reply.retries = retries
-                return reply
             except _Retry as failure:
-                if failure.stale and attempt == 1:
+                if failure.stale and not reconnected:
+                    self._settle(endpoint, "stale")
+                    reconnected = True
                     continue  # a kept-alive connection the server had closed: reconnect, not a retry
+                self._settle(endpoint, "down" if failure.down else "failed")
+                failed_here.add(endpoint.base_url)
+                if any(r.base_url not in failed_here and self._servers[r.base_url].cool_until <= time.monotonic()
+                       for r in replicas):
+                    extra += 1
+                    continue  # failover: another replica takes the call now, no wait, no retry spent
+                failed_here.clear()
                 wait = min(self.max_backoff, self.backoff * 2 ** retries) * self.rng.random()
                 if failure.retry_after is not None:
                     if failure.retry_after > self.max_retry_after:
@@ -1607,10 +1670,61 @@ class HTTPClient:
                 if retries >= self.retries:
                     raise self._error(endpoint, request, failure.message, failure, attempt) from None
                 retries += 1
+                extra += 1
                 if self.sleep is not None:
                     self.sleep(wait)
                 else:
                     self._aborted.wait(wait)  # abort() cuts the wait short
+            except ModelError:
+                self._settle(endpoint, "answered")
+                raise
+            except BaseException:
+                self._settle(endpoint, "stale")
+                raise
+            else:
+                self._settle(endpoint, "ok")
+                reply.retries = extra
+                return reply
+
+    # --- replicas: which server takes a call ------------------------------------------------------------
+
+    def _pick(self, replicas: list[Endpoint], failed_here: set[str], request: Request) -> Endpoint:
+        """The replica for the next attempt, counted in flight: of those this call has not failed on (else
+        all), the ones not cooling down (else the one back soonest), with a free slot (else wait for one),
+        the one with the fewest calls in flight; ties go in turn."""
+        group = tuple(r.base_url for r in replicas)
+        with self._slots:
+            while not self._aborted.is_set():
+                now, turn = time.monotonic(), self._turns.get(group, 0)
+                in_turn = [replicas[(turn + k) % len(replicas)] for k in range(len(replicas))]
+                fresh = [r for r in in_turn if r.base_url not in failed_here] or in_turn
+                servers = self._servers
+                healthy = [r for r in fresh if servers[r.base_url].cool_until <= now] or [
+                    min(fresh, key=lambda r: servers[r.base_url].cool_until)]
+                free = [r for r in healthy
+                        if self.max_in_flight is None or servers[r.base_url].in_flight < self.max_in_flight]
+                if free:
+                    chosen = min(free, key=lambda r: servers[r.base_url].in_flight)  # the first in turn on ties
+                    servers[chosen.base_url].in_flight += 1
+                    self._turns[group] = replicas.index(chosen) + 1
+                    return chosen
+                self._slots.wait(1.0)  # every slot taken: a finished call notifies
+        raise self._error(replicas[0], request, "interrupted: the client was aborted", None, 1, retryable=False)
+
+    def _settle(self, endpoint: Endpoint, outcome: str) -> None:
+        """Count an attempt's end: ok, failed (retryable), down (refused), answered (a final error) or stale."""
+        with self._slots:
+            server = self._servers[endpoint.base_url]
+            server.in_flight -= 1
+            server.requests += outcome != "stale"
+            server.failed += outcome in ("failed", "down", "answered")
+            if outcome in ("ok", "answered"):
+                server.failures = 0  # it answers: healthy
+            elif outcome in ("failed", "down"):
+                server.failures += 1
+                if outcome == "down" or server.failures >= COOL_AFTER:
+                    server.cool_until = time.monotonic() + self.cooldown
+            self._slots.notify()
 
     def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None,
                attempts: int, status: int | None = None, body: str = "", retryable: bool = True) -> ModelError:
@@ -1629,7 +1743,7 @@ class HTTPClient:
             if idle:
                 return idle.pop(), True
         kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-        return kind(parts.hostname, parts.port, timeout=min(self.timeout, self.deadline)), False
+        return kind(parts.hostname or "", parts.port, timeout=min(self.timeout, self.deadline)), False
 
     def _release(self, endpoint: Endpoint, connection: http.client.HTTPConnection) -> None:
         """Put a connection whose reply was read in full back for reuse."""
@@ -1686,6 +1800,8 @@ class HTTPClient:
         with self._watch:
             for attempt in self._in_flight:
                 _shut(attempt.connection)
+        with self._slots:
+            self._slots.notify_all()  # calls waiting for a free slot
         self.close()
 
     # --- one attempt ---------------------------------------------------------------------------------------
@@ -1740,7 +1856,8 @@ class HTTPClient:
             raise _Retry(f"no reply within timeout={self.timeout:g} s") from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise _Retry(f"could not reach the server, or its reply is not HTTP ({type(exc).__name__}: "
-                         f"{str(exc)[:200]})") from None
+                         f"{str(exc)[:200]})", down=isinstance(exc, (ConnectionRefusedError, socket.gaierror))) \
+                from None
         if response.status == 200 and request.stream is not None:
             return self._read_stream(response, endpoint, request, flight)
         try:
@@ -1783,8 +1900,8 @@ class HTTPClient:
         reasons: list[str | None] = [None] * request.n
         taken, problem = [False] * request.n, None
         for place, choice in enumerate(choices):
-            index = choice.get("index") if isinstance(choice, dict) else None
-            index = index if _is_int(index) else place
+            given = choice.get("index") if isinstance(choice, dict) else None
+            index = given if isinstance(given, int) and not isinstance(given, bool) else place
             if not 0 <= index < request.n or taken[index]:
                 continue  # more choices than asked for, or a repeated index: the first one counts
             taken[index] = True
@@ -1886,6 +2003,13 @@ class HTTPClient:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _endpoints_of(client: Any) -> list[Endpoint]:
+    """Every Endpoint a completion function holds: an HTTPClient's default replicas, then each model's."""
+    groups = [getattr(client, "default", None), *(getattr(client, "endpoints", None) or {}).values()]
+    flat = [e for group in groups for e in (group if isinstance(group, (list, tuple)) else [group])]
+    return list(dict.fromkeys(e for e in flat if isinstance(e, Endpoint)))
 
 
 def _read_capped(response: http.client.HTTPResponse, limit: int) -> tuple[bytes, bool]:
@@ -3258,7 +3382,7 @@ class ModelServer:
     # --- routes ----------------------------------------------------------------------------------------
 
     def _secrets(self) -> list[str | None]:
-        endpoints = [getattr(self.complete, "default", None), *getattr(self.complete, "endpoints", {}).values()]
+        endpoints = _endpoints_of(self.complete)
         return [self.server_key] + [getattr(endpoint, "api_key", None) for endpoint in endpoints]
 
     def _authorize(self, handler: _ServeHandler) -> None:
@@ -3285,7 +3409,7 @@ class ModelServer:
         """The served names: each upstream model (as its upstream lists it), and each method of it."""
         names = list(self.models)
         client = self.complete
-        endpoints = [getattr(client, "default", None), *getattr(client, "endpoints", {}).values()]
+        endpoints = _endpoints_of(client)
         for endpoint in dict.fromkeys(e for e in endpoints if isinstance(e, Endpoint)):
             names += self._upstream_models(endpoint)
         names += list(getattr(client, "endpoints", {}))
@@ -3774,7 +3898,8 @@ _FLAGS = {"temperature": "--temperature", "max_tokens": "--max-tokens", "n": "--
           "window": "--window", "carry": "--carry", "layers": "--layers", "seed": "--seed", "min_ok": "--min-ok",
           "concurrency": "--concurrency", "timeout": "--timeout", "retries": "--retries", "model": "--model",
           "aggregator": "--aggregator", "proposer": "--proposer", "proposers": "--proposer", "deadline": "--deadline",
-          "base_url": "--base-url", "prompt": "PROMPT", "instruction": "--instruction-file"}
+          "base_url": "--base-url", "prompt": "PROMPT", "instruction": "--instruction-file",
+          "max_in_flight": "--max-in-flight"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3811,9 +3936,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-n", dest="use_n", action="store_false",
         help="never ask for several samples in one request (one request per sample)")
     add("--instruction-file", metavar="FILE", help="replace the aggregator instruction with this file's text")
-    add("--base-url", metavar="URL", help="the default endpoint (default: $OPENAI_BASE_URL, else the OpenAI API)")
+    add("--base-url", action="append", metavar="URL",
+        help="the default endpoint (default: $OPENAI_BASE_URL, else the OpenAI API); repeat it for replicas")
     add("--api-key", metavar="KEY", help="the default endpoint's key (default: see below)")
-    add("--endpoint", action="append", metavar="MODEL=URL", help="serve MODEL from its own endpoint (repeatable)")
+    add("--endpoint", action="append", metavar="MODEL=URL",
+        help="serve MODEL from its own endpoint (repeatable; the same MODEL again adds a replica)")
+    add("--max-in-flight", type=int, metavar="K", help="calls in flight per server at most (default: no cap)")
     add("--json", action="store_true", help="print the whole result (answer, trace of every call, usage) as JSON")
     add("--diversity", action="store_true",
         help="add each proposer layer's diversity (Vendi score) to --json output and batch lines")
@@ -3852,25 +3980,36 @@ def _cli_endpoint(url: str, key: str | None, url_source: str, key_source: str) -
     return Endpoint(url, key)
 
 
+def _servers_of(client: Any) -> dict[str, Any]:
+    """``{"servers": ...}``, the requests each server got (HTTPClient.servers()), for --json; {} for other clients."""
+    servers = getattr(client, "servers", None)
+    return {"servers": servers()} if callable(servers) else {}
+
+
 def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPClient:
-    """The HTTPClient the flags and the environment describe, keys going only where they belong."""
+    """The HTTPClient the flags and the environment describe, keys going only where they belong.
+
+    Each --base-url is a replica of the default endpoint, each --endpoint MODEL=URL a replica of MODEL's.
+    """
     env_url = environ.get("OPENAI_BASE_URL") or None
-    base_url = args.base_url or env_url or OPENAI_BASE_URL
-    key, key_source = args.api_key, "--api-key"
-    if key is None and (base_url.rstrip("/") == OPENAI_BASE_URL or (env_url and base_url == env_url)):
-        key, key_source = environ.get("OPENAI_API_KEY") or None, "$OPENAI_API_KEY"
-    default = _cli_endpoint(base_url, key, "--base-url " if args.base_url else "$OPENAI_BASE_URL ",
-                            key_source)
-    endpoints = {}
+    default = []
+    for base_url in args.base_url or [env_url or OPENAI_BASE_URL]:
+        key, key_source = args.api_key, "--api-key"
+        if key is None and (base_url.rstrip("/") == OPENAI_BASE_URL or (env_url and base_url == env_url)):
+            key, key_source = environ.get("OPENAI_API_KEY") or None, "$OPENAI_API_KEY"
+        default.append(_cli_endpoint(base_url, key, "--base-url " if args.base_url else "$OPENAI_BASE_URL ",
+                                     key_source))
+    endpoints: dict[str, list[Endpoint]] = {}
     for spec in args.endpoint or []:
         model, sep, url = spec.partition("=")
         if not sep or not model.strip() or not url or "://" in model:
             raise ConfigError("--endpoint: expected MODEL=URL, the model's name first; pass e.g. "
                               "--endpoint llama=http://localhost:8080/v1")
-        name = _key_env_name(model)
-        endpoints[model] = _cli_endpoint(url, environ.get(name) or None, f"--endpoint {model}=", f"${name}")
-    return HTTPClient(default.base_url, default.api_key, endpoints=endpoints, timeout=args.timeout,
-                      deadline=args.deadline, retries=args.retries)
+        name = _key_env_name(model)  # the model's key goes to every replica of it, and nowhere else
+        endpoints.setdefault(model, []).append(_cli_endpoint(url, environ.get(name) or None, f"--endpoint {model}=",
+                                                             f"${name}"))
+    return HTTPClient(default, endpoints=endpoints, timeout=args.timeout, deadline=args.deadline,
+                      retries=args.retries, max_in_flight=args.max_in_flight)
 
 
 # Flags that only some methods use: given under another method they would do nothing, so they are refused.
@@ -4010,7 +4149,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         message = str(exc).replace(" min_ok=", " --min-ok ", 1) if isinstance(exc, NotEnoughProposals) else str(exc)
         print(f"selfmoa: {message}", file=sys.stderr)
         if args.json and exc.partial is not None:
-            print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message}, indent=2,
+            print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message,
+                              **_servers_of(client)}, indent=2,
                              ensure_ascii=False))
         elif exc.partial is not None and exc.partial.trace:
             print(f"selfmoa: {exc.partial.requests} requests had been made; --json shows them", file=sys.stderr)
@@ -4020,7 +4160,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print("\nselfmoa: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(result.to_dict(diversity=args.diversity), indent=2, ensure_ascii=False))
+        print(json.dumps({**result.to_dict(diversity=args.diversity), **_servers_of(client)}, indent=2,
+                         ensure_ascii=False))
     elif streamed:
         # What was streamed is the answer, unless the server's stream and final text differ.
         print("" if "".join(streamed) == result.answer else "\n" + result.answer)
@@ -4084,6 +4225,10 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
             f"by a rerun, to {_removed_path(records_path)}")
     say(f"selfmoa: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already done "
         f"(of {counts['total']}); results in {records_path}")
+    servers = _servers_of(client).get("servers", {})
+    if len(servers) > 1:
+        say("selfmoa: requests per server: " + ", ".join(f"{url} {count['requests']} ({count['failed']} failed)"
+                                                         for url, count in servers.items()))
     if counts["failed"]:
         with open(records_path, "rb") as file:
             records, _ = _parse_output(file.read(), records_path)

@@ -31,12 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-seconds", type=float, default=30.0, metavar="S", help="length of a stall fault")
     parser.add_argument("--ignore-n", action="store_true", help="return one choice whatever n asks (like llama.cpp)")
     parser.add_argument("--api-key", metavar="KEY", help="require this bearer key")
+    parser.add_argument("--max-concurrency", type=int, metavar="K",
+                        help="work on at most K requests at once and queue the rest (default: no limit)")
     args = parser.parse_args(argv)
     try:
         server = MockServer(args.host, args.port, latency=args.latency, latency_per_token=args.latency_per_token,
                             fault_rate=args.fault_rate, faults=[f for f in args.faults.split(",") if f],
                             fault_seed=args.fault_seed, retry_after=args.retry_after,
-                            stall_seconds=args.stall_seconds, honour_n=not args.ignore_n, api_key=args.api_key)
+                            stall_seconds=args.stall_seconds, honour_n=not args.ignore_n, api_key=args.api_key,
+                            max_concurrency=args.max_concurrency)
     except (ValueError, OSError) as exc:
         print(f"mock_models: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,13 @@ choice ``j`` of a request with seed ``S`` has effective seed ``S + j`` (spec/wir
 request with ``n`` and one request per sample give the same samples. Temperature 0 ignores the seed;
 temperature > 0 without a seed draws a fresh random salt, like a real model.
 
+Capacity (``max_concurrency``): at most that many requests are worked on at once, the others wait in a queue
+with their connections open, like a GPU server with a fixed number of batch slots (llama.cpp's server has
+one); ``peak_concurrency`` records the most seen at once.
+
+Malformed requests (bodies that are not JSON, nested too deeply, holding a lone surrogate escape, fields of
+the wrong type) get an OpenAI-shaped 4xx; the server never drops a connection for what a client sent.
+
 Faults (``fault_rate``, ``faults``, ``fault_seed``): whether a request fails, and how, is drawn from sha256
 over (fault_seed, the request body, how many times this server has seen that same body), so a retry of
 the same request gets a fresh but reproducible draw.
@@ -118,7 +125,8 @@ class MockServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
                  latency_per_token: float = 0.0, fault_rate: float = 0.0, faults=None, fault_seed: int = 0,
                  retry_after: int = 1, stall_seconds: float = 30.0, honour_n: bool = True, api_key: str | None = None,
-                 max_body_bytes: int = 1_000_000, context_length: int | None = None, client_timeout: float = 30.0):
+                 max_body_bytes: int = 1_000_000, context_length: int | None = None, client_timeout: float = 30.0,
+                 max_concurrency: int | None = None):
         faults = tuple(faults) if faults is not None else FAULTS
         unknown = [f for f in faults if f not in FAULTS]
         if unknown or not 0 <= fault_rate <= 1:
@@ -127,6 +135,14 @@ class MockServer:
         self.fault_rate, self.faults, self.fault_seed = fault_rate, faults, fault_seed
         self.retry_after, self.stall_seconds, self.honour_n = retry_after, stall_seconds, honour_n
         self.api_key, self.max_body_bytes, self.context_length = api_key, max_body_bytes, context_length
+        if max_concurrency is not None and (isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int)
+                                            or max_concurrency < 1):
+            raise ValueError(f"max_concurrency must be an integer >= 1 or None (got {max_concurrency!r})")
+        # At most max_concurrency requests are worked on at once (a GPU server's batch slots, llama.cpp's one
+        # slot); the others wait, queued, with their connections open. peak_concurrency records the most seen.
+        self.max_concurrency = max_concurrency
+        self._slots = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
+        self.in_progress = self.peak_concurrency = 0
         self.requests: list[dict] = []
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -253,6 +269,19 @@ def _make_handler(server: MockServer, client_timeout: float):
             self._json(404, _error(f"no route for GET {path[:100]}", "invalid_request_error"))
 
         def do_POST(self) -> None:
+            if server._slots is None:
+                return self._post()
+            with server._slots:
+                with server._lock:
+                    server.in_progress += 1
+                    server.peak_concurrency = max(server.peak_concurrency, server.in_progress)
+                try:
+                    self._post()
+                finally:
+                    with server._lock:
+                        server.in_progress -= 1
+
+        def _post(self) -> None:
             path = self.path.split("?")[0].rstrip("/")
             entry: dict[str, Any] = {"method": "POST", "path": path, "headers": dict(self.headers), "body": None,
                      "status": None, "fault": None}
