@@ -3949,7 +3949,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream the final answer as it is written (default: when stdout is a terminal)")
     add("-i", "--input", metavar="FILE", help="batch mode: run every item of FILE")
     add("-o", "--output", metavar="FILE", help="batch mode: write (and resume) results here")
-    add("--format", choices=["jsonl", "alpaca_eval"], default="jsonl",
+    add("--format", choices=["jsonl", "alpaca_eval"],
         help="batch output format; alpaca_eval writes AlpacaEval's model-outputs JSON to --output, "
              "keeping the resumable JSONL in FILE.jsonl (default: jsonl)")
     add("--generator", metavar="NAME", help="alpaca_eval: the generator name (default: selfmoa- followed by "
@@ -4034,6 +4034,19 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.diversity and not (args.json or args.input or args.output):
         raise ConfigError("--diversity: it adds each proposer layer's diversity to --json output and to batch lines, "
                           "so alone it would have no effect; add --json, or run a batch with -i and -o")
+    batch_only = (("--trace", args.trace), ("--format", args.format is not None),
+                  ("--generator", args.generator is not None))
+    for flag, given in batch_only:
+        if given and not (args.input or args.output):
+            raise ConfigError(f"{flag}: it shapes a batch's output, and without -i FILE and -o FILE no batch runs, "
+                              f"so {flag} would have no effect; drop it, or run a batch with -i and -o")
+    if args.stream and args.json:
+        raise ConfigError("--stream: --json prints the whole result once it is done, so --stream would have no "
+                          "effect; drop one of them")
+    for flag, given in (("--json", args.json), ("--stream", args.stream is not None)):
+        if given and (args.input or args.output):
+            raise ConfigError(f"{flag}: a batch writes its results to -o FILE and prints only a summary, so {flag} "
+                              f"would have no effect; drop it")
 
 
 def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -4175,7 +4188,7 @@ def _main_batch(args: argparse.Namespace, options: dict[str, Any], client: HTTPC
         raise ConfigError(f"--generator {args.generator!r}: names the AlpacaEval generator, so it goes with "
                           f"--format alpaca_eval and is not empty; add --format alpaca_eval, or drop --generator")
     items = read_items(args.input)
-    records_path = args.output if args.format == "jsonl" else args.output + ".jsonl"
+    records_path = args.output + ".jsonl" if args.format == "alpaca_eval" else args.output
     try:
         with _output_lock(records_path):  # held until outputs.json is written, too
             if args.format == "alpaca_eval":

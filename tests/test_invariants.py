@@ -906,9 +906,18 @@ def test_E3_flags_left_out_take_the_methods_defaults():
 @pytest.mark.parametrize("argv, flag", [
     (["--method", "moa", "-p", "a", "-a", "z", "-m", "q"], "--model"),
     (["-m", "q", "--diversity"], "--diversity"),
+    (["-m", "q", "--trace"], "--trace"),
+    (["-m", "q", "--format", "jsonl"], "--format"),
+    (["-m", "q", "--generator", "g"], "--generator"),
+    (["-m", "q", "--json", "--stream"], "--stream"),
+    (["-m", "q", "-i", "in.jsonl", "-o", "out.jsonl", "--json"], "--json"),
+    (["-m", "q", "-i", "in.jsonl", "-o", "out.jsonl", "--no-stream"], "--stream"),
 ])
 def test_E3_other_flags_without_effect_are_refused(capsys, argv, flag):
-    code, _, err = run_cli(capsys, CLI_URL + argv + ["hi"])
+    """Flags that would change nothing (batch-only flags without a batch, --stream with --json, ...) exit 2
+    naming the flag, before any file is read or call made."""
+    argv = argv if "-i" in argv else argv + ["hi"]
+    code, _, err = run_cli(capsys, CLI_URL + argv)
     assert code == 2 and f"error: {flag}: " in err and "no effect" in err
 
 
