@@ -3600,43 +3600,52 @@ class ModelServer:
     # --- pass-through ----------------------------------------------------------------------------------
 
     def _pass_through(self, handler: _ServeHandler, model: str, raw: bytes, streaming: bool) -> None:
-        """Send the request, as it came, to the model's own upstream (with that upstream's key, never the
-        client's), and its reply back as it comes: status, body and streamed events unchanged."""
-        endpoint_for = getattr(self.complete, "endpoint_for", None)
+        """Send the request, as it came, to one of the model's own upstreams (with that upstream's key, never
+        the client's), and its reply back as it comes: status, body and streamed events unchanged. With
+        replicas, the client's rule picks the upstream (fewest calls in flight, cool-down, failover)."""
+        replicas_of = getattr(self.complete, "replicas", None)
         try:
-            if endpoint_for is None:
+            if replicas_of is None:
                 raise ConfigError("no upstream")
-            endpoint = endpoint_for(model)
+            replicas = list(replicas_of(model))
         except ConfigError:
             raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it", "model",
                               "model_not_found") from None
-        parts = urllib.parse.urlsplit(endpoint.base_url)
-        path = parts.path.rstrip("/") + "/chat/completions" + (f"?{parts.query}" if parts.query else "")
-        headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
-                   "Accept": "text/event-stream" if streaming else "application/json"}
-        if endpoint.api_key:
-            headers["Authorization"] = f"Bearer {endpoint.api_key}"
         retries = getattr(self.complete, "retries", 0)
-        attempt = 0
+        attempt, failed_here = 0, set[str]()
         while True:
+            endpoint = self._claim(replicas, failed_here, model)
+            parts = urllib.parse.urlsplit(endpoint.base_url)
+            path = parts.path.rstrip("/") + "/chat/completions" + (f"?{parts.query}" if parts.query else "")
+            headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
+                       "Accept": "text/event-stream" if streaming else "application/json"}
+            if endpoint.api_key:
+                headers["Authorization"] = f"Bearer {endpoint.api_key}"
             connection, reused = self._upstream(parts)
             try:
                 connection.request("POST", path, body=raw, headers=headers)  # connects (TCP_NODELAY) if new
                 response = connection.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 connection.close()
+                self._unclaim(endpoint, "stale" if reused else "down")
                 if reused:
                     continue  # a kept-alive connection the upstream had closed meanwhile: not an attempt
                 failure = f"could not reach it ({type(exc).__name__})"
             else:
-                if response.status not in RETRY_STATUSES or attempt == retries:
-                    break
+                last_chance = attempt == retries and len(failed_here | {endpoint.base_url}) >= len(replicas)
+                if response.status not in RETRY_STATUSES or last_chance:
+                    break  # relayed as it is: an answer, or the last failure once every replica had its chance
                 connection.close()
+                self._unclaim(endpoint, "failed")
                 failure = f"HTTP {response.status}"
+            failed_here.add(endpoint.base_url)
+            if len(failed_here) < len(replicas):
+                continue  # failover: another replica takes the request now, no wait, no retry spent
             if attempt == retries:
                 raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: {failure}"
                                   + (f" (after {attempt + 1} attempts)" if attempt else ""), None,
                                   "upstream_error", "upstream_error")
+            failed_here.clear()  # every replica failed this request: back off, then try them again
             backoff, most = getattr(self.complete, "backoff", 0.5), getattr(self.complete, "max_backoff", 30.0)
             time.sleep(min(most, backoff * 2 ** attempt) * random.random())
             attempt += 1
@@ -3676,8 +3685,26 @@ class ModelServer:
         except (OSError, http.client.HTTPException):
             handler.close_connection = True  # the upstream broke off mid-reply: so does this reply
         finally:
+            self._unclaim(endpoint, "ok" if response.status == 200 else "answered")
             if not kept:
                 connection.close()
+
+    def _claim(self, replicas: list[Endpoint], failed_here: set[str], model: str) -> Endpoint:
+        """The upstream for one pass-through attempt, counted in flight by the client's replica rule."""
+        pick = getattr(self.complete, "_pick", None)
+        if pick is None:
+            return replicas[0]
+        try:
+            return pick(replicas, failed_here, Request(model, ()))
+        except ModelError as exc:  # the client was aborted: the server is stopping
+            raise _ServeError(502, f"upstream failure: {exc.message}", None, "upstream_error",
+                              "upstream_error") from None
+
+    def _unclaim(self, endpoint: Endpoint, outcome: str) -> None:
+        """End a claimed attempt (ok, failed, down, answered or stale), as the client counts its own calls."""
+        settle = getattr(self.complete, "_settle", None)
+        if settle is not None:
+            settle(endpoint, outcome)
 
     def _upstream(self, parts: urllib.parse.SplitResult) -> tuple[http.client.HTTPConnection, bool]:
         """A kept-alive connection to an upstream host if one is idle (True), else a new, unconnected one."""

@@ -711,3 +711,31 @@ def test_pass_through_blanks_an_echoed_upstream_key_in_every_form_even_split_ove
         assert reply.text.count("***") == 3, reply.text
         assert not any(key[i:i + 8] in reply.text for i in range(len(key) - 7))
         assert "secret" not in reply.text
+
+
+def test_pass_through_spreads_over_a_models_replicas_and_fails_over_from_a_dead_one():
+    """Pass-through follows the client's replica rule: requests for one model alternate between its two
+    live upstreams (fewest in flight, ties in turn), and a replica that refuses connections or answers 503 is
+    skipped without the client seeing an error or a retry being spent."""
+    dead = socket.create_server(("127.0.0.1", 0))
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}/v1"
+    dead.close()  # nothing listens there now: connections are refused
+    with MockServer() as one, MockServer() as two:
+        client = selfmoa.HTTPClient([one.base_url, two.base_url], retries=1, backoff=0)
+        with selfmoa.ModelServer(client, port=0) as server:
+            replies = [post(server, {"model": "generalist", "messages": QUESTION, "seed": i}) for i in range(6)]
+            streamed = post(server, {"model": "generalist", "messages": QUESTION, "seed": 6, "stream": True})
+        assert all(reply.status_code == 200 for reply in replies) and streamed.status_code == 200
+        assert sorted([len(one.requests), len(two.requests)]) == [3, 4]  # 7 requests, in turn
+        failover = selfmoa.HTTPClient([dead_url, one.base_url], retries=0, backoff=0)
+        before = len(one.requests)
+        with selfmoa.ModelServer(failover, port=0) as server:
+            reply = post(server, {"model": "generalist", "messages": QUESTION, "seed": 1})
+        assert reply.status_code == 200 and len(one.requests) == before + 1
+        assert reply.json() == replies[1].json()
+        busy = ("json", 503, {"error": {"message": "overloaded"}}, {})
+        with ScriptedServer(busy) as overloaded:
+            failover = selfmoa.HTTPClient([overloaded.base_url, one.base_url], retries=0, backoff=0)
+            with selfmoa.ModelServer(failover, port=0) as server:
+                reply = post(server, {"model": "generalist", "messages": QUESTION, "seed": 1})
+            assert reply.status_code == 200 and len(overloaded.log) == 1 and len(one.requests) == before + 2
