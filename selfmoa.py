@@ -4076,6 +4076,21 @@ def _check_flags(args: argparse.Namespace) -> None:
                               f"would have no effect; drop it")
 
 
+def _instruction_file(path: str | None) -> str | None:
+    """The aggregator instruction of --instruction-file (None without one); an unreadable or empty file is a
+    usage error naming the flag."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--instruction-file {path}: cannot read it ({exc}); pass a UTF-8 text file") from None
+    if not text:
+        raise ConfigError(f"--instruction-file {path}: the file is empty; write the aggregator's instruction in it")
+    return text
+
+
 def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
     """The keyword arguments of the chosen method, from the flags; usage errors name the flag.
 
@@ -4083,13 +4098,7 @@ def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
     """
     _check_flags(args)
     model = args.model or environ.get("SELFMOA_MODEL") or None
-    instruction = None
-    if args.instruction_file:
-        try:
-            with open(args.instruction_file, encoding="utf-8") as file:
-                instruction = file.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"--instruction-file {args.instruction_file}: cannot read it ({exc})") from None
+    instruction = _instruction_file(args.instruction_file)
     given = {name: value for name, value in (("layers", args.layers), ("n", args.samples), ("window", args.window),
                                               ("carry", args.carry)) if value is not None}
     common = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
@@ -4366,14 +4375,8 @@ def _main_serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     """``selfmoa serve``: serve until SIGINT or SIGTERM, then drain and return 0."""
     parser = build_serve_parser()
     args = parser.parse_args(argv)
-    instruction = DEFAULT_INSTRUCTION
     try:
-        if args.instruction_file:
-            try:
-                with open(args.instruction_file, encoding="utf-8") as file:
-                    instruction = file.read().strip()
-            except OSError as exc:
-                raise ConfigError(f"--instruction-file {args.instruction_file}: cannot read it ({exc})") from None
+        instruction = _instruction_file(args.instruction_file) or DEFAULT_INSTRUCTION
         defaults = {"n": args.samples, "window": args.window, "carry": args.carry, "proposers": args.proposer,
                     "layers": args.layers, "min_ok": args.min_ok, "temperature": args.temperature,
                     "max_tokens": args.max_tokens, "aggregator_temperature": args.aggregator_temperature,

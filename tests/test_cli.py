@@ -399,3 +399,18 @@ def test_batch_output_problems_are_usage_errors_not_tracebacks(capsys, tmp_path)
     code, _, err = run(capsys, ["--base-url", "http://127.0.0.1:9/v1", "-m", "q", "-i", str(tmp_path / "in.jsonl"),
                                 "-o", str(tmp_path / "missing" / "out.jsonl")])
     assert code == 2 and "cannot write the output file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", [None, b"", b"  \n", b"\xff\xfe not UTF-8"], ids=["missing", "empty", "blank",
+                                                                                       "binary"])
+@pytest.mark.parametrize("command", [[], ["serve", "--port", "0"]], ids=["one-shot", "serve"])
+def test_a_bad_instruction_file_is_a_usage_error_naming_the_flag(tmp_path, capsys, content, command):
+    """--instruction-file that is missing, empty or not UTF-8 exits 2 naming the flag, before any call and
+    without a traceback, for the one-shot command and for serve alike."""
+    path = tmp_path / "instruction.txt"
+    if content is not None:
+        path.write_bytes(content)
+    argv = command + ["--base-url", "http://127.0.0.1:9/v1", "--instruction-file", str(path)]
+    code = selfmoa.main(argv + ([] if command else ["-m", "x", "hi"]), environ={})
+    err = capsys.readouterr().err
+    assert code == 2 and "--instruction-file" in err and "Traceback" not in err, err
