@@ -1724,7 +1724,7 @@ class HTTPClient:
                 server.failures += 1
                 if outcome == "down" or server.failures >= COOL_AFTER:
                     server.cool_until = time.monotonic() + self.cooldown
-            self._slots.notify()
+            self._slots.notify_all()  # every waiter: the one woken must be one waiting for this server
 
     def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None,
                attempts: int, status: int | None = None, body: str = "", retryable: bool = True) -> ModelError:
