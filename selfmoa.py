@@ -2517,8 +2517,15 @@ def _write_all(descriptor: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _through_links(path: str) -> str:
+    """The file a symbolic link ``path`` points at (``path`` itself if it is none): that file is locked and
+    replaced, so a link keeps pointing at the answers, and a run on either name finds the other's lock."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def _write_atomically(path: str, data: bytes) -> None:
     """Replace ``path`` by a file holding ``data``: a crash leaves the old file or the new one, never a mix."""
+    path = _through_links(path)
     temporary = f"{path}.tmp-{os.getpid()}"
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY, 0o644)
     try:
@@ -2616,7 +2623,7 @@ def _lock(output: str) -> Callable[[], None]:
     Elsewhere the lock file is created exclusively and holds the owner's pid; a file whose pid is no
     longer running is a stale lock, and is taken over.
     """
-    lock_path = output + ".lock"
+    lock_path = _through_links(output) + ".lock"
     fcntl = _fcntl()
     for _ in range(10):  # bounded: only a holder removing the file between our open and flock repeats this
         if fcntl is None:

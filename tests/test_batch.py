@@ -407,6 +407,35 @@ def test_bad_options_are_refused_before_any_call_and_leave_no_file(tmp_path):
         assert echo.calls == 0 and sorted(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="needs symbolic links")
+def test_an_output_named_through_a_symlink_is_one_file_with_one_lock_and_stays_a_symlink(capsys, monkeypatch,
+                                                                                         tmp_path):
+    """`-o link.jsonl` where link.jsonl points at data/out.jsonl: a run on either name is refused while the
+    other holds the file (one writer at a time), and the final rewrite, here and of `--format alpaca_eval`'s
+    file, replaces the target, so the link still points at every answer."""
+    (tmp_path / "data").mkdir()
+    target, link = tmp_path / "data" / "out.jsonl", tmp_path / "link.jsonl"
+    target.write_bytes(b"")
+    link.symlink_to(target)
+    release = selfmoa._lock(str(link))
+    try:
+        with pytest.raises(selfmoa.ConfigError, match="is being written by another selfmoa run"):
+            run([{"prompt": "a"}], target)
+    finally:
+        release()
+    records = [{"id": i, "prompt": f"p{i}"} for i in range(3)]
+    run(records, link)
+    run(records[::-1], link)  # reordered: the file is rewritten
+    assert link.is_symlink() and [line["id"] for line in read_output(target)] == [2, 1, 0]
+    (tmp_path / "data" / "outputs.json").write_bytes(b"")
+    (tmp_path / "outputs.json").symlink_to(tmp_path / "data" / "outputs.json")
+    jsonl(tmp_path / "in.jsonl", [{"instruction": "q"}])
+    code, _, _ = cli(capsys, monkeypatch, ["-i", tmp_path / "in.jsonl", "-o", tmp_path / "outputs.json",
+                                           "--format", "alpaca_eval"])
+    assert code == 0 and (tmp_path / "outputs.json").is_symlink()
+    assert [entry["instruction"] for entry in json.loads((tmp_path / "data" / "outputs.json").read_text())] == ["q"]
+
+
 # --- 5. and 8. Fingerprints, changed inputs, removed items ----------------------------------------------
 
 
