@@ -2407,7 +2407,8 @@ def _parse_output(data: bytes, path: str) -> tuple[list[tuple[dict, bytes]], int
     """Every record of an output file with its line, and how many bytes the whole lines take.
 
     Raises ConfigError, having changed nothing, unless every line is a record and a torn tail (bytes after
-    the last newline) is the start of one. Lines end at b"\\n" only.
+    the last newline) is the start of one. Lines end at b"\\n" only. A whole record after the last newline
+    counts as a line (``keep`` is then the whole length, with no final newline: add one before appending).
     """
     keep = data.rfind(b"\n") + 1
     records = []
@@ -2423,6 +2424,13 @@ def _parse_output(data: bytes, path: str) -> tuple[list[tuple[dict, bytes]], int
                               f"selfmoa output file; it was left untouched: pass another output file, or move "
                               f"this one away")
         records.append((record, line))
+    try:
+        last = _loads(data[keep:].decode("utf-8")) if keep < len(data) else None
+    except (UnicodeDecodeError, ValueError):
+        last = None
+    if last is not None and _record_problem(last) is None:  # a whole record whose "\n" an editor dropped: kept
+        records.append((last, data[keep:]))
+        keep = len(data)
     if keep < len(data) and not _is_torn_start(data[keep:], bool(records)):
         raise ConfigError(f"{path}: its last line (with no newline at its end) is not the start of a selfmoa batch "
                           f"record, so this is not a selfmoa output file; it was left untouched: pass another "
@@ -2560,7 +2568,8 @@ def _move_lines(path: str, lines: Sequence[bytes]) -> None:
             os.ftruncate(descriptor, keep)
         present = set(data[:keep].split(b"\n"))
         new = [line for line in dict.fromkeys(lines) if line not in present]
-        _write_all(descriptor, b"".join(line + b"\n" for line in new))
+        ending = b"\n" if new and data[:keep] and not data[:keep].endswith(b"\n") else b""
+        _write_all(descriptor, ending + b"".join(line + b"\n" for line in new))
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
@@ -2828,6 +2837,9 @@ def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int
             todo.append((position, item))
         if keep < len(data):
             os.ftruncate(descriptor, keep)  # a torn line left by a crash: its item runs again
+        elif data and not data.endswith(b"\n"):
+            _write_all(descriptor, b"\n")  # a whole last record without its newline: end it before appending
+            keep += 1
         try:
             _append_results(todo, descriptor=descriptor, size=keep, output=output, job=job, counts=counts)
         except ConfigError:  # a bad option, found by the method before any call: leave no empty file behind

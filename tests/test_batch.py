@@ -172,11 +172,29 @@ def test_a_torn_tail_after_a_crash_is_cut_and_its_item_runs_again(tmp_path):
     whole = (tmp_path / "out.jsonl").read_bytes()
     first = whole[:whole.index(b"\n") + 1]
     second = whole[len(first):whole.index(b"\n", len(first)) + 1]
-    for cut in (1, 5, len(selfmoa._LINE_START), len(second) - 1):
+    for cut in (1, 5, len(selfmoa._LINE_START), len(second) - 2):  # - 1, a whole record: see the next test
         (tmp_path / "out.jsonl").write_bytes(first + whole[len(first):len(first) + cut])
         counts = run(records, tmp_path / "out.jsonl")
         assert counts["torn_bytes"] == cut and counts["skipped"] == 1 and counts["done"] == 2
         assert (tmp_path / "out.jsonl").read_bytes() == whole
+
+
+def test_a_whole_last_record_without_its_newline_is_kept_not_cut_off_as_torn(tmp_path):
+    """An editor may save the file without its final newline: that last line is a whole record, not a torn
+    one. It is kept (reused if its item is current, moved to the sibling file if not), never deleted, here
+    and in the sibling file itself, which then gets lines appended after it."""
+    records = [{"id": i, "prompt": f"p{i}"} for i in range(3)]
+    output, removed = tmp_path / "out.jsonl", tmp_path / "out.removed.jsonl"
+    run(records, output)
+    whole = read_output(output)
+    output.write_bytes(output.read_bytes().rstrip(b"\n"))
+    echo = Echo()
+    counts = run(records[:1], output, echo)  # items 1 and 2, the last one among them, leave the input
+    assert counts["torn_bytes"] == 0 and counts["skipped"] == 1 and echo.calls == 0
+    assert read_output(output) == whole[:1] and read_output(removed) == whole[1:]
+    removed.write_bytes(removed.read_bytes().rstrip(b"\n"))
+    run(records[1:2], output)  # item 0 leaves too: its line is appended after the sibling's last one
+    assert read_output(removed) == whole[1:] + whole[:1]
 
 
 # --- 2. Results never collide with input fields -------------------------------------------------------
