@@ -2512,6 +2512,20 @@ def _read_descriptor(descriptor: int) -> bytes:
     return b"".join(chunks)
 
 
+def _read_file(path: str) -> bytes:
+    """The bytes of the regular file ``path``; ConfigError for anything else (reading a named pipe would wait
+    for a writer forever, so it is opened without blocking and refused)."""
+    import stat
+
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _O_BINARY)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ConfigError(f"{path}: not a regular file; pass another output file, or move it away")
+        return _read_descriptor(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _write_all(descriptor: int, data: bytes) -> None:
     """Write all of ``data``. ``os.write`` may write less than asked (a short write): the rest follows, until
     the disk takes nothing more (an OSError then says why, as ENOSPC, EFBIG or EIO do)."""
@@ -2807,8 +2821,7 @@ def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int
             existing, keep = _parse_output(data, output)
             moved_to = _removed_path(output)
             if os.path.exists(moved_to):
-                with open(moved_to, "rb") as file:
-                    _parse_output(file.read(), moved_to)  # lines are moved there later: refuse it now if foreign
+                _parse_output(_read_file(moved_to), moved_to)  # lines are moved there later: refuse it now if foreign
         except (ConfigError, OSError) as exc:
             if created:  # leave no trace of a run that never started
                 os.close(descriptor)
@@ -3046,8 +3059,7 @@ def _check_alpaca_target(path: str, records_path: str, items: Sequence[Item]) ->
     this input: every entry's instruction is one of these items', and its output is an answer recorded in the
     selfmoa records beside it (``records_path`` or the lines moved out of it)."""
     try:
-        with open(path, "rb") as file:
-            data = file.read()
+        data = _read_file(path)
     except FileNotFoundError:
         return
     except OSError as exc:
@@ -3061,8 +3073,7 @@ def _check_alpaca_target(path: str, records_path: str, items: Sequence[Item]) ->
     answered: set[tuple[str, Any]] = set()
     for source in (records_path, _removed_path(records_path)):
         try:
-            with open(source, "rb") as file:
-                records, _ = _parse_output(file.read(), source)
+            records, _ = _parse_output(_read_file(source), source)
         except (OSError, ConfigError):
             continue
         answered.update((_instruction(record["input"]), record["answer"]) for record, _ in records

@@ -7,6 +7,7 @@ point (a lock held by another process, kill -9, a file-size limit)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -601,6 +602,38 @@ def test_an_alpaca_target_is_replaced_only_if_it_is_our_output_for_this_input(ca
     before = target.read_bytes()
     code, _, err = cli(capsys, monkeypatch, argv)
     assert code == 2 and target.read_bytes() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_named_pipe_where_a_file_is_read_is_refused_at_once_not_waited_on(capsys, monkeypatch, tmp_path):
+    """A named pipe as the --format alpaca_eval target, or where moved lines would go, is not a file: the run
+    exits 2 at once, before any call, naming it, instead of waiting forever for someone to write into it."""
+    os.mkfifo(tmp_path / "outputs.json")
+    os.mkfifo(tmp_path / "out.removed.jsonl")
+    outcome: dict = {}
+
+    def within_seconds(task):
+        thread = threading.Thread(target=lambda: outcome.update(result=task()), daemon=True)
+        thread.start()
+        thread.join(3)
+        if thread.is_alive():  # unblock the reader, then fail
+            for pipe in ("outputs.json", "out.removed.jsonl"):
+                with contextlib.suppress(OSError):
+                    os.close(os.open(tmp_path / pipe, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(3)
+            raise AssertionError("the run waited on a named pipe")
+        return outcome.pop("result")
+
+    code, _, err = within_seconds(lambda: cli(capsys, monkeypatch, alpaca(tmp_path, [{"instruction": "q"}])))
+    assert code == 2 and "outputs.json: not a regular file" in err
+    echo = Echo()
+
+    def sibling():
+        with pytest.raises(selfmoa.ConfigError, match="out.removed.jsonl: not a regular file"):
+            run([{"prompt": "a"}], tmp_path / "out.jsonl", echo)
+        return True
+
+    assert within_seconds(sibling) and echo.calls == 0 and not (tmp_path / "out.jsonl").exists()
 
 
 def test_a_rerun_with_new_parameters_that_first_fails_still_completes_the_alpaca_file(capsys, monkeypatch,
