@@ -2780,12 +2780,13 @@ def _open_output(output: str) -> tuple[int, bool]:
     """A descriptor of ``output`` for reading and appending, and whether this call created the file."""
     import stat
 
+    path = _through_links(output)  # a link to a file not written yet: create that file
     try:
-        descriptor = os.open(output, os.O_RDWR | os.O_APPEND | _O_BINARY)
+        descriptor = os.open(path, os.O_RDWR | os.O_APPEND | _O_BINARY)
         created = False
     except FileNotFoundError:
         try:
-            descriptor = os.open(output, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+            descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
         except OSError as exc:
             raise _cannot_write(output, exc) from None
         created = True
@@ -2827,7 +2828,7 @@ def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int
                 os.close(descriptor)
                 descriptor = -1
                 with contextlib.suppress(OSError):
-                    os.unlink(output)
+                    os.unlink(_through_links(output))
             if isinstance(exc, OSError):
                 raise _cannot_write(_removed_path(output), exc) from None
             raise
@@ -2858,7 +2859,7 @@ def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int
         except ConfigError:  # a bad option, found by the method before any call: leave no empty file behind
             if created and os.fstat(descriptor).st_size == 0:
                 with contextlib.suppress(OSError):
-                    os.unlink(output)
+                    os.unlink(_through_links(output))
             raise
         final, to_move, unchanged = _final_lines(items, descriptor, output, job.prints)
         os.close(descriptor)  # before the rename, which Windows refuses over an open file

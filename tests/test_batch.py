@@ -455,6 +455,22 @@ def test_an_output_named_through_a_symlink_is_one_file_with_one_lock_and_stays_a
     assert [entry["instruction"] for entry in json.loads((tmp_path / "data" / "outputs.json").read_text())] == ["q"]
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="needs symbolic links")
+def test_a_symlink_to_an_output_not_written_yet_creates_its_target(tmp_path):
+    """`ln -s data/out.jsonl out.jsonl` before the first run: the run creates data/out.jsonl through the link
+    (it used to fail, saying the file exists); a run refused before any call leaves no target behind."""
+    (tmp_path / "data").mkdir()
+    target, link = tmp_path / "data" / "out.jsonl", tmp_path / "out.jsonl"
+    link.symlink_to(target)
+    (tmp_path / "out.removed.jsonl").write_text("my notes\n")  # a foreign sibling: refused before any call
+    with pytest.raises(selfmoa.ConfigError, match="not a selfmoa output file"):
+        run([{"prompt": "a"}], link)
+    assert link.is_symlink() and not target.exists()
+    (tmp_path / "out.removed.jsonl").unlink()
+    assert run([{"prompt": "a"}], link)["done"] == 1
+    assert link.is_symlink() and [line["id"] for line in read_output(target)] == [0]
+
+
 # --- 5. and 8. Fingerprints, changed inputs, removed items ----------------------------------------------
 
 
