@@ -1724,7 +1724,7 @@ class HTTPClient:
                 server.failures += 1
                 if outcome == "down" or server.failures >= COOL_AFTER:
                     server.cool_until = time.monotonic() + self.cooldown
-            self._slots.notify()
+            self._slots.notify_all()  # every waiter: the one woken must be one waiting for this server
 
     def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None,
                attempts: int, status: int | None = None, body: str = "", retryable: bool = True) -> ModelError:
@@ -2407,7 +2407,8 @@ def _parse_output(data: bytes, path: str) -> tuple[list[tuple[dict, bytes]], int
     """Every record of an output file with its line, and how many bytes the whole lines take.
 
     Raises ConfigError, having changed nothing, unless every line is a record and a torn tail (bytes after
-    the last newline) is the start of one. Lines end at b"\\n" only.
+    the last newline) is the start of one. Lines end at b"\\n" only. A whole record after the last newline
+    counts as a line (``keep`` is then the whole length, with no final newline: add one before appending).
     """
     keep = data.rfind(b"\n") + 1
     records = []
@@ -2423,6 +2424,13 @@ def _parse_output(data: bytes, path: str) -> tuple[list[tuple[dict, bytes]], int
                               f"selfmoa output file; it was left untouched: pass another output file, or move "
                               f"this one away")
         records.append((record, line))
+    try:
+        last = _loads(data[keep:].decode("utf-8")) if keep < len(data) else None
+    except (UnicodeDecodeError, ValueError):
+        last = None
+    if last is not None and _record_problem(last) is None:  # a whole record whose "\n" an editor dropped: kept
+        records.append((last, data[keep:]))
+        keep = len(data)
     if keep < len(data) and not _is_torn_start(data[keep:], bool(records)):
         raise ConfigError(f"{path}: its last line (with no newline at its end) is not the start of a selfmoa batch "
                           f"record, so this is not a selfmoa output file; it was left untouched: pass another "
@@ -2504,6 +2512,20 @@ def _read_descriptor(descriptor: int) -> bytes:
     return b"".join(chunks)
 
 
+def _read_file(path: str) -> bytes:
+    """The bytes of the regular file ``path``; ConfigError for anything else (reading a named pipe would wait
+    for a writer forever, so it is opened without blocking and refused)."""
+    import stat
+
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _O_BINARY)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ConfigError(f"{path}: not a regular file; pass another output file, or move it away")
+        return _read_descriptor(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _write_all(descriptor: int, data: bytes) -> None:
     """Write all of ``data``. ``os.write`` may write less than asked (a short write): the rest follows, until
     the disk takes nothing more (an OSError then says why, as ENOSPC, EFBIG or EIO do)."""
@@ -2517,8 +2539,15 @@ def _write_all(descriptor: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _through_links(path: str) -> str:
+    """The file a symbolic link ``path`` points at (``path`` itself if it is none): that file is locked and
+    replaced, so a link keeps pointing at the answers, and a run on either name finds the other's lock."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def _write_atomically(path: str, data: bytes) -> None:
     """Replace ``path`` by a file holding ``data``: a crash leaves the old file or the new one, never a mix."""
+    path = _through_links(path)
     temporary = f"{path}.tmp-{os.getpid()}"
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY, 0o644)
     try:
@@ -2553,7 +2582,8 @@ def _move_lines(path: str, lines: Sequence[bytes]) -> None:
             os.ftruncate(descriptor, keep)
         present = set(data[:keep].split(b"\n"))
         new = [line for line in dict.fromkeys(lines) if line not in present]
-        _write_all(descriptor, b"".join(line + b"\n" for line in new))
+        ending = b"\n" if new and data[:keep] and not data[:keep].endswith(b"\n") else b""
+        _write_all(descriptor, ending + b"".join(line + b"\n" for line in new))
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
@@ -2616,7 +2646,7 @@ def _lock(output: str) -> Callable[[], None]:
     Elsewhere the lock file is created exclusively and holds the owner's pid; a file whose pid is no
     longer running is a stale lock, and is taken over.
     """
-    lock_path = output + ".lock"
+    lock_path = _through_links(output) + ".lock"
     fcntl = _fcntl()
     for _ in range(10):  # bounded: only a holder removing the file between our open and flock repeats this
         if fcntl is None:
@@ -2750,12 +2780,13 @@ def _open_output(output: str) -> tuple[int, bool]:
     """A descriptor of ``output`` for reading and appending, and whether this call created the file."""
     import stat
 
+    path = _through_links(output)  # a link to a file not written yet: create that file
     try:
-        descriptor = os.open(output, os.O_RDWR | os.O_APPEND | _O_BINARY)
+        descriptor = os.open(path, os.O_RDWR | os.O_APPEND | _O_BINARY)
         created = False
     except FileNotFoundError:
         try:
-            descriptor = os.open(output, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+            descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
         except OSError as exc:
             raise _cannot_write(output, exc) from None
         created = True
@@ -2791,14 +2822,13 @@ def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int
             existing, keep = _parse_output(data, output)
             moved_to = _removed_path(output)
             if os.path.exists(moved_to):
-                with open(moved_to, "rb") as file:
-                    _parse_output(file.read(), moved_to)  # lines are moved there later: refuse it now if foreign
+                _parse_output(_read_file(moved_to), moved_to)  # lines are moved there later: refuse it now if foreign
         except (ConfigError, OSError) as exc:
             if created:  # leave no trace of a run that never started
                 os.close(descriptor)
                 descriptor = -1
                 with contextlib.suppress(OSError):
-                    os.unlink(output)
+                    os.unlink(_through_links(output))
             if isinstance(exc, OSError):
                 raise _cannot_write(_removed_path(output), exc) from None
             raise
@@ -2821,12 +2851,15 @@ def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int
             todo.append((position, item))
         if keep < len(data):
             os.ftruncate(descriptor, keep)  # a torn line left by a crash: its item runs again
+        elif data and not data.endswith(b"\n"):
+            _write_all(descriptor, b"\n")  # a whole last record without its newline: end it before appending
+            keep += 1
         try:
             _append_results(todo, descriptor=descriptor, size=keep, output=output, job=job, counts=counts)
         except ConfigError:  # a bad option, found by the method before any call: leave no empty file behind
             if created and os.fstat(descriptor).st_size == 0:
                 with contextlib.suppress(OSError):
-                    os.unlink(output)
+                    os.unlink(_through_links(output))
             raise
         final, to_move, unchanged = _final_lines(items, descriptor, output, job.prints)
         os.close(descriptor)  # before the rename, which Windows refuses over an open file
@@ -3027,8 +3060,7 @@ def _check_alpaca_target(path: str, records_path: str, items: Sequence[Item]) ->
     this input: every entry's instruction is one of these items', and its output is an answer recorded in the
     selfmoa records beside it (``records_path`` or the lines moved out of it)."""
     try:
-        with open(path, "rb") as file:
-            data = file.read()
+        data = _read_file(path)
     except FileNotFoundError:
         return
     except OSError as exc:
@@ -3042,8 +3074,7 @@ def _check_alpaca_target(path: str, records_path: str, items: Sequence[Item]) ->
     answered: set[tuple[str, Any]] = set()
     for source in (records_path, _removed_path(records_path)):
         try:
-            with open(source, "rb") as file:
-                records, _ = _parse_output(file.read(), source)
+            records, _ = _parse_output(_read_file(source), source)
         except (OSError, ConfigError):
             continue
         answered.update((_instruction(record["input"]), record["answer"]) for record, _ in records

@@ -7,6 +7,7 @@ point (a lock held by another process, kill -9, a file-size limit)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -172,11 +173,29 @@ def test_a_torn_tail_after_a_crash_is_cut_and_its_item_runs_again(tmp_path):
     whole = (tmp_path / "out.jsonl").read_bytes()
     first = whole[:whole.index(b"\n") + 1]
     second = whole[len(first):whole.index(b"\n", len(first)) + 1]
-    for cut in (1, 5, len(selfmoa._LINE_START), len(second) - 1):
+    for cut in (1, 5, len(selfmoa._LINE_START), len(second) - 2):  # - 1, a whole record: see the next test
         (tmp_path / "out.jsonl").write_bytes(first + whole[len(first):len(first) + cut])
         counts = run(records, tmp_path / "out.jsonl")
         assert counts["torn_bytes"] == cut and counts["skipped"] == 1 and counts["done"] == 2
         assert (tmp_path / "out.jsonl").read_bytes() == whole
+
+
+def test_a_whole_last_record_without_its_newline_is_kept_not_cut_off_as_torn(tmp_path):
+    """An editor may save the file without its final newline: that last line is a whole record, not a torn
+    one. It is kept (reused if its item is current, moved to the sibling file if not), never deleted, here
+    and in the sibling file itself, which then gets lines appended after it."""
+    records = [{"id": i, "prompt": f"p{i}"} for i in range(3)]
+    output, removed = tmp_path / "out.jsonl", tmp_path / "out.removed.jsonl"
+    run(records, output)
+    whole = read_output(output)
+    output.write_bytes(output.read_bytes().rstrip(b"\n"))
+    echo = Echo()
+    counts = run(records[:1], output, echo)  # items 1 and 2, the last one among them, leave the input
+    assert counts["torn_bytes"] == 0 and counts["skipped"] == 1 and echo.calls == 0
+    assert read_output(output) == whole[:1] and read_output(removed) == whole[1:]
+    removed.write_bytes(removed.read_bytes().rstrip(b"\n"))
+    run(records[1:2], output)  # item 0 leaves too: its line is appended after the sibling's last one
+    assert read_output(removed) == whole[1:] + whole[:1]
 
 
 # --- 2. Results never collide with input fields -------------------------------------------------------
@@ -407,6 +426,51 @@ def test_bad_options_are_refused_before_any_call_and_leave_no_file(tmp_path):
         assert echo.calls == 0 and sorted(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="needs symbolic links")
+def test_an_output_named_through_a_symlink_is_one_file_with_one_lock_and_stays_a_symlink(capsys, monkeypatch,
+                                                                                         tmp_path):
+    """`-o link.jsonl` where link.jsonl points at data/out.jsonl: a run on either name is refused while the
+    other holds the file (one writer at a time), and the final rewrite, here and of `--format alpaca_eval`'s
+    file, replaces the target, so the link still points at every answer."""
+    (tmp_path / "data").mkdir()
+    target, link = tmp_path / "data" / "out.jsonl", tmp_path / "link.jsonl"
+    target.write_bytes(b"")
+    link.symlink_to(target)
+    release = selfmoa._lock(str(link))
+    try:
+        with pytest.raises(selfmoa.ConfigError, match="is being written by another selfmoa run"):
+            run([{"prompt": "a"}], target)
+    finally:
+        release()
+    records = [{"id": i, "prompt": f"p{i}"} for i in range(3)]
+    run(records, link)
+    run(records[::-1], link)  # reordered: the file is rewritten
+    assert link.is_symlink() and [line["id"] for line in read_output(target)] == [2, 1, 0]
+    (tmp_path / "data" / "outputs.json").write_bytes(b"")
+    (tmp_path / "outputs.json").symlink_to(tmp_path / "data" / "outputs.json")
+    jsonl(tmp_path / "in.jsonl", [{"instruction": "q"}])
+    code, _, _ = cli(capsys, monkeypatch, ["-i", tmp_path / "in.jsonl", "-o", tmp_path / "outputs.json",
+                                           "--format", "alpaca_eval"])
+    assert code == 0 and (tmp_path / "outputs.json").is_symlink()
+    assert [entry["instruction"] for entry in json.loads((tmp_path / "data" / "outputs.json").read_text())] == ["q"]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="needs symbolic links")
+def test_a_symlink_to_an_output_not_written_yet_creates_its_target(tmp_path):
+    """`ln -s data/out.jsonl out.jsonl` before the first run: the run creates data/out.jsonl through the link
+    (it used to fail, saying the file exists); a run refused before any call leaves no target behind."""
+    (tmp_path / "data").mkdir()
+    target, link = tmp_path / "data" / "out.jsonl", tmp_path / "out.jsonl"
+    link.symlink_to(target)
+    (tmp_path / "out.removed.jsonl").write_text("my notes\n")  # a foreign sibling: refused before any call
+    with pytest.raises(selfmoa.ConfigError, match="not a selfmoa output file"):
+        run([{"prompt": "a"}], link)
+    assert link.is_symlink() and not target.exists()
+    (tmp_path / "out.removed.jsonl").unlink()
+    assert run([{"prompt": "a"}], link)["done"] == 1
+    assert link.is_symlink() and [line["id"] for line in read_output(target)] == [0]
+
+
 # --- 5. and 8. Fingerprints, changed inputs, removed items ----------------------------------------------
 
 
@@ -554,6 +618,38 @@ def test_an_alpaca_target_is_replaced_only_if_it_is_our_output_for_this_input(ca
     before = target.read_bytes()
     code, _, err = cli(capsys, monkeypatch, argv)
     assert code == 2 and target.read_bytes() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_named_pipe_where_a_file_is_read_is_refused_at_once_not_waited_on(capsys, monkeypatch, tmp_path):
+    """A named pipe as the --format alpaca_eval target, or where moved lines would go, is not a file: the run
+    exits 2 at once, before any call, naming it, instead of waiting forever for someone to write into it."""
+    os.mkfifo(tmp_path / "outputs.json")
+    os.mkfifo(tmp_path / "out.removed.jsonl")
+    outcome: dict = {}
+
+    def within_seconds(task):
+        thread = threading.Thread(target=lambda: outcome.update(result=task()), daemon=True)
+        thread.start()
+        thread.join(3)
+        if thread.is_alive():  # unblock the reader, then fail
+            for pipe in ("outputs.json", "out.removed.jsonl"):
+                with contextlib.suppress(OSError):
+                    os.close(os.open(tmp_path / pipe, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(3)
+            raise AssertionError("the run waited on a named pipe")
+        return outcome.pop("result")
+
+    code, _, err = within_seconds(lambda: cli(capsys, monkeypatch, alpaca(tmp_path, [{"instruction": "q"}])))
+    assert code == 2 and "outputs.json: not a regular file" in err
+    echo = Echo()
+
+    def sibling():
+        with pytest.raises(selfmoa.ConfigError, match="out.removed.jsonl: not a regular file"):
+            run([{"prompt": "a"}], tmp_path / "out.jsonl", echo)
+        return True
+
+    assert within_seconds(sibling) and echo.calls == 0 and not (tmp_path / "out.jsonl").exists()
 
 
 def test_a_rerun_with_new_parameters_that_first_fails_still_completes_the_alpaca_file(capsys, monkeypatch,

@@ -195,3 +195,35 @@ def test_every_replica_and_its_key_is_known_to_whoever_must_blank_keys():
                                                                    "sk-third-0000"]
     assert [e.base_url for e in client.replicas("m")] == ["http://127.0.0.1:11/v1", "http://127.0.0.1:12/v1"]
     assert client.endpoint_for("other").base_url == "http://127.0.0.1:9/v1"
+
+
+def test_a_call_waiting_for_a_free_slot_takes_it_as_soon_as_its_server_frees_one():
+    """--max-in-flight: a call waiting for a slot on server A starts as soon as A frees one, even when a call
+    waiting for another server B has waited longer (a freed slot must not wake only B's waiter, which finds B
+    still full, while A's waiter sleeps on: that stalled MoA over one-request-at-a-time servers)."""
+    a, b = selfmoa.Endpoint("http://127.0.0.1:9/v1"), selfmoa.Endpoint("http://127.0.0.1:10/v1")
+    client = selfmoa.HTTPClient(endpoints={"a": a, "b": b}, max_in_flight=1)
+    request = selfmoa.Request("a", ())
+    assert client._pick([a], set(), request) is a and client._pick([b], set(), request) is b  # both full now
+    started: dict[str, float] = {}
+
+    def wait_for(endpoint):
+        client._pick([endpoint], set(), request)
+        started[endpoint.base_url] = time.monotonic()
+
+    waiters = []
+    for endpoint in (b, a):  # B's waiter first: it has waited longer
+        waiters.append(threading.Thread(target=wait_for, args=(endpoint,), daemon=True))
+        waiters[-1].start()
+        for _ in range(500):
+            if len(client._slots._waiters) == len(waiters):
+                break
+            time.sleep(0.002)
+    freed = time.monotonic()
+    client._settle(a, "ok")
+    waiters[1].join(2)
+    assert started[a.base_url] - freed < 0.5, "A's waiter slept on although A had a free slot"
+    assert b.base_url not in started, "B is still full"
+    client._settle(b, "ok")
+    waiters[0].join(2)
+    assert b.base_url in started
