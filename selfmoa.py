@@ -1302,7 +1302,7 @@ def _check_sampled(*, model: Any, n: Any, temperature: Any, method: str) -> None
     """Self-MoA and a generated Self-MoA-Seq: one model, sampled n >= 1 times above temperature 0."""
     _check_model("model", model)
     _check(_is_int(n) and n >= 1, "n", n, f"{method} aggregates n samples", "pass n >= 1 (the paper uses 4 to 6)")
-    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
+    _check(not (isinstance(temperature, (int, float)) and temperature <= 0),  # other bad values: _check_sampling
            "temperature", temperature, f"{method}'s diversity comes from sampling; at 0 every sample is the same",
            "pass a temperature above 0 (the paper samples at 0.7)")
 
@@ -3960,6 +3960,21 @@ _FLAGS = {"temperature": "--temperature", "max_tokens": "--max-tokens", "n": "--
           "max_in_flight": "--max-in-flight"}
 
 
+def _finite(text: str) -> float:
+    """A number flag's value: any finite float ("nan" and "inf" are refused by argparse, naming the flag).
+
+    >>> _finite("0.7"), _finite("1e-3")
+    (0.7, 0.001)
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; pass an ordinary number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (its --help is the usage section of the README)."""
     parser = argparse.ArgumentParser(prog="selfmoa", description=CLI_DESCRIPTION, epilog=CLI_EPILOG,
@@ -3978,17 +3993,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--window", type=int, metavar="W", help="self-moa-seq: responses per round (default: 6)")
     add("--carry", type=int, metavar="R",
         help="self-moa-seq: copies of the previous synthesis per round (default: 3)")
-    add("--temperature", type=float, default=0.7, metavar="T", help="proposers' temperature (default: 0.7)")
+    add("--temperature", type=_finite, default=0.7, metavar="T", help="proposers' temperature (default: 0.7)")
     add("--max-tokens", type=int, metavar="K", help="proposers' token limit (default: the server's)")
-    add("--aggregator-temperature", type=float, default=0.7, metavar="T",
+    add("--aggregator-temperature", type=_finite, default=0.7, metavar="T",
         help="the aggregator's temperature (default: 0.7)")
     add("--aggregator-max-tokens", type=int, metavar="K", help="the aggregator's token limit (default: the server's)")
     add("--seed", type=int, metavar="S", help="sample i gets seed S+i; aggregations get S")
     add("--min-ok", type=int, default=1, metavar="K", help="fewest proposers per layer that must succeed (default: 1)")
     add("--concurrency", type=int, default=8, metavar="C", help="calls at once (default: 8)")
-    add("--timeout", type=float, default=120.0, metavar="SECONDS",
+    add("--timeout", type=_finite, default=120.0, metavar="SECONDS",
         help="how long to wait to connect, and for each piece of a reply (default: 120)")
-    add("--deadline", type=float, default=600.0, metavar="SECONDS",
+    add("--deadline", type=_finite, default=600.0, metavar="SECONDS",
         help="the most one attempt of a call may take, from connecting to the reply's last byte (default: 600)")
     add("--retries", type=int, default=4, metavar="N", help="retries of a failed call (default: 4)")
     add("--no-n", dest="use_n", action="store_false",
@@ -4390,7 +4405,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
     add("--port", type=int, default=8000, help="the port to listen on; 0 picks a free one (default: 8000)")
     add("--server-key", metavar="KEY", help="the key clients must send as a Bearer token "
         "(default: $SELFMOA_SERVER_KEY; none: no key asked, loopback only)")
-    add("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+    add("--drain-timeout", type=_finite, default=30.0, metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long runs in flight may take to finish (default: 30)")
     for action in build_parser()._actions:
         if action.dest in _NOT_SERVE_FLAGS:

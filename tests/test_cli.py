@@ -414,3 +414,15 @@ def test_a_bad_instruction_file_is_a_usage_error_naming_the_flag(tmp_path, capsy
     code = selfmoa.main(argv + ([] if command else ["-m", "x", "hi"]), environ={})
     err = capsys.readouterr().err
     assert code == 2 and "--instruction-file" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+@pytest.mark.parametrize("command, flag", [([], "--temperature"), ([], "--aggregator-temperature"),
+                                           ([], "--timeout"), ([], "--deadline"),
+                                           (["serve"], "--drain-timeout"), (["serve"], "--temperature")])
+def test_a_number_flag_that_is_not_finite_is_a_usage_error_naming_it(capsys, command, flag, value):
+    """NaN and infinities never reach a method, a fingerprint or a timer: argparse refuses them, naming the flag."""
+    with pytest.raises(SystemExit) as exited:
+        selfmoa.main(command + ["--base-url", "http://127.0.0.1:9/v1", f"{flag}={value}"]
+                     + ([] if command else ["-m", "x", "hi"]), environ={})
+    assert exited.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
