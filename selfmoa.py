@@ -4327,7 +4327,8 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
     if counts["failed"]:
         with open(records_path, "rb") as file:
             records, _ = _parse_output(file.read(), records_path)
-        failed = [str(record["id"]) for record, _ in records if record["status"] == "error"]
+        failed = [json.dumps(record["id"]) for record, _ in records if record["status"] == "error"]  # 1 vs "1";
+        # and an id's control characters are escaped, never sent to the terminal
         shown = ", ".join(failed[:10]) + (f" and {len(failed) - 10} more" if len(failed) > 10 else "")
         say(f"selfmoa: failed items (status \"error\" in {records_path}): {shown}; run the same command to "
             f"retry them" + (f" and to write {args.output}" if args.format == "alpaca_eval" else ""))

@@ -588,7 +588,7 @@ def test_alpaca_outputs_are_written_only_when_every_item_is_answered(capsys, mon
     argv = alpaca(tmp_path, records)
     code, _, err = cli(capsys, monkeypatch, argv, Echo(fail={"Say hi"}))
     assert code == 1 and not (tmp_path / "outputs.json").exists()
-    assert "failed items" in err and ": hi;" in err and "run the same command to retry them" in err
+    assert "failed items" in err and ': "hi";' in err and "run the same command to retry them" in err
     assert "outputs.json was not written" in err
     code, _, err = cli(capsys, monkeypatch, argv)
     entries = json.loads((tmp_path / "outputs.json").read_text(encoding="utf-8"))
@@ -803,3 +803,14 @@ def test_check_items_refuses_records_that_would_not_be_written_back_unchanged(re
         selfmoa.check_items([{"prompt": "ok"}, record])
     with pytest.raises(selfmoa.ConfigError, match=why):
         selfmoa.check_items([record])
+
+
+def test_failed_ids_are_listed_as_json_so_types_differ_and_no_control_character_reaches_the_terminal(
+        capsys, monkeypatch, tmp_path):
+    """The summary names failed items by their ids written as JSON: 1 and "1" stay apart, and an id holding an
+    escape sequence is shown escaped, never sent raw to the terminal."""
+    records = [{"id": 1, "prompt": "a"}, {"id": "1", "prompt": "b"}, {"id": "x\x1b[2J", "prompt": "c"}]
+    jsonl(tmp_path / "in.jsonl", records)
+    argv = ["-i", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl"]
+    code, _, err = cli(capsys, monkeypatch, argv, Echo(fail={"a", "b", "c"}))
+    assert code == 1 and '1, "1", "x\\u001b[2J"' in err and "\x1b" not in err
