@@ -313,6 +313,28 @@ def test_Q6_no_sample_is_dropped_without_an_error_saying_so(n, wc, data):
     assert set(failed) == failing
 
 
+@pytest.mark.parametrize("failing, min_ok, rounds_before", [
+    ({11}, 12, 2),     # rounds 1 (0-5) and 2 (6-8) are filled before the filling reaches sample 11
+    ({8}, 12, 1),      # round 2 reaches sample 8
+    ({2}, 12, 0),      # round 1 reaches sample 2
+    ({5, 11}, 11, 2),  # at 5: 5 good + 6 after it = 11 may still succeed; at 11: 10 < 11
+    ({5, 11}, 12, 0),  # at 5: 5 + 6 < 12
+])
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_Q6_too_few_good_samples_is_found_where_the_windows_reach_the_failure(failing, min_ok, rounds_before,
+                                                                              concurrency):
+    """A failed sample counts for min_ok when the filling of the windows reaches it, in sample order, never when
+    its reply arrives: the rounds aggregated before NotEnoughProposals are those filled before it, and every
+    sample request is still sent (methods.md section 6), whatever the concurrency and timing."""
+    fake = Recorder(fail={("alpha", 100 + i) for i in failing}, jitter=0.002)
+    with pytest.raises(impl.NotEnoughProposals, match=f"min_ok={min_ok}") as caught:
+        impl.self_moa_seq("Q", "alpha", n=12, window=6, carry=3, aggregator="beta", complete=fake, seed=100,
+                          use_n=False, min_ok=min_ok, concurrency=concurrency)
+    assert len(fake.aggregator_requests()) == rounds_before
+    assert len(fake.requests) == 12 + rounds_before
+    assert getattr(caught.value.partial, "requests", len(fake.requests)) == len(fake.requests)
+
+
 @given(plan=plans, n=st.integers(1, 20), wc=windows(), seed=st.integers(0, 1000))
 @settings(max_examples=15)
 def test_Q7_same_seed_gives_the_same_result_and_trace_whatever_the_scheduling(plan, n, wc, seed):
@@ -392,7 +414,7 @@ def test_E1_partial_lists_every_request_the_server_received(concurrency, honour_
     from mock_models import MockServer
 
     with MockServer(latency=0.01, honour_n=honour_n) as server:
-        with pytest.raises(impl.ModelError, match="404") as caught:
+        with pytest.raises((impl.ModelError, selfmoa.ModelError), match="404") as caught:  # the client raises selfmoa's
             impl.self_moa_seq("What is 2 + 2?", "generalist", n=10, window=4, carry=1, aggregator="nope",
                                  complete=selfmoa.HTTPClient(server.base_url, retries=0), seed=0,
                                  concurrency=concurrency)
