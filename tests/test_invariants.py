@@ -643,6 +643,25 @@ def test_W2_large_n_is_split_into_requests_of_at_most_max_n_keeping_the_seed_con
     assert getattr(result, "calls", 36) == 36
 
 
+def test_W2_a_reply_with_no_choice_at_all_fails_the_request_and_a_none_choice_is_asked_again():
+    """An empty reply to a request for n samples fails every position it asked for, none asked again (as the
+    wire's 'no choices' error, methods.md section 5); a None choice is asked for again alone with seed S + i."""
+    sent = []
+
+    def complete(request):
+        sent.append((request.n, request.seed))
+        if references_in(request.messages):
+            return "synthesis"
+        return {3: [], 2: [None, "b"]}.get(request.n, "again")
+
+    with pytest.raises(impl.NotEnoughProposals) as caught:
+        impl.self_moa("Q", "m", n=3, seed=0, complete=complete)
+    assert sent == [(3, 0)] and len(caught.value.failures) == 3
+    sent.clear()
+    assert impl.self_moa("Q", "m", n=2, seed=10, complete=complete).answer == "synthesis"
+    assert sent == [(2, 10), (1, 10), (1, 10)]  # sample 0 again, alone; then the aggregation
+
+
 def test_W4_only_the_final_aggregation_is_streamed():
     """MoA with 3 layers: of all requests, only the aggregator's carries the stream, and it streams the answer."""
     pieces: list[str] = []
