@@ -662,6 +662,23 @@ def test_W2_a_reply_with_no_choice_at_all_fails_the_request_and_a_none_choice_is
     assert sent == [(2, 10), (1, 10), (1, 10)]  # sample 0 again, alone; then the aggregation
 
 
+def test_W1_a_lone_surrogate_in_a_returned_text_is_replaced_before_it_is_shown_or_returned():
+    """Any completion function, not only the HTTP client, may return a lone surrogate (half an emoji): it is
+    replaced by U+FFFD before the text is used, so the reference key (sha256 of UTF-8) can be computed and
+    the references read back are the replaced texts (methods.md section 5)."""
+    shown = []
+
+    def complete(request):
+        references = references_in(request.messages)
+        if references:
+            shown.append(references)
+            return "\udc00 done"
+        return ["a\ud800b", "x\udfff"][:request.n]
+
+    result = impl.self_moa("Q", "m", n=2, complete=complete)
+    assert shown == [["a\ufffdb", "x\ufffd"]] and result.answer == "\ufffd done"
+
+
 def test_W4_only_the_final_aggregation_is_streamed():
     """MoA with 3 layers: of all requests, only the aggregator's carries the stream, and it streams the answer."""
     pieces: list[str] = []
