@@ -241,7 +241,7 @@ def test_Q2_every_sample_is_new_in_exactly_one_round_in_order(samples, wc):
     window, carry = wc
     fake = Recorder()
     result = impl.self_moa_seq("Q", complete=fake, samples=iter(samples), aggregator="alpha",
-                               window=window, carry=carry)
+                               window=window, carry=carry, n=None)  # None is n left out (methods.md 3)
     new = [references_in(r.messages)[0 if t == 0 else carry:] for t, r in enumerate(fake.requests)]
     assert [text for round_ in new for text in round_] == samples
     assert all(new)
