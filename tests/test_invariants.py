@@ -746,7 +746,7 @@ def test_T1_the_trace_has_one_call_per_request_in_spec_order_and_counts_generati
         trace = trace_of(result)
         assert [trace_key(call) for call in trace] == sorted(trace_key(call) for call in trace)
         assert result.requests == len(trace) == len(fake.requests)
-        assert result.calls == sum(len(call.outputs) for call in trace)
+        assert result.calls == sum(text is not None for call in trace for text in call.outputs)  # None: no text
         assert all(call.outputs == [] for call in trace if call.error)
 
 
