@@ -427,6 +427,39 @@ def test_E1_partial_lists_every_request_the_server_received(concurrency, honour_
     assert all(bool(call.outputs) != bool(call.error) for call in partial.trace)
 
 
+@pytest.mark.parametrize("use_n, bug_at, rounds_before", [
+    (False, 2, 0), (False, 7, 1), (False, 10, 2),
+    (True, 6, 0),  # the server ignores n and sample 2 fails: round 1 is 0, 1, 3-6; the request for 6-8 and
+    (True, 8, 1),  # its fallbacks for 7 and 8 go out before round 1, but a bug on 8 waits for round 2
+])
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_E1_a_bug_on_a_sample_is_raised_where_the_windows_reach_it(use_n, bug_at, rounds_before, concurrency):
+    """Seq, n=12, w=6, r=3: a bug in the completion function on one sample is raised when the window filling
+    reaches that sample, like a failed sample (methods.md section 6), not when its request returns, so the
+    rounds before it are aggregated whatever the timing, and every sample request is still sent."""
+    sent = []
+
+    def complete(request):
+        if references_in(request.messages):
+            sent.append("agg")
+            return "synthesis"
+        sent.append(request.seed - 100)
+        time.sleep(0.001 * (request.seed % 3))
+        if request.seed == 100 + bug_at:
+            raise RuntimeError(f"bug at {bug_at}")
+        if use_n and request.seed == 102:
+            raise impl.ModelError("sample 2 fails", model=request.model, status=500)
+        return f"t{request.seed}"  # one text, whatever n asks for
+
+    with pytest.raises(RuntimeError, match=f"bug at {bug_at}") as caught:
+        impl.self_moa_seq("Q", "m", n=12, window=6, carry=3, seed=100, use_n=use_n, complete=complete,
+                          concurrency=concurrency)
+    samples = sorted(x for x in sent if x != "agg")
+    assert sent.count("agg") == rounds_before
+    assert {0, 6, 9} <= set(samples) if use_n else samples == list(range(12))  # every planned request is sent
+    assert getattr(caught.value.partial, "requests", len(sent)) == len(sent)
+
+
 def test_E1_a_generators_own_exception_carries_the_rounds_already_paid_for():
     """An exception raised by the caller's sample generator propagates unchanged, with partial attached."""
     def samples():
