@@ -113,6 +113,8 @@ def test_vector(path):
         assert type(error).__name__ == expected["error"], f"raised {type(error).__name__}: {error}"
         for text in expected["match"]:
             assert text in str(error), f"the message should contain {text!r}: {error}"
+        if expected["error"] == "ConfigError":  # methods.md section 4: the message starts `name=value: `
+            assert str(error).startswith(expected["match"][0] + ": "), f"should start {expected['match'][0]!r}"
         if hasattr(error, "failures"):
             assert len(error.failures) == expected["failures"]
         if getattr(error, "partial", None) is not None and hasattr(error.partial, "requests"):
