@@ -1178,7 +1178,7 @@ class _MarkerFilter:
                 out.append(part)
             else:
                 self.line += part
-                if not set(self.line) <= self._MARKER_CHARACTERS:
+                if not all(c in self._MARKER_CHARACTERS or c.isdecimal() for c in self.line):  # \d: any digit
                     out.append(self._pass_line())
         if any(out):
             self.stream("".join(out))

@@ -586,8 +586,6 @@ def test_W7_an_answer_never_holds_the_marker_lines_of_the_prompt_it_answered(lin
     assert result.answer == expected[-1] == "".join(pieces)
 
 
-@pytest.mark.xfail(impl is selfmoa, strict=True, reason="known violation (spec/invariants.md): selfmoa's stream "
-                   "filter misses a marker line whose number is a non-ASCII digit, which its answer filter removes")
 @pytest.mark.parametrize("digit", ["\u0663", "\uff13"], ids=["arabic-indic-3", "fullwidth-3"])
 def test_W7_a_marker_numbered_with_any_decimal_digit_leaves_the_stream_as_the_answer(digit):
     """wire.md section 6: the marker's \\d is any decimal digit, as in Python; the echoed line is removed from
