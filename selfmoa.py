@@ -3755,7 +3755,8 @@ class _ChunkStream:
                      "created": int(time.time()), "model": model}
 
     def _event(self, data: Any) -> bool:
-        return self.handler.send_chunk(b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n")
+        text = _clean(json.dumps(data, ensure_ascii=False))  # no lone surrogate: it could not be encoded
+        return self.handler.send_chunk(b"data: " + text.encode("utf-8") + b"\n\n")
 
     def _chunk(self, delta: dict, reason: str | None = None, **extra: Any) -> bool:
         chunk = {**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
@@ -3859,7 +3860,7 @@ class _ServeHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()  # now, while the request still counts as in flight (a drain waits for it)
 
     def send_json(self, status: int, payload: dict) -> None:
-        self.send_bytes(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+        self.send_bytes(status, _clean(json.dumps(payload, ensure_ascii=False)).encode("utf-8"))  # no lone surrogate
 
     def start_chunked(self, status: int, content_type: str) -> None:
         """Start a reply of unknown length: chunked over HTTP/1.1, else ended by closing the connection."""

@@ -746,3 +746,24 @@ def test_pass_through_spreads_over_a_models_replicas_and_fails_over_from_a_dead_
             with selfmoa.ModelServer(failover, port=0) as server:
                 reply = post(server, {"model": "generalist", "messages": QUESTION, "seed": 1})
             assert reply.status_code == 200 and len(overloaded.log) == 1 and len(one.requests) == before + 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", ["self-moa/\\ud800", "moa/x\\udfff", "self-moa-seq/\\ud83d", "x\\ud800"])
+def test_lone_surrogates_in_a_request_get_a_well_formed_reply(plain, model, stream):
+    """A request may spell half a surrogate pair (JSON allows "\\ud800", no UTF-8 text holds one) in the model
+    name, which the reply echoes: the client still gets a status and a UTF-8 JSON body (each lone surrogate as
+    U+FFFD), never a dropped connection."""
+    options = b', "selfmoa": {"proposers": ["p"]}' if model.startswith("moa/") else b""
+    data = (b'{"model": "%s", "stream": %s, "messages": [{"role": "user", "content": "hi \\udc80"}]%s}'
+            % (model.encode(), b"true" if stream else b"false", options))
+    reply = SESSION.post(plain.base_url + "/chat/completions", data=data, headers={"Content-Type": "application/json"})
+    assert reply.status_code in (200, 404), reply.text
+    reply.content.decode("utf-8")  # strict: nothing unencodable was sent
+    if reply.status_code == 404:
+        assert "\ufffd" in reply.json()["error"]["message"]
+    elif stream:
+        first, *_, last = reply.content.decode("utf-8").strip().split("\n\n")  # SSE is UTF-8, whatever requests guesses
+        assert last == "data: [DONE]" and "\ufffd" in json.loads(first[len("data: "):])["model"]
+    else:
+        assert "\ufffd" in reply.json()["model"] and reply.json()["choices"][0]["message"]["content"].endswith(" ok")
