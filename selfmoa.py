@@ -3432,8 +3432,8 @@ class ModelServer:
             response = connection.getresponse()
             data = json.loads(response.read(SERVE_MAX_UPSTREAM)) if response.status == 200 else {}
             return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
-        except (OSError, ValueError, AttributeError, http.client.HTTPException):
-            return []
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError, http.client.HTTPException):
+            return []  # whatever the upstream answers (wrong types, a nesting bomb): it lists nothing
         finally:
             connection.close()
 

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import selfmoa
 from mock_models.server import MockServer
 from tests import test_readme
+from tests.hostile_server import HostileServer, response
 from tests.scripted_server import ScriptedServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -767,3 +768,16 @@ def test_lone_surrogates_in_a_request_get_a_well_formed_reply(plain, model, stre
         assert last == "data: [DONE]" and "\ufffd" in json.loads(first[len("data: "):])["model"]
     else:
         assert "\ufffd" in reply.json()["model"] and reply.json()["choices"][0]["message"]["content"].endswith(" ok")
+
+
+@pytest.mark.parametrize("listed", [b'{"data": 5}', b'{"data": null}', b'[' * 100_000, b'{"data": [{"id": "\\ud800"}]}',
+                                    b'{"data": {"id": "m"}}', b"\xff\xfe", b'{"data": [5, null, {"id": 7}]}'],
+                         ids=["number", "null", "nesting", "surrogate", "object", "not-utf8", "wrong-items"])
+def test_models_list_survives_whatever_an_upstream_lists(listed):
+    """GET /v1/models asks each upstream for its models; whatever body an upstream's /models answers (wrong
+    types, a nesting bomb, a lone surrogate), serve still answers 200 with its own names."""
+    with HostileServer(response(b"200 OK", [(b"Content-Length", b"%d" % len(listed))], listed)) as upstream, \
+            selfmoa.ModelServer(selfmoa.HTTPClient(upstream.base_url, timeout=2), port=0, models=["mine"]) as server:
+        reply = SESSION.get(server.base_url + "/models", timeout=10)
+        assert reply.status_code == 200, reply.text
+        assert {"mine", "self-moa/mine"} <= {model["id"] for model in reply.json()["data"]}
