@@ -3285,9 +3285,9 @@ class ModelServer:
                  models: Sequence[str] = (), max_body: int = SERVE_MAX_BODY, drain_timeout: float = 30.0):
         _check(callable(complete), "complete", complete, "every upstream call goes through it",
                'pass complete=HTTPClient("http://host:port/v1")')
-        _check(server_key is None or (isinstance(server_key, str) and server_key.strip() != ""
-                                      and "\n" not in server_key), "server_key", "***",
-               "a server key is a non-empty single-line string", "pass the key clients will send, or None")
+        problem = _key_problem(server_key) or ("a server key is a non-empty string" if server_key == "" else None)
+        _check(problem is None, "server_key", "***", problem or "",  # clients send it as a Bearer token
+               "pass the key clients will send (printable ASCII, no spaces), or None")
         _check(server_key is not None or _is_loopback(host), "host", host,
                "serving beyond this machine without a server key would let anyone who can reach it spend your "
                "upstream keys", "pass a server key (--server-key or $SELFMOA_SERVER_KEY), or bind 127.0.0.1")

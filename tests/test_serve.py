@@ -781,3 +781,19 @@ def test_models_list_survives_whatever_an_upstream_lists(listed):
         reply = SESSION.get(server.base_url + "/models", timeout=10)
         assert reply.status_code == 200, reply.text
         assert {"mine", "self-moa/mine"} <= {model["id"] for model in reply.json()["data"]}
+
+
+@pytest.mark.parametrize("key", ["serverkey-1234\r", "serverkey-1234\n", "server key 1234", "clé-secrète-1234",
+                                 "serverkey\t1234", " serverkey-1234"])
+def test_a_server_key_that_is_not_a_bearer_token_is_refused_without_showing_it(key, capsys):
+    """A server key that is not printable ASCII without spaces (a trailing CR from a CRLF key file, a tab, an
+    accent: what a client cannot send, or what a Bearer token may not hold) would give every request a 401:
+    it is refused up front (ConfigError, exit status 2), as upstream keys are, and never shown."""
+    with pytest.raises(selfmoa.ConfigError, match="server_key") as refused:
+        selfmoa.ModelServer(echo, port=0, server_key=key)
+    assert key.strip()[:8] not in str(refused.value)
+    for argv, environ in ((["serve", "--port", "0", "--server-key", key], {}),
+                          (["serve", "--port", "0"], {"SELFMOA_SERVER_KEY": key})):
+        assert selfmoa.main(argv + ["--base-url", "http://127.0.0.1:9/v1"], environ=environ) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "server" in err and key.strip()[:8] not in err
