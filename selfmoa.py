@@ -3653,8 +3653,13 @@ class ModelServer:
         try:
             content_type = response.getheader("Content-Type") or "application/json"
             if not (streaming and response.status == 200 and content_type.startswith("text/event-stream")):
-                data = response.read(SERVE_MAX_UPSTREAM + 1)
-                if len(data) > SERVE_MAX_UPSTREAM:
+                try:  # a body shorter than announced raises: relayed, it would pass for a whole one
+                    data, whole = _read_capped(response, SERVE_MAX_UPSTREAM)
+                except (OSError, http.client.HTTPException, ValueError) as exc:
+                    raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply was "
+                                      f"cut off ({type(exc).__name__})", None, "upstream_error", "upstream_error") \
+                        from None
+                if not whole:
                     raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply is "
                                       f"over {SERVE_MAX_UPSTREAM} bytes", None, "upstream_error", "upstream_error")
                 kept = self._keep(parts, connection, response)

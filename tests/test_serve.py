@@ -797,3 +797,20 @@ def test_a_server_key_that_is_not_a_bearer_token_is_refused_without_showing_it(k
         assert selfmoa.main(argv + ["--base-url", "http://127.0.0.1:9/v1"], environ=environ) == 2
         out, err = capsys.readouterr()
         assert out == "" and "server" in err and key.strip()[:8] not in err
+
+
+@pytest.mark.parametrize("cut", [
+    response(b"200 OK", [(b"Content-Length", b"200")], b'{"choices": '),
+    response(b"200 OK", [(b"Transfer-Encoding", b"chunked")], b'5\r\n{"cho\r\nzz'),
+    response(b"200 OK", [(b"Content-Type", b"text/event-stream"), (b"Transfer-Encoding", b"chunked")],
+             b"5\r\ndata:\r\n"),
+], ids=["short-content-length", "broken-chunk", "broken-events"])
+def test_a_pass_through_reply_the_upstream_cuts_off_is_a_502_never_a_short_200(cut):
+    """A non-streamed pass-through whose upstream reply ends before its announced end (a short Content-Length
+    body, a broken chunk) is an OpenAI-shaped 502 naming the model: never relayed as a complete 200 with a
+    body cut in two, never a connection closed without an answer."""
+    with HostileServer(cut) as upstream, selfmoa.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, timeout=2, retries=0), port=0) as server:
+        reply = post(server, {"model": "coder", "messages": QUESTION})
+        assert reply.status_code == 502, reply.text
+        assert reply.json()["error"]["code"] == "upstream_error" and "'coder'" in reply.json()["error"]["message"]
