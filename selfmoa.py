@@ -3612,6 +3612,11 @@ class ModelServer:
             raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it", "model",
                               "model_not_found") from None
         retries = getattr(self.complete, "retries", 0)
+        begin, unwatch = getattr(self.complete, "_begin", None), getattr(self.complete, "_end", None)
+
+        def end(flight: Any) -> None:
+            if unwatch is not None and flight is not None:
+                unwatch(flight)
         attempt, failed_here = 0, set[str]()
         while True:
             endpoint = self._claim(replicas, failed_here, model)
@@ -3622,10 +3627,12 @@ class ModelServer:
             if endpoint.api_key:
                 headers["Authorization"] = f"Bearer {endpoint.api_key}"
             connection, reused = self._upstream(parts)
+            flight = begin(connection) if begin else None  # --deadline: the client's watchdog cuts it off
             try:
                 connection.request("POST", path, body=raw, headers=headers)  # connects (TCP_NODELAY) if new
                 response = connection.getresponse()
             except (OSError, http.client.HTTPException) as exc:
+                end(flight)
                 connection.close()
                 self._unclaim(endpoint, "stale" if reused else "down")
                 if reused:
@@ -3635,6 +3642,7 @@ class ModelServer:
                 last_chance = attempt == retries and len(failed_here | {endpoint.base_url}) >= len(replicas)
                 if response.status not in RETRY_STATUSES or last_chance:
                     break  # relayed as it is: an answer, or the last failure once every replica had its chance
+                end(flight)
                 connection.close()
                 self._unclaim(endpoint, "failed")
                 failure = f"HTTP {response.status}"
@@ -3690,6 +3698,7 @@ class ModelServer:
         except (OSError, http.client.HTTPException):
             handler.close_connection = True  # the upstream broke off mid-reply: so does this reply
         finally:
+            end(flight)
             self._unclaim(endpoint, "ok" if response.status == 200 else "answered")
             if not kept:
                 connection.close()

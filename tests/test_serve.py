@@ -814,3 +814,20 @@ def test_a_pass_through_reply_the_upstream_cuts_off_is_a_502_never_a_short_200(c
         reply = post(server, {"model": "coder", "messages": QUESTION})
         assert reply.status_code == 502, reply.text
         assert reply.json()["error"]["code"] == "upstream_error" and "'coder'" in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_pass_through_attempt_is_bounded_by_the_deadline_like_any_call(stream):
+    """--deadline bounds one whole attempt in serve as in the one-shot command: an upstream that drips its
+    reply a byte at a time (each wait well within --timeout) is cut off at the deadline - a 502 if nothing was
+    relayed yet, else the relayed stream ends - instead of holding the client for as long as it drips."""
+    head = [(b"Content-Type", b"text/event-stream" if stream else b"application/json"), (b"Content-Length", b"400")]
+    with HostileServer(response(b"200 OK", head, b""), ("drip", b"x" * 400, 0.05)) as upstream, selfmoa.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.5, retries=0), port=0) as server:
+        started = time.monotonic()
+        try:
+            reply = post(server, {"model": "coder", "messages": QUESTION, "stream": stream})
+            assert reply.status_code == (200 if stream else 502), reply.text
+        except requests.exceptions.ChunkedEncodingError:
+            assert stream  # the relayed stream broke off: the client sees it end early
+        assert time.monotonic() - started < 2.0
