@@ -3659,7 +3659,7 @@ class ModelServer:
             attempt += 1
         key, kept = endpoint.api_key, False
         try:
-            content_type = response.getheader("Content-Type") or "application/json"
+            content_type = _redact(response.getheader("Content-Type") or "application/json", key)  # relayed too
             if not (streaming and response.status == 200 and content_type.startswith("text/event-stream")):
                 try:  # a body shorter than announced raises: relayed, it would pass for a whole one
                     data, whole = _read_capped(response, SERVE_MAX_UPSTREAM)
@@ -3671,7 +3671,7 @@ class ModelServer:
                     raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply is "
                                       f"over {SERVE_MAX_UPSTREAM} bytes", None, "upstream_error", "upstream_error")
                 kept = self._keep(parts, connection, response)
-                retry_after = response.getheader("Retry-After")
+                retry_after = _redact(response.getheader("Retry-After") or "", key)
                 extra = {"Retry-After": retry_after} if retry_after else {}
                 return handler.send_bytes(response.status, _redact_bytes(data, endpoint.api_key), content_type,
                                           extra)

@@ -831,3 +831,19 @@ def test_a_pass_through_attempt_is_bounded_by_the_deadline_like_any_call(stream)
         except requests.exceptions.ChunkedEncodingError:
             assert stream  # the relayed stream broke off: the client sees it end early
         assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pass_through_blanks_an_upstream_key_echoed_in_a_relayed_header(stream):
+    """The headers serve relays from an upstream (Content-Type, Retry-After) are part of the reply: a key the
+    upstream echoes there is blanked out as in the body, never shown to the client."""
+    key = "sk-header-echo-secret-77"
+    kind = b"text/event-stream" if stream else b"application/json"
+    body = b"data: [DONE]\n\n" if stream else b'{"choices": []}'
+    echoed = response(b"200 OK", [(b"Content-Type", kind + b"; key=" + key.encode()), (b"Retry-After", key.encode()),
+                                  (b"Content-Length", b"%d" % len(body))], body)
+    with HostileServer(echoed) as upstream, selfmoa.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, key, retries=0), port=0) as server:
+        reply = post(server, {"model": "coder", "messages": QUESTION, "stream": stream})
+    shown = "\n".join(f"{name}: {value}" for name, value in reply.headers.items()) + reply.text
+    assert reply.status_code == 200 and not any(key[i:i + 8] in shown for i in range(len(key) - 7)), shown
