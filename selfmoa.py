@@ -3848,10 +3848,11 @@ class _ServeHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise _ServeError(411, "send the body with a Content-Length header (chunked bodies are not read)")
         length = self.headers.get("Content-Length")
-        if length is None or not length.strip().isdigit():
+        digits = (length or "").strip()
+        if length is None or not (digits.isascii() and digits.isdigit()):  # "²" is a digit to isdigit, not to int
             self.close_connection = True
             raise _ServeError(411 if length is None else 400, "a valid Content-Length header is required")
-        if int(length) > limit:
+        if len(digits.lstrip("0")) > 18 or int(digits) > limit:  # int() refuses thousands of digits
             self.close_connection = True  # the unread body makes the connection unusable
             raise _ServeError(413, f"the body is over the limit of {limit} bytes", None, "body_too_large")
         data = self.rfile.read(int(length))

@@ -270,6 +270,8 @@ def test_malformed_bodies_get_400_and_the_server_stays_up(served, data, status):
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n{", 413),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", 411),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\nab", 400),  # a digit to isdigit
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n{", 413),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n0\r\n\r\n", 411),
     (b"GARBAGE\r\n\r\n", 400),
     (b"GET /v2/elsewhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
