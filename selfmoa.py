@@ -4411,13 +4411,13 @@ def _main_serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     except OSError as exc:
         print(f"selfmoa serve: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})", file=sys.stderr)
         return 1
-    print(server.base_url, flush=True)
     stop = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGINT, signal.SIGTERM):
             previous[number] = signal.signal(number, lambda *_: stop.set())
     try:
+        print(server.base_url, flush=True)  # only now: whoever reads it may signal at once
         server.start()
         while not stop.wait(0.5):
             pass

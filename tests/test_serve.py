@@ -849,3 +849,22 @@ def test_pass_through_blanks_an_upstream_key_echoed_in_a_relayed_header(stream):
         reply = post(server, {"model": "coder", "messages": QUESTION, "stream": stream})
     shown = "\n".join(f"{name}: {value}" for name, value in reply.headers.items()) + reply.text
     assert reply.status_code == 200 and not any(key[i:i + 8] in shown for i in range(len(key) - 7)), shown
+
+
+def test_a_signal_right_after_the_base_url_is_printed_still_drains_and_exits_0(monkeypatch):
+    """A supervisor (or a test) that reads the base URL and signals at once is answered like any later
+    signal: serve was already listening for it when the first line went out, so it drains and returns 0,
+    instead of dying of the default handler (KeyboardInterrupt, or SIGTERM's kill)."""
+    class SignalOnFirstLine(io.StringIO):
+        def write(self, text):
+            written = super().write(text)
+            if "http://" in text:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread, here, at once
+            return written
+
+    monkeypatch.setattr(sys, "stdout", SignalOnFirstLine())
+    try:
+        status = selfmoa.main(["serve", "--port", "0", "--base-url", "http://127.0.0.1:9/v1"], environ={})
+    except KeyboardInterrupt:
+        pytest.fail("the signal arrived before serve listened for it")
+    assert status == 0 and sys.stdout.getvalue().startswith("http://127.0.0.1:")
