@@ -3642,7 +3642,8 @@ class ModelServer:
                 failure = f"could not reach it ({type(exc).__name__})"
             else:
                 last_chance = attempt == retries and len(failed_here | {endpoint.base_url}) >= len(replicas)
-                if response.status not in RETRY_STATUSES or last_chance:
+                final = response.status >= 200  # http.client hands back a 1xx (but 100) as if it were final
+                if final and (response.status not in RETRY_STATUSES or last_chance):
                     break  # relayed as it is: an answer, or the last failure once every replica had its chance
                 end(flight)
                 connection.close()

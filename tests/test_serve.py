@@ -868,3 +868,13 @@ def test_a_signal_right_after_the_base_url_is_printed_still_drains_and_exits_0(m
     except KeyboardInterrupt:
         pytest.fail("the signal arrived before serve listened for it")
     assert status == 0 and sys.stdout.getvalue().startswith("http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("status", [b"101 Switching Protocols", b"102 Processing", b"103 Early Hints"])
+def test_an_upstream_interim_status_is_never_relayed_as_the_final_reply(status):
+    """http.client hands any 1xx but 100 back as if final. Relayed, it would leave every conforming client
+    (which waits for the final status after a 1xx) hanging: it is an upstream failure, a 502, instead."""
+    with HostileServer(b"HTTP/1.1 " + status + b"\r\nLink: </x>\r\n\r\n") as upstream, selfmoa.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, timeout=2, retries=0), port=0) as server:
+        reply = post(server, {"model": "coder", "messages": QUESTION})
+    assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_error", reply.text
