@@ -3429,6 +3429,8 @@ class ModelServer:
         kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
         connection = kind(parts.hostname or "", parts.port, timeout=min(5.0, getattr(self.complete, "timeout", 5.0)))
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        begin, end = getattr(self.complete, "_begin", None), getattr(self.complete, "_end", None)
+        flight = begin(connection) if begin and end else None  # --deadline: the client's watchdog cuts it off
         try:
             connection.request("GET", parts.path.rstrip("/") + "/models", headers=headers)
             response = connection.getresponse()
@@ -3437,6 +3439,8 @@ class ModelServer:
         except (OSError, ValueError, AttributeError, TypeError, RecursionError, http.client.HTTPException):
             return []  # whatever the upstream answers (wrong types, a nesting bomb): it lists nothing
         finally:
+            if flight is not None and end is not None:
+                end(flight)
             connection.close()
 
     def handle_post(self, handler: _ServeHandler) -> None:

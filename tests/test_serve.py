@@ -878,3 +878,15 @@ def test_an_upstream_interim_status_is_never_relayed_as_the_final_reply(status):
             selfmoa.HTTPClient(upstream.base_url, timeout=2, retries=0), port=0) as server:
         reply = post(server, {"model": "coder", "messages": QUESTION})
     assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_error", reply.text
+
+
+def test_models_list_is_bounded_by_the_deadline_whatever_an_upstream_drips():
+    """An upstream that drips its /models reply a byte at a time (each wait within --timeout) holds GET
+    /v1/models no longer than --deadline: serve then answers with the names it has."""
+    dripping = (response(b"200 OK", [(b"Content-Length", b"400")], b""), ("drip", b" " * 400, 0.05))
+    with HostileServer(*dripping) as upstream, selfmoa.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.5), port=0, models=["mine"]) as server:
+        started = time.monotonic()
+        reply = SESSION.get(server.base_url + "/models", timeout=10)
+        assert reply.status_code == 200 and "self-moa/mine" in {model["id"] for model in reply.json()["data"]}
+        assert time.monotonic() - started < 2.0
