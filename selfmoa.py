@@ -1967,7 +1967,7 @@ class HTTPClient:
             choices = chunk.get("choices") if isinstance(chunk, dict) else None
             if not isinstance(chunk, dict) or not isinstance(choices, (list, type(None))):
                 raise bad("an event is not an object with a 'choices' list", data)
-            if chunk.get("error") is not None:  # a server that fails mid-stream says so, often followed by [DONE]
+            if chunk.get("error"):  # a server that fails mid-stream says so, often followed by [DONE]
                 raise broke(f"the server sent an error event: {_error_message(data)}")
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"]
