@@ -3484,13 +3484,23 @@ class ModelServer:
             else request["max_tokens"],
             seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
         # A request may not order unbounded work: n=10**9 would never end, and would hold the pool meanwhile.
-        layers = options["layers"] if _is_int(options.get("layers")) and options["layers"] >= 2 else 2
-        for key in ("layers", "n", "proposers"):
-            value = options.get(key)
-            size = len(_flatten(value)) if key == "proposers" else value if isinstance(value, int) else 0
-            if size * (layers - 1 if key != "layers" else 1) > SERVE_MAX_CALLS:
-                raise _ServeError(400, f"'selfmoa.{key}' asks for more than {SERVE_MAX_CALLS} calls in one request; "
-                                  f"ask for fewer", f"selfmoa.{key}")
+        # Every call counts: samples, proposers, and each aggregation (a Self-MoA-Seq round is one).
+        try:
+            if method == "self-moa-seq":
+                calls = options["n"] + seq_rounds(options["n"], options["window"], options["carry"])
+            elif method == "self-moa":
+                calls = options["n"] * (options["layers"] - 1) + 1 if _is_int(options["n"]) else 0
+            else:  # counted, not built: layers=10**9 must not make a list of 10**9 layers
+                proposers = options["proposers"]
+                nested = all(isinstance(layer, list) for layer in proposers)
+                calls = (sum(map(len, proposers)) if nested else len(proposers) * (options["layers"] - 1)) + 1
+        except (ConfigError, TypeError):
+            calls = 0  # an ill-typed option: the method's own check refuses it, naming the option
+        if calls > SERVE_MAX_CALLS:  # named: the first of the request's own options that make the count
+            key = next((k for k in ("n", "proposers", "layers", "window", "carry") if k in extra),
+                       "proposers" if method == "moa" else "n")
+            raise _ServeError(400, f"'selfmoa.{key}' asks for {calls} calls in one request (samples, proposers and "
+                              f"aggregations), more than {SERVE_MAX_CALLS}; ask for fewer", f"selfmoa.{key}")
         if method == "moa":
             if not options["proposers"]:
                 raise _ServeError(400, f"moa/{upstream} needs proposers: start serve with -p MODEL (repeatable) or "

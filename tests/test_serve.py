@@ -890,3 +890,23 @@ def test_models_list_is_bounded_by_the_deadline_whatever_an_upstream_drips():
         reply = SESSION.get(server.base_url + "/models", timeout=10)
         assert reply.status_code == 200 and "self-moa/mine" in {model["id"] for model in reply.json()["data"]}
         assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("model, options, calls", [
+    ("self-moa-seq/m", {"n": 256, "window": 2, "carry": 1}, 511),  # 256 samples and 255 rounds
+    ("self-moa/m", {"n": 128, "layers": 3}, 257),
+    ("self-moa/m", {"n": 256}, 257),
+    ("moa/m", {"proposers": ["p"] * 128, "layers": 3}, 257),
+    ("moa/m", {"proposers": [["p"] * 200, ["q"] * 100], "layers": 3}, 301),
+    ("moa/m", {"proposers": ["a", "b"], "layers": 10**9}, 2 * (10**9 - 1) + 1),  # counted, never built
+])
+def test_a_request_may_ask_for_at_most_256_calls_aggregations_included(plain, model, options, calls):
+    """"A request may ask for at most 256 calls": every call counts, samples, proposers and aggregations
+    alike (a Self-MoA-Seq round is a call), so a request over it is a 400 naming a selfmoa option, and one
+    of exactly 256 calls runs."""
+    reply = post(plain, {"model": model, "messages": QUESTION, "selfmoa": options})
+    assert reply.status_code == 400 and reply.json()["error"]["param"].startswith("selfmoa."), (calls, reply.text)
+    assert str(calls) in reply.json()["error"]["message"]
+    reply = post(plain, {"model": "self-moa-seq/m", "messages": QUESTION, "selfmoa": {"n": 171, "window": 3,
+                                                                                      "carry": 1}})
+    assert reply.status_code == 200 and reply.json()["selfmoa"]["calls"] == 256
