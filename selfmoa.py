@@ -3483,6 +3483,9 @@ class ModelServer:
             aggregator_max_tokens=d["aggregator_max_tokens"] if request["max_tokens"] is None
             else request["max_tokens"],
             seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
+        proposers = options.get("proposers")
+        if "layers" not in extra and isinstance(proposers, list) and all(isinstance(p, list) for p in proposers):
+            options["layers"] = len(proposers) + 1  # one list per layer: they say how many, whatever --layers says
         # A request may not order unbounded work: n=10**9 would never end, and would hold the pool meanwhile.
         # Every call counts: samples, proposers, and each aggregation (a Self-MoA-Seq round is one).
         try:

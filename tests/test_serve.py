@@ -910,3 +910,12 @@ def test_a_request_may_ask_for_at_most_256_calls_aggregations_included(plain, mo
     reply = post(plain, {"model": "self-moa-seq/m", "messages": QUESTION, "selfmoa": {"n": 171, "window": 3,
                                                                                       "carry": 1}})
     assert reply.status_code == 200 and reply.json()["selfmoa"]["calls"] == 256
+
+
+def test_moa_proposers_may_be_one_list_per_layer_without_naming_layers(plain):
+    """`proposers` may be "a list of lists, one per layer": that list then says how many layers there are,
+    so a request that leaves `layers` out runs them (serve's own --layers default does not contradict it)."""
+    reply = post(plain, {"model": "moa/agg", "messages": QUESTION, "selfmoa": {"proposers": [["a", "b"], ["c"]]}})
+    assert reply.status_code == 200, reply.text
+    assert [(call["model"], call["layer"]) for call in reply.json()["selfmoa"]["trace"]] == [
+        ("a", 1), ("b", 1), ("c", 2), ("agg", 3)]
