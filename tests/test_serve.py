@@ -772,17 +772,17 @@ def test_lone_surrogates_in_a_request_get_a_well_formed_reply(plain, model, stre
         assert "\ufffd" in reply.json()["model"] and reply.json()["choices"][0]["message"]["content"].endswith(" ok")
 
 
-@pytest.mark.parametrize("listed", [b'{"data": 5}', b'{"data": null}', b'[' * 100_000, b'{"data": [{"id": "\\ud800"}]}',
-                                    b'{"data": {"id": "m"}}', b"\xff\xfe", b'{"data": [5, null, {"id": 7}]}'],
-                         ids=["number", "null", "nesting", "surrogate", "object", "not-utf8", "wrong-items"])
-def test_models_list_survives_whatever_an_upstream_lists(listed):
+def test_models_list_survives_whatever_an_upstream_lists():
     """GET /v1/models asks each upstream for its models; whatever body an upstream's /models answers (wrong
     types, a nesting bomb, a lone surrogate), serve still answers 200 with its own names."""
-    with HostileServer(response(b"200 OK", [(b"Content-Length", b"%d" % len(listed))], listed)) as upstream, \
-            selfmoa.ModelServer(selfmoa.HTTPClient(upstream.base_url, timeout=2), port=0, models=["mine"]) as server:
-        reply = SESSION.get(server.base_url + "/models", timeout=10)
-        assert reply.status_code == 200, reply.text
-        assert {"mine", "self-moa/mine"} <= {model["id"] for model in reply.json()["data"]}
+    with HostileServer() as upstream, selfmoa.ModelServer(selfmoa.HTTPClient(upstream.base_url, timeout=2), port=0,
+                                                         models=["mine"]) as server:
+        for listed in (b'{"data": 5}', b'{"data": null}', b"[" * 100_000, b'{"data": [{"id": "\\ud800"}]}',
+                       b'{"data": {"id": "m"}}', b"\xff\xfe", b'{"data": [5, null, {"id": 7}]}'):
+            upstream.plan = [response(b"200 OK", [(b"Content-Length", b"%d" % len(listed))], listed)]
+            reply = SESSION.get(server.base_url + "/models", timeout=10)
+            assert reply.status_code == 200, (listed[:30], reply.text)
+            assert {"mine", "self-moa/mine"} <= {model["id"] for model in reply.json()["data"]}
 
 
 @pytest.mark.parametrize("key", ["serverkey-1234\r", "serverkey-1234\n", "server key 1234", "clé-secrète-1234",
@@ -801,21 +801,20 @@ def test_a_server_key_that_is_not_a_bearer_token_is_refused_without_showing_it(k
         assert out == "" and "server" in err and key.strip()[:8] not in err
 
 
-@pytest.mark.parametrize("cut", [
-    response(b"200 OK", [(b"Content-Length", b"200")], b'{"choices": '),
-    response(b"200 OK", [(b"Transfer-Encoding", b"chunked")], b'5\r\n{"cho\r\nzz'),
-    response(b"200 OK", [(b"Content-Type", b"text/event-stream"), (b"Transfer-Encoding", b"chunked")],
-             b"5\r\ndata:\r\n"),
-], ids=["short-content-length", "broken-chunk", "broken-events"])
-def test_a_pass_through_reply_the_upstream_cuts_off_is_a_502_never_a_short_200(cut):
+def test_a_pass_through_reply_the_upstream_cuts_off_is_a_502_never_a_short_200():
     """A non-streamed pass-through whose upstream reply ends before its announced end (a short Content-Length
     body, a broken chunk) is an OpenAI-shaped 502 naming the model: never relayed as a complete 200 with a
     body cut in two, never a connection closed without an answer."""
-    with HostileServer(cut) as upstream, selfmoa.ModelServer(
+    with HostileServer() as upstream, selfmoa.ModelServer(
             selfmoa.HTTPClient(upstream.base_url, timeout=2, retries=0), port=0) as server:
-        reply = post(server, {"model": "coder", "messages": QUESTION})
-        assert reply.status_code == 502, reply.text
-        assert reply.json()["error"]["code"] == "upstream_error" and "'coder'" in reply.json()["error"]["message"]
+        for cut in (response(b"200 OK", [(b"Content-Length", b"200")], b'{"choices": '),
+                    response(b"200 OK", [(b"Transfer-Encoding", b"chunked")], b'5\r\n{"cho\r\nzz'),
+                    response(b"200 OK", [(b"Content-Type", b"text/event-stream"), (b"Transfer-Encoding", b"chunked")],
+                             b"5\r\ndata:\r\n")):
+            upstream.plan = [cut]
+            reply = post(server, {"model": "coder", "messages": QUESTION})
+            assert reply.status_code == 502, (cut, reply.text)
+            assert reply.json()["error"]["code"] == "upstream_error" and "'coder'" in reply.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -825,7 +824,7 @@ def test_a_pass_through_attempt_is_bounded_by_the_deadline_like_any_call(stream)
     relayed yet, else the relayed stream ends - instead of holding the client for as long as it drips."""
     head = [(b"Content-Type", b"text/event-stream" if stream else b"application/json"), (b"Content-Length", b"400")]
     with HostileServer(response(b"200 OK", head, b""), ("drip", b"x" * 400, 0.05)) as upstream, selfmoa.ModelServer(
-            selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.5, retries=0), port=0) as server:
+            selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.3, retries=0), port=0) as server:
         started = time.monotonic()
         try:
             reply = post(server, {"model": "coder", "messages": QUESTION, "stream": stream})
@@ -835,49 +834,32 @@ def test_a_pass_through_attempt_is_bounded_by_the_deadline_like_any_call(stream)
         assert time.monotonic() - started < 2.0
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_pass_through_blanks_an_upstream_key_echoed_in_a_relayed_header(stream):
+def test_pass_through_blanks_an_upstream_key_echoed_in_a_relayed_header():
     """The headers serve relays from an upstream (Content-Type, Retry-After) are part of the reply: a key the
     upstream echoes there is blanked out as in the body, never shown to the client."""
     key = "sk-header-echo-secret-77"
-    kind = b"text/event-stream" if stream else b"application/json"
-    body = b"data: [DONE]\n\n" if stream else b'{"choices": []}'
-    echoed = response(b"200 OK", [(b"Content-Type", kind + b"; key=" + key.encode()), (b"Retry-After", key.encode()),
-                                  (b"Content-Length", b"%d" % len(body))], body)
-    with HostileServer(echoed) as upstream, selfmoa.ModelServer(
+    with HostileServer() as upstream, selfmoa.ModelServer(
             selfmoa.HTTPClient(upstream.base_url, key, retries=0), port=0) as server:
-        reply = post(server, {"model": "coder", "messages": QUESTION, "stream": stream})
-    shown = "\n".join(f"{name}: {value}" for name, value in reply.headers.items()) + reply.text
-    assert reply.status_code == 200 and not any(key[i:i + 8] in shown for i in range(len(key) - 7)), shown
+        for stream in (False, True):
+            kind = b"text/event-stream" if stream else b"application/json"
+            body = b"data: [DONE]\n\n" if stream else b'{"choices": []}'
+            upstream.plan = [response(b"200 OK", [(b"Content-Type", kind + b"; key=" + key.encode()),
+                                                  (b"Retry-After", key.encode()),
+                                                  (b"Content-Length", b"%d" % len(body))], body)]
+            reply = post(server, {"model": "coder", "messages": QUESTION, "stream": stream})
+            shown = "\n".join(f"{name}: {value}" for name, value in reply.headers.items()) + reply.text
+            assert reply.status_code == 200 and not any(key[i:i + 8] in shown for i in range(len(key) - 7)), shown
 
 
-def test_a_signal_right_after_the_base_url_is_printed_still_drains_and_exits_0(monkeypatch):
-    """A supervisor (or a test) that reads the base URL and signals at once is answered like any later
-    signal: serve was already listening for it when the first line went out, so it drains and returns 0,
-    instead of dying of the default handler (KeyboardInterrupt, or SIGTERM's kill)."""
-    class SignalOnFirstLine(io.StringIO):
-        def write(self, text):
-            written = super().write(text)
-            if "http://" in text:
-                os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread, here, at once
-            return written
-
-    monkeypatch.setattr(sys, "stdout", SignalOnFirstLine())
-    try:
-        status = selfmoa.main(["serve", "--port", "0", "--base-url", "http://127.0.0.1:9/v1"], environ={})
-    except KeyboardInterrupt:
-        pytest.fail("the signal arrived before serve listened for it")
-    assert status == 0 and sys.stdout.getvalue().startswith("http://127.0.0.1:")
-
-
-@pytest.mark.parametrize("status", [b"101 Switching Protocols", b"102 Processing", b"103 Early Hints"])
-def test_an_upstream_interim_status_is_never_relayed_as_the_final_reply(status):
+def test_an_upstream_interim_status_is_never_relayed_as_the_final_reply():
     """http.client hands any 1xx but 100 back as if final. Relayed, it would leave every conforming client
     (which waits for the final status after a 1xx) hanging: it is an upstream failure, a 502, instead."""
-    with HostileServer(b"HTTP/1.1 " + status + b"\r\nLink: </x>\r\n\r\n") as upstream, selfmoa.ModelServer(
+    with HostileServer() as upstream, selfmoa.ModelServer(
             selfmoa.HTTPClient(upstream.base_url, timeout=2, retries=0), port=0) as server:
-        reply = post(server, {"model": "coder", "messages": QUESTION})
-    assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_error", reply.text
+        for status in (b"101 Switching Protocols", b"102 Processing", b"103 Early Hints"):
+            upstream.plan = [b"HTTP/1.1 " + status + b"\r\nLink: </x>\r\n\r\n"]
+            reply = post(server, {"model": "coder", "messages": QUESTION})
+            assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_error", reply.text
 
 
 def test_models_list_is_bounded_by_the_deadline_whatever_an_upstream_drips():
@@ -885,7 +867,7 @@ def test_models_list_is_bounded_by_the_deadline_whatever_an_upstream_drips():
     /v1/models no longer than --deadline: serve then answers with the names it has."""
     dripping = (response(b"200 OK", [(b"Content-Length", b"400")], b""), ("drip", b" " * 400, 0.05))
     with HostileServer(*dripping) as upstream, selfmoa.ModelServer(
-            selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.5), port=0, models=["mine"]) as server:
+            selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.3), port=0, models=["mine"]) as server:
         started = time.monotonic()
         reply = SESSION.get(server.base_url + "/models", timeout=10)
         assert reply.status_code == 200 and "self-moa/mine" in {model["id"] for model in reply.json()["data"]}
@@ -919,3 +901,22 @@ def test_moa_proposers_may_be_one_list_per_layer_without_naming_layers(plain):
     assert reply.status_code == 200, reply.text
     assert [(call["model"], call["layer"]) for call in reply.json()["selfmoa"]["trace"]] == [
         ("a", 1), ("b", 1), ("c", 2), ("agg", 3)]
+
+
+def test_a_signal_right_after_the_base_url_is_printed_still_drains_and_exits_0(monkeypatch):
+    """A supervisor (or a test) that reads the base URL and signals at once is answered like any later
+    signal: serve was already listening for it when the first line went out, so it drains and returns 0,
+    instead of dying of the default handler (KeyboardInterrupt, or SIGTERM's kill)."""
+    class SignalOnFirstLine(io.StringIO):
+        def write(self, text):
+            written = super().write(text)
+            if "http://" in text:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread, here, at once
+            return written
+
+    monkeypatch.setattr(sys, "stdout", SignalOnFirstLine())
+    try:
+        status = selfmoa.main(["serve", "--port", "0", "--base-url", "http://127.0.0.1:9/v1"], environ={})
+    except KeyboardInterrupt:
+        pytest.fail("the signal arrived before serve listened for it")
+    assert status == 0 and sys.stdout.getvalue().startswith("http://127.0.0.1:")
