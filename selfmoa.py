@@ -3263,8 +3263,13 @@ def _run_report(result: Result, secrets: Iterable[str | None] = ()) -> dict[str,
 def _client_gone(connection: socket.socket) -> bool:
     """Whether the client closed its connection (checked without reading anything it sent)."""
     try:
-        readable, _, _ = select.select([connection], [], [], 0)
-        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+        if hasattr(select, "poll"):  # select() refuses descriptors above 1023, which a busy server has
+            poller = select.poll()
+            poller.register(connection, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([connection], [], [], 0)[0])
+        return readable and connection.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
 

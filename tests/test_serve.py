@@ -920,3 +920,25 @@ def test_a_signal_right_after_the_base_url_is_printed_still_drains_and_exits_0(m
     except KeyboardInterrupt:
         pytest.fail("the signal arrived before serve listened for it")
     assert status == 0 and sys.stdout.getvalue().startswith("http://127.0.0.1:")
+
+
+def test_a_run_is_not_cancelled_because_its_connection_has_a_high_file_descriptor():
+    """A busy server holds over 1024 descriptors; select() refuses those, and that must not read as "the client
+    went away": a request whose connection lands above 1024 is answered, not cancelled at the first check."""
+    import resource
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1400:
+        pytest.skip("needs a descriptor limit above 1400")
+
+    def slow(request):
+        time.sleep(0.15)  # a few of the 50 ms checks of the client's connection happen meanwhile
+        return echo(request)
+
+    filler = [os.dup(0) for _ in range(1100)]  # bounded: pushes the next sockets above 1024
+    try:
+        with selfmoa.ModelServer(slow, port=0, defaults={"n": 1}) as server:
+            reply = requests.post(server.base_url + "/chat/completions", json={"model": "self-moa/m",
+                                                                                "messages": QUESTION}, timeout=10)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "m ok"
+    finally:
+        for descriptor in filler:
+            os.close(descriptor)
