@@ -3328,7 +3328,8 @@ class ModelServer:
         self._thread: threading.Thread | None = None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("_ServeHTTPServer", (http.server.ThreadingHTTPServer,),
-                            {"address_family": family, "daemon_threads": True, "request_queue_size": 128})
+                            {"address_family": family, "daemon_threads": True, "request_queue_size": 128,
+                             "handle_error": _quiet_on_disconnect})
         self.httpd = server_class((host, port), _ServeHandler)
         self.httpd.app = self
         self.host, self.port = self.httpd.server_address[:2]
@@ -3765,6 +3766,13 @@ class ModelServer:
                 return False
             idle.append(connection)
             return True
+
+
+def _quiet_on_disconnect(server: http.server.ThreadingHTTPServer, request: Any, client_address: Any) -> None:
+    """A client that resets or drops its connection is no error worth a traceback (serve logs nothing per
+    request, and a hostile client could flood the log with them); anything else still gets one."""
+    if not isinstance(sys.exc_info()[1], OSError):
+        http.server.ThreadingHTTPServer.handle_error(server, request, client_address)
 
 
 def _no_constant(name: str) -> Any:

@@ -942,3 +942,17 @@ def test_a_run_is_not_cancelled_because_its_connection_has_a_high_file_descripto
     finally:
         for descriptor in filler:
             os.close(descriptor)
+
+
+def test_a_client_resetting_its_connection_leaves_no_traceback_in_the_log(plain, capfd):
+    """Serve logs nothing per request, so a client that resets its kept-alive connection (a crash, a kill -9,
+    a load balancer) must not print a traceback either: a hostile one could flood the log with them."""
+    import struct
+    for _ in range(3):  # bounded
+        with socket.create_connection((plain.host, plain.port), timeout=5) as connection:
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(0.02)  # the handler now waits for the next request line
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+    time.sleep(0.1)
+    assert "Traceback" not in capfd.readouterr().err
