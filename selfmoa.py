@@ -3316,6 +3316,9 @@ class ModelServer:
                "proposers", d["proposers"], "MoA proposers are a non-empty list", "pass a list of model names")
         _check(_is_int(concurrency) and concurrency >= 1, "concurrency", concurrency,
                "it bounds the upstream calls of all runs at once", "pass an integer >= 1")
+        _check(isinstance(drain_timeout, (int, float)) and not isinstance(drain_timeout, bool)
+               and math.isfinite(drain_timeout) and drain_timeout >= 0, "drain_timeout", drain_timeout,
+               "it is how long the runs in flight may take to finish on a stop", "pass a number of seconds >= 0")
         self.complete, self.server_key, self.concurrency = complete, server_key, concurrency
         self.models, self.max_body, self.drain_timeout = list(models), max_body, drain_timeout
         self.pool = _Pool(concurrency)

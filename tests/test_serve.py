@@ -956,3 +956,15 @@ def test_a_client_resetting_its_connection_leaves_no_traceback_in_the_log(plain,
             connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
     time.sleep(0.1)
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "1e400"])
+def test_a_drain_timeout_that_is_not_a_finite_number_of_seconds_is_a_usage_error(value, capsys):
+    """--drain-timeout is a finite number of seconds >= 0: infinity would crash the drain (Condition.wait
+    cannot wait that long) and NaN or a negative one would silently skip it, so they are refused naming it."""
+    with pytest.raises(selfmoa.ConfigError, match="drain_timeout"):
+        selfmoa.ModelServer(echo, port=0, drain_timeout=float(value))
+    assert selfmoa.main(["serve", "--port", "0", "--drain-timeout", value, "--base-url", "http://127.0.0.1:9/v1"],
+                        environ={}) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--drain-timeout" in err
