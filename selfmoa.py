@@ -1967,6 +1967,8 @@ class HTTPClient:
             choices = chunk.get("choices") if isinstance(chunk, dict) else None
             if not isinstance(chunk, dict) or not isinstance(choices, (list, type(None))):
                 raise bad("an event is not an object with a 'choices' list", data)
+            if chunk.get("error"):  # a server that fails mid-stream says so, often followed by [DONE]
+                raise broke(f"the server sent an error event: {_error_message(data)}")
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"]
             for choice in choices or []:
@@ -3292,8 +3294,13 @@ def _run_report(result: Result, secrets: Iterable[str | None] = ()) -> dict[str,
 def _client_gone(connection: socket.socket) -> bool:
     """Whether the client closed its connection (checked without reading anything it sent)."""
     try:
-        readable, _, _ = select.select([connection], [], [], 0)
-        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+        if hasattr(select, "poll"):  # select() refuses descriptors above 1023, which a busy server has
+            poller = select.poll()
+            poller.register(connection, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([connection], [], [], 0)[0])
+        return readable and connection.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
 
@@ -3316,9 +3323,9 @@ class ModelServer:
                  models: Sequence[str] = (), max_body: int = SERVE_MAX_BODY, drain_timeout: float = 30.0):
         _check(callable(complete), "complete", complete, "every upstream call goes through it",
                'pass complete=HTTPClient("http://host:port/v1")')
-        _check(server_key is None or (isinstance(server_key, str) and server_key.strip() != ""
-                                      and "\n" not in server_key), "server_key", "***",
-               "a server key is a non-empty single-line string", "pass the key clients will send, or None")
+        problem = _key_problem(server_key) or ("a server key is a non-empty string" if server_key == "" else None)
+        _check(problem is None, "server_key", "***", problem or "",  # clients send it as a Bearer token
+               "pass the key clients will send (printable ASCII, no spaces), or None")
         _check(server_key is not None or _is_loopback(host), "host", host,
                "serving beyond this machine without a server key would let anyone who can reach it spend your "
                "upstream keys", "pass a server key (--server-key or $SELFMOA_SERVER_KEY), or bind 127.0.0.1")
@@ -3340,6 +3347,9 @@ class ModelServer:
                "proposers", d["proposers"], "MoA proposers are a non-empty list", "pass a list of model names")
         _check(_is_int(concurrency) and concurrency >= 1, "concurrency", concurrency,
                "it bounds the upstream calls of all runs at once", "pass an integer >= 1")
+        _check(isinstance(drain_timeout, (int, float)) and not isinstance(drain_timeout, bool)
+               and math.isfinite(drain_timeout) and drain_timeout >= 0, "drain_timeout", drain_timeout,
+               "it is how long the runs in flight may take to finish on a stop", "pass a number of seconds >= 0")
         self.complete, self.server_key, self.concurrency = complete, server_key, concurrency
         self.models, self.max_body, self.drain_timeout = list(models), max_body, drain_timeout
         self.pool = _Pool(concurrency)
@@ -3352,7 +3362,8 @@ class ModelServer:
         self._thread: threading.Thread | None = None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("_ServeHTTPServer", (http.server.ThreadingHTTPServer,),
-                            {"address_family": family, "daemon_threads": True, "request_queue_size": 128})
+                            {"address_family": family, "daemon_threads": True, "request_queue_size": 128,
+                             "handle_error": _quiet_on_disconnect})
         self.httpd = server_class((host, port), _ServeHandler)
         self.httpd.app = self
         self.host, self.port = self.httpd.server_address[:2]
@@ -3458,14 +3469,18 @@ class ModelServer:
         kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
         connection = kind(parts.hostname or "", parts.port, timeout=min(5.0, getattr(self.complete, "timeout", 5.0)))
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        begin, end = getattr(self.complete, "_begin", None), getattr(self.complete, "_end", None)
+        flight = begin(connection) if begin and end else None  # --deadline: the client's watchdog cuts it off
         try:
             connection.request("GET", parts.path.rstrip("/") + "/models", headers=headers)
             response = connection.getresponse()
             data = json.loads(response.read(SERVE_MAX_UPSTREAM)) if response.status == 200 else {}
             return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
-        except (OSError, ValueError, AttributeError, http.client.HTTPException):
-            return []
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError, http.client.HTTPException):
+            return []  # whatever the upstream answers (wrong types, a nesting bomb): it lists nothing
         finally:
+            if flight is not None and end is not None:
+                end(flight)
             connection.close()
 
     def handle_post(self, handler: _ServeHandler) -> None:
@@ -3508,14 +3523,27 @@ class ModelServer:
             aggregator_max_tokens=d["aggregator_max_tokens"] if request["max_tokens"] is None
             else request["max_tokens"],
             seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
+        proposers = options.get("proposers")
+        if "layers" not in extra and isinstance(proposers, list) and all(isinstance(p, list) for p in proposers):
+            options["layers"] = len(proposers) + 1  # one list per layer: they say how many, whatever --layers says
         # A request may not order unbounded work: n=10**9 would never end, and would hold the pool meanwhile.
-        layers = options["layers"] if _is_int(options.get("layers")) and options["layers"] >= 2 else 2
-        for key in ("layers", "n", "proposers"):
-            value = options.get(key)
-            size = len(_flatten(value)) if key == "proposers" else value if isinstance(value, int) else 0
-            if size * (layers - 1 if key != "layers" else 1) > SERVE_MAX_CALLS:
-                raise _ServeError(400, f"'selfmoa.{key}' asks for more than {SERVE_MAX_CALLS} calls in one request; "
-                                  f"ask for fewer", f"selfmoa.{key}")
+        # Every call counts: samples, proposers, and each aggregation (a Self-MoA-Seq round is one).
+        try:
+            if method == "self-moa-seq":
+                calls = options["n"] + seq_rounds(options["n"], options["window"], options["carry"])
+            elif method == "self-moa":
+                calls = options["n"] * (options["layers"] - 1) + 1 if _is_int(options["n"]) else 0
+            else:  # counted, not built: layers=10**9 must not make a list of 10**9 layers
+                proposers = options["proposers"]
+                nested = all(isinstance(layer, list) for layer in proposers)
+                calls = (sum(map(len, proposers)) if nested else len(proposers) * (options["layers"] - 1)) + 1
+        except (ConfigError, TypeError):
+            calls = 0  # an ill-typed option: the method's own check refuses it, naming the option
+        if calls > SERVE_MAX_CALLS:  # named: the first of the request's own options that make the count
+            key = next((k for k in ("n", "proposers", "layers", "window", "carry") if k in extra),
+                       "proposers" if method == "moa" else "n")
+            raise _ServeError(400, f"'selfmoa.{key}' asks for {calls} calls in one request (samples, proposers and "
+                              f"aggregations), more than {SERVE_MAX_CALLS}; ask for fewer", f"selfmoa.{key}")
         if method == "moa":
             if not options["proposers"]:
                 raise _ServeError(400, f"moa/{upstream} needs proposers: start serve with -p MODEL (repeatable) or "
@@ -3643,6 +3671,11 @@ class ModelServer:
             raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it", "model",
                               "model_not_found") from None
         retries = getattr(self.complete, "retries", 0)
+        begin, unwatch = getattr(self.complete, "_begin", None), getattr(self.complete, "_end", None)
+
+        def end(flight: Any) -> None:
+            if unwatch is not None and flight is not None:
+                unwatch(flight)
         attempt, failed_here = 0, set[str]()
         while True:
             endpoint = self._claim(replicas, failed_here, model)
@@ -3653,10 +3686,12 @@ class ModelServer:
             if endpoint.api_key:
                 headers["Authorization"] = f"Bearer {endpoint.api_key}"
             connection, reused = self._upstream(parts)
+            flight = begin(connection) if begin else None  # --deadline: the client's watchdog cuts it off
             try:
                 connection.request("POST", path, body=raw, headers=headers)  # connects (TCP_NODELAY) if new
                 response = connection.getresponse()
             except (OSError, http.client.HTTPException) as exc:
+                end(flight)
                 connection.close()
                 self._unclaim(endpoint, "stale" if reused else "down")
                 if reused:
@@ -3664,8 +3699,10 @@ class ModelServer:
                 failure = f"could not reach it ({type(exc).__name__})"
             else:
                 last_chance = attempt == retries and len(failed_here | {endpoint.base_url}) >= len(replicas)
-                if response.status not in RETRY_STATUSES or last_chance:
+                final = response.status >= 200  # http.client hands back a 1xx (but 100) as if it were final
+                if final and (response.status not in RETRY_STATUSES or last_chance):
                     break  # relayed as it is: an answer, or the last failure once every replica had its chance
+                end(flight)
                 connection.close()
                 self._unclaim(endpoint, "failed")
                 failure = f"HTTP {response.status}"
@@ -3682,14 +3719,19 @@ class ModelServer:
             attempt += 1
         key, kept = endpoint.api_key, False
         try:
-            content_type = response.getheader("Content-Type") or "application/json"
+            content_type = _redact(response.getheader("Content-Type") or "application/json", key)  # relayed too
             if not (streaming and response.status == 200 and content_type.startswith("text/event-stream")):
-                data = response.read(SERVE_MAX_UPSTREAM + 1)
-                if len(data) > SERVE_MAX_UPSTREAM:
+                try:  # a body shorter than announced raises: relayed, it would pass for a whole one
+                    data, whole = _read_capped(response, SERVE_MAX_UPSTREAM)
+                except (OSError, http.client.HTTPException, ValueError) as exc:
+                    raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply was "
+                                      f"cut off ({type(exc).__name__})", None, "upstream_error", "upstream_error") \
+                        from None
+                if not whole:
                     raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply is "
                                       f"over {SERVE_MAX_UPSTREAM} bytes", None, "upstream_error", "upstream_error")
                 kept = self._keep(parts, connection, response)
-                retry_after = response.getheader("Retry-After")
+                retry_after = _redact(response.getheader("Retry-After") or "", key)
                 extra = {"Retry-After": retry_after} if retry_after else {}
                 return handler.send_bytes(response.status, _redact_bytes(data, endpoint.api_key), content_type,
                                           extra)
@@ -3716,6 +3758,7 @@ class ModelServer:
         except (OSError, http.client.HTTPException):
             handler.close_connection = True  # the upstream broke off mid-reply: so does this reply
         finally:
+            end(flight)
             self._unclaim(endpoint, "ok" if response.status == 200 else "answered")
             if not kept:
                 connection.close()
@@ -3759,6 +3802,13 @@ class ModelServer:
             return True
 
 
+def _quiet_on_disconnect(server: http.server.ThreadingHTTPServer, request: Any, client_address: Any) -> None:
+    """A client that resets or drops its connection is no error worth a traceback (serve logs nothing per
+    request, and a hostile client could flood the log with them); anything else still gets one."""
+    if not isinstance(sys.exc_info()[1], OSError):
+        http.server.ThreadingHTTPServer.handle_error(server, request, client_address)
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python reads NaN and Infinity; JSON has neither
 
@@ -3786,7 +3836,8 @@ class _ChunkStream:
                      "created": int(time.time()), "model": model}
 
     def _event(self, data: Any) -> bool:
-        return self.handler.send_chunk(b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n")
+        text = _clean(json.dumps(data, ensure_ascii=False))  # no lone surrogate: it could not be encoded
+        return self.handler.send_chunk(b"data: " + text.encode("utf-8") + b"\n\n")
 
     def _chunk(self, delta: dict, reason: str | None = None, **extra: Any) -> bool:
         chunk = {**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
@@ -3864,10 +3915,11 @@ class _ServeHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise _ServeError(411, "send the body with a Content-Length header (chunked bodies are not read)")
         length = self.headers.get("Content-Length")
-        if length is None or not length.strip().isdigit():
+        digits = (length or "").strip()
+        if length is None or not (digits.isascii() and digits.isdigit()):  # "²" is a digit to isdigit, not to int
             self.close_connection = True
             raise _ServeError(411 if length is None else 400, "a valid Content-Length header is required")
-        if int(length) > limit:
+        if len(digits.lstrip("0")) > 18 or int(digits) > limit:  # int() refuses thousands of digits
             self.close_connection = True  # the unread body makes the connection unusable
             raise _ServeError(413, f"the body is over the limit of {limit} bytes", None, "body_too_large")
         data = self.rfile.read(int(length))
@@ -3890,7 +3942,7 @@ class _ServeHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()  # now, while the request still counts as in flight (a drain waits for it)
 
     def send_json(self, status: int, payload: dict) -> None:
-        self.send_bytes(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+        self.send_bytes(status, _clean(json.dumps(payload, ensure_ascii=False)).encode("utf-8"))  # no lone surrogate
 
     def start_chunked(self, status: int, content_type: str) -> None:
         """Start a reply of unknown length: chunked over HTTP/1.1, else ended by closing the connection."""
@@ -4443,13 +4495,13 @@ def _main_serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     except OSError as exc:
         print(f"selfmoa serve: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})", file=sys.stderr)
         return 1
-    print(server.base_url, flush=True)
     stop = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGINT, signal.SIGTERM):
             previous[number] = signal.signal(number, lambda *_: stop.set())
     try:
+        print(server.base_url, flush=True)  # only now: whoever reads it may signal at once
         server.start()
         while not stop.wait(0.5):
             pass

@@ -557,3 +557,18 @@ def test_a_completion_function_may_mark_samples_without_text_with_none():
     assert [call.error is not None for call in result.trace] == [False, True, False]
     with pytest.raises(selfmoa.ModelError, match="holds no text"):
         selfmoa._as_reply(selfmoa.Reply([None]), selfmoa.Request("m", (), n=1))
+
+
+@pytest.mark.parametrize("before", [b"", b'data: {"choices": [{"index": 0, "delta": {"content": "half an ans"}}]}\n\n'])
+def test_an_error_event_in_a_stream_is_a_model_error_never_a_complete_answer(before):
+    """A server that fails mid-stream sends `data: {"error": {...}}` and often `data: [DONE]` after it (vLLM
+    does; so does `selfmoa serve`). That is a ModelError carrying the server's message (final once text was
+    passed on), never an empty or half answer returned as if whole."""
+    events = before + b'data: {"error": {"message": "the engine died", "type": "server_error"}}\n\ndata: [DONE]\n\n'
+    plan = response(b"200 OK", [(b"Content-Type", b"text/event-stream"), (b"Content-Length", b"%d" % len(events))],
+                    events)
+    with HostileServer(plan) as server:
+        shown: list[str] = []
+        with pytest.raises(selfmoa.ModelError, match="the engine died") as failure:
+            ask(selfmoa.HTTPClient(server.base_url, retries=1, backoff=0), stream=shown.append)
+    assert len(server.log) == (1 if before else 2) and failure.value.retryable == (not before)

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import selfmoa
 from mock_models.server import MockServer
 from tests import test_readme
+from tests.hostile_server import HostileServer, response
 from tests.scripted_server import ScriptedServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -269,6 +270,8 @@ def test_malformed_bodies_get_400_and_the_server_stays_up(served, data, status):
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n{", 413),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", 411),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\nab", 400),  # a digit to isdigit
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n{", 413),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n0\r\n\r\n", 411),
     (b"GARBAGE\r\n\r\n", 400),
     (b"GET /v2/elsewhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
@@ -746,3 +749,222 @@ def test_pass_through_spreads_over_a_models_replicas_and_fails_over_from_a_dead_
             with selfmoa.ModelServer(failover, port=0) as server:
                 reply = post(server, {"model": "generalist", "messages": QUESTION, "seed": 1})
             assert reply.status_code == 200 and len(overloaded.log) == 1 and len(one.requests) == before + 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", ["self-moa/\\ud800", "moa/x\\udfff", "self-moa-seq/\\ud83d", "x\\ud800"])
+def test_lone_surrogates_in_a_request_get_a_well_formed_reply(plain, model, stream):
+    """A request may spell half a surrogate pair (JSON allows "\\ud800", no UTF-8 text holds one) in the model
+    name, which the reply echoes: the client still gets a status and a UTF-8 JSON body (each lone surrogate as
+    U+FFFD), never a dropped connection."""
+    options = b', "selfmoa": {"proposers": ["p"]}' if model.startswith("moa/") else b""
+    data = (b'{"model": "%s", "stream": %s, "messages": [{"role": "user", "content": "hi \\udc80"}]%s}'
+            % (model.encode(), b"true" if stream else b"false", options))
+    reply = SESSION.post(plain.base_url + "/chat/completions", data=data, headers={"Content-Type": "application/json"})
+    assert reply.status_code in (200, 404), reply.text
+    reply.content.decode("utf-8")  # strict: nothing unencodable was sent
+    if reply.status_code == 404:
+        assert "\ufffd" in reply.json()["error"]["message"]
+    elif stream:
+        first, *_, last = reply.content.decode("utf-8").strip().split("\n\n")  # SSE is UTF-8, whatever requests guesses
+        assert last == "data: [DONE]" and "\ufffd" in json.loads(first[len("data: "):])["model"]
+    else:
+        assert "\ufffd" in reply.json()["model"] and reply.json()["choices"][0]["message"]["content"].endswith(" ok")
+
+
+def test_models_list_survives_whatever_an_upstream_lists():
+    """GET /v1/models asks each upstream for its models; whatever body an upstream's /models answers (wrong
+    types, a nesting bomb, a lone surrogate), serve still answers 200 with its own names."""
+    with HostileServer() as upstream, selfmoa.ModelServer(selfmoa.HTTPClient(upstream.base_url, timeout=2), port=0,
+                                                         models=["mine"]) as server:
+        for listed in (b'{"data": 5}', b'{"data": null}', b"[" * 100_000, b'{"data": [{"id": "\\ud800"}]}',
+                       b'{"data": {"id": "m"}}', b"\xff\xfe", b'{"data": [5, null, {"id": 7}]}'):
+            upstream.plan = [response(b"200 OK", [(b"Content-Length", b"%d" % len(listed))], listed)]
+            reply = SESSION.get(server.base_url + "/models", timeout=10)
+            assert reply.status_code == 200, (listed[:30], reply.text)
+            assert {"mine", "self-moa/mine"} <= {model["id"] for model in reply.json()["data"]}
+
+
+@pytest.mark.parametrize("key", ["serverkey-1234\r", "serverkey-1234\n", "server key 1234", "clé-secrète-1234",
+                                 "serverkey\t1234", " serverkey-1234"])
+def test_a_server_key_that_is_not_a_bearer_token_is_refused_without_showing_it(key, capsys):
+    """A server key that is not printable ASCII without spaces (a trailing CR from a CRLF key file, a tab, an
+    accent: what a client cannot send, or what a Bearer token may not hold) would give every request a 401:
+    it is refused up front (ConfigError, exit status 2), as upstream keys are, and never shown."""
+    with pytest.raises(selfmoa.ConfigError, match="server_key") as refused:
+        selfmoa.ModelServer(echo, port=0, server_key=key)
+    assert key.strip()[:8] not in str(refused.value)
+    for argv, environ in ((["serve", "--port", "0", "--server-key", key], {}),
+                          (["serve", "--port", "0"], {"SELFMOA_SERVER_KEY": key})):
+        assert selfmoa.main(argv + ["--base-url", "http://127.0.0.1:9/v1"], environ=environ) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "server" in err and key.strip()[:8] not in err
+
+
+def test_a_pass_through_reply_the_upstream_cuts_off_is_a_502_never_a_short_200():
+    """A non-streamed pass-through whose upstream reply ends before its announced end (a short Content-Length
+    body, a broken chunk) is an OpenAI-shaped 502 naming the model: never relayed as a complete 200 with a
+    body cut in two, never a connection closed without an answer."""
+    with HostileServer() as upstream, selfmoa.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, timeout=2, retries=0), port=0) as server:
+        for cut in (response(b"200 OK", [(b"Content-Length", b"200")], b'{"choices": '),
+                    response(b"200 OK", [(b"Transfer-Encoding", b"chunked")], b'5\r\n{"cho\r\nzz'),
+                    response(b"200 OK", [(b"Content-Type", b"text/event-stream"), (b"Transfer-Encoding", b"chunked")],
+                             b"5\r\ndata:\r\n")):
+            upstream.plan = [cut]
+            reply = post(server, {"model": "coder", "messages": QUESTION})
+            assert reply.status_code == 502, (cut, reply.text)
+            assert reply.json()["error"]["code"] == "upstream_error" and "'coder'" in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_pass_through_attempt_is_bounded_by_the_deadline_like_any_call(stream):
+    """--deadline bounds one whole attempt in serve as in the one-shot command: an upstream that drips its
+    reply a byte at a time (each wait well within --timeout) is cut off at the deadline - a 502 if nothing was
+    relayed yet, else the relayed stream ends - instead of holding the client for as long as it drips."""
+    head = [(b"Content-Type", b"text/event-stream" if stream else b"application/json"), (b"Content-Length", b"400")]
+    with HostileServer(response(b"200 OK", head, b""), ("drip", b"x" * 400, 0.05)) as upstream, selfmoa.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.3, retries=0), port=0) as server:
+        started = time.monotonic()
+        try:
+            reply = post(server, {"model": "coder", "messages": QUESTION, "stream": stream})
+            assert reply.status_code == (200 if stream else 502), reply.text
+        except requests.exceptions.ChunkedEncodingError:
+            assert stream  # the relayed stream broke off: the client sees it end early
+        assert time.monotonic() - started < 2.0
+
+
+def test_pass_through_blanks_an_upstream_key_echoed_in_a_relayed_header():
+    """The headers serve relays from an upstream (Content-Type, Retry-After) are part of the reply: a key the
+    upstream echoes there is blanked out as in the body, never shown to the client."""
+    key = "sk-header-echo-secret-77"
+    with HostileServer() as upstream, selfmoa.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, key, retries=0), port=0) as server:
+        for stream in (False, True):
+            kind = b"text/event-stream" if stream else b"application/json"
+            body = b"data: [DONE]\n\n" if stream else b'{"choices": []}'
+            upstream.plan = [response(b"200 OK", [(b"Content-Type", kind + b"; key=" + key.encode()),
+                                                  (b"Retry-After", key.encode()),
+                                                  (b"Content-Length", b"%d" % len(body))], body)]
+            reply = post(server, {"model": "coder", "messages": QUESTION, "stream": stream})
+            shown = "\n".join(f"{name}: {value}" for name, value in reply.headers.items()) + reply.text
+            assert reply.status_code == 200 and not any(key[i:i + 8] in shown for i in range(len(key) - 7)), shown
+
+
+def test_an_upstream_interim_status_is_never_relayed_as_the_final_reply():
+    """http.client hands any 1xx but 100 back as if final. Relayed, it would leave every conforming client
+    (which waits for the final status after a 1xx) hanging: it is an upstream failure, a 502, instead."""
+    with HostileServer() as upstream, selfmoa.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, timeout=2, retries=0), port=0) as server:
+        for status in (b"101 Switching Protocols", b"102 Processing", b"103 Early Hints"):
+            upstream.plan = [b"HTTP/1.1 " + status + b"\r\nLink: </x>\r\n\r\n"]
+            reply = post(server, {"model": "coder", "messages": QUESTION})
+            assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_error", reply.text
+
+
+def test_models_list_is_bounded_by_the_deadline_whatever_an_upstream_drips():
+    """An upstream that drips its /models reply a byte at a time (each wait within --timeout) holds GET
+    /v1/models no longer than --deadline: serve then answers with the names it has."""
+    dripping = (response(b"200 OK", [(b"Content-Length", b"400")], b""), ("drip", b" " * 400, 0.05))
+    with HostileServer(*dripping) as upstream, selfmoa.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.3), port=0, models=["mine"]) as server:
+        started = time.monotonic()
+        reply = SESSION.get(server.base_url + "/models", timeout=10)
+        assert reply.status_code == 200 and "self-moa/mine" in {model["id"] for model in reply.json()["data"]}
+        assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("model, options, calls", [
+    ("self-moa-seq/m", {"n": 256, "window": 2, "carry": 1}, 511),  # 256 samples and 255 rounds
+    ("self-moa/m", {"n": 128, "layers": 3}, 257),
+    ("self-moa/m", {"n": 256}, 257),
+    ("moa/m", {"proposers": ["p"] * 128, "layers": 3}, 257),
+    ("moa/m", {"proposers": [["p"] * 200, ["q"] * 100], "layers": 3}, 301),
+    ("moa/m", {"proposers": ["a", "b"], "layers": 10**9}, 2 * (10**9 - 1) + 1),  # counted, never built
+])
+def test_a_request_may_ask_for_at_most_256_calls_aggregations_included(plain, model, options, calls):
+    """"A request may ask for at most 256 calls": every call counts, samples, proposers and aggregations
+    alike (a Self-MoA-Seq round is a call), so a request over it is a 400 naming a selfmoa option, and one
+    of exactly 256 calls runs."""
+    reply = post(plain, {"model": model, "messages": QUESTION, "selfmoa": options})
+    assert reply.status_code == 400 and reply.json()["error"]["param"].startswith("selfmoa."), (calls, reply.text)
+    assert str(calls) in reply.json()["error"]["message"]
+    reply = post(plain, {"model": "self-moa-seq/m", "messages": QUESTION, "selfmoa": {"n": 171, "window": 3,
+                                                                                      "carry": 1}})
+    assert reply.status_code == 200 and reply.json()["selfmoa"]["calls"] == 256
+
+
+def test_moa_proposers_may_be_one_list_per_layer_without_naming_layers(plain):
+    """`proposers` may be "a list of lists, one per layer": that list then says how many layers there are,
+    so a request that leaves `layers` out runs them (serve's own --layers default does not contradict it)."""
+    reply = post(plain, {"model": "moa/agg", "messages": QUESTION, "selfmoa": {"proposers": [["a", "b"], ["c"]]}})
+    assert reply.status_code == 200, reply.text
+    assert [(call["model"], call["layer"]) for call in reply.json()["selfmoa"]["trace"]] == [
+        ("a", 1), ("b", 1), ("c", 2), ("agg", 3)]
+
+
+def test_a_signal_right_after_the_base_url_is_printed_still_drains_and_exits_0(monkeypatch):
+    """A supervisor (or a test) that reads the base URL and signals at once is answered like any later
+    signal: serve was already listening for it when the first line went out, so it drains and returns 0,
+    instead of dying of the default handler (KeyboardInterrupt, or SIGTERM's kill)."""
+    class SignalOnFirstLine(io.StringIO):
+        def write(self, text):
+            written = super().write(text)
+            if "http://" in text:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread, here, at once
+            return written
+
+    monkeypatch.setattr(sys, "stdout", SignalOnFirstLine())
+    try:
+        status = selfmoa.main(["serve", "--port", "0", "--base-url", "http://127.0.0.1:9/v1"], environ={})
+    except KeyboardInterrupt:
+        pytest.fail("the signal arrived before serve listened for it")
+    assert status == 0 and sys.stdout.getvalue().startswith("http://127.0.0.1:")
+
+
+def test_a_run_is_not_cancelled_because_its_connection_has_a_high_file_descriptor():
+    """A busy server holds over 1024 descriptors; select() refuses those, and that must not read as "the client
+    went away": a request whose connection lands above 1024 is answered, not cancelled at the first check."""
+    import resource
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1400:
+        pytest.skip("needs a descriptor limit above 1400")
+
+    def slow(request):
+        time.sleep(0.15)  # a few of the 50 ms checks of the client's connection happen meanwhile
+        return echo(request)
+
+    filler = [os.dup(0) for _ in range(1100)]  # bounded: pushes the next sockets above 1024
+    try:
+        with selfmoa.ModelServer(slow, port=0, defaults={"n": 1}) as server:
+            reply = requests.post(server.base_url + "/chat/completions", json={"model": "self-moa/m",
+                                                                                "messages": QUESTION}, timeout=10)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "m ok"
+    finally:
+        for descriptor in filler:
+            os.close(descriptor)
+
+
+def test_a_client_resetting_its_connection_leaves_no_traceback_in_the_log(plain, capfd):
+    """Serve logs nothing per request, so a client that resets its kept-alive connection (a crash, a kill -9,
+    a load balancer) must not print a traceback either: a hostile one could flood the log with them."""
+    import struct
+    for _ in range(3):  # bounded
+        with socket.create_connection((plain.host, plain.port), timeout=5) as connection:
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(0.02)  # the handler now waits for the next request line
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+    time.sleep(0.1)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "1e400"])
+def test_a_drain_timeout_that_is_not_a_finite_number_of_seconds_is_a_usage_error(value, capsys):
+    """--drain-timeout is a finite number of seconds >= 0: infinity would crash the drain (Condition.wait
+    cannot wait that long) and NaN or a negative one would silently skip it, so they are refused naming it."""
+    with pytest.raises(selfmoa.ConfigError, match="drain_timeout"):
+        selfmoa.ModelServer(echo, port=0, drain_timeout=float(value))
+    assert selfmoa.main(["serve", "--port", "0", "--drain-timeout", value, "--base-url", "http://127.0.0.1:9/v1"],
+                        environ={}) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--drain-timeout" in err
