@@ -2660,9 +2660,10 @@ def _lock(output: str) -> Callable[[], None]:
                         pid_text = file.read().strip()
                 except OSError:
                     continue
-                if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+                is_pid = re.fullmatch(r"[0-9]{1,10}", pid_text) is not None  # not "²", not 5000 digits
+                if not is_pid or _pid_alive(int(pid_text)):
                     raise _busy(output, lock_path, f"pid {pid_text}; if no such run exists, delete the lock file"
-                                if pid_text.isdigit() else "") from None
+                                if is_pid else "") from None
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(lock_path)  # its owner died without removing it: a stale lock
                 continue
@@ -3897,12 +3898,25 @@ class _ServeHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(code, _ServeError(code, message or "bad request").body())
 
     def _route(self, handle: Callable[[_ServeHandler], None]) -> None:
+        self.began = False  # whether this request's status line has gone out
         try:
             handle(self)
         except _ServeError as error:
             self.send_json(error.status, error.body())
         except OSError:  # the client went away
             self.close_connection = True
+        except Exception as exc:  # a bug of serve's: an OpenAI-shaped 500 (its text could hold a key), keep serving
+            self.close_connection = True
+            print(f"selfmoa serve: internal error ({type(exc).__name__}) on {self.command} {self.path[:100]!r}",
+                  file=sys.stderr)
+            if not self.began:
+                with contextlib.suppress(OSError):
+                    self.send_json(500, _ServeError(500, f"internal error in selfmoa serve ({type(exc).__name__})",
+                                                    None, "server_error", "server_error").body())
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.began = True
+        super().send_response(code, message)
 
     def do_GET(self) -> None:
         self._route(self.server.app.handle_get)  # type: ignore[attr-defined]

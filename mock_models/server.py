@@ -348,13 +348,14 @@ def _make_handler(server: MockServer, client_timeout: float):
                 self.close_connection = True
                 raise BadRequest(411, "chunked request bodies are not supported; send Content-Length")
             length = self.headers.get("Content-Length")
-            if length is None or not length.strip().isdigit():
+            digits = (length or "").strip()
+            if length is None or not re.fullmatch(r"[0-9]+", digits):  # "²" passes isdigit() but not int()
                 self.close_connection = True
                 raise BadRequest(411 if length is None else 400, "a valid Content-Length header is required")
-            if int(length) > server.max_body_bytes:
+            if len(digits) > 18 or int(digits) > server.max_body_bytes:  # int() refuses 4300+ digits
                 self.close_connection = True  # the unread body makes the connection unusable
                 raise BadRequest(413, f"the body is over the limit of {server.max_body_bytes} bytes")
-            return self.rfile.read(int(length))
+            return self.rfile.read(int(digits))
 
         def _stream(self, request: dict, body: dict, choices: list[tuple[str, str]]) -> None:
             base = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"],

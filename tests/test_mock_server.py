@@ -270,6 +270,17 @@ def test_every_malformed_request_gets_an_openai_shaped_4xx_and_the_server_stays_
     assert_alive(server)
 
 
+@pytest.mark.parametrize("length, status", [("\u00b2".encode(), 400), (b"12a", 400), (b"-5", 400),
+                                            (b"9" * 5000, 413), (b"99999999999999999999", 413)])
+def test_an_odd_content_length_gets_400_or_413_not_a_500(server, length, status):
+    """A Content-Length that is not plain ASCII digits ("²" passes str.isdigit, not int) is a 400; one too long
+    for int() or for the body limit is a 413; never the 500 of a mock bug, and the server keeps serving."""
+    answer = raw_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + length
+                          + b"\r\n\r\n{}")
+    assert answer.split(b"\r\n")[0].split()[1] == str(status).encode(), answer[:200]
+    assert_alive(server)
+
+
 def test_the_server_survives_a_flood_of_idle_connections():
     with MockServer(client_timeout=1.0) as flooded:
         idle = [socket.create_connection((flooded.host, flooded.port), timeout=5) for _ in range(50)]

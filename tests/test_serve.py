@@ -971,3 +971,20 @@ def test_a_drain_timeout_that_is_not_a_finite_number_of_seconds_is_a_usage_error
         code = exited.code
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and "--drain-timeout" in err
+
+
+def test_a_bug_in_a_handler_is_an_openai_shaped_500_without_its_text_and_the_server_keeps_serving(monkeypatch,
+                                                                                                  capsys):
+    """Whatever a handler raises, the client gets an OpenAI-shaped 500 naming no more than the exception's type
+    (its text could hold a key), stderr gets one line and no traceback, and the next request is served."""
+    def broken(self, handler):
+        raise RuntimeError("boom sk-secret-in-a-bug")
+
+    monkeypatch.setattr(selfmoa.ModelServer, "handle_post", broken)
+    with selfmoa.ModelServer(echo, port=0) as server:
+        reply = post(server, {"model": "self-moa/m", "messages": QUESTION})
+        assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
+        assert "sk-secret" not in reply.text and "RuntimeError" in reply.json()["error"]["message"]
+        assert SESSION.get(server.base_url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
+    err = capsys.readouterr().err
+    assert "internal error (RuntimeError)" in err and "Traceback" not in err and "sk-secret" not in err
