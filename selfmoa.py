@@ -1404,6 +1404,9 @@ def _key_problem(key: Any) -> str | None:
     return None
 
 
+_SECRET_PARAMETER = re.compile(r"key|token|secret|sig|pass|auth", re.IGNORECASE)  # query names that hold a key
+
+
 class Endpoint:
     """One OpenAI-compatible server: its base URL (ending in ``/v1``) and the API key that belongs to it.
 
@@ -1437,6 +1440,18 @@ class Endpoint:
     def url(self) -> str:
         """The chat-completions URL, without credentials: safe to show."""
         return _public_url(self.base_url) + "/chat/completions"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """What must never be shown: the key, and the values of the URL's query parameters that carry one
+        (``?api-key=...``, as Azure takes its key; any name with key, token, secret, sig, pass or auth in it).
+
+        >>> Endpoint("https://x.example/v1?api-version=2024-06-01&api-key=abcdef123456", "sk-1234").secrets
+        ('sk-1234', 'abcdef123456')
+        """
+        values = [value for name, value in urllib.parse.parse_qsl(self._parts.query)
+                  if value and _SECRET_PARAMETER.search(name)]
+        return tuple(dict.fromkeys(([self.api_key] if self.api_key else []) + values))
 
 
 def _public_url(url: str) -> str:
@@ -1731,8 +1746,8 @@ class HTTPClient:
         if failure is not None:
             status, body = failure.status, failure.body
         # Servers may echo the key back ("Incorrect API key provided: sk-..."): blank it out, then cut.
-        return ModelError(_shown(message, endpoint.api_key, SHOWN_MESSAGE), model=request.model, url=endpoint.url,
-                          status=status, body=_shown(body, endpoint.api_key, SHOWN_BODY), attempts=attempts,
+        return ModelError(_shown(message, endpoint.secrets, SHOWN_MESSAGE), model=request.model, url=endpoint.url,
+                          status=status, body=_shown(body, endpoint.secrets, SHOWN_BODY), attempts=attempts,
                           retryable=retryable)
 
     def _acquire(self, endpoint: Endpoint) -> tuple[http.client.HTTPConnection, bool]:
@@ -2074,14 +2089,16 @@ def _redact(text: str, secret: str | None, run: int = 8) -> str:
     return text
 
 
-def _shown(text: str, secret: str | None, limit: int) -> str:
-    """Server text made safe to show: the key blanked out *before* cutting to ``limit`` characters (and any
-    part of it left at the cut blanked after), lone surrogates and control characters replaced."""
+def _shown(text: str, secrets: Iterable[str], limit: int) -> str:
+    """Server text made safe to show: the secrets blanked out *before* cutting to ``limit`` characters (and
+    any part of one left at the cut blanked after), lone surrogates and control characters replaced."""
+    secrets = [secret for secret in secrets if secret]
     text = text.strip()
-    if secret:
-        text = _redact(text[:limit + 8 * len(secret)], secret)  # margin: a key crossing the cut lies inside
+    margin = 8 * max((len(secret) for secret in secrets), default=0)  # a secret crossing the cut lies inside
+    for secret in secrets:
+        text = _redact(text[:limit + margin], secret)
     text = text[:limit]
-    if secret:
+    for secret in secrets:
         text = _redact(text, secret)
     return _CONTROLS.sub("\ufffd", _clean(text))
 
@@ -3263,16 +3280,17 @@ def _param_of(exc: ConfigError) -> tuple[str, str]:
     return param, param + message[len(name):]
 
 
-def _redact_bytes(data: bytes, secret: str | None) -> bytes:
+def _redact_bytes(data: bytes, secrets: Iterable[str]) -> bytes:
     """Bytes relayed from an upstream with its key blanked out in every form ``_redact`` knows; bytes that
     are not UTF-8 pass through unchanged (surrogate escapes).
 
-    >>> _redact_bytes(b'{"error": "bad key sk-abcdef123456"}', "sk-abcdef123456")
+    >>> _redact_bytes(b'{"error": "bad key sk-abcdef123456"}', ["sk-abcdef123456"])
     b'{"error": "bad key ***"}'
     """
-    if not secret:
+    secrets = [secret for secret in secrets if secret]
+    if not secrets:
         return data
-    return _redact(data.decode("utf-8", "surrogateescape"), secret).encode("utf-8", "surrogateescape")
+    return _redact_all(data.decode("utf-8", "surrogateescape"), secrets).encode("utf-8", "surrogateescape")
 
 
 def _redact_all(text: str, secrets: Iterable[str | None]) -> str:
@@ -3426,7 +3444,7 @@ class ModelServer:
 
     def _secrets(self) -> list[str | None]:
         endpoints = _endpoints_of(self.complete)
-        return [self.server_key] + [getattr(endpoint, "api_key", None) for endpoint in endpoints]
+        return [self.server_key] + [secret for endpoint in endpoints for secret in endpoint.secrets]
 
     def _authorize(self, handler: _ServeHandler) -> None:
         if self.server_key is None:
@@ -3718,9 +3736,9 @@ class ModelServer:
             backoff, most = getattr(self.complete, "backoff", 0.5), getattr(self.complete, "max_backoff", 30.0)
             time.sleep(min(most, backoff * 2 ** attempt) * random.random())
             attempt += 1
-        key, kept = endpoint.api_key, False
+        key, kept = endpoint.secrets, False
         try:
-            content_type = _redact(response.getheader("Content-Type") or "application/json", key)  # relayed too
+            content_type = _redact_all(response.getheader("Content-Type") or "application/json", key)  # relayed
             if not (streaming and response.status == 200 and content_type.startswith("text/event-stream")):
                 try:  # a body shorter than announced raises: relayed, it would pass for a whole one
                     data, whole = _read_capped(response, SERVE_MAX_UPSTREAM)
@@ -3732,9 +3750,9 @@ class ModelServer:
                     raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply is "
                                       f"over {SERVE_MAX_UPSTREAM} bytes", None, "upstream_error", "upstream_error")
                 kept = self._keep(parts, connection, response)
-                retry_after = _redact(response.getheader("Retry-After") or "", key)
+                retry_after = _redact_all(response.getheader("Retry-After") or "", key)
                 extra = {"Retry-After": retry_after} if retry_after else {}
-                return handler.send_bytes(response.status, _redact_bytes(data, endpoint.api_key), content_type,
+                return handler.send_bytes(response.status, _redact_bytes(data, key), content_type,
                                           extra)
             handler.start_chunked(200, content_type)
             # Relayed line by line: a key the upstream echoes never spans a line break (keys hold no control
@@ -3749,9 +3767,9 @@ class ModelServer:
                 if not cut and len(pending) <= SERVE_MAX_UPSTREAM_LINE:
                     continue
                 ready, pending = (pending[:cut], pending[cut:]) if cut else (pending, b"")
-                if not handler.send_chunk(_redact_bytes(ready, endpoint.api_key)):
+                if not handler.send_chunk(_redact_bytes(ready, key)):
                     return  # the client went away: closing the upstream connection stops the generation
-            if pending and not handler.send_chunk(_redact_bytes(pending, endpoint.api_key)):
+            if pending and not handler.send_chunk(_redact_bytes(pending, key)):
                 return
             response.read()  # the end of the body (nothing left to relay), so that the connection can be kept
             kept = self._keep(parts, connection, response)

@@ -12,8 +12,10 @@ import sys
 import threading
 import time
 import tracemalloc
+import urllib.parse
 
 import pytest
+import requests
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -572,3 +574,24 @@ def test_an_error_event_in_a_stream_is_a_model_error_never_a_complete_answer(bef
         with pytest.raises(selfmoa.ModelError, match="the engine died") as failure:
             ask(selfmoa.HTTPClient(server.base_url, retries=1, backoff=0), stream=shown.append)
     assert len(server.log) == (1 if before else 2) and failure.value.retryable == (not before)
+
+
+def test_a_key_in_the_base_urls_query_is_never_shown_when_a_server_echoes_it(capsys):
+    """Azure-style endpoints take their key in the query (`?api-key=...`): when a server echoes it back, whole or
+    cut off, it is blanked like a header key: in the error, the trace, `--json` and serve's replies."""
+    secret = "QueryKey-" + CANARY[:20]
+    echo = ("json", 401, {"error": {"message": f"bad api-key {secret} for /v1?api-key={secret[:12]}"}}, {})
+    with ScriptedServer(echo) as server:
+        url = f"{server.base_url}?api-version=2024-06-01&api-key={urllib.parse.quote(secret, safe='')}"
+        with pytest.raises(selfmoa.NotEnoughProposals) as caught:
+            selfmoa.self_moa("Q", "m", n=2, complete=selfmoa.HTTPClient(url, retries=0))
+        shown = [str(caught.value), json.dumps(caught.value.partial.to_dict())]
+        assert selfmoa.main(["--base-url", url, "-m", "m", "-n", "2", "--json", "Q"], environ={}) == 1
+        shown += list(capsys.readouterr())
+        with selfmoa.ModelServer(selfmoa.HTTPClient(url, retries=0), port=0) as front:
+            for model in ("self-moa/m", "m"):  # a method run, and pass-through
+                reply = requests.post(front.base_url + "/chat/completions", timeout=10,
+                                      json={"model": model, "messages": [{"role": "user", "content": "Q"}]})
+                shown.append(reply.text)
+    assert all("bad api-key *** for /v1?api-key=***" in text for text in shown[:2]), shown[:2]
+    assert [text for text in shown if secret[:8] in text or secret[-8:] in text] == []
