@@ -1873,7 +1873,8 @@ class HTTPClient:
             raise _Retry(f"could not reach the server, or its reply is not HTTP ({type(exc).__name__}: "
                          f"{str(exc)[:200]})", down=isinstance(exc, (ConnectionRefusedError, socket.gaierror))) \
                 from None
-        if response.status == 200 and request.stream is not None:
+        json_reply = (response.getheader("Content-Type") or "").split(";")[0].strip().lower() == "application/json"
+        if response.status == 200 and request.stream is not None and not json_reply:
             return self._read_stream(response, endpoint, request, flight)
         try:
             raw, whole = _read_capped(response, self.max_reply_bytes if response.status == 200 else MAX_ERROR_BYTES)
@@ -1892,7 +1893,10 @@ class HTTPClient:
         if not whole:
             raise self._error(endpoint, request, f"the reply is larger than max_reply_bytes="
                               f"{self.max_reply_bytes}", None, 1, status=200, body=text, retryable=False)
-        return self._parse(text, endpoint, request), not response.will_close
+        reply = self._parse(text, endpoint, request)
+        if request.stream is not None and isinstance(reply.texts[0], str):  # a server that does not stream
+            request.stream(reply.texts[0])  # sent a whole completion: it is the one piece of the stream
+        return reply, not response.will_close
 
     def _parse(self, text: str, endpoint: Endpoint, request: Request) -> Reply:
         """A chat-completions JSON body -> Reply, or a ModelError that says what is wrong with it.

@@ -183,3 +183,18 @@ def test_choices_without_a_numeric_index_keep_their_order_instead_of_crashing():
                                    {"index": None, "message": {"content": "second"}}]}).encode()
     with ScriptedServer(("raw", 200, body, {})) as server, client(server) as c:
         assert ask(c, n=2).texts == ["first", "second"]
+
+
+def test_a_server_that_answers_a_stream_request_with_a_whole_json_completion_is_streamed_in_one_piece():
+    """Some OpenAI-compatible servers ignore "stream": true and send an ordinary completion (Content-Type
+    application/json): that is a good reply, not a broken stream; its text is passed to the stream as one piece,
+    with no retry."""
+    with ScriptedServer(("choices", 1)) as server:
+        client = selfmoa.HTTPClient(server.base_url, retries=2)
+        pieces = []
+        reply = client(selfmoa.Request("m", ({"role": "user", "content": "Q"},), stream=pieces.append))
+        assert reply.texts == ["text None 0"] and pieces == ["text None 0"] and len(server.log) == 1
+        assert server.log[0]["body"]["stream"] is True
+        streamed = []
+        result = selfmoa.self_moa("Q", "m", n=2, complete=client, stream=streamed.append)
+        assert "".join(streamed) == result.answer != ""
