@@ -1690,8 +1690,12 @@ class HTTPClient:
                     self.sleep(wait)
                 else:
                     self._aborted.wait(wait)  # abort() cuts the wait short
-            except ModelError:
+            except ModelError as error:
                 self._settle(endpoint, "answered")
+                failed_here.add(endpoint.base_url)
+                if error.status == 404 and any(r.base_url not in failed_here for r in replicas):
+                    extra += 1
+                    continue  # this replica lacks the model (another one is loaded there): ask another replica
                 raise
             except BaseException:
                 self._settle(endpoint, "stale")

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import pytest
 import requests
 
 import selfmoa
@@ -227,3 +228,20 @@ def test_a_call_waiting_for_a_free_slot_takes_it_as_soon_as_its_server_frees_one
     client._settle(b, "ok")
     waiters[0].join(2)
     assert b.base_url in started
+
+
+def test_a_replica_without_the_model_404_hands_the_call_to_another_replica_without_cooling_it():
+    """A replica answering 404 (another model is loaded there) does not fail the call while another replica is
+    left: the call goes there at once, no retry spent; the 404 replica is not cooled down, since it may serve
+    other models. With every replica answering 404 the call fails as before, naming the model."""
+    missing = ("json", 404, {"error": {"message": "The model `m` does not exist."}}, {})
+    with ScriptedServer(missing) as wrong, ScriptedServer(("choices", None)) as right:
+        client = selfmoa.HTTPClient([wrong.base_url, right.base_url], retries=0)
+        reply = client(selfmoa.Request("m", ({"role": "user", "content": "Q"},)))
+        assert reply.texts and len(wrong.log) == 1 and len(right.log) == 1 and reply.retries == 1
+        client(selfmoa.Request("m", ({"role": "user", "content": "Q"},)))
+        client(selfmoa.Request("m", ({"role": "user", "content": "Q"},)))
+        assert len(wrong.log) >= 2  # still picked in turn: not cooling down
+        both_wrong = selfmoa.HTTPClient([wrong.base_url, wrong.base_url.replace("/v1", "/v1/")], retries=0)
+        with pytest.raises(selfmoa.ModelError, match="404"):
+            both_wrong(selfmoa.Request("m", ({"role": "user", "content": "Q"},)))
