@@ -17,12 +17,10 @@ P6 mock capacity      requests per second the mock sustains at concurrency 32 wi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,23 +31,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import selfmoa  # noqa: E402
+from bench.servers import mock_server  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "What is 17 * 23 + 4? Think briefly, then give the answer."}]
 
 
-@contextlib.contextmanager
-def mock_server(*flags: str):
-    """The mock in a process of its own (so it never competes with the client for the GIL)."""
-    process = subprocess.Popen([sys.executable, "-m", "mock_models", "--port", "0", *flags], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        base_url = process.stdout.readline().strip()
-        if not base_url.startswith("http"):
-            raise RuntimeError(f"the mock server did not start (first line: {base_url!r})")
-        yield base_url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def table(title: str, header: list[str], rows: list[list]) -> str:

@@ -22,7 +22,8 @@ import tempfile
 import time
 
 import selfmoa
-from bench.__main__ import mock_server, table
+from bench.__main__ import table
+from bench.servers import mock_server
 
 
 def throughput(replicas: int, capacity: int, latency: float, seconds: float) -> tuple[int, int, float]:

@@ -17,7 +17,6 @@ import contextlib
 import io
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -25,24 +24,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import selfmoa  # noqa: E402
+from bench.servers import mock_server  # noqa: E402
 
 LIMIT = 1.5  # --json / plain, at most
 
 
-@contextlib.contextmanager
-def mock_server():
-    """The mock in a process of its own, so that it never competes with the client for the GIL."""
-    process = subprocess.Popen([sys.executable, "-m", "mock_models", "--port", "0"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert process.stdout is not None
-        base_url = process.stdout.readline().strip()
-        if not base_url.startswith("http"):
-            raise RuntimeError(f"the mock server did not start (first line: {base_url!r})")
-        yield base_url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def timed(argv: list[str]) -> float:

@@ -15,13 +15,11 @@ client for the GIL. Absolute numbers depend on the machine; the differences and 
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -31,25 +29,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import selfmoa  # noqa: E402
+from bench.servers import server_process as process  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "What is 17 * 23 + 4? Think briefly, then give the answer."}]
 
 
-@contextlib.contextmanager
-def process(*argv: str):
-    """A server in a process of its own; yields the base URL it prints as its first line."""
-    environ = {key: value for key, value in os.environ.items() if not key.startswith(("OPENAI_", "SELFMOA_"))}
-    child = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=environ, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
-    try:
-        base_url = child.stdout.readline().strip()
-        if not base_url.startswith("http"):
-            raise RuntimeError(f"{argv[:3]} did not start (first line: {base_url!r})")
-        yield base_url
-    finally:
-        child.terminate()
-        child.wait(timeout=30)
-        child.stdout.close()
 
 
 class Poster:
