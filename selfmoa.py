@@ -3457,8 +3457,9 @@ class ModelServer:
     def _authorize(self, handler: _ServeHandler) -> None:
         if self.server_key is None:
             return
-        given = handler.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {self.server_key}".encode()):
+        scheme, _, given = handler.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                                 self.server_key.encode()):  # scheme: any case
             handler.close_connection = True  # the body is left unread
             raise _ServeError(401, "a valid server key is required: send 'Authorization: Bearer KEY'", None,
                               "invalid_api_key")
@@ -3468,10 +3469,17 @@ class ModelServer:
         if path == "/health":
             return handler.send_json(200, {"status": "ok"})
         self._authorize(handler)
+        def entry(name: str) -> dict[str, Any]:
+            method = "/" in name and name.split("/")[0] + "/" in SERVE_METHODS
+            return {"id": name, "object": "model", "created": 0, "owned_by": "selfmoa" if method else "upstream"}
+
         if path == "/v1/models":
-            return handler.send_json(200, {"object": "list", "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "selfmoa" if "/" in name and
-                 name.split("/")[0] + "/" in SERVE_METHODS else "upstream"} for name in self.model_names()]})
+            return handler.send_json(200, {"object": "list", "data": [entry(name) for name in self.model_names()]})
+        if path.startswith("/v1/models/"):  # one model, as the SDKs' models.retrieve() asks (ids may hold "/")
+            name = urllib.parse.unquote(path[len("/v1/models/"):], errors="replace")
+            if name in self.model_names():
+                return handler.send_json(200, entry(name))
+            raise _ServeError(404, f"The model '{_clean(name)[:200]}' does not exist", "model", "model_not_found")
         raise _ServeError(404, f"no route for GET {path[:100]}")
 
     def model_names(self) -> list[str]:

@@ -364,7 +364,8 @@ def test_a_server_key_is_required_when_set_and_never_forwarded(mock):
     with selfmoa.ModelServer(selfmoa.HTTPClient(mock.base_url, retries=0), port=0, server_key="serve-secret",
                              defaults={"n": 2}) as server:
         body = {"model": "self-moa/generalist", "messages": QUESTION, "seed": 1}
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "serve-secret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "serve-secret"},
+                        {"Authorization": "Basic serve-secret"}, {"Authorization": "Bearer serve-secretX"}):
             for reply in (post(server, body, **headers), SESSION.get(server.base_url + "/models", headers=headers)):
                 assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
         assert SESSION.get(server.base_url.removesuffix("/v1") + "/health").status_code == 200
@@ -372,6 +373,8 @@ def test_a_server_key_is_required_when_set_and_never_forwarded(mock):
         assert post(server, body, Authorization="Bearer serve-secret").status_code == 200
         assert post(server, {**body, "model": "coder"}, Authorization="Bearer serve-secret").status_code == 200
         assert len(mock.requests) - before == 3
+        # The scheme is case-insensitive (RFC 7235), as some clients send it:
+        assert post(server, {**body, "model": "coder"}, Authorization="bearer  serve-secret").status_code == 200
         assert all("Authorization" not in entry["headers"] for entry in mock.requests[before:])
 
 
@@ -988,3 +991,15 @@ def test_a_bug_in_a_handler_is_an_openai_shaped_500_without_its_text_and_the_ser
         assert SESSION.get(server.base_url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
     err = capsys.readouterr().err
     assert "internal error (RuntimeError)" in err and "Traceback" not in err and "sk-secret" not in err
+
+
+def test_one_model_is_retrieved_by_its_id_even_with_slashes(served):
+    """GET /v1/models/{id} (the SDKs' models.retrieve) answers each listed name, slashes and all, and a 404
+    model_not_found for any other."""
+    listed = [entry["id"] for entry in SESSION.get(served.base_url + "/models", timeout=10).json()["data"]]
+    for name in ("self-moa/generalist", "generalist", "moa/coder"):
+        assert name in listed
+        reply = SESSION.get(served.base_url + "/models/" + name, timeout=10)
+        assert reply.status_code == 200 and reply.json()["id"] == name and reply.json()["object"] == "model"
+    missing = SESSION.get(served.base_url + "/models/self-moa/nope%ff%00", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
