@@ -6,7 +6,8 @@ offer moa, self_moa and self_moa_seq with selfmoa's keyword arguments, a ModelEr
 
 The fake answers each request by looking it up by (model, n, seed, the references it shows), never by
 arrival order, so concurrency cannot change what it answers. The references are read with the rule of
-spec/wire.md section 6, written again here so that this test does not trust the implementation's parser.
+spec/wire.md section 6 (tests/fakes.py), written apart from selfmoa so that this test does not trust the
+implementation's parser.
 """
 
 from __future__ import annotations
@@ -21,26 +22,15 @@ import threading
 
 import pytest
 
+from tests.fakes import references_in  # wire.md section 6, read without trusting the implementation
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VECTORS = sorted((ROOT / "spec" / "vectors").glob("*.json"))
 IMPL = os.environ.get("SELFMOA_IMPL", "selfmoa")
 impl = importlib.import_module(IMPL)
 LAST = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
-def references_in(messages) -> list[str]:
-    """The references a request shows: wire.md section 6, the block that ends its first (system) message."""
-    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-    found = LAST.search(system)
-    if not found:
-        return []
-    count, key = int(found.group(1)), found.group(2)
-    refs, position = [], system.rindex(f"<<<response 1 of {count}, key {key}>>>\n")
-    for i in range(1, count + 1):
-        begin, end = f"<<<response {i} of {count}, key {key}>>>\n", f"\n<<<end of response {i}, key {key}>>>"
-        start = system.index(begin, position)
-        stop = system.index(end, start + len(begin) - 1)
-        refs.append(system[start + len(begin):stop])
-        position = stop + len(end)
-    return refs
+
+
 
 
 def stripped(text: str, messages) -> str:
