@@ -31,6 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import selfmoa  # noqa: E402
+import selfmoa_batch  # noqa: E402
 from bench.servers import mock_server  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "What is 17 * 23 + 4? Think briefly, then give the answer."}]
@@ -108,10 +109,10 @@ def p1_batch_fanout(items: int = 64, concurrency: int = 32, latency: float = 0.2
                      f"{ideal:.2f}", f"{bare / ideal:.3f}"])
     for use_n, flags in ((True, ()), (False, ())):
         with mock_server("--latency", str(latency), *flags) as url, tempfile.TemporaryDirectory() as tmp:
-            batch = selfmoa.check_items([{"id": i, "prompt": f"{MESSAGES[0]['content']} #{i}"} for i in range(items)])
+            batch = selfmoa_batch.check_items([{"id": i, "prompt": f"{MESSAGES[0]['content']} #{i}"} for i in range(items)])
             client = selfmoa.HTTPClient(url)
             started = time.perf_counter()
-            counts = selfmoa.run_batch(batch, os.path.join(tmp, "out.jsonl"), method="self-moa", complete=client,
+            counts = selfmoa_batch.run_batch(batch, os.path.join(tmp, "out.jsonl"), method="self-moa", complete=client,
                                        concurrency=concurrency, model="generalist", n=6, seed=0, use_n=use_n)
             wall = time.perf_counter() - started
             records = [json.loads(line) for line in open(os.path.join(tmp, "out.jsonl"))]
@@ -223,10 +224,10 @@ def p5_memory(items: int = 10_000, concurrency: int = 32) -> str:
             marks[finished] = rss_mib()
 
     with mock_server() as url, tempfile.TemporaryDirectory() as tmp:
-        batch = selfmoa.check_items([{"id": i, "prompt": f"Question number {i}: what is {i} + {i}?"}
+        batch = selfmoa_batch.check_items([{"id": i, "prompt": f"Question number {i}: what is {i} + {i}?"}
                                      for i in range(items)])
         started = time.perf_counter()
-        counts = selfmoa.run_batch(batch, os.path.join(tmp, "out.jsonl"), method="self-moa",
+        counts = selfmoa_batch.run_batch(batch, os.path.join(tmp, "out.jsonl"), method="self-moa",
                                    complete=selfmoa.HTTPClient(url), concurrency=concurrency, progress=progress,
                                    model="generalist", n=6, seed=0)
         wall = time.perf_counter() - started

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import selfmoa
+import selfmoa_batch
 from bench.__main__ import table
 from bench.servers import mock_server
 
@@ -37,11 +38,11 @@ def throughput(replicas: int, capacity: int, latency: float, seconds: float) -> 
                 for _ in range(replicas)]
         client = stack.enter_context(selfmoa.HTTPClient(urls, max_in_flight=capacity))
         folder = stack.enter_context(tempfile.TemporaryDirectory())
-        warm = selfmoa.check_items(records[:replicas * capacity])
-        selfmoa.run_batch(warm, os.path.join(folder, "warm.jsonl"), complete=client, model="generalist", n=2,
+        warm = selfmoa_batch.check_items(records[:replicas * capacity])
+        selfmoa_batch.run_batch(warm, os.path.join(folder, "warm.jsonl"), complete=client, model="generalist", n=2,
                           concurrency=replicas * capacity)  # connections open, processes warm
         started = time.perf_counter()
-        counts = selfmoa.run_batch(selfmoa.check_items(records), os.path.join(folder, "out.jsonl"),
+        counts = selfmoa_batch.run_batch(selfmoa_batch.check_items(records), os.path.join(folder, "out.jsonl"),
                                    complete=client, model="generalist", n=2, seed=0,
                                    concurrency=replicas * capacity)
         wall = time.perf_counter() - started

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import selfmoa
+import selfmoa_batch
 from tests.scripted_server import ScriptedServer, completion
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -57,7 +58,7 @@ class Echo:
 
 def run(records, path, complete=None, **options):
     options = {"model": "m", "n": 2, "concurrency": 2, **options}
-    return selfmoa.run_batch(selfmoa.check_items(records), str(path), complete=complete or Echo(), **options)
+    return selfmoa_batch.run_batch(selfmoa_batch.check_items(records), str(path), complete=complete or Echo(), **options)
 
 
 def read_output(path) -> list[dict]:
@@ -108,7 +109,7 @@ FOREIGN_TAILS = [b"last line", b'{"keep": "me"}', b'{"selfmoa_batch": 2, "id": 1
 @st.composite
 def foreign_files(draw):
     """Bytes that are not a selfmoa output file: no marker at all, or our lines with one foreign line or tail."""
-    ours = [selfmoa._dump_line({**RECORD, "id": i}) for i in range(draw(st.integers(0, 3)))]
+    ours = [selfmoa_batch._dump_line({**RECORD, "id": i}) for i in range(draw(st.integers(0, 3)))]
     kind = draw(st.sampled_from(["bytes", "text", "line", "tail"]))
     if kind == "bytes":
         return draw(st.binary(min_size=1, max_size=60).filter(lambda b: b"selfmoa_batch" not in b))
@@ -173,7 +174,7 @@ def test_a_torn_tail_after_a_crash_is_cut_and_its_item_runs_again(tmp_path):
     whole = (tmp_path / "out.jsonl").read_bytes()
     first = whole[:whole.index(b"\n") + 1]
     second = whole[len(first):whole.index(b"\n", len(first)) + 1]
-    for cut in (1, 5, len(selfmoa._LINE_START), len(second) - 2):  # - 1, a whole record: see the next test
+    for cut in (1, 5, len(selfmoa_batch._LINE_START), len(second) - 2):  # - 1, a whole record: see the next test
         (tmp_path / "out.jsonl").write_bytes(first + whole[len(first):len(first) + cut])
         counts = run(records, tmp_path / "out.jsonl")
         assert counts["torn_bytes"] == cut and counts["skipped"] == 1 and counts["done"] == 2
@@ -236,16 +237,16 @@ def test_any_unicode_survives_a_batch_run_and_its_resume_unchanged(tmp_path_fact
     records = [{**({"id": f"{extra}{i}"} if ids else {}), "prompt": f"Q{prompt}", field: prompt}
                for i, prompt in enumerate(prompts)]
     jsonl(folder / "in.jsonl", records)
-    items = selfmoa.read_items(str(folder / "in.jsonl"))
+    items = selfmoa_batch.read_items(str(folder / "in.jsonl"))
     assert [item.record for item in items] == records
-    selfmoa.run_batch(items, str(folder / "out.jsonl"), complete=Echo(), model="m", n=2, concurrency=2)
+    selfmoa_batch.run_batch(items, str(folder / "out.jsonl"), complete=Echo(), model="m", n=2, concurrency=2)
     data = (folder / "out.jsonl").read_bytes()
     lines = read_output(folder / "out.jsonl")
     assert [line["input"] for line in lines] == records
     assert [line["answer"] for line in lines] == [answer_for(r["prompt"], 2) for r in records]
     assert len(data.decode("utf-8").splitlines()) == len(records)  # even str.splitlines() sees only our lines
     echo = Echo()
-    counts = selfmoa.run_batch(items, str(folder / "out.jsonl"), complete=echo, model="m", n=2)
+    counts = selfmoa_batch.run_batch(items, str(folder / "out.jsonl"), complete=echo, model="m", n=2)
     assert counts["skipped"] == len(records) and echo.calls == 0
     assert (folder / "out.jsonl").read_bytes() == data
 
@@ -320,8 +321,8 @@ def test_a_second_run_on_the_same_output_is_refused_at_once_and_the_first_loses_
 LOCKER = """
 import sys, time
 sys.path.insert(0, {root!r})
-import selfmoa
-selfmoa._lock({output!r})
+import selfmoa_batch
+selfmoa_batch._lock({output!r})
 print("locked", flush=True)
 time.sleep(60)
 """
@@ -357,7 +358,7 @@ def test_a_lock_held_by_another_process_refuses_and_a_kill_9_leaves_no_stale_loc
 
 
 def test_without_fcntl_a_lock_file_of_a_dead_process_is_taken_over_and_a_live_one_refuses(tmp_path, monkeypatch):
-    monkeypatch.setattr(selfmoa, "_fcntl", lambda: None)
+    monkeypatch.setattr(selfmoa_batch, "_fcntl", lambda: None)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock = tmp_path / "out.jsonl.lock"
     lock.write_text(gone.stdout)
@@ -436,7 +437,7 @@ def test_an_output_named_through_a_symlink_is_one_file_with_one_lock_and_stays_a
     target, link = tmp_path / "data" / "out.jsonl", tmp_path / "link.jsonl"
     target.write_bytes(b"")
     link.symlink_to(target)
-    release = selfmoa._lock(str(link))
+    release = selfmoa_batch._lock(str(link))
     try:
         with pytest.raises(selfmoa.ConfigError, match="is being written by another selfmoa run"):
             run([{"prompt": "a"}], target)
@@ -514,7 +515,7 @@ def test_a_crash_between_moving_lines_and_the_rewrite_moves_nothing_twice(tmp_pa
     run([{"id": k, "prompt": k} for k in "abc"], out)
     before = out.read_bytes()
     with monkeypatch.context() as patch:
-        patch.setattr(selfmoa, "_write_atomically", lambda path, data: (_ for _ in ()).throw(
+        patch.setattr(selfmoa_batch, "_write_atomically", lambda path, data: (_ for _ in ()).throw(
             OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
         with pytest.raises(selfmoa.SelfMoAError, match="cannot rewrite it .No space left on device"):
             run([{"id": "b", "prompt": "b"}], out)
@@ -527,7 +528,7 @@ def test_a_crash_between_moving_lines_and_the_rewrite_moves_nothing_twice(tmp_pa
 
 def test_crlf_line_ends_and_a_byte_order_mark_are_read(tmp_path):
     (tmp_path / "in.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n\r\n{"prompt": "b\xe2\x80\xa8c"}\r\n')
-    assert [item.record["prompt"] for item in selfmoa.read_items(str(tmp_path / "in.jsonl"))] == ["a", "b\u2028c"]
+    assert [item.record["prompt"] for item in selfmoa_batch.read_items(str(tmp_path / "in.jsonl"))] == ["a", "b\u2028c"]
 
 
 def test_a_line_is_reused_only_for_the_same_messages_method_and_parameters(tmp_path):
@@ -667,7 +668,7 @@ def test_a_rerun_with_new_parameters_that_first_fails_still_completes_the_alpaca
 
 
 def test_the_generator_name_carries_the_configuration_unless_one_is_given(capsys, monkeypatch, tmp_path):
-    names = {selfmoa._generator_name(method, options) for method, options in [
+    names = {selfmoa_batch._generator_name(method, options) for method, options in [
         ("self-moa", {"model": "m", "n": 6}), ("self-moa", {"model": "m", "n": 4}),
         ("self-moa", {"model": "m", "n": 6, "aggregator": "z"}), ("self-moa", {"model": "q", "n": 6}),
         ("self-moa-seq", {"model": "m", "n": 6, "window": 6, "carry": 3}),
@@ -790,7 +791,7 @@ def test_every_bad_input_line_is_listed_before_any_call_bombs_and_surrogates_inc
         assert f"line {number}: " in err and why in err.split(f"line {number}: ")[1].split("\n")[0]
     (tmp_path / "list.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
     with pytest.raises(selfmoa.ConfigError, match="not valid JSON"):
-        selfmoa.read_items(str(tmp_path / "list.json"))
+        selfmoa_batch.read_items(str(tmp_path / "list.json"))
 
 
 @pytest.mark.parametrize("record, why", [
@@ -800,9 +801,9 @@ def test_every_bad_input_line_is_listed_before_any_call_bombs_and_surrogates_inc
 ])
 def test_check_items_refuses_records_that_would_not_be_written_back_unchanged(record, why):
     with pytest.raises(selfmoa.ConfigError, match="item 2: the record"):
-        selfmoa.check_items([{"prompt": "ok"}, record])
+        selfmoa_batch.check_items([{"prompt": "ok"}, record])
     with pytest.raises(selfmoa.ConfigError, match=why):
-        selfmoa.check_items([record])
+        selfmoa_batch.check_items([record])
 
 
 def test_failed_ids_are_listed_as_json_so_types_differ_and_no_control_character_reaches_the_terminal(

@@ -20,6 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import selfmoa
+import selfmoa_serve
 from tests.hostile_server import HostileServer, chunked, response
 from tests.scripted_server import ScriptedServer, completion
 
@@ -588,7 +589,7 @@ def test_a_key_in_the_base_urls_query_is_never_shown_when_a_server_echoes_it(cap
         shown = [str(caught.value), json.dumps(caught.value.partial.to_dict())]
         assert selfmoa.main(["--base-url", url, "-m", "m", "-n", "2", "--json", "Q"], environ={}) == 1
         shown += list(capsys.readouterr())
-        with selfmoa.ModelServer(selfmoa.HTTPClient(url, retries=0), port=0) as front:
+        with selfmoa_serve.ModelServer(selfmoa.HTTPClient(url, retries=0), port=0) as front:
             for model in ("self-moa/m", "m"):  # a method run, and pass-through
                 reply = requests.post(front.base_url + "/chat/completions", timeout=10,
                                       json={"model": model, "messages": [{"role": "user", "content": "Q"}]})

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import selfmoa
+import selfmoa_batch
 from tests.scripted_server import ScriptedServer, completion
 
 # --- Bad input files ----------------------------------------------------------------------------------
@@ -46,10 +47,10 @@ def test_malformed_input_lists_every_bad_line_before_any_call(tmp_path_factory, 
     path = tmp_path_factory.mktemp("in") / "in.jsonl"
     path.write_text(text)
     if not bad:
-        assert len(selfmoa.read_items(str(path))) == text.count("\n")
+        assert len(selfmoa_batch.read_items(str(path))) == text.count("\n")
         return
     with pytest.raises(selfmoa.ConfigError) as caught:
-        selfmoa.read_items(str(path))
+        selfmoa_batch.read_items(str(path))
     message = str(caught.value)
     assert f"{len(bad)} bad line(s)" in message
     assert [int(n) for n in __import__("re").findall(r"line (\d+):", message)] == bad
@@ -71,15 +72,15 @@ def test_bad_input_files_are_refused_with_the_reason(tmp_path, content, expected
     (tmp_path / "in").write_text(content)
     with pytest.raises(selfmoa.ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[")):
-        selfmoa.read_items(str(tmp_path / "in"))
+        selfmoa_batch.read_items(str(tmp_path / "in"))
 
 
 def test_a_file_that_is_not_a_selfmoa_output_is_never_overwritten(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n')
     (tmp_path / "notes.txt").write_text("my precious notes\nsecond line\n")
-    items = selfmoa.read_items(str(tmp_path / "in.jsonl"))
+    items = selfmoa_batch.read_items(str(tmp_path / "in.jsonl"))
     with pytest.raises(selfmoa.ConfigError, match="not a selfmoa output file"):
-        selfmoa.run_batch(items, str(tmp_path / "notes.txt"), complete=lambda r: "x", model="m")
+        selfmoa_batch.run_batch(items, str(tmp_path / "notes.txt"), complete=lambda r: "x", model="m")
     assert (tmp_path / "notes.txt").read_text() == "my precious notes\nsecond line\n"
 
 
@@ -171,12 +172,12 @@ def test_a_batch_through_20_percent_faults_of_every_kind_answers_every_item_exac
 
     records = [{"id": f"p{i}", "prompt": f"Compute {i} * 3 + 1. Multiplication comes before addition."}
                for i in range(200)]
-    items = selfmoa.check_items(records)
+    items = selfmoa_batch.check_items(records)
     output = tmp_path / "out.jsonl"
     with MockServer(fault_rate=0.2, faults=FAULTS, fault_seed=11, retry_after=0, stall_seconds=3.0) as server:
         client = selfmoa.HTTPClient(server.base_url, timeout=0.5, retries=8, backoff=0.01, max_backoff=0.05)
         started = time.monotonic()
-        counts = selfmoa.run_batch(items, str(output), complete=client, concurrency=32, trace=True,
+        counts = selfmoa_batch.run_batch(items, str(output), complete=client, concurrency=32, trace=True,
                                    model="generalist", n=2, seed=0)
         elapsed = time.monotonic() - started
         faults = {entry["fault"] for entry in server.requests if entry["fault"]}
@@ -195,14 +196,14 @@ def test_a_batch_through_20_percent_faults_of_every_kind_answers_every_item_exac
 def test_an_item_that_cannot_be_completed_is_recorded_with_its_reason_and_retried_next_run(tmp_path):
     from mock_models import MockServer
 
-    items = selfmoa.check_items([{"id": "a", "prompt": "Compute 2 * 2 + 1. Multiplication first."}])
+    items = selfmoa_batch.check_items([{"id": "a", "prompt": "Compute 2 * 2 + 1. Multiplication first."}])
     output = tmp_path / "out.jsonl"
     with MockServer(fault_rate=1.0, faults=("500",)) as broken:
-        counts = selfmoa.run_batch(items, str(output), complete=selfmoa.HTTPClient(
+        counts = selfmoa_batch.run_batch(items, str(output), complete=selfmoa.HTTPClient(
             broken.base_url, retries=1, sleep=lambda s: None), model="generalist", n=2)
     line = json.loads(output.read_text())
     assert counts["failed"] == 1 and "HTTP 500" in line["error"] and "answer" not in line
     with MockServer() as fixed:
-        counts = selfmoa.run_batch(items, str(output), complete=selfmoa.HTTPClient(fixed.base_url),
+        counts = selfmoa_batch.run_batch(items, str(output), complete=selfmoa.HTTPClient(fixed.base_url),
                                    model="generalist", n=2)
     assert counts["done"] == 1 and "answer" in json.loads(output.read_text())

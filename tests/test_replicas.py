@@ -15,6 +15,7 @@ import pytest
 import requests
 
 import selfmoa
+import selfmoa_batch
 from mock_models import MockServer
 from tests.scripted_server import ScriptedServer
 
@@ -31,7 +32,7 @@ def test_a_batch_spreads_its_calls_evenly_over_three_replicas(tmp_path):
     with MockServer(latency=0.02) as a, MockServer(latency=0.02) as b, MockServer(latency=0.02) as c:
         client = selfmoa.HTTPClient(endpoints={"generalist": [selfmoa.Endpoint(a.base_url), b.base_url,
                                                               selfmoa.Endpoint(c.base_url)]})
-        counts = selfmoa.run_batch(selfmoa.check_items(PROMPTS), str(tmp_path / "out.jsonl"), complete=client,
+        counts = selfmoa_batch.run_batch(selfmoa_batch.check_items(PROMPTS), str(tmp_path / "out.jsonl"), complete=client,
                                    concurrency=6, model="generalist", n=2, seed=0)
         loads = [served(server) for server in (a, b, c)]
     assert counts["done"] == 30 and sum(loads) == 60
@@ -56,8 +57,8 @@ def test_a_replica_killed_mid_batch_costs_no_item_and_the_trace_shows_the_failov
             client = selfmoa.HTTPClient([victim_url, a.base_url, b.base_url], retries=0, cooldown=60)
             output = tmp_path / "out.jsonl"
             result: dict = {}
-            runner = threading.Thread(target=lambda: result.update(selfmoa.run_batch(
-                selfmoa.check_items(PROMPTS), str(output), complete=client, concurrency=6, trace=True,
+            runner = threading.Thread(target=lambda: result.update(selfmoa_batch.run_batch(
+                selfmoa_batch.check_items(PROMPTS), str(output), complete=client, concurrency=6, trace=True,
                 model="generalist", n=2, seed=0)))
             runner.start()
             for _ in range(500):
@@ -130,7 +131,7 @@ def test_keys_go_to_the_replicas_of_their_model_and_nowhere_else(tmp_path, capsy
 def test_max_in_flight_caps_the_calls_each_server_sees_at_once(tmp_path):
     with MockServer(latency=0.02, max_concurrency=50) as a, MockServer(latency=0.02, max_concurrency=50) as b:
         client = selfmoa.HTTPClient([a.base_url, b.base_url], max_in_flight=2)
-        counts = selfmoa.run_batch(selfmoa.check_items(PROMPTS[:12]), str(tmp_path / "out.jsonl"), complete=client,
+        counts = selfmoa_batch.run_batch(selfmoa_batch.check_items(PROMPTS[:12]), str(tmp_path / "out.jsonl"), complete=client,
                                    concurrency=8, model="generalist", n=2, seed=0)
     assert counts["done"] == 12
     assert a.peak_concurrency == b.peak_concurrency == 2

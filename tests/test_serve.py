@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import selfmoa
+import selfmoa_serve
 from mock_models.server import MockServer
 from tests import test_readme
 from tests.hostile_server import HostileServer, response
@@ -42,7 +43,7 @@ def mock():
 def served(mock):
     """One server for most tests: samples n=3 by default, MoA proposers coder and mathematician."""
     client = selfmoa.HTTPClient(mock.base_url, retries=0)
-    with selfmoa.ModelServer(client, port=0, defaults={"n": 3, "proposers": ["coder", "mathematician"]}) as server:
+    with selfmoa_serve.ModelServer(client, port=0, defaults={"n": 3, "proposers": ["coder", "mathematician"]}) as server:
         yield server
 
 
@@ -291,7 +292,7 @@ def echo(request):
 @pytest.fixture(scope="module")
 def plain():
     """A server in front of a plain completion function (no HTTP upstream, no pass-through)."""
-    with selfmoa.ModelServer(echo, port=0, defaults={"n": 2}) as server:
+    with selfmoa_serve.ModelServer(echo, port=0, defaults={"n": 2}) as server:
         yield server
 
 
@@ -339,7 +340,7 @@ def test_upstream_failures_are_a_502_naming_the_model_and_never_a_key():
     naming the upstream model; an upstream key the upstream echoes back is blanked out, passed through too."""
     key = "sk-upstream-secret-123"
     echoed = ("json", 500, {"error": {"message": f"Incorrect API key provided: {key}"}}, {})
-    with ScriptedServer(echoed) as upstream, selfmoa.ModelServer(
+    with ScriptedServer(echoed) as upstream, selfmoa_serve.ModelServer(
             selfmoa.HTTPClient(upstream.base_url, key, retries=1, backoff=0), port=0) as server:
         for model in ("self-moa/generalist", "self-moa-seq/generalist", "moa/generalist"):
             reply = post(server, {"model": model, "messages": QUESTION,
@@ -352,7 +353,7 @@ def test_upstream_failures_are_a_502_naming_the_model_and_never_a_key():
         passed = post(server, {"model": "generalist", "messages": QUESTION})
         assert passed.status_code == 500 and key not in passed.text and "***" in passed.text
         assert all(entry["headers"]["Authorization"] == f"Bearer {key}" for entry in upstream.log)
-    with selfmoa.ModelServer(selfmoa.HTTPClient("http://127.0.0.1:9/v1", retries=0), port=0) as server:
+    with selfmoa_serve.ModelServer(selfmoa.HTTPClient("http://127.0.0.1:9/v1", retries=0), port=0) as server:
         for model in ("self-moa/generalist", "generalist"):
             reply = post(server, {"model": model, "messages": QUESTION})
             assert reply.status_code == 502 and "'generalist'" in reply.json()["error"]["message"]
@@ -361,7 +362,7 @@ def test_upstream_failures_are_a_502_naming_the_model_and_never_a_key():
 def test_a_server_key_is_required_when_set_and_never_forwarded(mock):
     """With a server key, every route but /health needs it as a Bearer token (401 otherwise); it and the
     client's Authorization never reach the upstream."""
-    with selfmoa.ModelServer(selfmoa.HTTPClient(mock.base_url, retries=0), port=0, server_key="serve-secret",
+    with selfmoa_serve.ModelServer(selfmoa.HTTPClient(mock.base_url, retries=0), port=0, server_key="serve-secret",
                              defaults={"n": 2}) as server:
         body = {"model": "self-moa/generalist", "messages": QUESTION, "seed": 1}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "serve-secret"},
@@ -381,7 +382,7 @@ def test_a_server_key_is_required_when_set_and_never_forwarded(mock):
 def test_a_non_loopback_host_without_a_server_key_is_refused(capsys):
     """Binding beyond loopback without a server key is refused before anything listens."""
     with pytest.raises(selfmoa.ConfigError, match="host"):
-        selfmoa.ModelServer(echo, host="0.0.0.0", port=0)
+        selfmoa_serve.ModelServer(echo, host="0.0.0.0", port=0)
     assert selfmoa.main(["serve", "--host", "0.0.0.0", "--port", "0", "--base-url", "http://127.0.0.1:9/v1"],
                         environ={}) == 2
     out, err = capsys.readouterr()
@@ -398,7 +399,7 @@ def test_a_port_in_use_is_exit_status_1_naming_it(plain, capsys):
 def test_serve_takes_the_one_shot_flags_with_their_meaning(capsys):
     """serve shares every endpoint, key, retry, timeout and method-default flag of the one-shot command
     (the same definitions), refuses the one-shot-only ones, and checks values naming the flag."""
-    args = selfmoa.build_serve_parser().parse_args(
+    args = selfmoa_serve.build_serve_parser().parse_args(
         ["--port", "0", "--retries", "2", "--timeout", "5", "-n", "4", "--window", "3", "--carry", "1", "-p", "a",
          "-p", "b", "--layers", "3", "--min-ok", "2", "--temperature", "0.5", "--max-tokens", "9", "--seed", "3",
          "--aggregator-temperature", "0.1", "--aggregator-max-tokens", "7", "--concurrency", "2", "--no-n",
@@ -408,11 +409,11 @@ def test_serve_takes_the_one_shot_flags_with_their_meaning(capsys):
     assert (args.min_ok, args.temperature, args.max_tokens, args.seed, args.concurrency, args.use_n) == (
         2, 0.5, 9, 3, 2, False)
     one_shot = {a.dest for a in selfmoa.build_parser()._actions}
-    shared = {a.dest for a in selfmoa.build_serve_parser()._actions}
-    assert one_shot - shared == selfmoa._NOT_SERVE_FLAGS - {"help"}
+    shared = {a.dest for a in selfmoa_serve.build_serve_parser()._actions}
+    assert one_shot - shared == selfmoa_serve._NOT_SERVE_FLAGS - {"help"}
     for flag in ("--json", "--method", "-i", "--model"):
         with pytest.raises(SystemExit):
-            selfmoa.build_serve_parser().parse_args([flag, "x"])
+            selfmoa_serve.build_serve_parser().parse_args([flag, "x"])
     assert selfmoa.main(["serve", "--port", "0", "--window", "1"], environ={}) == 2
     assert "selfmoa: error: --window 1:" in capsys.readouterr().err
 
@@ -431,7 +432,7 @@ def test_a_prompt_that_is_literally_serve_is_still_possible(mock, capsys, monkey
 def test_a_client_that_disconnects_mid_stream_cancels_its_runs_queued_calls(slow_mock):
     """A streamed run whose client goes away stops: its queued calls never reach the upstream."""
     client = selfmoa.HTTPClient(slow_mock.base_url, retries=0)
-    with selfmoa.ModelServer(client, port=0, concurrency=1) as server:
+    with selfmoa_serve.ModelServer(client, port=0, concurrency=1) as server:
         question = [{"role": "user", "content": "disconnect test: what is 6 * 7?"}]
         body = json.dumps({"model": "self-moa/generalist", "messages": question, "stream": True, "seed": 2,
                            "selfmoa": {"n": 6, "use_n": False}}).encode()
@@ -557,7 +558,7 @@ SERVE_HELP = re.compile(r"(<!-- serve-help:start -->\n```\n)(.*?)(```\n<!-- serv
 
 def serve_help() -> str:
     os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal width
-    return selfmoa.build_serve_parser().format_help()
+    return selfmoa_serve.build_serve_parser().format_help()
 
 
 def test_readme_shows_exactly_serve_help(monkeypatch):
@@ -595,7 +596,7 @@ def test_close_finishes_runs_in_flight_refuses_new_requests_and_cancels_after_th
         return sum(bool(e["body"]) and e["body"]["messages"][-1]["content"] == question for e in slow_mock.requests)
 
     for drain, n, question in ((5.0, 2, "drain test: 2 + 2?"), (0.05, 6, "drain timeout test: 3 + 3?")):
-        server = selfmoa.ModelServer(selfmoa.HTTPClient(slow_mock.base_url, retries=0), port=0,
+        server = selfmoa_serve.ModelServer(selfmoa.HTTPClient(slow_mock.base_url, retries=0), port=0,
                                      concurrency=1).start()
         kept = requests.Session()
         assert kept.get(server.base_url.removesuffix("/v1") + "/health").status_code == 200
@@ -663,7 +664,7 @@ def test_a_saturated_server_runs_the_older_requests_calls_first():
             assert waiting_in_queue(3)  # B's two other samples and A's aggregation
         return selfmoa.Reply([f"{request.model} text"] * request.n, ["stop"] * request.n, 1, 1)
 
-    with selfmoa.ModelServer(complete, port=0, concurrency=1, defaults={"n": 2}) as server:
+    with selfmoa_serve.ModelServer(complete, port=0, concurrency=1, defaults={"n": 2}) as server:
         first = threading.Thread(target=post, args=(server, {"model": "self-moa/a", "messages": QUESTION}))
         second = threading.Thread(target=post, args=(server, {"model": "self-moa/b", "messages": QUESTION,
                                                               "selfmoa": {"n": 3, "use_n": False}}))
@@ -715,7 +716,7 @@ def test_pass_through_blanks_an_echoed_upstream_key_in_every_form_even_split_ove
     thread.start()
     port = listener.getsockname()[1]
     client = selfmoa.HTTPClient(f"http://127.0.0.1:{port}/v1", key, retries=0)
-    with listener, selfmoa.ModelServer(client, port=0) as server:
+    with listener, selfmoa_serve.ModelServer(client, port=0) as server:
         streamed = post(server, {"model": "m", "messages": QUESTION, "stream": True})
         plain = post(server, {"model": "m", "messages": QUESTION})
     thread.join(10)
@@ -735,21 +736,21 @@ def test_pass_through_spreads_over_a_models_replicas_and_fails_over_from_a_dead_
     dead.close()  # nothing listens there now: connections are refused
     with MockServer() as one, MockServer() as two:
         client = selfmoa.HTTPClient([one.base_url, two.base_url], retries=1, backoff=0)
-        with selfmoa.ModelServer(client, port=0) as server:
+        with selfmoa_serve.ModelServer(client, port=0) as server:
             replies = [post(server, {"model": "generalist", "messages": QUESTION, "seed": i}) for i in range(6)]
             streamed = post(server, {"model": "generalist", "messages": QUESTION, "seed": 6, "stream": True})
         assert all(reply.status_code == 200 for reply in replies) and streamed.status_code == 200
         assert sorted([len(one.requests), len(two.requests)]) == [3, 4]  # 7 requests, in turn
         failover = selfmoa.HTTPClient([dead_url, one.base_url], retries=0, backoff=0)
         before = len(one.requests)
-        with selfmoa.ModelServer(failover, port=0) as server:
+        with selfmoa_serve.ModelServer(failover, port=0) as server:
             reply = post(server, {"model": "generalist", "messages": QUESTION, "seed": 1})
         assert reply.status_code == 200 and len(one.requests) == before + 1
         assert reply.json() == replies[1].json()
         busy = ("json", 503, {"error": {"message": "overloaded"}}, {})
         with ScriptedServer(busy) as overloaded:
             failover = selfmoa.HTTPClient([overloaded.base_url, one.base_url], retries=0, backoff=0)
-            with selfmoa.ModelServer(failover, port=0) as server:
+            with selfmoa_serve.ModelServer(failover, port=0) as server:
                 reply = post(server, {"model": "generalist", "messages": QUESTION, "seed": 1})
             assert reply.status_code == 200 and len(overloaded.log) == 1 and len(one.requests) == before + 2
 
@@ -778,7 +779,7 @@ def test_lone_surrogates_in_a_request_get_a_well_formed_reply(plain, model, stre
 def test_models_list_survives_whatever_an_upstream_lists():
     """GET /v1/models asks each upstream for its models; whatever body an upstream's /models answers (wrong
     types, a nesting bomb, a lone surrogate), serve still answers 200 with its own names."""
-    with HostileServer() as upstream, selfmoa.ModelServer(selfmoa.HTTPClient(upstream.base_url, timeout=2), port=0,
+    with HostileServer() as upstream, selfmoa_serve.ModelServer(selfmoa.HTTPClient(upstream.base_url, timeout=2), port=0,
                                                          models=["mine"]) as server:
         for listed in (b'{"data": 5}', b'{"data": null}', b"[" * 100_000, b'{"data": [{"id": "\\ud800"}]}',
                        b'{"data": {"id": "m"}}', b"\xff\xfe", b'{"data": [5, null, {"id": 7}]}'):
@@ -795,7 +796,7 @@ def test_a_server_key_that_is_not_a_bearer_token_is_refused_without_showing_it(k
     accent: what a client cannot send, or what a Bearer token may not hold) would give every request a 401:
     it is refused up front (ConfigError, exit status 2), as upstream keys are, and never shown."""
     with pytest.raises(selfmoa.ConfigError, match="server_key") as refused:
-        selfmoa.ModelServer(echo, port=0, server_key=key)
+        selfmoa_serve.ModelServer(echo, port=0, server_key=key)
     assert key.strip()[:8] not in str(refused.value)
     for argv, environ in ((["serve", "--port", "0", "--server-key", key], {}),
                           (["serve", "--port", "0"], {"SELFMOA_SERVER_KEY": key})):
@@ -808,7 +809,7 @@ def test_a_pass_through_reply_the_upstream_cuts_off_is_a_502_never_a_short_200()
     """A non-streamed pass-through whose upstream reply ends before its announced end (a short Content-Length
     body, a broken chunk) is an OpenAI-shaped 502 naming the model: never relayed as a complete 200 with a
     body cut in two, never a connection closed without an answer."""
-    with HostileServer() as upstream, selfmoa.ModelServer(
+    with HostileServer() as upstream, selfmoa_serve.ModelServer(
             selfmoa.HTTPClient(upstream.base_url, timeout=2, retries=0), port=0) as server:
         for cut in (response(b"200 OK", [(b"Content-Length", b"200")], b'{"choices": '),
                     response(b"200 OK", [(b"Transfer-Encoding", b"chunked")], b'5\r\n{"cho\r\nzz'),
@@ -826,7 +827,7 @@ def test_a_pass_through_attempt_is_bounded_by_the_deadline_like_any_call(stream)
     reply a byte at a time (each wait well within --timeout) is cut off at the deadline - a 502 if nothing was
     relayed yet, else the relayed stream ends - instead of holding the client for as long as it drips."""
     head = [(b"Content-Type", b"text/event-stream" if stream else b"application/json"), (b"Content-Length", b"400")]
-    with HostileServer(response(b"200 OK", head, b""), ("drip", b"x" * 400, 0.05)) as upstream, selfmoa.ModelServer(
+    with HostileServer(response(b"200 OK", head, b""), ("drip", b"x" * 400, 0.05)) as upstream, selfmoa_serve.ModelServer(
             selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.3, retries=0), port=0) as server:
         started = time.monotonic()
         try:
@@ -841,7 +842,7 @@ def test_pass_through_blanks_an_upstream_key_echoed_in_a_relayed_header():
     """The headers serve relays from an upstream (Content-Type, Retry-After) are part of the reply: a key the
     upstream echoes there is blanked out as in the body, never shown to the client."""
     key = "sk-header-echo-secret-77"
-    with HostileServer() as upstream, selfmoa.ModelServer(
+    with HostileServer() as upstream, selfmoa_serve.ModelServer(
             selfmoa.HTTPClient(upstream.base_url, key, retries=0), port=0) as server:
         for stream in (False, True):
             kind = b"text/event-stream" if stream else b"application/json"
@@ -857,7 +858,7 @@ def test_pass_through_blanks_an_upstream_key_echoed_in_a_relayed_header():
 def test_an_upstream_interim_status_is_never_relayed_as_the_final_reply():
     """http.client hands any 1xx but 100 back as if final. Relayed, it would leave every conforming client
     (which waits for the final status after a 1xx) hanging: it is an upstream failure, a 502, instead."""
-    with HostileServer() as upstream, selfmoa.ModelServer(
+    with HostileServer() as upstream, selfmoa_serve.ModelServer(
             selfmoa.HTTPClient(upstream.base_url, timeout=2, retries=0), port=0) as server:
         for status in (b"101 Switching Protocols", b"102 Processing", b"103 Early Hints"):
             upstream.plan = [b"HTTP/1.1 " + status + b"\r\nLink: </x>\r\n\r\n"]
@@ -869,7 +870,7 @@ def test_models_list_is_bounded_by_the_deadline_whatever_an_upstream_drips():
     """An upstream that drips its /models reply a byte at a time (each wait within --timeout) holds GET
     /v1/models no longer than --deadline: serve then answers with the names it has."""
     dripping = (response(b"200 OK", [(b"Content-Length", b"400")], b""), ("drip", b" " * 400, 0.05))
-    with HostileServer(*dripping) as upstream, selfmoa.ModelServer(
+    with HostileServer(*dripping) as upstream, selfmoa_serve.ModelServer(
             selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.3), port=0, models=["mine"]) as server:
         started = time.monotonic()
         reply = SESSION.get(server.base_url + "/models", timeout=10)
@@ -938,7 +939,7 @@ def test_a_run_is_not_cancelled_because_its_connection_has_a_high_file_descripto
 
     filler = [os.dup(0) for _ in range(1100)]  # bounded: pushes the next sockets above 1024
     try:
-        with selfmoa.ModelServer(slow, port=0, defaults={"n": 1}) as server:
+        with selfmoa_serve.ModelServer(slow, port=0, defaults={"n": 1}) as server:
             reply = requests.post(server.base_url + "/chat/completions", json={"model": "self-moa/m",
                                                                                 "messages": QUESTION}, timeout=10)
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "m ok"
@@ -966,7 +967,7 @@ def test_a_drain_timeout_that_is_not_a_finite_number_of_seconds_is_a_usage_error
     """--drain-timeout is a finite number of seconds >= 0: infinity would crash the drain (Condition.wait
     cannot wait that long) and NaN or a negative one would silently skip it, so they are refused naming it."""
     with pytest.raises(selfmoa.ConfigError, match="drain_timeout"):
-        selfmoa.ModelServer(echo, port=0, drain_timeout=float(value))
+        selfmoa_serve.ModelServer(echo, port=0, drain_timeout=float(value))
     try:
         code = selfmoa.main(["serve", "--port", "0", "--drain-timeout", value, "--base-url", "http://127.0.0.1:9/v1"],
                             environ={})
@@ -983,8 +984,8 @@ def test_a_bug_in_a_handler_is_an_openai_shaped_500_without_its_text_and_the_ser
     def broken(self, handler):
         raise RuntimeError("boom sk-secret-in-a-bug")
 
-    monkeypatch.setattr(selfmoa.ModelServer, "handle_post", broken)
-    with selfmoa.ModelServer(echo, port=0) as server:
+    monkeypatch.setattr(selfmoa_serve.ModelServer, "handle_post", broken)
+    with selfmoa_serve.ModelServer(echo, port=0) as server:
         reply = post(server, {"model": "self-moa/m", "messages": QUESTION})
         assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
         assert "sk-secret" not in reply.text and "RuntimeError" in reply.json()["error"]["message"]

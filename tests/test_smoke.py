@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import selfmoa
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -40,3 +42,40 @@ def test_the_manual_names_every_public_name():
     manual = selfmoa.__doc__
     missing = [name for name in selfmoa.__all__ if name not in manual]
     assert missing == [], f"the module docstring does not mention {missing}"
+
+
+@pytest.mark.parametrize("argv, sibling", [(["serve", "--port", "0"], "selfmoa_serve.py"),
+                                           (["-m", "a", "-i", "in.jsonl", "-o", "out.jsonl"], "selfmoa_batch.py")])
+def test_a_lone_copy_of_selfmoa_py_names_the_sibling_file_to_add(tmp_path, argv, sibling):
+    shutil.copy(ROOT / "selfmoa.py", tmp_path / "selfmoa.py")
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    done = subprocess.run([sys.executable, "-I", "-S", "selfmoa.py", *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and f"copy {sibling} next to it" in done.stderr, done.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_selfmoa_py_run_as_a_script_finds_its_siblings_beside_it_even_in_isolated_mode(tmp_path):
+    for name in ("selfmoa.py", "selfmoa_serve.py", "selfmoa_batch.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for argv, head in ((["serve", "--help"], "usage: selfmoa serve"), (["--help"], "usage: selfmoa")):
+        done = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "selfmoa.py"), *argv], cwd="/",
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.startswith(head), done.stderr
+    # one ConfigError: serve's usage error (raised by selfmoa_serve, caught by selfmoa's class) is exit 2, not a crash
+    done = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "selfmoa.py"), "serve", "--port", "99999"],
+                          cwd="/", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--port 99999" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_siblings_import_selfmoa_and_never_each_other():
+    import ast
+    for name, allowed in (("selfmoa.py", set()), ("selfmoa_batch.py", {"selfmoa"}), ("selfmoa_serve.py", {"selfmoa"})):
+        tree = ast.parse((ROOT / name).read_text(encoding="utf-8"))
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert imported - set(sys.stdlib_module_names) - {"__future__"} == allowed, name

@@ -1,0 +1,1059 @@
+#!/usr/bin/env python3
+"""selfmoa_batch: many prompts through MoA, Self-MoA or Self-MoA-Seq, written line by line, resumable.
+
+This module runs the methods of ``selfmoa`` (the one file that implements them) over a whole input file:
+every item concurrently on one shared call pool, one output line appended per finished item, so a crash
+loses no finished item, and a rerun of the same command skips what is done and resumes the rest. It is the
+``-i FILE -o FILE`` mode of the ``selfmoa`` command, and implements ``spec/batch.md``. It needs the Python
+standard library and ``selfmoa.py`` beside it; nothing imports it but the command line (and ``selfmoa_eval``).
+
+Public API
+----------
+========================  ===================================================================
+``read_items``            read and check a batch input file (JSONL or a JSON list)
+``check_items``           check batch items given as Python objects
+``Item``                  one prompt of a batch: its id and its messages
+``run_batch``             run every item, writing (and resuming) the output file
+``alpaca_eval_outputs``   AlpacaEval's model-outputs entries from a finished output file
+``BATCH_FORMAT``          the version of the output lines (1)
+``batch_command``         the ``-i/-o`` command: ``selfmoa -m MODEL -i in.jsonl -o out.jsonl``
+========================  ===================================================================
+
+Usage, with a toy model (anything that takes a ``selfmoa.Request`` and returns text):
+
+>>> import os, tempfile
+>>> def toy(request):
+...     return "an answer of " + request.model
+>>> folder = tempfile.mkdtemp()
+>>> items = check_items([{"id": 1, "prompt": "Name a prime."}, {"id": 2, "prompt": "Name a colour."}])
+>>> run_batch(items, os.path.join(folder, "out.jsonl"), method="self-moa", model="a", n=2, complete=toy)["done"]
+2
+>>> run_batch(items, os.path.join(folder, "out.jsonl"), method="self-moa", model="a", n=2, complete=toy)["skipped"]
+2
+
+On the command line (``selfmoa --help`` lists every flag)::
+
+    selfmoa -m qwen -i prompts.jsonl -o answers.jsonl                   # run; run again to resume
+    selfmoa -m qwen -i prompts.jsonl -o outputs.json --format alpaca_eval
+
+Licence: MIT. Copyright (c) 2026 the selfmoa authors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import contextvars
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from selfmoa import (
+    METHODS,
+    ConfigError,
+    HTTPClient,
+    Message,
+    Request,
+    SelfMoAError,
+    _check,
+    _on_shared_pool,
+    _Pool,
+    _servers_of,
+    _start,
+    as_messages,
+)
+
+__all__ = ["BATCH_FORMAT", "Item", "alpaca_eval_outputs", "batch_command", "check_items", "read_items", "run_batch"]
+
+
+# ======================================================================================================
+# Batch runs: many prompts, concurrently, one output line per finished item, resumable
+# ======================================================================================================
+#
+# The output is JSONL in a versioned format of its own (spec/batch.md): each line holds selfmoa's result
+# for one item (id, status, answer or error, fingerprint, counts) and, under "input", the input record
+# exactly as given, so no input field can pass for a result. One whole line is appended per finished item:
+# a crash loses no finished item and leaves at most a torn last line. Before a file is changed at all,
+# every line of it must read as such a record, and a torn tail as the start of one; anything else is
+# someone else's file and stays byte for byte as it was. A re-run skips the items whose line says "ok" for
+# the same fingerprint (the item's messages, the method and its parameters) and runs the others; at the end
+# the file is rewritten (atomically) with exactly one line per item, in input order, and lines that would be
+# dropped (items gone from the input, answers to an older prompt or configuration) move to a sibling file.
+# A lock beside the output lets one run at a time write it.
+
+
+BATCH_FORMAT = 1  # the version of the output lines; a line of any other version is not read as ours
+_LINE_START = b'{"selfmoa_batch": 1, "id": '  # how every output line begins (json.dumps keeps key order)
+_MAX_NESTING = 64  # input records nested deeper are refused up front: JSON bombs never reach the encoder
+# Characters that str.splitlines() and some JSONL readers take for line ends, and lone surrogates that UTF-8
+# cannot encode: written as \uXXXX escapes, so a line ends only at "\n" whatever a reader splits on.
+_UNSAFE_IN_LINE = re.compile("[\u2028\u2029\x85\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise turn "\n" into "\r\n"
+
+
+@dataclasses.dataclass
+class Item:
+    """One batch item: its id, the input record as given, and its chat messages."""
+
+    id: Any
+    record: dict
+    messages: list[Message]
+
+
+def _item_messages(record: Any) -> tuple[list[Message] | None, str | None]:
+    """The messages of an input record, or why there are none."""
+    if not isinstance(record, dict):
+        return None, f"an item is a JSON object, not {type(record).__name__}"
+    fields = [field for field in ("prompt", "instruction", "messages") if field in record]
+    if len(fields) != 1:
+        return None, ("no 'prompt', 'instruction' or 'messages' field" if not fields else
+                      f"give only one of 'prompt', 'instruction' or 'messages', not {' and '.join(fields)}")
+    value = record[fields[0]]
+    if fields[0] == "messages":
+        try:
+            return as_messages(value if isinstance(value, list) else ""), None
+        except ConfigError:
+            return None, "'messages' must be a non-empty list of {\"role\": str, \"content\": str}"
+    if not isinstance(value, str) or not value.strip():
+        return None, f"'{fields[0]}' must be a non-empty string"
+    return [{"role": "user", "content": value}], None
+
+
+def _json_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be written into an output line and read back equal, or None if it can.
+
+    >>> _json_problem({"prompt": "hi", "tags": ["a", 1, 2.5, None, True]}) is None
+    True
+    >>> _json_problem({"prompt": "\\ud83d"})
+    "['prompt'] holds text that UTF-8 cannot encode (a lone surrogate such as \\\\ud83d)"
+    """
+    stack = [(value, 1, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > _MAX_NESTING:
+            return f"{where} is nested deeper than {_MAX_NESTING} levels"
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return f"{where} holds text that UTF-8 cannot encode (a lone surrogate such as \\ud83d)"
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                if not isinstance(key, str):
+                    return f"{where} has a key that is not a string ({key!r})"
+                stack.append((key, depth, f"{where} key"))
+                stack.append((inner, depth + 1, f"{where}[{key!r}]"))
+        elif isinstance(value, list):
+            stack.extend((inner, depth + 1, f"{where}[{index}]") for index, inner in enumerate(value))
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return f"{where} holds {value}, which JSON cannot represent"
+        elif value is not None and not isinstance(value, (bool, int)):
+            return f"{where} holds a {type(value).__name__}, which is not a JSON value"
+    return None
+
+
+def _loads(text: str) -> Any:
+    """``json.loads``, strict: NaN and Infinity are not JSON, and a nesting bomb is bad JSON, not a crash."""
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _check_records(numbered: Sequence[tuple[int, Any]], source: str, unit: str,
+                   problems: list[tuple[int, str]]) -> list[Item]:
+    """Items from (number, record) pairs; raise one ConfigError listing every bad one, with ``problems``."""
+    items: list[Item] = []
+    seen: dict[Any, int] = {}
+    for position, (number, record) in enumerate(numbered):
+        messages, problem = _item_messages(record)
+        item_id = record.get("id", position) if isinstance(record, dict) else None
+        if problem is None and (isinstance(item_id, bool) or not isinstance(item_id, (str, int))):
+            problem = f"'id' must be a string or an integer, not {type(item_id).__name__}"
+        elif problem is None and item_id in seen:
+            problem = f"duplicate id {item_id!r} (first at {unit} {seen[item_id]})"
+        if problem is None:
+            problem = _json_problem(record)
+            problem = f"the record {problem.lstrip()}" if problem else None
+        if problem or messages is None:
+            problems.append((number, problem or "no messages"))
+            continue
+        seen[item_id] = number
+        items.append(Item(item_id, record, messages))
+    if problems:
+        listed = "\n".join(f"  {unit} {number}: {problem}" for number, problem in sorted(problems))
+        raise ConfigError(f"{source}: {len(problems)} bad {unit}(s); fix them and run again:\n{listed}")
+    if not items:
+        raise ConfigError(f"{source}: there are no items; give one JSON object per line, or a JSON list")
+    return items
+
+
+def check_items(records: Sequence[Any], source: str = "input") -> list[Item]:
+    """Check every record before any call is made; raise one ConfigError listing every bad one.
+
+    A record is a JSON object with ``prompt``, ``instruction`` or ``messages`` and an optional ``id`` (a
+    string or an integer; without one, an item's id is its position). It must hold JSON values only, nested
+    at most 64 levels, with text that UTF-8 can encode, so that it is written out and read back unchanged.
+    """
+    return _check_records(list(enumerate(records, 1)), source, "item", [])
+
+
+def read_items(path: str) -> list[Item]:
+    """Read a batch input file: JSONL (one object per line) or one JSON list of objects.
+
+    Each object carries ``prompt`` (a string), ``instruction`` (AlpacaEval's field) or ``messages`` (chat
+    messages), and optionally an ``id``; without one, an item's id is its position. Lines end at ``"\\n"``
+    only (a U+2028 inside a string is text, not a line break). Every bad line is reported at once, by number,
+    before anything runs: bad JSON, nesting bombs, text that is not UTF-8 or cannot be encoded.
+    """
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}); pass an existing file") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # the byte-order mark some editors put before UTF-8
+    if data.lstrip().startswith(b"["):
+        # One JSON list, unless this is JSONL whose first line happens to be an array.
+        try:
+            whole = _loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            try:
+                _loads(data.lstrip().split(b"\n", 1)[0].decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                raise ConfigError(f"{path}: not valid JSON ({exc}); fix the file, or write one object per "
+                                  f"line") from None
+        else:
+            if isinstance(whole, list):
+                return check_items(whole, path)
+    numbered, problems = [], []
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip(b" \t\r"):
+            continue
+        try:
+            numbered.append((number, _loads(line.decode("utf-8"))))
+        except UnicodeDecodeError:
+            problems.append((number, "not UTF-8 text; save the file as UTF-8"))
+        except ValueError as exc:
+            problems.append((number, f"not JSON ({exc})"))
+    return _check_records(numbered, path, "line", problems)
+
+
+def _record_problem(record: Any) -> str | None:
+    """Why a parsed output line is not a selfmoa batch record, or None if it is one."""
+    if not isinstance(record, dict) or "selfmoa_batch" not in record:
+        if isinstance(record, dict) and "id" in record and "method" in record and ("answer" in record or "error"
+                                                                                   in record):
+            return ("it has no 'selfmoa_batch' field: selfmoa 0.1 wrote it, mixing input fields and results, "
+                    "which cannot be told apart safely; move it away, and rerun to answer every item again")
+        return "it has no 'selfmoa_batch' field"
+    if record["selfmoa_batch"] != BATCH_FORMAT:
+        return f"it is in batch format {record['selfmoa_batch']!r}; this selfmoa reads format {BATCH_FORMAT}"
+    item_id, status = record.get("id"), record.get("status")
+    wrong = [name for name, ok in (
+        ("id", isinstance(item_id, (str, int)) and not isinstance(item_id, bool)),
+        ("status", status in ("ok", "error")),
+        ("answer" if status == "ok" else "error", isinstance(record.get("answer" if status == "ok" else "error"),
+                                                             str)),
+        ("method", isinstance(record.get("method"), str)),
+        ("fingerprint", isinstance(record.get("fingerprint"), str)),
+        ("input", isinstance(record.get("input"), dict))) if not ok]
+    return f"its {', '.join(repr(name) for name in wrong)} missing or wrong" if wrong else None
+
+
+def _is_torn_start(tail: bytes, after_records: bool) -> bool:
+    """Whether bytes after the last newline are the unfinished start of a record line (a crash mid-write)."""
+    if tail.startswith(_LINE_START):
+        return True
+    return _LINE_START.startswith(tail) and (after_records or len(tail) >= len(b'{"selfmoa_batch"'))
+
+
+def _parse_output(data: bytes, path: str) -> tuple[list[tuple[dict, bytes]], int]:
+    """Every record of an output file with its line, and how many bytes the whole lines take.
+
+    Raises ConfigError, having changed nothing, unless every line is a record and a torn tail (bytes after
+    the last newline) is the start of one. Lines end at b"\\n" only. A whole record after the last newline
+    counts as a line (``keep`` is then the whole length, with no final newline: add one before appending).
+    """
+    keep = data.rfind(b"\n") + 1
+    records = []
+    for number, line in enumerate(data[:keep].split(b"\n")[:-1], 1):
+        try:
+            record = _loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            problem: str | None = "it is not UTF-8 JSON"
+        else:
+            problem = _record_problem(record)
+        if problem:
+            raise ConfigError(f"{path}: line {number} is not a selfmoa batch record ({problem}), so this is not a "
+                              f"selfmoa output file; it was left untouched: pass another output file, or move "
+                              f"this one away")
+        records.append((record, line))
+    try:
+        last = _loads(data[keep:].decode("utf-8")) if keep < len(data) else None
+    except (UnicodeDecodeError, ValueError):
+        last = None
+    if last is not None and _record_problem(last) is None:  # a whole record whose "\n" an editor dropped: kept
+        records.append((last, data[keep:]))
+        keep = len(data)
+    if keep < len(data) and not _is_torn_start(data[keep:], bool(records)):
+        raise ConfigError(f"{path}: its last line (with no newline at its end) is not the start of a selfmoa batch "
+                          f"record, so this is not a selfmoa output file; it was left untouched: pass another "
+                          f"output file, or move this one away")
+    return records, keep
+
+
+def _escape_unsafe(text: str) -> str:
+    r"""JSON text with U+2028, U+2029, U+0085 and lone surrogates written as \u escapes (same value).
+
+    >>> _escape_unsafe(json.dumps(["a\u2028b", "\ud83d"], ensure_ascii=False))
+    '["a\\u2028b", "\\ud83d"]'
+    """
+    return _UNSAFE_IN_LINE.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+
+
+def _dump_line(record: dict) -> bytes:
+    return _escape_unsafe(json.dumps(record, ensure_ascii=False)).encode("utf-8") + b"\n"
+
+
+def _batch_parameters(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The method's parameters as run, defaults filled in (so an explicit default changes no fingerprint).
+
+    ``use_n`` is left out: it says how samples are requested, not what is asked.
+    """
+    import inspect
+
+    signature = inspect.signature(METHODS[method])
+    parameters = {name: parameter.default for name, parameter in signature.parameters.items()
+                  if parameter.kind == parameter.KEYWORD_ONLY and parameter.default is not parameter.empty}
+    for name, value in options.items():
+        if name not in signature.parameters or name in ("complete", "stream"):
+            known = ", ".join(p for p in signature.parameters if p not in ("prompt", "complete", "stream", "samples"))
+            raise ConfigError(f"{name}={value!r}: {method} takes no such parameter in a batch; pass only {known}")
+    parameters.update(options)
+    for name in ("complete", "stream", "use_n", "concurrency"):
+        parameters.pop(name, None)
+    for name, value in parameters.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            raise ConfigError(f"{name}={value!r}: run_batch records the method's parameters in every output "
+                              f"line's fingerprint, so they must be JSON values; pass strings, numbers and "
+                              f"lists") from None
+    return parameters
+
+
+def _fingerprint(messages: list[Message], method: str, parameters: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of what produces an item's answer: its messages, the method, parameters.
+
+    >>> _fingerprint([{"role": "user", "content": "hi"}], "self-moa", {"n": 6})[:16]
+    'f1247f2503992f70'
+    """
+    canonical = json.dumps({"messages": messages, "method": method, "parameters": parameters},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _sibling(path: str, word: str) -> str:
+    """A file beside ``path`` named after it: ``_sibling("out.jsonl", "removed")`` is ``out.removed.jsonl``."""
+    root, extension = os.path.splitext(path)
+    return f"{root}.{word}{extension}"
+
+
+def _removed_path(output: str) -> str:
+    """Where a batch moves the lines it takes out of ``output`` (items gone from the input, replaced answers).
+
+    >>> _removed_path("answers.jsonl")
+    'answers.removed.jsonl'
+    """
+    return _sibling(output, "removed")
+
+
+def _read_descriptor(descriptor: int) -> bytes:
+    os.lseek(descriptor, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(descriptor, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_file(path: str) -> bytes:
+    """The bytes of the regular file ``path``; ConfigError for anything else (reading a named pipe would wait
+    for a writer forever, so it is opened without blocking and refused)."""
+    import stat
+
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _O_BINARY)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ConfigError(f"{path}: not a regular file; pass another output file, or move it away")
+        return _read_descriptor(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    """Write all of ``data``. ``os.write`` may write less than asked (a short write): the rest follows, until
+    the disk takes nothing more (an OSError then says why, as ENOSPC, EFBIG or EIO do)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(descriptor, view)
+        if written <= 0:
+            import errno
+
+            raise OSError(errno.EIO, "the disk took no more bytes (a short write)")
+        view = view[written:]
+
+
+def _through_links(path: str) -> str:
+    """The file a symbolic link ``path`` points at (``path`` itself if it is none): that file is locked and
+    replaced, so a link keeps pointing at the answers, and a run on either name finds the other's lock."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` by a file holding ``data``: a crash leaves the old file or the new one, never a mix."""
+    path = _through_links(path)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY, 0o644)
+    try:
+        try:
+            os.chmod(temporary, os.stat(path).st_mode & 0o7777)  # keep the permissions of the file replaced
+        except OSError:
+            pass
+        _write_all(descriptor, data)
+        os.fsync(descriptor)
+    except BaseException:
+        os.close(descriptor)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    os.close(descriptor)
+    os.replace(temporary, path)
+    if os.name == "posix":  # the new name itself survives a power cut only once its folder is synced
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def _move_lines(path: str, lines: Sequence[bytes]) -> None:
+    """Append to ``path`` (a selfmoa file) the lines it does not hold yet, and sync it to disk."""
+    descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _O_BINARY, 0o644)
+    try:
+        data = _read_descriptor(descriptor)
+        _, keep = _parse_output(data, path)
+        if keep < len(data):
+            os.ftruncate(descriptor, keep)
+        present = set(data[:keep].split(b"\n"))
+        new = [line for line in dict.fromkeys(lines) if line not in present]
+        ending = b"\n" if new and data[:keep] and not data[:keep].endswith(b"\n") else b""
+        _write_all(descriptor, ending + b"".join(line + b"\n" for line in new))
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# --- One writer at a time -----------------------------------------------------------------------------
+
+_HELD_OUTPUTS: contextvars.ContextVar[frozenset] = contextvars.ContextVar("selfmoa_held_outputs",
+                                                                          default=frozenset())
+
+
+def _fcntl() -> Any:
+    """The fcntl module where the system has one (POSIX), else None."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    return fcntl
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (the lock-file fallback's stale-lock test)."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there
+        import ctypes
+
+        kernel = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return kernel.GetLastError() == 5  # access denied: it exists
+        code = ctypes.c_ulong()
+        kernel.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _busy(output: str, lock_path: str, holder: str) -> ConfigError:
+    return ConfigError(f"{output} is being written by another selfmoa run ({holder or 'pid unknown'}), which "
+                       f"holds {lock_path}; wait for it to end, or pass another output file. Two runs on one file "
+                       f"would lose each other's answers")
+
+
+def _cannot_write(output: str, exc: OSError) -> ConfigError:
+    return ConfigError(f"{output}: cannot write the output file ({exc.strerror or exc}); pass a path in an "
+                       f"existing, writable folder")
+
+
+def _lock(output: str) -> Callable[[], None]:
+    """Take ``output``'s lock (``output + ".lock"``) or raise ConfigError at once; returns the release.
+
+    With fcntl, an flock on the lock file: the system drops it when its holder dies, even by kill -9.
+    Elsewhere the lock file is created exclusively and holds the owner's pid; a file whose pid is no
+    longer running is a stale lock, and is taken over.
+    """
+    lock_path = _through_links(output) + ".lock"
+    fcntl = _fcntl()
+    for _ in range(10):  # bounded: only a holder removing the file between our open and flock repeats this
+        if fcntl is None:
+            try:
+                descriptor = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(lock_path, encoding="ascii", errors="replace") as file:
+                        pid_text = file.read().strip()
+                except OSError:
+                    continue
+                is_pid = re.fullmatch(r"[0-9]{1,10}", pid_text) is not None  # not "²", not 5000 digits
+                if not is_pid or _pid_alive(int(pid_text)):
+                    raise _busy(output, lock_path, f"pid {pid_text}; if no such run exists, delete the lock file"
+                                if is_pid else "") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock_path)  # its owner died without removing it: a stale lock
+                continue
+            except OSError as exc:
+                raise _cannot_write(output, exc) from None
+            with contextlib.suppress(OSError):  # without it, others see "pid unknown" and wait
+                _write_all(descriptor, f"{os.getpid()}\n".encode())
+            os.close(descriptor)
+
+            def release_file() -> None:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
+            return release_file
+        try:
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
+        except OSError as exc:
+            raise _cannot_write(output, exc) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_descriptor(descriptor).decode("ascii", "replace").strip()
+            os.close(descriptor)
+            raise _busy(output, lock_path, f"pid {holder}" if holder.isdigit() else "") from None
+        except OSError as exc:
+            os.close(descriptor)
+            raise ConfigError(f"{lock_path}: cannot lock it ({exc.strerror or exc}), so two runs could write "
+                              f"{output} at once; pass an output file on a local disk") from None
+        try:
+            current = os.path.samestat(os.fstat(descriptor), os.stat(lock_path))
+        except FileNotFoundError:
+            current = False
+        if not current:  # the previous holder removed it as we opened it: lock the file now at that path
+            os.close(descriptor)
+            continue
+        if os.fstat(descriptor).st_size > 32 or not re.fullmatch(rb"\d*\n?", _read_descriptor(descriptor)):
+            os.close(descriptor)  # someone's own file of that name: neither emptied nor removed
+            raise ConfigError(f"{lock_path} exists and is not a selfmoa lock file, so it was left untouched; move it "
+                              f"away, or pass another output file")
+        with contextlib.suppress(OSError):  # the pid only informs whoever finds the lock taken
+            os.ftruncate(descriptor, 0)
+            os.lseek(descriptor, 0, os.SEEK_SET)  # the check above read to the end
+            _write_all(descriptor, f"{os.getpid()}\n".encode())
+
+        def release_flock(held: int = descriptor) -> None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)  # removed while still held, so no one can lock a file about to vanish
+            os.close(held)
+        return release_flock
+    raise _busy(output, lock_path, "")
+
+
+@contextlib.contextmanager
+def _output_lock(output: str) -> Iterator[None]:
+    """Hold ``output``'s lock for the block (re-entrant within one thread of this process)."""
+    key = os.path.realpath(output)
+    if key in _HELD_OUTPUTS.get():
+        yield
+        return
+    release = _lock(output)
+    token = _HELD_OUTPUTS.set(_HELD_OUTPUTS.get() | {key})
+    try:
+        yield
+    finally:
+        _HELD_OUTPUTS.reset(token)
+        release()
+
+
+# --- The run --------------------------------------------------------------------------------------------
+
+
+def _id_key(item_id: Any) -> tuple:
+    return (type(item_id).__name__, item_id)
+
+
+def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
+              complete: Callable[[Request], Any], concurrency: int = 8, trace: bool = False,
+              progress: Callable[[int, int, int, float], None] | None = None, diversity: bool = False,
+              **options: Any) -> dict[str, int]:
+    """Run ``method`` on every item, ``concurrency`` calls at a time, appending one JSONL line per item.
+
+    ``options`` go to the method (``model``, ``n``, ``proposers``...). Each line is a record of format
+    ``BATCH_FORMAT`` (spec/batch.md): ``selfmoa_batch``, ``id``, ``status`` (``"ok"`` with ``answer``, or
+    ``"error"`` with ``error``), ``method``, ``fingerprint``, ``usage``, ``calls``, ``requests``, ``retries``,
+    ``trace`` and ``diversity`` (the Vendi score of each proposer layer) when asked, and ``input``: the input
+    record, unchanged. A re-run on the same ``output`` skips the items whose line is ``"ok"`` with the same
+    fingerprint and runs the rest; at the end ``output`` holds one line per item, in input order, and lines
+    taken out of it are appended to the sibling file named ``.removed`` (``out.jsonl``: ``out.removed.jsonl``).
+
+    Raises ConfigError, before any call and with every file left as it was, when ``output`` is not a selfmoa
+    output file or another run holds its lock; SelfMoAError when a write fails (the lines finished before
+    are kept; the next run does the rest). Returns the counts ``total``, ``skipped`` (answered before),
+    ``done``, ``failed``, ``changed_prompt`` and ``changed_parameters`` (run again because their line's
+    fingerprint no longer matched), ``moved`` (lines moved out) and ``torn_bytes`` (a torn tail cut off).
+    """
+    _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
+    items = list(items)
+    _check(all(isinstance(item, Item) for item in items), "items", "...", "run_batch takes Item objects",
+           "pass check_items(records) or read_items(path)")
+    _check(len({_id_key(item.id) for item in items}) == len(items), "items", "...", "two items share an id",
+           "give every item its own id (check_items finds the duplicates)")
+    parameters = _batch_parameters(method, options)
+    prints = {_id_key(item.id): _fingerprint(item.messages, method, parameters) for item in items}
+    pool, _, _, _ = _start(complete, concurrency)
+    try:
+        with _output_lock(output):
+            job = _BatchJob(method=method, complete=complete, concurrency=concurrency, trace=trace,
+                            diversity=diversity, progress=progress, options=options, prints=prints, pool=pool)
+            return _run_locked(items, output, job)
+    except OSError as exc:  # reading the output, or cutting a torn line off it (writes report themselves)
+        raise SelfMoAError(f"{output}: {exc.strerror or exc}; every finished line is kept in it; fix that, then "
+                           f"run the same command again") from exc
+    finally:
+        pool.shutdown()
+
+
+def _open_output(output: str) -> tuple[int, bool]:
+    """A descriptor of ``output`` for reading and appending, and whether this call created the file."""
+    import stat
+
+    path = _through_links(output)  # a link to a file not written yet: create that file
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_APPEND | _O_BINARY)
+        created = False
+    except FileNotFoundError:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+        except OSError as exc:
+            raise _cannot_write(output, exc) from None
+        created = True
+    except OSError as exc:
+        raise _cannot_write(output, exc) from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ConfigError(f"{output}: not a regular file; pass the path of a file to write")
+    return descriptor, created
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchJob:
+    """What every item of one batch run shares: the method and its options, how calls run, what a line holds."""
+
+    method: str
+    complete: Callable[[Request], Any]
+    concurrency: int
+    trace: bool
+    diversity: bool
+    progress: Callable[[int, int, int, float], None] | None
+    options: dict[str, Any]
+    prints: dict[tuple, str]  # each item's fingerprint, by id key
+    pool: _Pool
+
+
+def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int]:
+    """run_batch, holding the output's lock."""
+    descriptor, created = _open_output(output)
+    try:
+        data = _read_descriptor(descriptor)
+        try:
+            existing, keep = _parse_output(data, output)
+            moved_to = _removed_path(output)
+            if os.path.exists(moved_to):
+                _parse_output(_read_file(moved_to), moved_to)  # lines are moved there later: refuse it now if foreign
+        except (ConfigError, OSError) as exc:
+            if created:  # leave no trace of a run that never started
+                os.close(descriptor)
+                descriptor = -1
+                with contextlib.suppress(OSError):
+                    os.unlink(_through_links(output))
+            if isinstance(exc, OSError):
+                raise _cannot_write(_removed_path(output), exc) from None
+            raise
+        # Decide per item, on the explicit status and the fingerprint, never on which keys a line holds.
+        history: dict[tuple, list[dict]] = {}
+        for record, _ in existing:
+            history.setdefault(_id_key(record["id"]), []).append(record)
+        counts = {"total": len(items), "skipped": 0, "done": 0, "failed": 0, "changed_prompt": 0,
+                  "changed_parameters": 0, "moved": 0, "torn_bytes": len(data) - keep}
+        todo = []
+        for position, item in enumerate(items):
+            lines = history.get(_id_key(item.id), [])
+            current = [record for record in lines if record["fingerprint"] == job.prints[_id_key(item.id)]]
+            if any(record["status"] == "ok" for record in current):
+                counts["skipped"] += 1
+                continue
+            if lines and not current:
+                messages, _ = _item_messages(lines[-1]["input"])
+                counts["changed_parameters" if messages == item.messages else "changed_prompt"] += 1
+            todo.append((position, item))
+        if keep < len(data):
+            os.ftruncate(descriptor, keep)  # a torn line left by a crash: its item runs again
+        elif data and not data.endswith(b"\n"):
+            _write_all(descriptor, b"\n")  # a whole last record without its newline: end it before appending
+            keep += 1
+        try:
+            _append_results(todo, descriptor=descriptor, size=keep, output=output, job=job, counts=counts)
+        except ConfigError:  # a bad option, found by the method before any call: leave no empty file behind
+            if created and os.fstat(descriptor).st_size == 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(_through_links(output))
+            raise
+        final, to_move, unchanged = _final_lines(items, descriptor, output, job.prints)
+        os.close(descriptor)  # before the rename, which Windows refuses over an open file
+        descriptor = -1
+        try:
+            if to_move:
+                _move_lines(_removed_path(output), to_move)  # first, and synced: nothing is gone before it is kept
+            if not unchanged:
+                _write_atomically(output, final)
+        except OSError as exc:
+            raise SelfMoAError(f"{output}: cannot rewrite it ({exc.strerror or exc}); every finished line is kept "
+                               f"in it; fix that, then run the same command again") from exc
+        counts["moved"] = len(to_move)
+        return counts
+    finally:
+        if descriptor >= 0:
+            os.close(descriptor)
+
+
+def _append_results(todo: list[tuple[int, Item]], *, descriptor: int, size: int, output: str, job: _BatchJob,
+                    counts: dict[str, int]) -> None:
+    """Run the items to do, appending each one's line as it finishes. A failed write stops the run."""
+    lock = threading.Lock()
+    started = time.monotonic()
+    state: dict[str, Any] = {"size": size, "broken": None, "closed": False}
+
+    def solve(position: int, item: Item) -> None:
+        record: dict[str, Any] = {"selfmoa_batch": BATCH_FORMAT, "id": item.id}
+        try:
+            with _on_shared_pool(job.pool, (position,)):
+                result = METHODS[job.method](item.messages, complete=job.complete, **job.options)
+        except ConfigError:
+            raise  # a bad option fails every item alike: the run stops, as for a bug
+        except SelfMoAError as exc:
+            record.update(status="error", error=str(exc))
+            done_so_far = exc.partial
+        else:
+            record.update(status="ok", answer=result.answer)
+            done_so_far = result
+        record.update(method=job.method, fingerprint=job.prints[_id_key(item.id)])
+        if done_so_far is not None:
+            summary = done_so_far.to_dict(trace=job.trace, diversity=job.diversity)
+            record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries", "diversity")
+                           if key in summary})
+            if job.trace:
+                record["trace"] = summary["trace"]
+        record["input"] = item.record
+        line = _dump_line(record)
+        with lock:
+            if state["broken"] is not None or state["closed"]:
+                return  # after a failed write nothing more is written: no line may follow a torn one
+            try:
+                _write_all(descriptor, line)  # one whole line per item, appended
+            except OSError as exc:
+                state["broken"] = exc
+                with contextlib.suppress(OSError):
+                    os.ftruncate(descriptor, state["size"])  # take back a partly written line, if we can
+                return
+            state["size"] += len(line)
+            counts["done" if record["status"] == "ok" else "failed"] += 1
+            if job.progress is not None:
+                job.progress(counts["done"] + counts["failed"], counts["failed"], len(todo),
+                             time.monotonic() - started)
+
+    # Item orchestrators only wait on calls; the pool bounds the calls. Twice as many orchestrators as
+    # call slots keep the pool fed while items start and finish; at most 4 x concurrency items are queued
+    # ahead, so memory stays flat on huge inputs.
+    runners = concurrent.futures.ThreadPoolExecutor(max_workers=2 * job.concurrency, thread_name_prefix="item")
+    ahead = threading.Semaphore(4 * job.concurrency)
+    bugs: list[BaseException] = []
+
+    def finished(future: concurrent.futures.Future) -> None:
+        ahead.release()
+        bug = None if future.cancelled() else future.exception()
+        if bug is not None:
+            bugs.append(bug)  # not a model failure (those are recorded): a bug, re-raised
+
+    try:
+        for position, item in todo:
+            ahead.acquire()
+            if bugs or state["broken"] is not None:
+                break
+            runners.submit(solve, position, item).add_done_callback(finished)
+        runners.shutdown(wait=True, cancel_futures=bool(bugs or state["broken"]))
+        if bugs:
+            raise bugs[0]
+    finally:
+        runners.shutdown(wait=False, cancel_futures=True)
+        with lock:
+            state["closed"] = True  # an item still running after an interrupt never writes
+    broken = state["broken"]
+    if broken is not None:
+        kept = counts["skipped"] + counts["done"] + counts["failed"]
+        raise SelfMoAError(f"{output}: cannot write ({broken.strerror or broken}); stopped with {kept} of "
+                           f"{counts['total']} items in the file, every finished line kept; fix that, then run "
+                           f"the same command again to do the rest") from broken
+
+
+def _final_lines(items: list[Item], descriptor: int, output: str,
+                 prints: dict[tuple, str]) -> tuple[bytes, list[bytes], bool]:
+    """The rewritten output (one line per item, in input order), the lines to move out of it, and whether
+    the file already holds exactly that.
+
+    First proves that ``output`` still names the file this run appended to (``descriptor``).
+    """
+    data = _read_descriptor(descriptor)  # what this run appended to, even if the name now points elsewhere
+    records, keep = _parse_output(data, output)
+    try:
+        ours = os.path.samestat(os.fstat(descriptor), os.stat(output))
+    except OSError:
+        ours = False
+    if not ours:
+        rescue = _sibling(output, f"recovered-{os.getpid()}")
+        _write_atomically(rescue, data[:keep])
+        raise SelfMoAError(f"{output} was moved or replaced by another program while this run wrote to it, so it "
+                           f"was not rewritten; this run's lines are saved in {rescue}")
+    chosen: dict[tuple, dict] = {}
+    to_move = []
+    for record, line in records:
+        key = _id_key(record["id"])
+        if key not in prints:
+            to_move.append(line)  # an item no longer in the input
+        elif record["fingerprint"] != prints[key]:
+            if record["status"] == "ok":
+                to_move.append(line)  # an answer to an older prompt or configuration
+        elif record["status"] == "ok" or chosen.get(key, {}).get("status") != "ok":
+            chosen[key] = record  # the last "ok" line wins; else the last "error" line
+    assert len(chosen) == len(items), "every item has a line once every item has run"
+    final = []
+    for item in items:
+        record = chosen[_id_key(item.id)]
+        record["input"] = item.record  # the same messages; the other input fields as given now
+        final.append(_dump_line(record))
+    return b"".join(final), to_move, b"".join(final) == data
+
+
+# --- AlpacaEval -----------------------------------------------------------------------------------------
+
+
+def _instruction(record: dict) -> str:
+    """The instruction of an input record, as AlpacaEval shows it: its text, or its last user message."""
+    if "instruction" in record or "prompt" in record:
+        return str(record.get("instruction", record.get("prompt")))
+    users = [message["content"] for message in record.get("messages", []) if message.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def alpaca_eval_outputs(records: Iterable[dict], generator: str) -> list[dict]:
+    """AlpacaEval's model-outputs records (``instruction``, ``output``, ``generator``) of the answered items
+    among output lines (``dataset`` is copied from the input when it has one)."""
+    out = []
+    for record in records:
+        if record.get("status") != "ok":
+            continue
+        given = record["input"]
+        entry = {"instruction": _instruction(given), "output": record["answer"], "generator": generator}
+        if "dataset" in given:
+            entry["dataset"] = given["dataset"]
+        out.append(entry)
+    return out
+
+
+def _generator_name(method: str, options: Mapping[str, Any]) -> str:
+    """The AlpacaEval generator name of a configuration: method, models, n, window and carry, so that two
+    configurations never share a leaderboard row (characters other than letters, digits, ``.+-`` become ``_``).
+
+    >>> _generator_name("self-moa-seq", {"model": "Qwen/Qwen2-7B", "n": 30, "window": 6, "carry": 3})
+    'selfmoa-self-moa-seq-Qwen_Qwen2-7B-n30-w6-r3'
+    >>> _generator_name("moa", {"proposers": ["a", "b"], "aggregator": "z", "layers": 3})
+    'selfmoa-moa-a+b-agg-z-L3'
+    """
+    def name(model: Any) -> str:
+        return re.sub(r"[^A-Za-z0-9.+-]", "_", str(model))
+
+    layers = options.get("layers", 2)
+    if method == "moa":
+        proposers = list(options.get("proposers") or [])
+        nested = bool(proposers) and not isinstance(proposers[0], str)
+        layered = proposers if nested else [proposers]
+        shown = "__".join("+".join(map(name, layer)) for layer in layered)
+        parts = ["moa", shown, f"agg-{name(options.get('aggregator'))}"]
+        if layers != 2 and not nested:
+            parts.append(f"L{layers}")
+        return "selfmoa-" + "-".join(parts)
+    model = options.get("model")
+    parts = [method, name(model), f"n{options.get('n', 6)}"]
+    if method == "self-moa-seq":
+        parts += [f"w{options.get('window', 6)}", f"r{options.get('carry', 3)}"]
+    if options.get("aggregator") not in (None, model):
+        parts.append(f"agg-{name(options['aggregator'])}")
+    if method == "self-moa" and layers != 2:
+        parts.append(f"L{layers}")
+    return "selfmoa-" + "-".join(parts)
+
+
+def _check_alpaca_target(path: str, records_path: str, items: Sequence[Item]) -> None:
+    """Refuse (ConfigError) to replace ``path`` unless it is absent, empty, or a selfmoa AlpacaEval output of
+    this input: every entry's instruction is one of these items', and its output is an answer recorded in the
+    selfmoa records beside it (``records_path`` or the lines moved out of it)."""
+    try:
+        data = _read_file(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}); pass another --output") from None
+    if not data.strip():
+        return
+    try:
+        entries = _loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        entries = None
+    answered: set[tuple[str, Any]] = set()
+    for source in (records_path, _removed_path(records_path)):
+        try:
+            records, _ = _parse_output(_read_file(source), source)
+        except (OSError, ConfigError):
+            continue
+        answered.update((_instruction(record["input"]), record["answer"]) for record, _ in records
+                        if record["status"] == "ok")
+    instructions = {_instruction(item.record) for item in items}
+    ours = isinstance(entries, list) and all(
+        isinstance(entry, dict) and {"instruction", "output", "generator"} <= entry.keys()
+        <= {"instruction", "output", "generator", "dataset"}
+        and isinstance(entry["instruction"], str) and isinstance(entry["output"], str)
+        and entry["instruction"] in instructions and (entry["instruction"], entry["output"]) in answered
+        for entry in entries)
+    if not ours:
+        raise ConfigError(f"{path} is not a selfmoa AlpacaEval output of this input (each of its outputs must be "
+                          f"an answer recorded in {records_path}, to an instruction of this input), so it was "
+                          f"left untouched; pass another --output, or move this file away")
+
+
+def batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient) -> int:
+    """The ``-i FILE -o FILE`` command of ``selfmoa``: run the batch the flags describe, print a summary on stderr;
+    returns the exit status. ``selfmoa.main`` parses and checks the flags and builds ``options`` and ``client``."""
+    if args.generator is not None and (args.format != "alpaca_eval" or not args.generator.strip()):
+        raise ConfigError(f"--generator {args.generator!r}: names the AlpacaEval generator, so it goes with "
+                          f"--format alpaca_eval and is not empty; add --format alpaca_eval, or drop --generator")
+    items = read_items(args.input)
+    records_path = args.output + ".jsonl" if args.format == "alpaca_eval" else args.output
+    try:
+        with _output_lock(records_path):  # held until outputs.json is written, too
+            if args.format == "alpaca_eval":
+                _check_alpaca_target(args.output, records_path, items)
+            return _run_batch_command(args, options, client, items, records_path)
+    except ConfigError:
+        raise
+    except (SelfMoAError, OSError) as exc:  # a failed read or write: what was finished is kept
+        print(f"selfmoa: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient, items: list[Item],
+                       records_path: str) -> int:
+    show_progress = sys.stderr.isatty()
+
+    def progress(finished: int, failed: int, total: int, elapsed: float) -> None:
+        rate = finished / elapsed if elapsed > 0 else 0.0
+        eta = f"{(total - finished) / rate:.0f}s" if rate > 0 else "?"
+        sys.stderr.write(f"\r{finished}/{total} done, {failed} failed, {rate:.2f} items/s, ETA {eta}   ")
+        sys.stderr.flush()
+
+    try:
+        with client:
+            counts = run_batch(items, records_path, method=args.method, complete=client, trace=args.trace,
+                               diversity=args.diversity, progress=progress if show_progress else None, **options)
+    except KeyboardInterrupt:
+        client.abort()  # calls still in flight end now, so that the process can exit at once
+        print(f"\nselfmoa: interrupted; finished items are in {records_path}; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    if show_progress:
+        sys.stderr.write("\n")
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    if counts["torn_bytes"]:
+        say(f"selfmoa: {records_path}: cut off a torn last line left by an interrupted run "
+            f"({counts['torn_bytes']} bytes); its item ran again")
+    if counts["changed_prompt"] or counts["changed_parameters"]:
+        say(f"selfmoa: ran {counts['changed_prompt'] + counts['changed_parameters']} item(s) again because their "
+            f"line no longer matched: {counts['changed_prompt']} with a changed prompt, "
+            f"{counts['changed_parameters']} with a changed method or parameters")
+    if counts["moved"]:
+        say(f"selfmoa: moved {counts['moved']} line(s) of items no longer in the input, or of answers replaced "
+            f"by a rerun, to {_removed_path(records_path)}")
+    say(f"selfmoa: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already done "
+        f"(of {counts['total']}); results in {records_path}")
+    servers = _servers_of(client).get("servers", {})
+    if len(servers) > 1:
+        say("selfmoa: requests per server: " + ", ".join(f"{url} {count['requests']} ({count['failed']} failed)"
+                                                         for url, count in servers.items()))
+    if counts["failed"]:
+        with open(records_path, "rb") as file:
+            records, _ = _parse_output(file.read(), records_path)
+        failed = [json.dumps(record["id"]) for record, _ in records if record["status"] == "error"]  # 1 vs "1";
+        # and an id's control characters are escaped, never sent to the terminal
+        shown = ", ".join(failed[:10]) + (f" and {len(failed) - 10} more" if len(failed) > 10 else "")
+        say(f"selfmoa: failed items (status \"error\" in {records_path}): {shown}; run the same command to "
+            f"retry them" + (f" and to write {args.output}" if args.format == "alpaca_eval" else ""))
+        if args.format == "alpaca_eval":
+            say(f"selfmoa: {args.output} was not written: AlpacaEval needs an answer to every instruction")
+        return 1
+    if args.format == "alpaca_eval":
+        with open(records_path, "rb") as file:
+            records, _ = _parse_output(file.read(), records_path)
+        generator = args.generator or _generator_name(args.method, options)
+        entries = alpaca_eval_outputs((record for record, _ in records), generator)
+        try:
+            _write_atomically(args.output, _escape_unsafe(json.dumps(entries, indent=2, ensure_ascii=False))
+                              .encode("utf-8") + b"\n")
+        except OSError as exc:
+            raise SelfMoAError(f"{args.output}: cannot write it ({exc.strerror or exc}); the answers are kept in "
+                               f"{records_path}; fix that, then run the same command again") from exc
+        say(f"selfmoa: wrote {len(entries)} AlpacaEval outputs to {args.output} (generator {generator!r})")
+    return 0
+
+
