@@ -6,7 +6,7 @@ is read from wire.md itself, so the vectors, the spec and selfmoa cannot drift a
 (tests/test_vectors.py checks that running this script would change no file). spec/vectors.md describes
 the schema. Regenerate with:
 
-    python spec/vectors/make_vectors.py
+    python3 spec/vectors/make_vectors.py
 """
 
 from __future__ import annotations
@@ -422,7 +422,11 @@ def build() -> list[dict]:
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog="python3 spec/vectors/make_vectors.py", description=(__doc__ or "").split("\n\n")[0]
+                            + " Writes every *.json file of spec/vectors/ again (removing the others).").parse_args(argv)
     vectors = build()
     for old in HERE.glob("*.json"):
         old.unlink()
