@@ -229,7 +229,7 @@ class _Server(ThreadingHTTPServer):
     linger_seconds = 2.0  # how long a closing connection's unread input is drained, at most
     linger_bytes = 64 * 2**20  # and how much of it
 
-    def shutdown_request(self, request) -> None:  # type: ignore[no-untyped-def]
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
         """Close a connection as careful HTTP servers do ("lingering close"): stop writing, then read and discard
         what the client is still sending (a body over the limit, refused unread) until it stops, for a bounded
         time and size. Closing with unread input would make the kernel reset the connection, which can destroy
