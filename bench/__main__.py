@@ -281,7 +281,8 @@ BENCHMARKS = {"P1": p1_batch_fanout, "P2": p2_seq_on_the_fly, "P3": p3_client_ov
 def build_parser() -> argparse.ArgumentParser:
     doc = (__doc__ or "").split("\n\n")
     return argparse.ArgumentParser(prog="python3 -m bench", description=doc[0] + "\n\n" + doc[4],
-                                   epilog=doc[3] + "\n\n" + doc[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   epilog=doc[3] + "\n\n" + doc[2],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main(argv: list[str]) -> int:

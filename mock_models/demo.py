@@ -78,8 +78,8 @@ def demo(out=sys.stdout) -> int:
             say()
     say("| domain | method | answer | truth | correct | calls | requests |")
     say("|---|---|---|---|---|---|---|")
-    for domain, label, answer, truth, correct, calls, requests in rows:
-        say(f"| {domain} | {label} | {answer} | {truth} | {'yes' if correct else 'no'} | {calls} | {requests} |")
+    for domain, label, given, truth, correct, calls, requests in rows:
+        say(f"| {domain} | {label} | {given} | {truth} | {'yes' if correct else 'no'} | {calls} | {requests} |")
     say(f"\nDone in {time.monotonic() - started:.1f} s. The demo's server has stopped. To rerun a command above, "
         f"start a mock server of your own in another terminal,\n\n    python3 -m mock_models\n\n"
         f"(it serves at http://127.0.0.1:{RERUN_PORT}/v1 until Ctrl-C), then, here:\n\n"

@@ -425,8 +425,9 @@ def build() -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    argparse.ArgumentParser(prog="python3 spec/vectors/make_vectors.py", description=(__doc__ or "").split("\n\n")[0]
-                            + " Writes every *.json file of spec/vectors/ again (removing the others).").parse_args(argv)
+    summary = (__doc__ or "").split("\n\n")[0]
+    summary += " Writes every *.json file of spec/vectors/ again (removing the others)."
+    argparse.ArgumentParser(prog="python3 spec/vectors/make_vectors.py", description=summary).parse_args(argv)
     vectors = build()
     for old in HERE.glob("*.json"):
         old.unlink()
