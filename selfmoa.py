@@ -2708,6 +2708,38 @@ def missing_models_report(errors: Iterable[tuple[str, str]], client: Any) -> lis
     return lines
 
 
+_HTTP_DENIED = re.compile(r": HTTP 40[13]: ")
+
+
+def key_report(errors: Iterable[tuple[str, str]], args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
+    """For a model refused with 401 or 403 (``errors``: pairs of model and error text) that was sent no key: why
+    none was sent, by the rule of "endpoints and keys", and how to give it one. Nothing when a key was sent."""
+    lines = []
+    own = {spec.partition("=")[0] for spec in args.endpoint or [] if "=" in spec}
+    for model in dict.fromkeys(model for model, error in errors if _HTTP_DENIED.search(error)):
+        if model in own:
+            name = _key_env_name(model)
+            if not environ.get(name):
+                lines.append(f"model {model!r} has its own --endpoint and was sent no key: the key of such a model "
+                             f"comes from ${name} alone; export {name}=...")
+            continue
+        if args.api_key is not None:
+            continue
+        env_url = environ.get("OPENAI_BASE_URL") or None
+        urls = args.base_url or [env_url or OPENAI_BASE_URL]
+        withheld = [url for url in urls if url.rstrip("/") != OPENAI_BASE_URL and url != env_url]
+        if not withheld:
+            continue
+        shown = _public_url(withheld[0])
+        if environ.get("OPENAI_API_KEY"):
+            lines.append(f"$OPENAI_API_KEY was not sent to {shown}, on purpose: it goes only to the OpenAI API or to "
+                         f"$OPENAI_BASE_URL, never to another --base-url. Give this server's key with --api-key KEY, "
+                         f"or, if $OPENAI_API_KEY is its key, export OPENAI_BASE_URL={shown} instead of --base-url")
+        else:
+            lines.append(f"no key was sent to {shown}: give this server's key with --api-key KEY")
+    return lines
+
+
 def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPClient:
     """The HTTPClient the flags and the environment describe, keys going only where they belong.
 
@@ -2960,7 +2992,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         errors = [(call.model, call.error) for call in exc.partial.trace if call.error] if exc.partial else []
         if isinstance(exc, ModelError):
             errors.append((exc.model, str(exc)))
-        for line in missing_models_report(errors, client):
+        for line in missing_models_report(errors, client) + key_report(errors, args, environ):
             print(f"selfmoa: {line}", file=sys.stderr)
         if args.json and exc.partial is not None:
             print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message,
