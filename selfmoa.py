@@ -2797,7 +2797,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.stream and args.json:
         raise ConfigError("--stream: --json prints the whole result once it is done, so --stream would have no "
                           "effect; drop one of them")
-    for flag, given in (("--json", args.json), ("--stream", args.stream is not None)):
+    for flag, given in (("--json", args.json), ("--stream", args.stream is True)):  # --no-stream: harmless
         if given and (args.input or args.output):
             raise ConfigError(f"{flag}: a batch writes its results to -o FILE and prints only a summary, so {flag} "
                               f"would have no effect; drop it")
