@@ -67,6 +67,7 @@ from selfmoa import (
     _check,
     _on_shared_pool,
     _Pool,
+    _sampling,
     _servers_of,
     _start,
     as_messages,
@@ -345,6 +346,10 @@ def _batch_parameters(method: str, options: Mapping[str, Any]) -> dict[str, Any]
     parameters.update(options)
     for name in ("complete", "stream", "use_n", "concurrency"):
         parameters.pop(name, None)
+    # A role's settings as flat keys: temperature and max_tokens (so fingerprints of runs without fields are
+    # those of earlier versions), then fields and models when given.
+    for name, prefix in (("proposing", ""), ("aggregating", "aggregator_")):
+        parameters.update(_sampling(name, parameters.pop(name, None)).params(prefix))
     for name, value in parameters.items():
         try:
             json.dumps(value, allow_nan=False)
