@@ -138,6 +138,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import difflib
 import email.utils
 import hashlib
 import http.client
@@ -2383,6 +2384,54 @@ class HTTPClient:
                       _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
         return reply, whole and not response.will_close
 
+    # --- the models a server offers, for messages -----------------------------------------------------------
+
+    def models(self, model: str) -> list[str] | None:
+        """The model names the servers of ``model`` list at ``GET {base_url}/models`` (each replica asked once,
+        with its own key, within ``timeout`` and ``deadline``, never retried), sorted and without repeats; None
+        when none of them answers with a list. For messages such as "the server offers ...": what a 404 meant.
+        Names are cleaned like any server text (keys blanked out, control characters replaced, cut short)."""
+        names: set[str] = set()
+        listed = False
+        for endpoint in self.replicas(model):
+            found = self._list_models(endpoint)
+            if found is not None:
+                listed = True
+                names.update(found)
+        return sorted(names) if listed else None
+
+    def _list_models(self, endpoint: Endpoint) -> list[str] | None:
+        if self._aborted.is_set():
+            return None
+        parts = endpoint._parts
+        kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
+        connection = kind(parts.hostname or "", parts.port, timeout=min(self.timeout, self.deadline))
+        flight = self._begin(connection)
+        path = parts.path.rstrip("/") + "/models" + (f"?{parts.query}" if parts.query else "")
+        headers = {"User-Agent": f"selfmoa/{__version__}", "Accept": "application/json"}
+        if endpoint.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            raw, whole = _read_capped(response, 16 * MAX_ERROR_BYTES)
+        except (OSError, http.client.HTTPException, ValueError):
+            return None
+        finally:
+            self._end(flight)
+            connection.close()
+        if response.status != 200 or not whole or flight.expired:
+            return None
+        try:
+            data = json.loads(raw.decode("utf-8", errors="replace"))
+        except (ValueError, RecursionError):
+            return None
+        entries = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            return None
+        return [_shown(entry["id"], endpoint.secrets, 200) for entry in entries[:1000]
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"].strip()]
+
     def close(self) -> None:
         """Close the idle kept-alive connections (the client stays usable: it reconnects when called)."""
         with self._lock:
@@ -2652,9 +2701,98 @@ def _cli_endpoint(url: str, key: str | None, url_source: str, key_source: str) -
 
 
 def _servers_of(client: Any) -> dict[str, Any]:
-    """``{"servers": ...}``, the requests each server got (HTTPClient.servers()), for --json; {} for other clients."""
+    """``{"servers": ...}``, the requests each server got (HTTPClient.servers()), for --json; {} for other clients.
+    The default endpoint (the OpenAI API when no --base-url is given) is left out when no model of the run used
+    it, so that a run over --endpoint servers alone does not seem to involve it."""
     servers = getattr(client, "servers", None)
-    return {"servers": servers()} if callable(servers) else {}
+    if not callable(servers):
+        return {}
+    counts = servers()
+    default = {_public_url(endpoint.base_url) for endpoint in getattr(client, "default", [])}
+    own = {_public_url(e.base_url) for group in getattr(client, "endpoints", {}).values() for e in group}
+    if not any(counts.get(url, {}).get("requests") for url in default):
+        counts = {url: count for url, count in counts.items() if url not in default or url in own}
+    return {"servers": counts}
+
+
+def _reason(error: str) -> str:
+    """A failed call's error for a one-line report: without the server's whole reply, which --json keeps.
+
+    >>> _reason("model 'x' at http://h/v1: HTTP 404: no such model; server said: {\\"error\\": {}}")
+    "model 'x' at http://h/v1: HTTP 404: no such model"
+    """
+    return error.split("; server said: ", 1)[0]
+
+
+def _spans(positions: Iterable[int]) -> str:
+    """Positions (0-based) as a reader counts them (1-based), runs joined.
+
+    >>> _spans([0, 2, 3, 4, 7])
+    '1, 3-5, 8'
+    """
+    spans: list[list[int]] = []
+    ordered = sorted(set(positions))
+    for position in ordered:
+        if spans and position == spans[-1][1] + 1:
+            spans[-1][1] = position
+        else:
+            spans.append([position, position])
+    return ", ".join(f"{a + 1}" if a == b else f"{a + 1}-{b + 1}" for a, b in spans)
+
+
+def dropped_report(result: Result) -> list[str]:
+    """What the command line says on standard error about a run's proposers (MoA) or samples (Self-MoA, Self-MoA-Seq)
+    that failed and were dropped while the run went on: one line per layer and cause, naming the model, the reason
+    and how many went on ("continuing with K of N"). A layer that stopped the run is the error's to name."""
+    word = "proposer" if result.method == "moa" else "sample"
+    proposers = [call for call in result.trace if call.role == "proposer"]
+    layers = sorted({call.layer for call in proposers})
+    lines = []
+    for layer in layers:
+        calls = [call for call in proposers if call.layer == layer]
+        asked = {i for call in calls for i in call.indices}
+        causes: dict[str, tuple[set[int], set[str]]] = {}
+        for call in calls:
+            if call.error:
+                positions, models = causes.setdefault(_reason(call.error), (set(), set()))
+                positions.update(call.indices)
+                models.add(call.model)
+        lost = {i for positions, _ in causes.values() for i in positions}
+        went_on = any(call.layer > layer or (call.role == "aggregator" and call.layer == layer)
+                      for call in result.trace if call not in calls)
+        if not lost or not went_on:
+            continue
+        where = f"layer {layer}: " if len(layers) > 1 else ""
+        for reason, (positions, models) in causes.items():
+            many = len(positions) > 1
+            lines.append(f"{where}{word}{'s' if many else ''} {_spans(positions)} ({', '.join(sorted(models))}) "
+                         f"failed and {'were' if many else 'was'} dropped: {reason}; continuing with "
+                         f"{len(asked) - len(lost)} of {len(asked)} {word}s")
+    return lines
+
+
+_HTTP_404 = re.compile(r": HTTP 404: ")
+
+
+def missing_models_report(errors: Iterable[tuple[str, str]], client: Any) -> list[str]:
+    """For each model that got a 404 (``errors``: pairs of model and error text) from every server of it, and that
+    its servers do not list at ``GET /models``: a line saying so, with the names they do offer (and the nearest
+    one). Asks the servers through ``client.models`` (HTTPClient); nothing for other clients or unlisted models."""
+    lister = getattr(client, "models", None)
+    if not callable(lister):
+        return []
+    lines = []
+    for model in dict.fromkeys(model for model, error in errors if _HTTP_404.search(error)):
+        offered = lister(model)
+        if not offered or model in offered:
+            continue
+        urls = [_public_url(endpoint.base_url) for endpoint in client.replicas(model)]
+        where = f"its server {urls[0]}" if len(urls) == 1 else f"any of its {len(urls)} servers"
+        close = difflib.get_close_matches(model, offered, n=1, cutoff=0.6)
+        shown = ", ".join(offered[:20]) + (f" and {len(offered) - 20} more" if len(offered) > 20 else "")
+        lines.append(f"model {_clean(model)[:200]!r} does not exist on {where} (HTTP 404); it offers: {shown}"
+                     + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return lines
 
 
 def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPClient:
@@ -2903,18 +3041,31 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if streamed:
             print(file=sys.stdout)
         message = str(exc).replace(" min_ok=", " --min-ok ", 1) if isinstance(exc, NotEnoughProposals) else str(exc)
+        for line in dropped_report(exc.partial) if exc.partial is not None else []:
+            print(f"selfmoa: {line}", file=sys.stderr)
         print(f"selfmoa: {message}", file=sys.stderr)
+        errors = [(call.model, call.error) for call in exc.partial.trace if call.error] if exc.partial else []
+        if isinstance(exc, ModelError):
+            errors.append((exc.model, str(exc)))
+        for line in missing_models_report(errors, client):
+            print(f"selfmoa: {line}", file=sys.stderr)
         if args.json and exc.partial is not None:
             print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message,
                               **_servers_of(client)}, indent=2,
                              ensure_ascii=False))
         elif exc.partial is not None and exc.partial.trace:
-            print(f"selfmoa: {exc.partial.requests} requests had been made; --json shows them", file=sys.stderr)
+            made = exc.partial.requests
+            print(f"selfmoa: {made} request{'s' if made != 1 else ''} had been made; --json shows them",
+                  file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         client.abort()  # calls still in flight end now: their sockets are shut down
         print("\nselfmoa: interrupted", file=sys.stderr)
         return 130
+    for line in dropped_report(result):
+        print(f"selfmoa: {line}", file=sys.stderr)
+    for line in missing_models_report([(call.model, call.error) for call in result.trace if call.error], client):
+        print(f"selfmoa: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps({**result.to_dict(diversity=args.diversity), **_servers_of(client)}, indent=2,
                          ensure_ascii=False))
