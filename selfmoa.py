@@ -1529,6 +1529,7 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_REPLY_BYTES = 32 * 2**20  # the largest reply body read (HTTPClient's max_reply_bytes); a stream counts whole
 MAX_EVENT_LINE = 2**20  # the longest line of a streamed reply (one event)
 MAX_ERROR_BYTES = 2**16  # how much of an error reply is read; the rest is dropped with its connection
+LIST_WITHIN = 5.0  # seconds a server may take to list its models (GET /models) before it counts as listing none
 SHOWN_MESSAGE, SHOWN_BODY = 600, 500  # characters of server text kept in a ModelError's message and body
 
 _SURROGATES = re.compile("[\ud800-\udfff]")  # unpaired halves (json.loads joins the pairs)
@@ -1832,7 +1833,7 @@ class HTTPClient:
     - ``abort()`` ends every call in flight at once and makes later calls fail (the command line's Ctrl-C).
     - For a proxy: ``relay(model, body)`` sends a request as a client wrote it and yields the server's reply
       unread, after the same replica choice, failover, retries and deadline as a call; ``models()`` lists the
-      model ids its servers report.
+      model names its servers report.
     """
 
     def __init__(self, base_url: str | Endpoint | Sequence[str | Endpoint] | None = None,
@@ -2068,33 +2069,6 @@ class HTTPClient:
             _, flight, _ = held.pop()
             self._end(flight)
             flight.connection.close()
-
-    def models(self) -> list[str]:
-        """The model ids its servers list (``GET {base_url}/models`` on each, in turn), each once. A server
-        that answers otherwise, or not within ``deadline`` (5 s at most), lists none."""
-        names: list[str] = []
-        for endpoint in _endpoints_of(self):
-            parts = endpoint._parts
-            kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-            connection = kind(parts.hostname or "", parts.port, timeout=min(5.0, self.timeout))
-            headers = {"User-Agent": f"selfmoa/{__version__}", "Accept": "application/json"}
-            if endpoint.api_key:
-                headers["Authorization"] = f"Bearer {endpoint.api_key}"
-            flight = self._begin(connection, min(5.0, self.deadline))
-            try:
-                path = parts.path.rstrip("/") + "/models" + (f"?{parts.query}" if parts.query else "")
-                connection.request("GET", path, headers=headers)
-                response = connection.getresponse()
-                raw, whole = _read_capped(response, self.max_reply_bytes) if response.status == 200 else (b"", False)
-                data = json.loads(raw) if whole else {}
-                names += [_clean(m["id"]) for m in data.get("data", [])
-                          if isinstance(m, dict) and isinstance(m.get("id"), str)]
-            except (OSError, ValueError, AttributeError, TypeError, RecursionError, http.client.HTTPException):
-                pass  # whatever the server answers (wrong types, a nesting bomb): it lists nothing
-            finally:
-                self._end(flight)
-                connection.close()
-        return list(dict.fromkeys(names))
 
     def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None,
                attempts: int, status: int | None = None, body: str = "", retryable: bool = True) -> ModelError:
@@ -2386,14 +2360,15 @@ class HTTPClient:
 
     # --- the models a server offers, for messages -----------------------------------------------------------
 
-    def models(self, model: str) -> list[str] | None:
-        """The model names the servers of ``model`` list at ``GET {base_url}/models`` (each replica asked once,
-        with its own key, within ``timeout`` and ``deadline``, never retried), sorted and without repeats; None
-        when none of them answers with a list. For messages such as "the server offers ...": what a 404 meant.
+    def models(self, model: str | None = None) -> list[str] | None:
+        """The model names the servers of ``model`` (without it: every server of the client) list at ``GET
+        {base_url}/models``, each asked once, with its own key, within 5 s (or ``timeout`` and ``deadline`` if
+        shorter), never retried; sorted and without repeats. None when none of them answers with a list. For
+        messages such as "the server offers ...": what a 404 meant; and for serve's ``GET /v1/models``.
         Names are cleaned like any server text (keys blanked out, control characters replaced, cut short)."""
         names: set[str] = set()
         listed = False
-        for endpoint in self.replicas(model):
+        for endpoint in self.replicas(model) if model is not None else _endpoints_of(self):
             found = self._list_models(endpoint)
             if found is not None:
                 listed = True
@@ -2405,8 +2380,8 @@ class HTTPClient:
             return None
         parts = endpoint._parts
         kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-        connection = kind(parts.hostname or "", parts.port, timeout=min(self.timeout, self.deadline))
-        flight = self._begin(connection)
+        connection = kind(parts.hostname or "", parts.port, timeout=min(LIST_WITHIN, self.timeout, self.deadline))
+        flight = self._begin(connection, min(LIST_WITHIN, self.deadline))
         path = parts.path.rstrip("/") + "/models" + (f"?{parts.query}" if parts.query else "")
         headers = {"User-Agent": f"selfmoa/{__version__}", "Accept": "application/json"}
         if endpoint.api_key:

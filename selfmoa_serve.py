@@ -546,7 +546,7 @@ class ModelServer:
         """The served names: each upstream model (as its upstream lists it), and each method of it."""
         names = list(self.models)
         if self._client is not None:
-            names += self._client.models() + list(self._client.endpoints)
+            names += (self._client.models() or []) + list(self._client.endpoints)
         names += [m for m in _flatten(self.defaults["proposers"] or [])]
         served = []
         for name in dict.fromkeys(names):
