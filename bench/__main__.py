@@ -109,7 +109,8 @@ def p1_batch_fanout(items: int = 64, concurrency: int = 32, latency: float = 0.2
                      f"{ideal:.2f}", f"{bare / ideal:.3f}"])
     for use_n, flags in ((True, ()), (False, ())):
         with mock_server("--latency", str(latency), *flags) as url, tempfile.TemporaryDirectory() as tmp:
-            batch = selfmoa_batch.check_items([{"id": i, "prompt": f"{MESSAGES[0]['content']} #{i}"} for i in range(items)])
+            batch = selfmoa_batch.check_items([{"id": i, "prompt": f"{MESSAGES[0]['content']} #{i}"}
+                                               for i in range(items)])
             client = selfmoa.HTTPClient(url)
             started = time.perf_counter()
             counts = selfmoa_batch.run_batch(batch, os.path.join(tmp, "out.jsonl"), method="self-moa", complete=client,
