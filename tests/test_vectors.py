@@ -198,7 +198,7 @@ def test_the_vector_files_are_what_the_generator_writes():
     on_disk = {p.stem: p.read_text(encoding="utf-8") for p in VECTORS}
     assert built.keys() == on_disk.keys()
     for name in built:
-        assert built[name] == on_disk[name], f"{name}.json is stale: run python spec/vectors/make_vectors.py"
+        assert built[name] == on_disk[name], f"{name}.json is stale: run python3 spec/vectors/make_vectors.py"
 
 
 def test_each_vector_states_the_papers_counts():
