@@ -96,6 +96,7 @@ from selfmoa import (
     _settings,
     build_parser,
     make_client,
+    role_settings,
     seq_rounds,
 )
 
@@ -127,16 +128,23 @@ SERVE_MAX_CONNECTIONS = 1000  # open client connections at most (fewer when the 
 SERVE_MAX_PER_CLIENT = 256  # open connections from one client address at most
 SERVE_DRAIN_GRACE = 5.0  # seconds the cut-off requests get, after --drain-timeout, to write their last words
 SERVE_DEFAULTS: dict[str, Any] = {
-    "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": 0.7,
-    "max_tokens": None, "aggregator_temperature": 0.7, "aggregator_max_tokens": None, "seed": None,
-    "instruction": DEFAULT_INSTRUCTION, "use_n": True}
+    "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": None,
+    "max_tokens": None, "aggregator_temperature": None, "aggregator_max_tokens": None, "seed": None,
+    "instruction": DEFAULT_INSTRUCTION, "use_n": True, "fields": {}, "models": {}, "aggregator_fields": {},
+    "aggregator_models": {}}
 # What a request may set in its "selfmoa" object, per method (the other defaults come from the request itself).
+# temperature, max_tokens, fields and models are the proposers'; aggregator_fields and aggregator_models the
+# aggregator's (its temperature and token limit are the request's own).
+_ROLE_OPTIONS = ("temperature", "max_tokens", "fields", "models", "aggregator_fields", "aggregator_models")
 SERVE_OPTIONS = {
-    "self-moa": ("n", "aggregator", "layers", "min_ok", "temperature", "max_tokens", "use_n", "instruction"),
-    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", "temperature", "max_tokens", "use_n",
-                     "instruction"),
-    "moa": ("proposers", "layers", "min_ok", "temperature", "max_tokens", "use_n", "instruction"),
+    "self-moa": ("n", "aggregator", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
+    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
+    "moa": ("proposers", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
 }
+# A client's standard sampling fields that apply to the final aggregation, as its temperature does (sent
+# upstream as given, over serve's --aggregator-field ones).
+SERVE_PASSED_FIELDS = ("top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+                       "reasoning_effort", "reasoning", "verbosity", "chat_template_kwargs", "logit_bias")
 _CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -245,6 +253,7 @@ def _chat_request(body: dict, method: str) -> dict[str, Any]:
                                  and all(isinstance(s, str) and s for s in stop)):
         raise refuse("stop", "must be a string or a list of up to 4 non-empty strings")
     out["stop"] = tuple(stop) if stop else None
+    out["fields"] = {field: body[field] for field in SERVE_PASSED_FIELDS if body.get(field) is not None}
     extra = body.get("selfmoa")
     if extra is not None and not isinstance(extra, dict):
         raise refuse("selfmoa", 'must be an object of method options, e.g. {"n": 6}')
@@ -256,6 +265,12 @@ def _chat_request(body: dict, method: str) -> dict[str, Any]:
         raise _ServeError(400, "'selfmoa.use_n' must be true or false", "selfmoa.use_n")
     out["selfmoa"] = dict(extra or {})
     return out
+
+
+def _role(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """One role's settings (a dict the methods take as a ``Sampling``) from flat options: ``temperature``,
+    ``max_tokens``, ``fields``, ``models``, each with ``prefix`` (``"aggregator_"`` for the aggregator's)."""
+    return {key: options[f"{prefix}{key}"] for key in ("temperature", "max_tokens", "fields", "models")}
 
 
 # A library check names a keyword argument; a client knows the request field it sent.
@@ -350,9 +365,8 @@ class ModelServer:
         self.defaults = {**SERVE_DEFAULTS, **(defaults or {})}
         d = self.defaults
         seq_rounds(d["n"], d["window"], d["carry"])  # checks n, window and carry
-        _settings(complete=complete, temperature=d["temperature"], max_tokens=d["max_tokens"],
-                  aggregator_temperature=d["aggregator_temperature"], aggregator_max_tokens=d["aggregator_max_tokens"],
-                  seed=d["seed"], concurrency=concurrency, instruction=d["instruction"], use_n=True, stream=None)
+        _settings(complete=complete, proposing=_role(d), aggregating=_role(d, "aggregator_"), seed=d["seed"],
+                  concurrency=concurrency, instruction=d["instruction"], use_n=True, stream=None)
         _check(_is_int(d["layers"]) and d["layers"] >= 2, "layers", d["layers"],
                "layers count the aggregator, so there are at least 2", "pass 2 for one proposer layer")
         _check(_is_int(d["min_ok"]) and 1 <= d["min_ok"] <= d["n"], "min_ok", d["min_ok"],
@@ -605,13 +619,18 @@ class ModelServer:
     def _arguments(self, method: str, upstream: str, request: dict) -> dict[str, Any]:
         """The method's keyword arguments: serve's defaults, then the request's ``selfmoa`` and own fields."""
         d, extra = self.defaults, request["selfmoa"]
-        options = {key: extra.get(key, d.get(key)) for key in SERVE_OPTIONS[method] if key != "aggregator"}
-        options.update(
-            aggregator_temperature=d["aggregator_temperature"] if request["temperature"] is None
-            else request["temperature"],
-            aggregator_max_tokens=d["aggregator_max_tokens"] if request["max_tokens"] is None
-            else request["max_tokens"],
-            seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
+        options = {key: extra.get(key, d.get(key)) for key in SERVE_OPTIONS[method]
+                   if key != "aggregator" and key not in _ROLE_OPTIONS}
+        given = {**d, **{key: extra[key] for key in _ROLE_OPTIONS if key in extra}}
+        if request["temperature"] is not None:
+            given["aggregator_temperature"] = request["temperature"]
+        if request["max_tokens"] is not None:
+            given["aggregator_max_tokens"] = request["max_tokens"]
+        if request["fields"]:
+            fields = given["aggregator_fields"]
+            given["aggregator_fields"] = {**(fields if isinstance(fields, dict) else {}), **request["fields"]}
+        options.update(proposing=_role(given), aggregating=_role(given, "aggregator_"),
+                       seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
         proposers = options.get("proposers")
         if "layers" not in extra and isinstance(proposers, list) and all(isinstance(p, list) for p in proposers):
             options["layers"] = len(proposers) + 1  # one list per layer: they say how many, whatever --layers says
@@ -1199,9 +1218,11 @@ models (the "model" of POST /v1/chat/completions):
 
 per-request options:
   A "selfmoa" object in the body overrides the flags: n, window, carry, proposers, layers,
-  min_ok, temperature and max_tokens (the proposers'), aggregator, use_n, instruction. The
-  request's own temperature, max_tokens, seed and stop apply to the answer (the final
-  aggregation); seed is also the base seed of the samples. The whole conversation is the prompt.
+  min_ok, temperature, max_tokens, fields and models (the proposers'), aggregator_fields and
+  aggregator_models, aggregator, use_n, instruction. The request's own temperature, max_tokens
+  (or max_completion_tokens), seed, stop and standard fields (top_p, reasoning_effort,
+  chat_template_kwargs, ...) apply to the answer (the aggregation); seed is also the base seed
+  of the samples. The whole conversation is the prompt.
   Replies carry usage over every call of the run, and a "selfmoa" field with the calls,
   requests, retries and each request's latency.
 
@@ -1222,7 +1243,8 @@ _NOT_SERVE_FLAGS = frozenset({"help", "version", "prompt", "method", "model", "a
                               "input", "output", "format", "trace", "diversity", "generator"})
 _SERVE_HELP = {
     "samples": "samples of M per request (default: 6)",
-    "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7)",
+    "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7, dropped "
+                              "where a server refuses it)",
     "aggregator_max_tokens": "the aggregator's token limit when a request gives none (default: the server's)",
     "seed": "the seed when a request gives none: sample i gets S+i; aggregations get S",
     "concurrency": "upstream calls at once, over all requests (default: 8)",
@@ -1261,11 +1283,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = parser.parse_args(argv)
     try:
         instruction = _instruction_file(args.instruction_file) or DEFAULT_INSTRUCTION
+        proposing, aggregating = role_settings(args)
         defaults = {"n": args.samples, "window": args.window, "carry": args.carry, "proposers": args.proposer,
                     "layers": args.layers, "min_ok": args.min_ok, "temperature": args.temperature,
                     "max_tokens": args.max_tokens, "aggregator_temperature": args.aggregator_temperature,
                     "aggregator_max_tokens": args.aggregator_max_tokens, "seed": args.seed,
-                    "instruction": instruction, "use_n": args.use_n}
+                    "instruction": instruction, "use_n": args.use_n, "fields": proposing.fields,
+                    "models": proposing.models, "aggregator_fields": aggregating.fields,
+                    "aggregator_models": aggregating.models}
         defaults = {name: value for name, value in defaults.items() if value is not None}  # not given: the default
         client = make_client(args, environ)
         server = ModelServer(client, host=args.host, port=args.port, defaults=defaults,

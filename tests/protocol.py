@@ -38,6 +38,9 @@ FIELDS = ("role", "layer", "round", "model", "indices", "references", "carried",
           "max_tokens", "outputs", "error")  # spec/protocol.md, "Traces": what every trace entry holds
 
 
+REQUEST_FIELDS = {field.name for field in dataclasses.fields(selfmoa.Request)}
+
+
 class ProtocolError(AssertionError):
     """The implementation broke spec/protocol.md (or refused a param): the test fails, saying how."""
 
@@ -229,11 +232,13 @@ class _Run:
     def answer(self, line: dict) -> None:
         pieces: list[str] = []
         try:
-            stop = line.get("stop")
+            stop, extra = line.get("stop"), {}
+            if line.get("fields") and "fields" in REQUEST_FIELDS:
+                extra["fields"] = dict(line["fields"])
             request = selfmoa.Request(model=line["model"], messages=tuple(line["messages"]),
                                       temperature=line["temperature"], max_tokens=line["max_tokens"], n=line["n"],
                                       seed=line["seed"], stream=pieces.append if line.get("stream") else None,
-                                      stop=None if stop is None else tuple(stop))
+                                      stop=None if stop is None else tuple(stop), **extra)
         except (KeyError, TypeError) as exc:
             raise ProtocolError(f"run {self.number}: a malformed completion request ({exc!r}): {line}") from None
         reply: dict[str, Any] = {"type": "reply", "id": line.get("id")}

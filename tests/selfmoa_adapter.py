@@ -25,6 +25,9 @@ import traceback
 from typing import Any
 
 PROTOCOL = 1
+FLAT = {"temperature": ("proposing", "temperature"), "max_tokens": ("proposing", "max_tokens"),
+        "aggregator_temperature": ("aggregating", "temperature"),
+        "aggregator_max_tokens": ("aggregating", "max_tokens")}  # flat name -> (the role's group, its key)
 METHODS = ("moa", "self_moa", "self_moa_seq")
 TRACE_FIELDS = ("role", "layer", "round", "model", "indices", "references", "carried", "n", "seed", "temperature",
                 "max_tokens", "outputs", "error", "finish_reasons", "prompt_tokens", "completion_tokens", "retries",
@@ -135,14 +138,26 @@ class Adapter:
         return method, kwargs
 
     def params(self, method: Any, name: str, params: dict) -> dict:
-        """The protocol's snake_case params under the names of the method's signature (spec/protocol.md)."""
+        """The protocol's snake_case params under the names of the method's signature (spec/protocol.md).
+
+        A param the signature has goes through as it is. The per-role settings are also accepted flat
+        (``temperature``, ``max_tokens``, ``aggregator_temperature``, ``aggregator_max_tokens``) and put in
+        the role's group (``proposing``, ``aggregating``) when the signature groups them. Anything else is
+        refused, never dropped."""
         accepted = inspect.signature(method).parameters
         kwargs: dict[str, Any] = {}
         for key, value in params.items():
             if key in ("complete", "stream", "prompt"):
                 raise Unsupported(f"param {key!r} is not a protocol param (it is the run's own field)")
             if key in accepted:
+                if key in kwargs:
+                    raise Unsupported(f"{key!r} given both as a group and through its flat names")
                 kwargs[key] = value
+            elif key in FLAT and FLAT[key][0] in accepted:
+                group, setting = FLAT[key]
+                if not isinstance(kwargs.setdefault(group, {}), dict) or setting in kwargs[group]:
+                    raise Unsupported(f"{key!r} given both flat and in {group!r}")
+                kwargs[group][setting] = value
             else:
                 raise Unsupported(f"{name} takes no param {key!r} (selfmoa's {name} accepts "
                                   f"{', '.join(p for p in accepted if p not in ('prompt', 'complete'))})")
@@ -158,7 +173,8 @@ class Adapter:
                 "messages": [dict(m) for m in request.messages], "temperature": request.temperature,
                 "max_tokens": request.max_tokens, "n": request.n, "seed": request.seed,
                 "stream": request.stream is not None,
-                "stop": None if request.stop is None else list(request.stop)})
+                "stop": None if request.stop is None else list(request.stop),
+                "fields": dict(getattr(request, "fields", None) or {})})
             if "error" in line:
                 error = line["error"]
                 raise module.module.ModelError(error.get("message", ""), model=request.model,
