@@ -232,7 +232,7 @@ class _Run:
     def answer(self, line: dict) -> None:
         pieces: list[str] = []
         try:
-            stop, extra = line.get("stop"), {}
+            stop, extra = line.get("stop"), dict[str, Any]()
             if line.get("fields") and "fields" in REQUEST_FIELDS:
                 extra["fields"] = dict(line["fields"])
             request = selfmoa.Request(model=line["model"], messages=tuple(line["messages"]),

@@ -13,6 +13,7 @@ and one the method does not take is refused loudly (an ``unsupported`` error), n
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -25,13 +26,7 @@ import traceback
 from typing import Any
 
 PROTOCOL = 1
-FLAT = {"temperature": ("proposing", "temperature"), "max_tokens": ("proposing", "max_tokens"),
-        "aggregator_temperature": ("aggregating", "temperature"),
-        "aggregator_max_tokens": ("aggregating", "max_tokens")}  # flat name -> (the role's group, its key)
 METHODS = ("moa", "self_moa", "self_moa_seq")
-TRACE_FIELDS = ("role", "layer", "round", "model", "indices", "references", "carried", "n", "seed", "temperature",
-                "max_tokens", "outputs", "error", "finish_reasons", "prompt_tokens", "completion_tokens", "retries",
-                "url")
 
 
 def load_module(argv: list[str]) -> Any:
@@ -138,29 +133,16 @@ class Adapter:
         return method, kwargs
 
     def params(self, method: Any, name: str, params: dict) -> dict:
-        """The protocol's snake_case params under the names of the method's signature (spec/protocol.md).
-
-        A param the signature has goes through as it is. The per-role settings are also accepted flat
-        (``temperature``, ``max_tokens``, ``aggregator_temperature``, ``aggregator_max_tokens``) and put in
-        the role's group (``proposing``, ``aggregating``) when the signature groups them. Anything else is
-        refused, never dropped."""
+        """The protocol's params (the spec's names, spec/protocol.md section 4) as keyword arguments of the
+        method: each under the name the method's signature has for it; one it does not take is refused
+        loudly, never dropped."""
         accepted = inspect.signature(method).parameters
         kwargs: dict[str, Any] = {}
         for key, value in params.items():
-            if key in ("complete", "stream", "prompt"):
-                raise Unsupported(f"param {key!r} is not a protocol param (it is the run's own field)")
-            if key in accepted:
-                if key in kwargs:
-                    raise Unsupported(f"{key!r} given both as a group and through its flat names")
-                kwargs[key] = value
-            elif key in FLAT and FLAT[key][0] in accepted:
-                group, setting = FLAT[key]
-                if not isinstance(kwargs.setdefault(group, {}), dict) or setting in kwargs[group]:
-                    raise Unsupported(f"{key!r} given both flat and in {group!r}")
-                kwargs[group][setting] = value
-            else:
+            if key in ("complete", "stream", "prompt") or key not in accepted:
                 raise Unsupported(f"{name} takes no param {key!r} (selfmoa's {name} accepts "
-                                  f"{', '.join(p for p in accepted if p not in ('prompt', 'complete'))})")
+                                  f"{', '.join(p for p in accepted if p not in ('prompt', 'complete', 'stream'))})")
+            kwargs[key] = value
         return kwargs
 
     def completion(self, number: int):
@@ -201,7 +183,8 @@ class Adapter:
 
     def trace(self, result: Any) -> dict:
         return {"calls": result.calls, "requests": result.requests,
-                "trace": [{name: getattr(call, name) for name in TRACE_FIELDS} for call in result.trace]}
+                "trace": [{field.name: getattr(call, field.name) for field in dataclasses.fields(call)}
+                          for call in result.trace]}
 
     def result(self, result: Any) -> dict:
         return {"answer": result.answer, "rounds": result.params.get("rounds"), **self.trace(result)}

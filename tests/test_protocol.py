@@ -21,39 +21,37 @@ from tests.test_vectors import VECTORS, replay
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ADAPTER = f"{sys.executable} tests/selfmoa_adapter.py"
 
-# name: [(the text in selfmoa.py, what the mutant has instead), ...]; each text must occur exactly once.
+# name: [(a regular expression over selfmoa.py, what the mutant has instead), ...]; each must match exactly once.
 MUTANTS = {
     "stream every round": [
-        ("stream=settings.stream if source.exhausted else None)", "stream=settings.stream)"),
+        (r"stream=settings\.stream if source\.exhausted else None\)", "stream=settings.stream)"),
     ],
     "carry after the new samples": [
-        ("shown = ([] if synthesis is None else [synthesis] * carry) + [text for _, text in new]",
-         "shown = [text for _, text in new] + ([] if synthesis is None else [synthesis] * carry)"),
+        (r"shown = (\(\[\] if synthesis is None else \[synthesis\] \* carry\)) \+ (\[text for _, text in new\])",
+         r"shown = \2 + \1"),
     ],
     "seeds off by one in the fallback": [
-        ("def ask(start: int, size: int) -> None:", "def ask(start: int, size: int, off: int = 0) -> None:"),
-        ("seed = None if params.seed is None else params.seed + first + start\n",
-         "seed = None if params.seed is None else params.seed + first + start + off\n"),
-        ("ask(missing, 1)  #", "ask(missing, 1, 1)  #"),
+        (r"def ask\(start: int, size: int\) -> None:", "def ask(start: int, size: int, off: int = 0) -> None:"),
+        (r"(seed = None if (\w+) is None else \2 \+ first \+ start)\n", r"\1 + off\n"),
+        (r"ask\(missing, 1\)  #", "ask(missing, 1, 1)  #"),
     ],
     "trace in arrival order": [
-        ("trace = sorted(self.trace, key=Call.sort_key)", "trace = list(self.trace)"),
+        (r"trace = sorted\(self\.trace, key=Call\.sort_key\)", "trace = list(self.trace)"),
     ],
     "extra choices kept": [
-        ("for text in value.texts[:request.n]]", "for text in value.texts]"),
+        (r"for text in value\.texts\[:request\.n\]\]", "for text in value.texts]"),
     ],
     "echoed markers kept": [
-        ("if block is not None:  # a model may echo", "if False:  # a model may echo"),
+        (r"if block is not None:  # a model may echo", "if False:  # a model may echo"),
     ],
 }
 
 
 def mutate(source: str, name: str) -> str:
-    for original, mutated in MUTANTS[name]:
-        count = source.count(original)
-        assert count == 1, (f"mutant {name!r}: {original!r} occurs {count} times in selfmoa.py, not once; the code "
+    for pattern, mutated in MUTANTS[name]:
+        source, count = re.subn(pattern, mutated, source)
+        assert count == 1, (f"mutant {name!r}: {pattern!r} matches {count} times in selfmoa.py, not once; the code "
                             "it mutates changed, so update MUTANTS in tests/test_protocol.py")
-        source = source.replace(original, mutated)
     return source
 
 
