@@ -123,7 +123,8 @@ the methods at scale live beside it and import it (never the other way round):
 * ``selfmoa_serve.py``: ``selfmoa serve``, the methods as models behind an OpenAI-compatible endpoint
   (``ModelServer``).
 
-Where this file was copied alone, ``selfmoa serve`` and ``-i/-o`` say which file to copy beside it.
+Where this file was copied alone, ``selfmoa serve``, ``selfmoa merge`` and ``-i/-o`` say which file to copy beside
+it.
 
 The exact behaviour (invariants, wire format, prompt format) is specified in the ``spec/`` folder of the
 project; the tests check every invariant by name.
@@ -2576,8 +2577,9 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 CLI_DESCRIPTION = """\
 Answer a prompt with MoA, Self-MoA or Self-MoA-Seq against OpenAI-compatible servers.
 The prompt is the argument, or standard input; the final answer goes to standard output.
-"selfmoa serve" serves the methods as models instead (selfmoa serve --help); to ask the
-prompt "serve" itself, pass it after -- or on standard input."""
+"selfmoa serve" serves the methods as models instead (selfmoa serve --help), and
+"selfmoa merge" joins the outputs of a batch run in shards (selfmoa merge --help); to ask
+the prompt "serve" or "merge" itself, pass it after -- or on standard input."""
 
 CLI_EPILOG = """\
 endpoints and keys:
@@ -2594,7 +2596,9 @@ batch mode:
   "status": "ok" or "error", "answer" or "error": ..., ..., "input": {the record as given}}.
   Run the same command again to resume: items answered for the same prompt and parameters
   are skipped, the others run. One run at a time writes a file (it holds FILE.lock); a file
-  that is not a selfmoa output file is never changed.
+  that is not a selfmoa output file is never changed. --shard K/N runs only the items of
+  shard K (a stable hash of each id picks its shard), so N processes or machines can run
+  one input: then selfmoa merge -i FILE OUT... -o ALL checks and joins their outputs.
 
 exit status:
   0 success, 1 a model or server failed, 2 a usage error (the message names the flag)."""
@@ -2623,12 +2627,10 @@ def _finite(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser (its --help is the usage section of the README)."""
-    parser = argparse.ArgumentParser(prog="selfmoa", description=CLI_DESCRIPTION, epilog=CLI_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose a method and its parameters, and how its calls run (--method to
+    --instruction-file): the main command's, and those of ``selfmoa merge`` and other runners of the methods."""
     add = parser.add_argument
-    add("prompt", nargs="?", metavar="PROMPT", help="the prompt (default: read standard input)")
     add("--method", choices=list(METHODS), default="self-moa", help="default: self-moa")
     add("-m", "--model", help="the model sampled by self-moa and self-moa-seq, and the default aggregator "
         "(default: $SELFMOA_MODEL)")
@@ -2664,6 +2666,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-n", dest="use_n", action="store_false",
         help="never ask for several samples in one request (one request per sample)")
     add("--instruction-file", metavar="FILE", help="replace the aggregator instruction with this file's text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (its --help is the usage section of the README)."""
+    parser = argparse.ArgumentParser(prog="selfmoa", description=CLI_DESCRIPTION, epilog=CLI_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (default: read standard input)")
+    _method_arguments(parser)
+    add = parser.add_argument
     add("--base-url", action="append", metavar="URL",
         help="the default endpoint (default: $OPENAI_BASE_URL, else the OpenAI API); repeat it for replicas")
     add("--api-key", metavar="KEY", help="the default endpoint's key (default: see below)")
@@ -2683,6 +2694,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--generator", metavar="NAME", help="alpaca_eval: the generator name (default: selfmoa- followed by "
         "the method, models, n, window and carry)")
     add("--trace", action="store_true", help="batch mode: put each item's trace in its output line")
+    add("--shard", metavar="K/N", help="batch mode: run only shard K of N (K from 0 to N-1): the items whose id "
+        "hashes to K; join the shards' outputs with selfmoa merge")
     add("--version", action="version", version=f"selfmoa {__version__}")
     return parser
 
@@ -2852,7 +2865,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--diversity: it adds each proposer layer's diversity to --json output and to batch lines, "
                           "so alone it would have no effect; add --json, or run a batch with -i and -o")
     batch_only = (("--trace", args.trace), ("--format", args.format is not None),
-                  ("--generator", args.generator is not None))
+                  ("--generator", args.generator is not None), ("--shard", getattr(args, "shard", None) is not None))
     for flag, given in batch_only:
         if given and not (args.input or args.output):
             raise ConfigError(f"{flag}: it shapes a batch's output, and without -i FILE and -o FILE no batch runs, "
@@ -3008,6 +3021,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if argv[:1] == ["serve"]:  # a subcommand only as the first word: "selfmoa -- serve" asks the prompt "serve"
         serve = _sibling("selfmoa_serve", "selfmoa serve")
         return serve.main(argv[1:], environ) if serve else 2
+    if argv[:1] == ["merge"]:
+        batch = _sibling("selfmoa_batch", "selfmoa merge")
+        return batch.merge_command(argv[1:], environ) if batch else 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1124,7 +1124,7 @@ stopping:
 # The one-shot flags that configure nothing serve has: the prompt, the choice of method and models (the
 # request's model names them), the output, and batch mode. Every other flag is shared, with its meaning.
 _NOT_SERVE_FLAGS = frozenset({"help", "version", "prompt", "method", "model", "aggregator", "json", "stream",
-                              "input", "output", "format", "trace", "diversity", "generator"})
+                              "input", "output", "format", "trace", "diversity", "generator", "shard"})
 _SERVE_HELP = {
     "samples": "samples of M per request (default: 6)",
     "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7, dropped "
