@@ -685,25 +685,37 @@ def moa(prompt: Prompt, proposers: Proposers, aggregator: str, *, complete: Call
     return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="moa")
 
 
+# The method bodies read as the algorithms. The run object (``_Run``, below the machinery banner) sends every
+# call, and promises:
+#   run.layer(l, models, prompt, shown=...)  asks every proposer of layer l (concurrently; repeats of one model
+#       share requests with n) and returns their outcomes in configuration order: each proposer's text, or the
+#       ModelError it failed with. ``shown`` says which earlier answers the prompt shows (for the trace).
+#   run.aggregate(call, prompt)  sends one aggregation and waits for it: its text (any marker line it echoes
+#       removed), or its ModelError raised. The final answer's aggregation is streamed to ``stream``.
+#   source.take(k)  hands out Self-MoA-Seq's next k good samples, each with its number, in sample order (fewer
+#       at the end, none after); failed ones are skipped, and too few good ones raise NotEnoughProposals.
+# Every call goes into the trace; the pool, which call goes first, and asking again for missing samples are
+# the run's business, so that nothing here but the paper's steps decides what is asked.
+
+
 def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min_ok: int, settings: _Settings,
          method: str) -> Result:
     """The MoA layer loop, shared by ``moa`` and ``self_moa``: ``plan`` holds the models of each proposer layer."""
     params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, **settings.params(),
               "min_ok": min_ok}
-    with _Run(settings, method=method, params=params) as run:
+    with _Run(settings, method=method, params=params, layers=len(plan) + 1) as run:
         references: list[str] = []  # the answers of the previous layer, in configuration order
         positions: list[int] = []  # where each of them stood in its layer
         for number, models in enumerate(plan, 1):
             # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
             prompt_l = inject_references(messages, references, settings.instruction)
-            outcomes = run.layer(number, models, prompt_l, shown=positions, remaining=len(plan) + 2 - number)
+            outcomes = run.layer(number, models, prompt_l, shown=positions)
             # A proposer that failed is dropped and the survivors keep their order; too few stop the run.
             positions = _survivors(outcomes, layer=number, min_ok=min_ok)
             references = [outcome for outcome in outcomes if isinstance(outcome, str)]
         # The aggregator synthesizes the last layer's answers into the final answer.
         final = Call("aggregator", layer=len(plan) + 1, model=aggregator, indices=[0], references=positions)
-        answer = run.aggregate(final, inject_references(messages, references, settings.instruction),
-                               remaining=1, stream=settings.stream)
+        answer = run.aggregate(final, inject_references(messages, references, settings.instruction))
         return run.result(answer)
 
 
@@ -823,27 +835,20 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     with _Run(settings, method="self-moa-seq", params=params) as run:
         # The samples: drawn from the model (all requested at once, each round's new ones in one request) or
         # the caller's, handed out in order as the rounds need them, failed ones skipped.
-        source = (_Given(samples, min_ok=min_ok) if samples is not None else
-                  _Generated(run, model=model, messages=messages, n=n, window=window, carry=carry, min_ok=min_ok))
+        source = run.seq_samples(samples, model=model, messages=messages, n=n, window=window, carry=carry,
+                                 min_ok=min_ok)
         synthesis: str | None = None
         number = 0
-        while True:
-            # Round 1 takes a whole window of samples; every later round, the next window - carry.
-            new = source.take(window if synthesis is None else window - carry)
-            if not new:
-                break
+        # Round 1 takes a whole window of samples; every later round, the next window - carry.
+        while new := source.take(window if synthesis is None else window - carry):
             number += 1
             # The window: the previous synthesis carry times, first, to bias the aggregator towards it;
             # then the new samples, in order.
             shown = ([] if synthesis is None else [synthesis] * carry) + [text for _, text in new]
             call = Call("aggregator", layer=2, model=str(aggregator), indices=[0], references=[i for i, _ in new],
                         round=number, carried=len(shown) - len(new))
-            # Only the round known to be last (without waiting for another sample) is streamed.
-            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction),
-                                      remaining=max(1, source.rounds - number + 1),
-                                      stream=settings.stream if source.exhausted else None)
+            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction))
         assert synthesis is not None, "a source that yields no sample raises NotEnoughProposals"
-        params["n"], params["rounds"] = source.count, number
         return run.result(synthesis)
 
 
@@ -1052,8 +1057,11 @@ class _Run:
     leaving the block gets ``partial``; the run's own pool is shut down.
     """
 
-    def __init__(self, settings: _Settings, *, method: str, params: dict):
+    def __init__(self, settings: _Settings, *, method: str, params: dict, layers: int = 2):
         self.settings, self.method, self.params = settings, method, params
+        self.layers = layers  # MoA's layers, the aggregator's included: the longest chain of calls
+        self.source: _Generated | _Given | None = None  # Self-MoA-Seq's samples
+        self.rounds = 0  # Self-MoA-Seq's rounds aggregated so far
         self.pool, self._owned, self.priority, self._oldest_first = _start(settings.complete, settings.concurrency)
         self.trace: list[Call] = []
         self._lock = threading.Lock()
@@ -1069,15 +1077,32 @@ class _Run:
                 with self._idle:
                     self._idle.wait_for(lambda: self._open == 0)
                 with contextlib.suppress(AttributeError):  # a foreign exception may refuse new attributes
-                    exc.partial = self.result("")  # type: ignore[attr-defined]
+                    exc.partial = self._result("", dict(self.params))  # type: ignore[attr-defined]
         finally:
             if self._owned:
                 self.pool.shutdown()
 
     def result(self, answer: str) -> Result:
+        """The run's Result: ``answer``, the trace, and the parameters (Self-MoA-Seq's with the samples and
+        rounds actually aggregated)."""
+        params = dict(self.params)
+        if self.source is not None:
+            params["n"], params["rounds"] = self.source.count, self.rounds
+        return self._result(answer, params)
+
+    def _result(self, answer: str, params: dict) -> Result:
         with self._lock:
             trace = sorted(self.trace, key=Call.sort_key)
-        return Result(answer, self.method, trace, dict(self.params))
+        return Result(answer, self.method, trace, params)
+
+    def seq_samples(self, samples: Iterable[str] | None, *, model: str | None, messages: list[Message],
+                    n: int | None, window: int, carry: int, min_ok: int) -> _Generated | _Given:
+        """Self-MoA-Seq's samples, handed out in order by ``take``: the caller's ``samples``, or drawn from
+        ``model`` (all requested now, one request per round's new samples)."""
+        self.source = (_Given(samples, min_ok=min_ok) if samples is not None else
+                       _Generated(self, model=model, messages=messages, n=n, window=window, carry=carry,
+                                  min_ok=min_ok))
+        return self.source
 
     def _submit(self, call: Call, remaining: int, task: Callable, *args: Any) -> concurrent.futures.Future:
         """Queue ``task(*args)``. ``remaining`` counts the calls chained after this one, itself included (the
@@ -1186,11 +1211,12 @@ class _Run:
             ask(start, min(step, count - start))
         return slots
 
-    def layer(self, number: int, models: Sequence[str], messages: list[Message], *, shown: list[int],
-              remaining: int) -> list[Outcome]:
+    def layer(self, number: int, models: Sequence[str], messages: list[Message], *,
+              shown: list[int]) -> list[Outcome]:
         """Ask every proposer of one layer, concurrently; their outcomes in configuration order.
 
         Consecutive proposers of one model share requests with ``n`` (see ``samples``)."""
+        remaining = self.layers + 1 - number  # this layer, the later ones and the aggregator
         slots: list[concurrent.futures.Future] = []
         for model, run_of in itertools.groupby(enumerate(models), key=lambda item: item[1]):
             positions = [position for position, _ in run_of]
@@ -1198,10 +1224,17 @@ class _Run:
                                   layer=number, references=shown, remaining=remaining)
         return [slot.result() for slot in slots]
 
-    def aggregate(self, call: Call, messages: list[Message], *, remaining: int,
-                  stream: Callable[[str], None] | None = None) -> str:
+    def aggregate(self, call: Call, messages: list[Message]) -> str:
         """One aggregation call, waited for: its text, with any echoed marker line removed (also from what is
-        streamed). A failure raises its ModelError."""
+        streamed). A failure raises its ModelError. The final answer's aggregation is the one streamed: MoA's
+        aggregator, and the Self-MoA-Seq round known to be the last without waiting for another sample."""
+        if call.round is None:
+            remaining, final = self.layers + 1 - call.layer, True
+        else:  # a round: the rounds left are chained after it
+            assert self.source is not None, "Self-MoA-Seq's rounds aggregate its samples"
+            remaining, final = max(1, self.source.rounds - call.round + 1), self.source.exhausted
+            self.rounds = call.round
+        stream = self.settings.stream if final else None
         block = _block_key(messages[0]["content"])
         assert block is not None, "an aggregation always shows references"
         shown = None if stream is None else _MarkerFilter(stream, block[1])
