@@ -2438,7 +2438,7 @@ class HTTPClient:
         entries = data.get("data") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             return None
-        return [_shown(entry["id"], endpoint.secrets, 200) for entry in entries[:1000]
+        return [_shown(_listed_name(entry), endpoint.secrets, 200) for entry in entries[:1000]
                 if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"].strip()]
 
     def close(self) -> None:
@@ -2477,6 +2477,22 @@ def _read_capped(response: http.client.HTTPResponse, limit: int) -> tuple[bytes,
             return bytes(body), True
         body += piece
     return bytes(body[:limit]), False
+
+
+def _listed_name(entry: dict) -> str:
+    """A model's name as ``GET /models`` lists it: its id, except from llama.cpp's server, which lists the path of
+    the file it loaded (``/models/qwen2-7b-q4_k_m.gguf``) and answers to any name: then the file's name alone (so
+    that serve lists ``self-moa/qwen2-7b-q4_k_m.gguf``, not ``self-moa//models/...``).
+
+    >>> _listed_name({"id": "/models/qwen2-7b-q4_k_m.gguf", "owned_by": "llamacpp"})
+    'qwen2-7b-q4_k_m.gguf'
+    >>> _listed_name({"id": "Qwen/Qwen2-7B-Instruct", "owned_by": "vllm"})
+    'Qwen/Qwen2-7B-Instruct'
+    """
+    name = entry["id"]
+    if entry.get("owned_by") == "llamacpp":
+        name = re.split(r"[/\\]", name.rstrip("/\\"))[-1] or name
+    return name
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -2816,6 +2832,38 @@ def missing_models_report(errors: Iterable[tuple[str, str]], client: Any) -> lis
     return lines
 
 
+_HTTP_DENIED = re.compile(r": HTTP 40[13]: ")
+
+
+def key_report(errors: Iterable[tuple[str, str]], args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
+    """For a model refused with 401 or 403 (``errors``: pairs of model and error text) that was sent no key: why
+    none was sent, by the rule of "endpoints and keys", and how to give it one. Nothing when a key was sent."""
+    lines = []
+    own = {spec.partition("=")[0] for spec in args.endpoint or [] if "=" in spec}
+    for model in dict.fromkeys(model for model, error in errors if _HTTP_DENIED.search(error)):
+        if model in own:
+            name = _key_env_name(model)
+            if not environ.get(name):
+                lines.append(f"model {model!r} has its own --endpoint and was sent no key: the key of such a model "
+                             f"comes from ${name} alone; export {name}=...")
+            continue
+        if args.api_key is not None:
+            continue
+        env_url = environ.get("OPENAI_BASE_URL") or None
+        urls = args.base_url or [env_url or OPENAI_BASE_URL]
+        withheld = [url for url in urls if url.rstrip("/") != OPENAI_BASE_URL and url != env_url]
+        if not withheld:
+            continue
+        shown = _public_url(withheld[0])
+        if environ.get("OPENAI_API_KEY"):
+            lines.append(f"$OPENAI_API_KEY was not sent to {shown}, on purpose: it goes only to the OpenAI API or to "
+                         f"$OPENAI_BASE_URL, never to another --base-url. Give this server's key with --api-key KEY, "
+                         f"or, if $OPENAI_API_KEY is its key, export OPENAI_BASE_URL={shown} instead of --base-url")
+        else:
+            lines.append(f"no key was sent to {shown}: give this server's key with --api-key KEY")
+    return lines
+
+
 def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPClient:
     """The HTTPClient the flags and the environment describe, keys going only where they belong.
 
@@ -2873,7 +2921,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.stream and args.json:
         raise ConfigError("--stream: --json prints the whole result once it is done, so --stream would have no "
                           "effect; drop one of them")
-    for flag, given in (("--json", args.json), ("--stream", args.stream is not None)):
+    for flag, given in (("--json", args.json), ("--stream", args.stream is True)):  # --no-stream: harmless
         if given and (args.input or args.output):
             raise ConfigError(f"{flag}: a batch writes its results to -o FILE and prints only a summary, so {flag} "
                               f"would have no effect; drop it")
@@ -3071,7 +3119,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         errors = [(call.model, call.error) for call in exc.partial.trace if call.error] if exc.partial else []
         if isinstance(exc, ModelError):
             errors.append((exc.model, str(exc)))
-        for line in missing_models_report(errors, client):
+        for line in missing_models_report(errors, client) + key_report(errors, args, environ):
             print(f"selfmoa: {line}", file=sys.stderr)
         if args.json and exc.partial is not None:
             print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message,
