@@ -40,6 +40,7 @@ Public API
 ``Result`` / ``Call``       the final answer, with a trace of every call made
 ``inject_references``       the aggregator prompt: messages + instruction + numbered references
 ``DEFAULT_INSTRUCTION``     the aggregator's instruction unless ``instruction=`` replaces it
+``REFERENCE_INSTRUCTION``   the original MoA code's instruction, for ``layout="reference"``
 ``read_references``         the inverse: the references an aggregator prompt holds
 ``seq_plan``                Self-MoA-Seq's windows: per round, the carried copies and the new samples
 ``seq_rounds``              the number of Self-MoA-Seq rounds for ``n``, ``window``, ``carry``
@@ -120,9 +121,12 @@ the methods at scale live beside it and import it (never the other way round):
 * ``selfmoa_batch.py``: batch runs, ``selfmoa -i prompts.jsonl -o answers.jsonl`` (``run_batch``,
   ``read_items``, ``check_items``), resumable;
 * ``selfmoa_serve.py``: ``selfmoa serve``, the methods as models behind an OpenAI-compatible endpoint
-  (``ModelServer``).
+  (``ModelServer``);
+* ``selfmoa_eval.py``: ``selfmoa eval``, the paper's experiments on your models and data: one pool of
+  samples per model, every proposer composition, Self-MoA and Self-MoA-Seq aggregated from it, graded.
 
-Where this file was copied alone, ``selfmoa serve`` and ``-i/-o`` say which file to copy beside it.
+Where this file was copied alone, ``selfmoa serve``, ``selfmoa eval`` and ``-i/-o`` say which file to copy
+beside it.
 
 The exact behaviour (invariants, wire format, prompt format) is specified in the ``spec/`` folder of the
 project; the tests check every invariant by name.
@@ -168,6 +172,7 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "METHODS",
     "ModelError",
     "NotEnoughProposals",
+    "REFERENCE_INSTRUCTION",
     "Reply",
     "Request",
     "Result",
@@ -263,6 +268,20 @@ DEFAULT_INSTRUCTION = (
 )
 REFERENCES_HEADER = "Responses from models:"
 
+# The reference layout: the original MoA code's aggregator prompt (Wang et al., github.com/togethercomputer/MoA,
+# utils.py), which the paper's experiments built on: its instruction, the header, then each response on a
+# line of its own numbered "1. ", "2. ", ... A response holding a line that looks like "3. ..." can fake a
+# boundary there, which is why the keyed layout is the default; this one is for comparing with the paper.
+REFERENCE_INSTRUCTION = (
+    "You have been provided with a set of responses from various open-source models to the latest user query. "
+    "Your task is to synthesize these responses into a single, high-quality response. It is crucial to "
+    "critically evaluate the information provided in these responses, recognizing that some of it may be biased "
+    "or incorrect. Your response should not simply replicate the given answers but should offer a refined, "
+    "accurate, and comprehensive reply to the instruction. Ensure your response is well-structured, coherent, "
+    "and adheres to the highest standards of accuracy and reliability."
+)
+LAYOUTS = ("keyed", "reference")  # how the references are laid out in the aggregator prompt (spec/wire.md 6)
+
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Prompt = str | Sequence[Message]
 
@@ -302,9 +321,20 @@ def reference_key(texts: Sequence[str]) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def format_references(references: Sequence[str], instruction: str | None = None) -> str:
-    """The system-message block: the instruction (``DEFAULT_INSTRUCTION`` if None), a header, then each
-    reference between its markers.
+def format_references(references: Sequence[str], instruction: str | None = None, layout: str = "keyed") -> str:
+    """The system-message block: the instruction, a header, then each reference between its markers.
+
+    ``instruction`` None is ``DEFAULT_INSTRUCTION`` (``REFERENCE_INSTRUCTION`` in the reference layout). With
+    ``layout="reference"``, the references are numbered lines as the original MoA code wrote them:
+
+    >>> print(format_references(["Paris.", "Lyon."], instruction="Combine these.", layout="reference"))
+    Combine these.
+    <BLANKLINE>
+    Responses from models:
+    1. Paris.
+    2. Lyon.
+
+    The default, keyed layout:
 
     >>> print(format_references(["Paris.", "Lyon."], instruction="Combine these."))
     Combine these.
@@ -319,6 +349,12 @@ def format_references(references: Sequence[str], instruction: str | None = None)
     Lyon.
     <<<end of response 2, key 29d190ab>>>
     """
+    _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
+           "MoA code", 'pass layout="keyed" (the default) or layout="reference"')
+    if layout == "reference":
+        instruction = REFERENCE_INSTRUCTION if instruction is None else instruction
+        numbered = "".join(f"\n{i}. {text}" for i, text in enumerate(references, 1))
+        return f"{instruction}\n\n{REFERENCES_HEADER}{numbered}"
     instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     key, count = reference_key(references), len(references)
     blocks = [f"<<<response {i} of {count}, key {key}>>>\n{text}\n<<<end of response {i}, key {key}>>>"
@@ -327,12 +363,12 @@ def format_references(references: Sequence[str], instruction: str | None = None)
 
 
 def inject_references(messages: Sequence[Message], references: Sequence[str],
-                      instruction: str | None = None) -> list[Message]:
+                      instruction: str | None = None, layout: str = "keyed") -> list[Message]:
     """A new message list: ``messages`` with the instruction and references in the system message.
 
     An existing system message gets the block appended after a blank line; otherwise one system message
     is put first. The other messages pass through unchanged, and ``messages`` itself is never modified.
-    With no references, the messages come back as they are (a copy).
+    With no references, the messages come back as they are (a copy). ``layout`` is as for ``format_references``.
 
     >>> inject_references([{"role": "user", "content": "Q"}], ["A1"], "Merge.")[0]["content"][:32]
     'Merge.\\n\\nResponses from models:\\n\\n'
@@ -342,7 +378,7 @@ def inject_references(messages: Sequence[Message], references: Sequence[str],
     out = [dict(message) for message in messages]
     if not references:
         return out
-    block = format_references(references, instruction)
+    block = format_references(references, instruction, layout)
     if out and out[0].get("role") == "system":
         out[0]["content"] = f"{out[0]['content']}\n\n{block}"
     else:
@@ -451,6 +487,7 @@ class Reply:
     completion_tokens: int | None = None
     retries: int = 0
     url: str | None = None
+    model: str | None = None  # the model id the server reported answering with, where it said
 
 
 def _as_reply(value: Any, request: Request) -> Reply:
@@ -578,8 +615,8 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
         complete: Callable[[Request], Any], layers: int | None = None, temperature: float = 0.7,
         max_tokens: int | None = None, aggregator_temperature: float = 0.7,
         aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-        concurrency: int = 8, instruction: str | None = None, use_n: bool = True,
-        stream: Callable[[str], None] | None = None) -> Result:
+        concurrency: int = 8, instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
+        samples: Sequence[str] | None = None, stream: Callable[[str], None] | None = None) -> Result:
     """Mixture-of-Agents: ``layers - 1`` layers of proposers, then one aggregator.
 
     ``proposers`` is the list of proposer models of every proposer layer (a model may appear several
@@ -589,8 +626,16 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
     they finish in. A proposer that fails is dropped, the numbering staying contiguous; a layer with fewer
     than ``min_ok`` successes raises ``NotEnoughProposals``. Proposer ``j`` of a layer gets seed
     ``seed + j``; consecutive proposers of the same model share one request with ``n`` (at most ``MAX_N``
-    per request; none with ``use_n=False``). ``instruction`` replaces ``DEFAULT_INSTRUCTION``. ``stream``
-    receives the final answer's text pieces as they arrive.
+    per request; none with ``use_n=False``). ``instruction`` replaces ``DEFAULT_INSTRUCTION``; ``layout``
+    chooses how references are shown (``"keyed"``, or ``"reference"`` for the original MoA prompt; see
+    ``format_references``). ``stream`` receives the final answer's text pieces as they arrive.
+
+    ``samples`` gives the first proposer layer's outputs instead of asking for them, one text per proposer
+    of that layer, in order (the proposers then only name whose output each is): a run over proposals
+    drawn once and reused, as an evaluation does. No call is made for them.
+
+    >>> moa("2+2?", ["a", "b"], "c", samples=["4", "5"], complete=lambda r: str(read_references(r.messages))).answer
+    "['4', '5']"
 
     >>> moa("2+2?", ["a", "b"], "c", complete=lambda r: f"{r.model}:{len(read_references(r.messages))}",
     ...     layers=3).answer
@@ -611,29 +656,34 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
     plan = _proposer_plan(proposers, layers)
     settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
                          aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+                         seed=seed, concurrency=concurrency, instruction=instruction, layout=layout, use_n=use_n,
+                         stream=stream)
     _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
-    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="moa")
+    given = None if samples is None else _given_layer(samples, plan[0])
+    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="moa",
+                given=given)
 
 
 def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min_ok: int, settings: _Settings,
-         method: str) -> Result:
-    """The MoA layer loop, shared by ``moa`` and ``self_moa``: ``plan`` holds the models of each proposer layer."""
+         method: str, given: list[str] | None = None) -> Result:
+    """The MoA layer loop, shared by ``moa`` and ``self_moa``: ``plan`` holds the models of each proposer layer,
+    ``given`` the first layer's outputs when the caller has them."""
     params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, **settings.params(),
-              "min_ok": min_ok}
+              "min_ok": min_ok, **({} if given is None else {"samples_given": len(given)})}
     with _Run(settings, method=method, params=params) as run:
         references: list[str] = []  # the answers of the previous layer, in configuration order
         positions: list[int] = []  # where each of them stood in its layer
         for number, models in enumerate(plan, 1):
             # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
-            prompt_l = inject_references(messages, references, settings.instruction)
-            outcomes = run.layer(number, models, prompt_l, shown=positions, remaining=len(plan) + 2 - number)
+            prompt_l = inject_references(messages, references, settings.instruction, settings.layout)
+            outcomes: list[Outcome] = list(given) if number == 1 and given is not None else \
+                run.layer(number, models, prompt_l, shown=positions, remaining=len(plan) + 2 - number)
             # A proposer that failed is dropped and the survivors keep their order; too few stop the run.
             positions = _survivors(outcomes, layer=number, min_ok=min_ok)
             references = [outcome for outcome in outcomes if isinstance(outcome, str)]
         # The aggregator synthesizes the last layer's answers into the final answer.
         final = Call("aggregator", layer=len(plan) + 1, model=aggregator, indices=[0], references=positions)
-        answer = run.aggregate(final, inject_references(messages, references, settings.instruction),
+        answer = run.aggregate(final, inject_references(messages, references, settings.instruction, settings.layout),
                                remaining=1, stream=settings.stream)
         return run.result(answer)
 
@@ -647,30 +697,40 @@ def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], 
              aggregator: str | None = None, layers: int = 2, temperature: float = 0.7,
              max_tokens: int | None = None, aggregator_temperature: float = 0.7,
              aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-             concurrency: int = 8, instruction: str | None = None, use_n: bool = True,
-             stream: Callable[[str], None] | None = None) -> Result:
+             concurrency: int = 8, instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
+             samples: Sequence[str] | None = None, stream: Callable[[str], None] | None = None) -> Result:
     """Self-MoA: ``n`` samples of ``model`` at ``temperature > 0``, aggregated by ``aggregator``.
 
     The aggregator is ``model`` itself unless given. This is exactly MoA whose proposer layers hold
     ``model`` ``n`` times, so it makes ``n + 1`` calls (``n`` per proposer layer); the ``n`` samples go in one
-    request with ``n`` when the server honours it. Sample ``i`` has seed ``seed + i``.
+    request with ``n`` when the server honours it. Sample ``i`` has seed ``seed + i``. ``samples`` gives the
+    samples instead (``n`` is then their number, and no sample is asked for), as in ``moa``.
 
     >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4").calls
     4
+    >>> self_moa("2+2?", "m", samples=["4", "4", "5"], complete=lambda r: "4").calls
+    1
     >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4", temperature=0)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
     selfmoa.ConfigError: temperature=0: ...; pass a temperature above 0 (the paper samples at 0.7)
     """
     messages = as_messages(prompt)
+    if samples is not None:
+        _check(isinstance(samples, Sequence) and not isinstance(samples, str), "samples", samples,
+               "it is the list of sample texts", "pass a list of strings")
+        n = len(samples)
     _check_sampled(model=model, n=n, temperature=temperature, method="Self-MoA")
     plan = _proposer_plan([model] * n, layers)
     settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
                          aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+                         seed=seed, concurrency=concurrency, instruction=instruction, layout=layout, use_n=use_n,
+                         stream=stream)
     aggregator = model if aggregator is None else aggregator
     _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
-    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="self-moa")
+    given = None if samples is None else _given_layer(samples, plan[0])
+    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="self-moa",
+                given=given)
 
 
 # ======================================================================================================
@@ -715,7 +775,7 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
                  aggregator: str | None = None, temperature: float = 0.7, max_tokens: int | None = None,
                  aggregator_temperature: float = 0.7, aggregator_max_tokens: int | None = None,
                  seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
-                 instruction: str | None = None, use_n: bool = True,
+                 instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
                  stream: Callable[[str], None] | None = None) -> Result:
     """Self-MoA-Seq: aggregate many samples of one model in rounds over a sliding window.
 
@@ -749,7 +809,8 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     _check_model("aggregator", aggregator)
     settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
                          aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+                         seed=seed, concurrency=concurrency, instruction=instruction, layout=layout, use_n=use_n,
+                         stream=stream)
     known = n if samples is None else (len(samples) if isinstance(samples, Sequence) else None)
     _check_min_ok_samples(min_ok, known)
     params = {"model": model, "aggregator": aggregator, "n": known, "window": window, "carry": carry,
@@ -773,7 +834,7 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
             call = Call("aggregator", layer=2, model=str(aggregator), indices=[0], references=[i for i, _ in new],
                         round=number, carried=len(shown) - len(new))
             # Only the round known to be last (without waiting for another sample) is streamed.
-            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction),
+            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction, settings.layout),
                                       remaining=max(1, source.rounds - number + 1),
                                       stream=settings.stream if source.exhausted else None)
         assert synthesis is not None, "a source that yields no sample raises NotEnoughProposals"
@@ -968,6 +1029,7 @@ class _Settings:
     proposing: _Params
     aggregating: _Params
     instruction: str
+    layout: str
     use_n: bool
     stream: Callable[[str], None] | None
 
@@ -975,7 +1037,8 @@ class _Settings:
         """The sampling arguments as a Result's ``params`` reports them."""
         return {"temperature": self.proposing.temperature, "max_tokens": self.proposing.max_tokens,
                 "aggregator_temperature": self.aggregating.temperature,
-                "aggregator_max_tokens": self.aggregating.max_tokens, "seed": self.proposing.seed}
+                "aggregator_max_tokens": self.aggregating.max_tokens, "seed": self.proposing.seed,
+                **({} if self.layout == "keyed" else {"layout": self.layout})}
 
 
 class _Run:
@@ -1140,16 +1203,16 @@ class _Run:
         """One aggregation call, waited for: its text, with any echoed marker line removed (also from what is
         streamed). A failure raises its ModelError."""
         params = self.settings.aggregating
-        block = _block_key(messages[0]["content"])
-        assert block is not None, "an aggregation always shows references"
-        shown = None if stream is None else _MarkerFilter(stream, block[1])
+        block = _block_key(messages[0]["content"]) if self.settings.layout == "keyed" else None
+        assert block is not None or self.settings.layout != "keyed", "an aggregation always shows references"
+        shown = stream if stream is None or block is None else _MarkerFilter(stream, block[1])
         request = Request(model=call.model, messages=tuple(messages), temperature=params.temperature,
                           max_tokens=params.max_tokens, n=1, seed=params.seed, stream=shown)
         call.seed, call.temperature, call.max_tokens = params.seed, params.temperature, params.max_tokens
         outcome = self._submit(call, remaining, self._call, call, request).result()
         if isinstance(outcome, ModelError):
             raise outcome
-        if shown is not None:
+        if isinstance(shown, _MarkerFilter):
             shown.close()
         return outcome.texts[0]
 
@@ -1342,13 +1405,16 @@ def _check_model(name: str, value: Any) -> None:
 
 def _settings(*, complete: Any, temperature: Any, max_tokens: Any, aggregator_temperature: Any,
               aggregator_max_tokens: Any, seed: Any, concurrency: Any, instruction: Any, use_n: Any,
-              stream: Any) -> _Settings:
+              stream: Any, layout: Any = "keyed") -> _Settings:
     """The arguments every method shares, checked."""
     _check_sampling(temperature, max_tokens)
     _check_sampling(aggregator_temperature, aggregator_max_tokens, "aggregator_")
     _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
            "pass an integer, or None")
-    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+    _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
+           "MoA code", 'pass layout="keyed" (the default) or layout="reference"')
+    instruction = (REFERENCE_INSTRUCTION if layout == "reference" else DEFAULT_INSTRUCTION) if instruction is None \
+        else instruction
     _check(isinstance(instruction, str) and instruction.strip() != "", "instruction", instruction,
            "it tells the aggregator what to do with the references", "pass a non-empty string, or None")
     _check(stream is None or callable(stream), "stream", stream, "it receives the final answer's text pieces",
@@ -1357,7 +1423,7 @@ def _settings(*, complete: Any, temperature: Any, max_tokens: Any, aggregator_te
                      proposing=_Params(temperature=temperature, max_tokens=max_tokens, seed=seed),
                      aggregating=_Params(temperature=aggregator_temperature, max_tokens=aggregator_max_tokens,
                                          seed=seed),
-                     instruction=instruction, use_n=bool(use_n), stream=stream)
+                     instruction=instruction, layout=layout, use_n=bool(use_n), stream=stream)
 
 
 def _proposer_plan(proposers: Any, layers: Any) -> list[list[str]]:
@@ -1415,6 +1481,16 @@ def _check_given(*, samples: Any, n: Any) -> None:
            samples, "it is an iterable of sample texts", 'pass a list or generator of strings')
     _check(not (isinstance(samples, Sequence) and len(samples) == 0), "samples", samples,
            "there is nothing to aggregate", "pass at least one sample text")
+
+
+def _given_layer(samples: Any, proposers: list[str]) -> list[str]:
+    """The given first-layer outputs of MoA and Self-MoA, checked: one string per proposer of that layer."""
+    _check(isinstance(samples, Sequence) and not isinstance(samples, str) and len(samples) == len(proposers),
+           "samples", samples, f"the first proposer layer has {len(proposers)} proposers, one given output each",
+           f"pass a list of {len(proposers)} strings, in proposer order")
+    for i, text in enumerate(samples):
+        _check(isinstance(text, str), f"samples[{i}]", text, "a sample is a string of text", "pass the sample texts")
+    return list(samples)
 
 
 def _check_min_ok_samples(min_ok: Any, known: int | None) -> None:
@@ -2034,8 +2110,10 @@ class HTTPClient:
             raise bad(problem or "it has no choice with index 0")
         filled = max((i + 1 for i in range(request.n) if taken[i]), default=1)  # the rest: missing, asked for
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        reported = data.get("model")
         return Reply(texts[:filled], reasons[:filled], _int_or_none(usage.get("prompt_tokens")),
-                     _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
+                     _int_or_none(usage.get("completion_tokens")), url=endpoint.url,
+                     model=_CONTROLS.sub("\ufffd", _clean(reported[:200])) if isinstance(reported, str) else None)
 
     def _read_stream(self, response: http.client.HTTPResponse, endpoint: Endpoint, request: Request,
                      flight: _Attempt) -> tuple[Reply, bool]:
@@ -2244,8 +2322,9 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 CLI_DESCRIPTION = """\
 Answer a prompt with MoA, Self-MoA or Self-MoA-Seq against OpenAI-compatible servers.
 The prompt is the argument, or standard input; the final answer goes to standard output.
-"selfmoa serve" serves the methods as models instead (selfmoa serve --help); to ask the
-prompt "serve" itself, pass it after -- or on standard input."""
+"selfmoa serve" serves the methods as models instead (selfmoa serve --help), and "selfmoa
+eval" measures them on a dataset (selfmoa eval --help); to ask the prompt "serve" or "eval"
+itself, pass it after -- or on standard input."""
 
 CLI_EPILOG = """\
 endpoints and keys:
@@ -2325,6 +2404,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-n", dest="use_n", action="store_false",
         help="never ask for several samples in one request (one request per sample)")
     add("--instruction-file", metavar="FILE", help="replace the aggregator instruction with this file's text")
+    add("--layout", choices=LAYOUTS, default="keyed", help="how the aggregator prompt lists the responses: keyed "
+        "blocks, or numbered lines as in the original MoA code (reference) (default: keyed)")
     add("--base-url", action="append", metavar="URL",
         help="the default endpoint (default: $OPENAI_BASE_URL, else the OpenAI API); repeat it for replicas")
     add("--api-key", metavar="KEY", help="the default endpoint's key (default: see below)")
@@ -2466,7 +2547,8 @@ def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
     common = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
               "aggregator_temperature": args.aggregator_temperature, "min_ok": args.min_ok,
               "aggregator_max_tokens": args.aggregator_max_tokens, "concurrency": args.concurrency,
-              "instruction": instruction, "use_n": args.use_n, **given}
+              "instruction": instruction, "use_n": args.use_n, **given,
+              **({} if args.layout == "keyed" else {"layout": args.layout})}
     if args.method == "moa":
         if not args.proposer:
             raise ConfigError("--proposer: --method moa needs proposers; pass -p MODEL once per proposer")
@@ -2519,6 +2601,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if argv[:1] == ["serve"]:  # a subcommand only as the first word: "selfmoa -- serve" asks the prompt "serve"
         serve = _sibling("selfmoa_serve", "selfmoa serve")
         return serve.main(argv[1:], environ) if serve else 2
+    if argv[:1] == ["eval"]:
+        evaluation = _sibling("selfmoa_eval", "selfmoa eval")
+        return evaluation.main(argv[1:], environ) if evaluation else 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -2584,7 +2669,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _sibling(name: str, what: str) -> Any:
-    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve), imported only when its command runs; None, with
+    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve, selfmoa_eval), imported only when its command runs;
+    None, with
     a line on stderr naming the file to add, where this selfmoa.py was copied alone."""
     try:
         return importlib.import_module(name)

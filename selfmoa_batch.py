@@ -339,12 +339,14 @@ def _batch_parameters(method: str, options: Mapping[str, Any]) -> dict[str, Any]
     parameters = {name: parameter.default for name, parameter in signature.parameters.items()
                   if parameter.kind == parameter.KEYWORD_ONLY and parameter.default is not parameter.empty}
     for name, value in options.items():
-        if name not in signature.parameters or name in ("complete", "stream"):
+        if name not in signature.parameters or name in ("complete", "stream", "samples"):
             known = ", ".join(p for p in signature.parameters if p not in ("prompt", "complete", "stream", "samples"))
             raise ConfigError(f"{name}={value!r}: {method} takes no such parameter in a batch; pass only {known}")
     parameters.update(options)
-    for name in ("complete", "stream", "use_n", "concurrency"):
+    for name in ("complete", "stream", "use_n", "concurrency", "samples"):
         parameters.pop(name, None)
+    if parameters.get("layout") == "keyed":  # the default layout: fingerprints stay as before layouts existed
+        del parameters["layout"]
     for name, value in parameters.items():
         try:
             json.dumps(value, allow_nan=False)
