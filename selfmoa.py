@@ -159,7 +159,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 __version__ = "0.2.0"
 __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
@@ -284,6 +284,7 @@ LAYOUTS = ("keyed", "reference")  # how the references are laid out in the aggre
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Prompt = str | Sequence[Message]
+_T = TypeVar("_T")
 
 
 def as_messages(prompt: Prompt) -> list[Message]:
@@ -1672,6 +1673,7 @@ class _Retry(Exception):
         super().__init__(message)
         self.message, self.status, self.body = message, status, body
         self.retry_after, self.stale, self.down = retry_after, stale, down  # down: refused, or no such host
+        self.endpoint: Endpoint | None = None  # the replica it happened on, set when no other one is left
 
 
 class _Attempt:
@@ -1682,6 +1684,16 @@ class _Attempt:
     def __init__(self, connection: http.client.HTTPConnection, deadline: float):
         self.connection, self.deadline, self.expired = connection, deadline, False
         self.shown = False  # whether streamed text was passed on (then the attempt cannot be retried)
+
+
+class _Tally:
+    """Internal: one call's count of its attempts, of the extra ones among them (failovers, 404 hand-offs and
+    retries: the ``retries`` its Reply reports), and whether it already replaced a stale kept-alive connection."""
+
+    __slots__ = ("attempts", "extra", "reconnected")
+
+    def __init__(self) -> None:
+        self.attempts, self.extra, self.reconnected = 0, 0, False
 
 
 COOL_AFTER = 3  # failures in a row that take a replica out for HTTPClient's cooldown (a refusal: at once)
@@ -1695,6 +1707,74 @@ class _Server:
 
     def __init__(self, url: str):
         self.url, self.in_flight, self.failures, self.cool_until, self.requests, self.failed = url, 0, 0, 0.0, 0, 0
+
+
+class _Replicas:
+    """Internal: the replica bookkeeping of one client, shared by everything sent through it. ``pick`` chooses
+    the server of an attempt and counts it in flight; ``settle`` counts the attempt's end (and cools a server
+    down that refuses, or fails ``COOL_AFTER`` times in a row); ``counts`` is the summary ``servers()`` shows."""
+
+    def __init__(self, endpoints: Iterable[Endpoint], *, max_in_flight: int | None, cooldown: float,
+                 aborted: threading.Event):
+        self.max_in_flight, self.cooldown, self._aborted = max_in_flight, cooldown, aborted
+        self._servers = {e.base_url: _Server(_public_url(e.base_url)) for e in endpoints}
+        self._turns: dict[tuple, int] = {}
+        self._slots = threading.Condition(threading.Lock())
+
+    def pick(self, replicas: list[Endpoint], failed_here: set[str]) -> Endpoint | None:
+        """The replica for the next attempt, counted in flight: of those this call has not failed on (else
+        all), the ones not cooling down (else the one back soonest), with a free slot (else wait for one),
+        the one with the fewest calls in flight; ties go in turn. None once the client is aborted."""
+        group = tuple(r.base_url for r in replicas)
+        servers = self._servers
+        with self._slots:
+            while not self._aborted.is_set():
+                now, turn = time.monotonic(), self._turns.get(group, 0)
+                in_turn = [replicas[(turn + k) % len(replicas)] for k in range(len(replicas))]
+                fresh = [r for r in in_turn if r.base_url not in failed_here] or in_turn
+                healthy = [r for r in fresh if servers[r.base_url].cool_until <= now] or [
+                    min(fresh, key=lambda r: servers[r.base_url].cool_until)]
+                free = [r for r in healthy
+                        if self.max_in_flight is None or servers[r.base_url].in_flight < self.max_in_flight]
+                if free:
+                    chosen = min(free, key=lambda r: servers[r.base_url].in_flight)  # the first in turn on ties
+                    servers[chosen.base_url].in_flight += 1
+                    self._turns[group] = replicas.index(chosen) + 1
+                    return chosen
+                self._slots.wait(1.0)  # every slot taken: a finished call notifies
+        return None
+
+    def settle(self, endpoint: Endpoint, outcome: str) -> None:
+        """Count an attempt's end: ok, failed (retryable), down (refused), answered (a final error) or stale."""
+        with self._slots:
+            server = self._servers[endpoint.base_url]
+            server.in_flight -= 1
+            server.requests += outcome != "stale"
+            server.failed += outcome in ("failed", "down", "answered")
+            if outcome in ("ok", "answered"):
+                server.failures = 0  # it answers: healthy
+            elif outcome in ("failed", "down"):
+                server.failures += 1
+                if outcome == "down" or server.failures >= COOL_AFTER:
+                    server.cool_until = time.monotonic() + self.cooldown
+            self._slots.notify_all()  # every waiter: the one woken must be one waiting for this server
+
+    def can_fail_over(self, replicas: list[Endpoint], failed_here: set[str]) -> bool:
+        """Whether a replica this call has not failed on is not cooling down: the call goes there at once."""
+        now = time.monotonic()
+        with self._slots:
+            return any(r.base_url not in failed_here and self._servers[r.base_url].cool_until <= now
+                       for r in replicas)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        with self._slots:
+            return {server.url: {"requests": server.requests, "failed": server.failed}
+                    for server in self._servers.values()}
+
+    def wake(self) -> None:
+        """Wake every attempt waiting for a free slot (the client was aborted: they give up)."""
+        with self._slots:
+            self._slots.notify_all()
 
 
 class HTTPClient:
@@ -1782,10 +1862,8 @@ class HTTPClient:
         self._watching, self._wakes_at = False, math.inf
         self._aborted = threading.Event()
         self.max_in_flight, self.cooldown = max_in_flight, cooldown
-        self._servers = {e.base_url: _Server(_public_url(e.base_url))
-                         for e in self.default + [e for group in self.endpoints.values() for e in group]}
-        self._turns: dict[tuple, int] = {}
-        self._slots = threading.Condition(threading.Lock())
+        self._replicas = _Replicas(self.default + [e for group in self.endpoints.values() for e in group],
+                                   max_in_flight=max_in_flight, cooldown=cooldown, aborted=self._aborted)
 
     def __repr__(self) -> str:
         return f"HTTPClient(default={self.default!r}, endpoints={self.endpoints!r})"
@@ -1805,12 +1883,23 @@ class HTTPClient:
 
     def servers(self) -> dict[str, dict[str, int]]:
         """By server URL (without credentials): the requests sent to it so far, and how many of them failed."""
-        with self._slots:
-            return {server.url: {"requests": server.requests, "failed": server.failed}
-                    for server in self._servers.values()}
+        return self._replicas.counts()
 
     def __call__(self, request: Request) -> Reply:
         replicas = self.replicas(request.model)
+        payload = self._body(request)
+        tally = _Tally()
+        endpoint, reply = self._retrying(replicas, request, tally,
+                                         lambda endpoint: self._send(endpoint, payload, request))
+        self._replicas.settle(endpoint, "ok")
+        reply.retries = tally.extra
+        return reply
+
+    # --- a call in layers: the body; retries; the replica of each attempt; one attempt ---------------------
+
+    @staticmethod
+    def _body(request: Request) -> bytes:
+        """The request as JSON, the fields the server needs and no others (wire.md section 1)."""
         body: dict[str, Any] = {"model": request.model, "messages": list(request.messages),
                                 "temperature": request.temperature}
         if request.max_tokens is not None:
@@ -1824,95 +1913,80 @@ class HTTPClient:
         if request.stream is not None:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-        payload = _clean(json.dumps(body, ensure_ascii=False)).encode("utf-8")  # no lone surrogate can be sent
-        attempt, retries, extra, reconnected = 0, 0, 0, False
-        failed_here: set[str] = set()  # replicas this call failed on since its last retry
+        return _clean(json.dumps(body, ensure_ascii=False)).encode("utf-8")  # no lone surrogate can be sent
+
+    def _retrying(self, replicas: list[Endpoint], request: Request, tally: _Tally,
+                  attempt: Callable[[Endpoint], _T]) -> tuple[Endpoint, _T]:
+        """Retries: once every replica has failed the call (``_failing_over``), wait (exponential backoff with
+        full jitter, and at least what Retry-After asks) and try them all again, ``retries`` times at most.
+        Returns the replica that answered and its answer, which the caller settles; raises ModelError."""
+        retries = 0
         while True:
-            attempt += 1
-            endpoint = self._pick(replicas, failed_here, request)
             try:
-                reply = self._send(endpoint, payload, request)
+                return self._failing_over(replicas, request, tally, attempt)
             except _Retry as failure:
-                if failure.stale and not reconnected:
-                    self._settle(endpoint, "stale")
-                    reconnected = True
-                    continue  # a kept-alive connection the server had closed: reconnect, not a retry
-                self._settle(endpoint, "down" if failure.down else "failed")
-                failed_here.add(endpoint.base_url)
-                if any(r.base_url not in failed_here and self._servers[r.base_url].cool_until <= time.monotonic()
-                       for r in replicas):
-                    extra += 1
-                    continue  # failover: another replica takes the call now, no wait, no retry spent
-                failed_here.clear()
+                endpoint = failure.endpoint or replicas[0]
                 wait = min(self.max_backoff, self.backoff * 2 ** retries) * self.rng.random()
                 if failure.retry_after is not None:
                     if failure.retry_after > self.max_retry_after:
                         raise self._error(endpoint, request, f"{failure.message}; the server asked to wait "
                                           f"{failure.retry_after:g} s, more than max_retry_after="
-                                          f"{self.max_retry_after:g}", failure, attempt) from None
+                                          f"{self.max_retry_after:g}", failure, tally.attempts) from None
                     wait = max(wait, failure.retry_after)
                 if retries >= self.retries:
-                    raise self._error(endpoint, request, failure.message, failure, attempt) from None
+                    raise self._error(endpoint, request, failure.message, failure, tally.attempts) from None
                 retries += 1
-                extra += 1
+                tally.extra += 1
                 if self.sleep is not None:
                     self.sleep(wait)
                 else:
                     self._aborted.wait(wait)  # abort() cuts the wait short
-            except ModelError as error:
-                self._settle(endpoint, "answered")
-                failed_here.add(endpoint.base_url)
-                if error.status == 404 and any(r.base_url not in failed_here for r in replicas):
-                    extra += 1
-                    continue  # this replica lacks the model (another one is loaded there): ask another replica
-                raise
-            except BaseException:
-                self._settle(endpoint, "stale")
-                raise
-            else:
-                self._settle(endpoint, "ok")
-                reply.retries = extra
-                return reply
 
-    # --- replicas: which server takes a call ------------------------------------------------------------
+    def _failing_over(self, replicas: list[Endpoint], request: Request, tally: _Tally,
+                      attempt: Callable[[Endpoint], _T]) -> tuple[Endpoint, _T]:
+        """Replicas: each attempt goes to the replica ``_Replicas.pick`` chooses. A failure sends the call at
+        once to a replica it has not failed on and that is not cooling down (no wait, no retry spent); with
+        none left, the failure goes up to the retries. A 404 (that replica has another model loaded) hands the
+        call to a replica not yet asked, without cooling the first down. A kept-alive connection that the
+        server had closed is replaced once per call, and counts as no failure."""
+        failed_here: set[str] = set()  # replicas this call failed on since its last retry
+        while True:
+            endpoint = self._replicas.pick(replicas, failed_here)
+            if endpoint is None:
+                raise self._error(replicas[0], request, "interrupted: the client was aborted", None, 1,
+                                  retryable=False)
+            tally.attempts += 1
+            try:
+                return endpoint, attempt(endpoint)
+            except _Retry as failure:
+                if failure.stale and not tally.reconnected:
+                    self._replicas.settle(endpoint, "stale")
+                    tally.reconnected = True
+                    continue  # a kept-alive connection the server had closed: reconnect, not a retry
+                self._replicas.settle(endpoint, "down" if failure.down else "failed")
+                failed_here.add(endpoint.base_url)
+                if not self._replicas.can_fail_over(replicas, failed_here):
+                    failure.endpoint = endpoint
+                    raise
+                tally.extra += 1  # failover: another replica takes the call now
+            except ModelError as error:
+                self._replicas.settle(endpoint, "answered")
+                failed_here.add(endpoint.base_url)
+                if error.status != 404 or all(r.base_url in failed_here for r in replicas):
+                    raise
+                tally.extra += 1  # this replica lacks the model (another one is loaded there): ask another one
+            except BaseException:
+                self._replicas.settle(endpoint, "stale")
+                raise
 
     def _pick(self, replicas: list[Endpoint], failed_here: set[str], request: Request) -> Endpoint:
-        """The replica for the next attempt, counted in flight: of those this call has not failed on (else
-        all), the ones not cooling down (else the one back soonest), with a free slot (else wait for one),
-        the one with the fewest calls in flight; ties go in turn."""
-        group = tuple(r.base_url for r in replicas)
-        with self._slots:
-            while not self._aborted.is_set():
-                now, turn = time.monotonic(), self._turns.get(group, 0)
-                in_turn = [replicas[(turn + k) % len(replicas)] for k in range(len(replicas))]
-                fresh = [r for r in in_turn if r.base_url not in failed_here] or in_turn
-                servers = self._servers
-                healthy = [r for r in fresh if servers[r.base_url].cool_until <= now] or [
-                    min(fresh, key=lambda r: servers[r.base_url].cool_until)]
-                free = [r for r in healthy
-                        if self.max_in_flight is None or servers[r.base_url].in_flight < self.max_in_flight]
-                if free:
-                    chosen = min(free, key=lambda r: servers[r.base_url].in_flight)  # the first in turn on ties
-                    servers[chosen.base_url].in_flight += 1
-                    self._turns[group] = replicas.index(chosen) + 1
-                    return chosen
-                self._slots.wait(1.0)  # every slot taken: a finished call notifies
-        raise self._error(replicas[0], request, "interrupted: the client was aborted", None, 1, retryable=False)
+        endpoint = self._replicas.pick(replicas, failed_here)
+        if endpoint is None:
+            raise self._error(replicas[0], request, "interrupted: the client was aborted", None, 1, retryable=False)
+        return endpoint
 
     def _settle(self, endpoint: Endpoint, outcome: str) -> None:
-        """Count an attempt's end: ok, failed (retryable), down (refused), answered (a final error) or stale."""
-        with self._slots:
-            server = self._servers[endpoint.base_url]
-            server.in_flight -= 1
-            server.requests += outcome != "stale"
-            server.failed += outcome in ("failed", "down", "answered")
-            if outcome in ("ok", "answered"):
-                server.failures = 0  # it answers: healthy
-            elif outcome in ("failed", "down"):
-                server.failures += 1
-                if outcome == "down" or server.failures >= COOL_AFTER:
-                    server.cool_until = time.monotonic() + self.cooldown
-            self._slots.notify_all()  # every waiter: the one woken must be one waiting for this server
+        self._replicas.settle(endpoint, outcome)
 
     def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None,
                attempts: int, status: int | None = None, body: str = "", retryable: bool = True) -> ModelError:
@@ -1988,47 +2062,36 @@ class HTTPClient:
         with self._watch:
             for attempt in self._in_flight:
                 _shut(attempt.connection)
-        with self._slots:
-            self._slots.notify_all()  # calls waiting for a free slot
+        self._replicas.wake()  # calls waiting for a free slot
         self.close()
 
     # --- one attempt ---------------------------------------------------------------------------------------
 
     def _send(self, endpoint: Endpoint, payload: bytes, request: Request) -> Reply:
         """One attempt: send, read, parse. Raises _Retry for what may pass, ModelError for what will not."""
+        flight, response = self._open(endpoint, payload, request)
+        try:
+            reply, reusable = self._read(response, endpoint, request, flight)
+        except (_Retry, ModelError) as failure:
+            raise self._failed(flight, endpoint, request, failure) from None
+        except BaseException:
+            self._end(flight)
+            flight.connection.close()
+            raise
+        self._end(flight)
+        if reusable and not flight.expired:
+            self._release(endpoint, flight.connection)
+        else:
+            flight.connection.close()
+        return reply
+
+    def _open(self, endpoint: Endpoint, payload: bytes, request: Request) -> tuple[_Attempt, http.client.HTTPResponse]:
+        """Send the request on an idle kept-alive connection or a new one, under the deadline, and read the
+        status line and headers of the reply."""
         if self._aborted.is_set():
             raise self._error(endpoint, request, "interrupted: the client was aborted", None, 1, retryable=False)
         connection, reused = self._acquire(endpoint)
         flight = self._begin(connection)
-        try:
-            reply, reusable = self._exchange(connection, reused, endpoint, payload, request, flight)
-        except (_Retry, ModelError) as failure:
-            self._end(flight)
-            connection.close()
-            if self._aborted.is_set():
-                raise self._error(endpoint, request, "interrupted: the client was aborted", None, 1,
-                                  retryable=False) from None
-            if not flight.expired:
-                raise
-            message = f"no complete reply within deadline={self.deadline:g} s"
-            if flight.shown:
-                raise self._error(endpoint, request, f"{message} ({failure.message})", None, 1, status=200,
-                                  retryable=False) from None  # text was shown: retrying would show it twice
-            raise _Retry(message) from None
-        except BaseException:
-            self._end(flight)
-            connection.close()
-            raise
-        self._end(flight)
-        if reusable and not flight.expired:
-            self._release(endpoint, connection)
-        else:
-            connection.close()
-        return reply
-
-    def _exchange(self, connection: http.client.HTTPConnection, reused: bool, endpoint: Endpoint, payload: bytes,
-                  request: Request, flight: _Attempt) -> tuple[Reply, bool]:
-        """Send the request and read the reply: the Reply and whether the connection can be reused."""
         parts = endpoint._parts
         path = (parts.path.rstrip("/") + "/chat/completions") + (f"?{parts.query}" if parts.query else "")
         headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
@@ -2036,16 +2099,43 @@ class HTTPClient:
         if endpoint.api_key:
             headers["Authorization"] = f"Bearer {endpoint.api_key}"
         try:
-            connection.request("POST", path, body=payload, headers=headers)
-            response = connection.getresponse()
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-            raise _Retry(f"connection dropped before a reply ({type(exc).__name__})", stale=reused) from None
-        except TimeoutError:
-            raise _Retry(f"no reply within timeout={self.timeout:g} s") from None
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise _Retry(f"could not reach the server, or its reply is not HTTP ({type(exc).__name__}: "
-                         f"{str(exc)[:200]})", down=isinstance(exc, (ConnectionRefusedError, socket.gaierror))) \
-                from None
+            try:
+                connection.request("POST", path, body=payload, headers=headers)
+                return flight, connection.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                raise _Retry(f"connection dropped before a reply ({type(exc).__name__})", stale=reused) from None
+            except TimeoutError:
+                raise _Retry(f"no reply within timeout={self.timeout:g} s") from None
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                raise _Retry(f"could not reach the server, or its reply is not HTTP ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})", down=isinstance(exc, (ConnectionRefusedError, socket.gaierror))) \
+                    from None
+        except _Retry as failure:
+            raise self._failed(flight, endpoint, request, failure) from None
+        except BaseException:
+            self._end(flight)
+            connection.close()
+            raise
+
+    def _failed(self, flight: _Attempt, endpoint: Endpoint, request: Request,
+                failure: _Retry | ModelError) -> _Retry | ModelError:
+        """What to raise for an attempt that failed, once its connection is closed: ``failure`` itself, unless
+        ``abort()`` or the deadline cut the attempt off (then a retry, unless streamed text was already shown)."""
+        self._end(flight)
+        flight.connection.close()
+        if self._aborted.is_set():
+            return self._error(endpoint, request, "interrupted: the client was aborted", None, 1, retryable=False)
+        if not flight.expired:
+            return failure
+        message = f"no complete reply within deadline={self.deadline:g} s"
+        if flight.shown:  # text was shown: retrying would show it twice
+            return self._error(endpoint, request, f"{message} ({failure.message})", None, 1, status=200,
+                               retryable=False)
+        return _Retry(message)
+
+    def _read(self, response: http.client.HTTPResponse, endpoint: Endpoint, request: Request,
+              flight: _Attempt) -> tuple[Reply, bool]:
+        """Read and parse the reply: the Reply and whether the connection can be reused."""
         json_reply = (response.getheader("Content-Type") or "").split(";")[0].strip().lower() == "application/json"
         if response.status == 200 and request.stream is not None and not json_reply:
             return self._read_stream(response, endpoint, request, flight)

@@ -1,7 +1,10 @@
 """selfmoa benchmarks: ratios measured side by side in one run, printed as Markdown tables.
 
-    python -m bench            # all of them (a few minutes on 2 cores)
-    python -m bench P1 P3      # some of them
+    python3 -m bench            # all of them (about 30 s on 2 cores)
+    python3 -m bench P1 P3      # some of them
+
+Run it with the virtual environment's Python (.venv/bin/python -m bench) for P3's comparison with
+requests, which the test extra installs; with another Python P3 says that requests is missing.
 
 Each benchmark starts the mock server (mock_models) in its own process, with injected latency where it
 matters, and compares selfmoa's wall time with the limit the calls themselves set, or with another client
@@ -17,6 +20,7 @@ P6 mock capacity      requests per second the mock sustains at concurrency 32 wi
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -109,7 +113,8 @@ def p1_batch_fanout(items: int = 64, concurrency: int = 32, latency: float = 0.2
                      f"{ideal:.2f}", f"{bare / ideal:.3f}"])
     for use_n, flags in ((True, ()), (False, ())):
         with mock_server("--latency", str(latency), *flags) as url, tempfile.TemporaryDirectory() as tmp:
-            batch = selfmoa_batch.check_items([{"id": i, "prompt": f"{MESSAGES[0]['content']} #{i}"} for i in range(items)])
+            batch = selfmoa_batch.check_items([{"id": i, "prompt": f"{MESSAGES[0]['content']} #{i}"}
+                                               for i in range(items)])
             client = selfmoa.HTTPClient(url)
             started = time.perf_counter()
             counts = selfmoa_batch.run_batch(batch, os.path.join(tmp, "out.jsonl"), method="self-moa", complete=client,
@@ -184,7 +189,8 @@ def p3_client_overhead(calls: int = 400) -> str:
             import requests
         except ImportError:
             theirs = None
-            rows.append(["requests.Session (not installed)", "-", "-"])
+            rows.append(["requests.Session (requests is not installed here: run python3 -m bench with "
+                         ".venv/bin/python, or pip install requests)", "-", "-"])
         else:
             session = requests.Session()
             theirs = timed("requests.Session (keep-alive)",
@@ -272,12 +278,21 @@ BENCHMARKS = {"P1": p1_batch_fanout, "P2": p2_seq_on_the_fly, "P3": p3_client_ov
               "P4": p4_n_in_one_request, "P5": p5_memory, "P6": p6_mock_capacity}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    doc = (__doc__ or "").split("\n\n")
+    return argparse.ArgumentParser(prog="python3 -m bench", description=doc[0] + "\n\n" + doc[4],
+                                   epilog=doc[3] + "\n\n" + doc[2],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def main(argv: list[str]) -> int:
-    chosen = [name.upper() for name in argv] or list(BENCHMARKS)
+    parser = build_parser()
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"the benchmarks to run, among "
+                        f"{', '.join(BENCHMARKS)} (default: all of them)")
+    chosen = [name.upper() for name in parser.parse_args(argv).names] or list(BENCHMARKS)
     unknown = [name for name in chosen if name not in BENCHMARKS]
     if unknown:
-        print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)
-        return 2
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     print(f"selfmoa {selfmoa.__version__}, Python {platform.python_version()}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, {platform.system()}\n")
     for name in chosen:

@@ -1,6 +1,6 @@
 """Reproduce the findings of *Rethinking Mixture-of-Agents* offline, against the mock models.
 
-    python -m bench.reproduce [--out DIR] [--questions Q] [--compositions K] [--seed S] [--via-cli]
+    python3 -m bench.reproduce [--out DIR] [--questions Q] [--compositions K] [--seed S] [--via-cli]
 
 It is ``selfmoa eval`` run on the mock task world: each domain (MATH, CRUX, MMLU, with ground truth) is
 exported as a dataset, and the evaluator samples the mock models once per question, aggregates every
@@ -277,7 +277,7 @@ def write_outputs(results: dict, out: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 -m bench.reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", metavar="DIR", help="also write tables.md, results.json and the figures here")
     parser.add_argument("--questions", type=int, default=60, help="questions per domain (default: 60)")
     parser.add_argument("--compositions", type=int, default=50, help="random compositions for the fit (default: 50)")

@@ -1,7 +1,7 @@
 """What `selfmoa serve` costs, measured side by side in one run (zero model latency, so only overhead shows).
 
-    python -m bench.serve            # about 20 s on 2 cores
-    python -m bench.serve --quick    # fewer repetitions
+    python3 -m bench.serve            # about 20 s on 2 cores
+    python3 -m bench.serve --quick    # fewer repetitions
 
 S1 added latency   one Self-MoA request (n=2: one sample request, one aggregation) through `selfmoa serve`
                    vs the same `self_moa` call made by the library in this process; median of interleaved
@@ -15,6 +15,7 @@ client for the GIL. Absolute numbers depend on the machine; the differences and 
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
@@ -119,7 +120,11 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+    doc = (__doc__ or "").split("\n\n")
+    parser = argparse.ArgumentParser(prog="python3 -m bench.serve", description=doc[0] + "\n\n" + doc[2],
+                                     epilog=doc[3], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a few seconds)")
+    quick = parser.parse_args(argv).quick
     with process("-m", "mock_models", "--port", "0") as mock_url, \
             process("selfmoa.py", "serve", "--port", "0", "--base-url", mock_url, "--concurrency", "8") as serve_url:
         print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs\n")

@@ -1,39 +1,87 @@
-"""python -m mock_models [serve] [options] | demo"""
+"""python3 -m mock_models [serve] [options] | python3 -m mock_models demo"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
+from mock_models.models import MODELS
 from mock_models.server import FAULTS, MockServer
+
+PROG = "python3 -m mock_models"
+USAGE = f"""{PROG} [serve] [-h] [--host HOST] [--port PORT] [--latency S] [--latency-per-token S]
+                              [--fault-rate P] [--faults KINDS] [--fault-seed N] [--retry-after S]
+                              [--stall-seconds S] [--ignore-n] [--api-key KEY] [--max-concurrency K]
+       {PROG} demo [-h]"""
+DESCRIPTION = f"""\
+Serve deterministic mock LLMs behind an OpenAI-compatible endpoint (POST /v1/chat/completions,
+GET /v1/models, GET /health), standard library only. The first line printed is the base URL.
+
+models: {", ".join(MODELS)}
+  generalist, coder, mathematician and generalist-2 answer the questions of a small task world
+  (MATH, CRUX, MMLU) with the accuracies of the paper's models, and any other prompt with a
+  plausible paragraph; echo returns the messages it was sent. Any other name is a 404.
+
+subcommands:
+  serve  serve the models (the default)
+  demo   start a mock server and run selfmoa's three methods against it, showing each command"""
+DEMO_DESCRIPTION = """\
+Start a mock server on a free port, run the selfmoa command line (MoA, Self-MoA, Self-MoA-Seq)
+against it on one task of each domain, printing every command it runs, and compare the answers
+with the ground truth. The server stops when the demo ends: to follow along afterwards, start one
+of your own (python3 -m mock_models) and export OPENAI_BASE_URL as it says."""
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a number of seconds >= 0, such as 1 or 0.1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, usage=USAGE, description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="the address to listen on, IPv4 or IPv6 (::1) (default: 127.0.0.1, "
+        "this machine only)")
+    add("--port", type=int, default=8000, help="the port to listen on; 0 picks a free one (default: 8000)")
+    add("--latency", type=_seconds, default=0.0, metavar="S", help="seconds added to every call (default: 0)")
+    add("--latency-per-token", type=_seconds, default=0.0, metavar="S",
+        help="seconds added per generated token (default: 0)")
+    add("--fault-rate", type=float, default=0.0, metavar="P", help="the share of calls that fail, 0 to 1 (default: 0)")
+    add("--faults", default=",".join(FAULTS), metavar="KINDS",
+        help=f"the kinds of fault to inject, comma-separated (default: {','.join(FAULTS)})")
+    add("--fault-seed", type=int, default=0, metavar="N",
+        help="the seed of the fault draws: the same seed and requests give the same faults (default: 0)")
+    add("--retry-after", type=_seconds, default=1.0, metavar="S",
+        help="the Retry-After of injected 429s, in seconds; a fraction such as 0.1 is sent as written "
+             "(default: 1)")
+    add("--stall-seconds", type=_seconds, default=30.0, metavar="S",
+        help="how long a stall fault holds a call (default: 30)")
+    add("--ignore-n", action="store_true", help="return one choice whatever n asks (like llama.cpp)")
+    add("--api-key", metavar="KEY", help="require this bearer key (default: none)")
+    add("--max-concurrency", type=int, metavar="K",
+        help="work on at most K requests at once and queue the rest (default: no limit)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
+        demo_parser = argparse.ArgumentParser(prog=f"{PROG} demo", description=DEMO_DESCRIPTION,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        demo_parser.parse_args(argv[1:])
         from mock_models.demo import demo
 
         return demo()
     if argv[:1] == ["serve"]:
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="python -m mock_models",
-                                     description="Serve deterministic mock LLMs (OpenAI-compatible). "
-                                                 "Subcommands: serve (default), demo.")
-    parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (loopback only)")
-    parser.add_argument("--port", type=int, default=8000, help="default: 8000; 0 picks a free port")
-    parser.add_argument("--latency", type=float, default=0.0, metavar="S", help="seconds added to every call")
-    parser.add_argument("--latency-per-token", type=float, default=0.0, metavar="S",
-                        help="seconds added per generated token")
-    parser.add_argument("--fault-rate", type=float, default=0.0, metavar="P", help="share of calls that fail")
-    parser.add_argument("--faults", default=",".join(FAULTS), help=f"kinds of fault (default: {','.join(FAULTS)})")
-    parser.add_argument("--fault-seed", type=int, default=0, metavar="N")
-    parser.add_argument("--retry-after", type=int, default=1, metavar="S", help="Retry-After of injected 429s")
-    parser.add_argument("--stall-seconds", type=float, default=30.0, metavar="S", help="length of a stall fault")
-    parser.add_argument("--ignore-n", action="store_true", help="return one choice whatever n asks (like llama.cpp)")
-    parser.add_argument("--api-key", metavar="KEY", help="require this bearer key")
-    parser.add_argument("--max-concurrency", type=int, metavar="K",
-                        help="work on at most K requests at once and queue the rest (default: no limit)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         server = MockServer(args.host, args.port, latency=args.latency, latency_per_token=args.latency_per_token,
                             fault_rate=args.fault_rate, faults=[f for f in args.faults.split(",") if f],
@@ -44,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mock_models: {exc}", file=sys.stderr)
         return 2
     print(server.base_url, flush=True)
+    print(f"mock_models: serving the models {', '.join(MODELS)} at {server.base_url} (Ctrl-C stops it); "
+          f"to use it: export OPENAI_BASE_URL={server.base_url}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -123,6 +123,10 @@ def write(model: str, task: Task, answer: str, sample: object, votes: dict | Non
     opener = style[int(unit("style", model, task.id, sample) * len(style))]
     if votes is not None:
         total = sum(votes.values())
+        if len(votes) == 1:
+            return (f"{opener} I found that every response gives {answer} ({total:g} of {total:g} votes), and it "
+                    f"checks out. "
+                    f"The answer is {answer}.")
         return (f"{opener} I compared {len(votes)} distinct answers across the responses; {answer} is the best "
                 f"supported ({votes.get(answer, 0):g} of {total:g} votes) and it checks out. "
                 f"The answer is {answer}.")
@@ -147,7 +151,8 @@ def generic(model: str, question: str, sample: object, references: list[str]) ->
     topic = " ".join(re.findall(r"\w+", question)[:6]) or "your question"
     picks = sorted(_SENTENCES, key=lambda s: unit("generic", model, question, sample, s))[:2]
     if references:
-        return (f"Drawing on {len(references)} responses about {topic}: " + " ".join(picks))
+        responses = "one response" if len(references) == 1 else f"{len(references)} responses"
+        return (f"Drawing on {responses} about {topic}: " + " ".join(picks))
     style = STYLE.get(model, STYLE["generalist"])[int(unit("style", model, question, sample) * 4)]
     return f"{style} On {topic}: " + " ".join(picks)
 

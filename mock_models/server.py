@@ -124,7 +124,7 @@ class MockServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
                  latency_per_token: float = 0.0, fault_rate: float = 0.0, faults=None, fault_seed: int = 0,
-                 retry_after: int = 1, stall_seconds: float = 30.0, honour_n: bool = True, api_key: str | None = None,
+                 retry_after: float = 1, stall_seconds: float = 30.0, honour_n: bool = True, api_key: str | None = None,
                  max_body_bytes: int = 1_000_000, context_length: int | None = None, client_timeout: float = 30.0,
                  max_concurrency: int | None = None):
         faults = tuple(faults) if faults is not None else FAULTS
@@ -146,9 +146,11 @@ class MockServer:
         self.requests: list[dict] = []
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._httpd = _Server((host, port), _make_handler(self, client_timeout))
+        server_class = _Server6 if ":" in host else _Server  # an IPv6 address such as ::1
+        self._httpd = server_class((host.strip("[]"), port), _make_handler(self, client_timeout))
         self.host, self.port = self._httpd.socket.getsockname()[:2]
-        self.base_url = f"http://{self.host}:{self.port}/v1"
+        self.base_url = f"http://[{self.host}]:{self.port}/v1" if ":" in self.host else \
+            f"http://{self.host}:{self.port}/v1"
         self._thread: threading.Thread | None = None
 
     def start(self) -> MockServer:
@@ -224,6 +226,32 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
     allow_reuse_address = True
+    linger_seconds = 2.0  # how long a closing connection's unread input is drained, at most
+    linger_bytes = 64 * 2**20  # and how much of it
+
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        """Close a connection as careful HTTP servers do ("lingering close"): stop writing, then read and discard
+        what the client is still sending (a body over the limit, refused unread) until it stops, for a bounded
+        time and size. Closing with unread input would make the kernel reset the connection, which can destroy
+        the error reply before the client reads it, and fail the client's own send."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+            ends = time.monotonic() + self.linger_seconds
+            drained = 0
+            while drained < self.linger_bytes:
+                left = ends - time.monotonic()
+                if left <= 0:
+                    break
+                request.settimeout(left)
+                chunk = request.recv(1 << 16)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        self.close_request(request)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 def _make_handler(server: MockServer, client_timeout: float):
@@ -306,7 +334,7 @@ def _make_handler(server: MockServer, client_timeout: float):
                 entry["fault"] = fault
                 if fault in ("429", "500", "503"):
                     entry["status"] = int(fault)
-                    headers = {"Retry-After": str(server.retry_after)} if fault == "429" else {}
+                    headers = {"Retry-After": f"{server.retry_after:g}"} if fault == "429" else {}
                     kind = {"429": "rate_limit_exceeded", "500": "server_error", "503": "service_unavailable"}[fault]
                     return self._json(int(fault), _error(f"injected fault: {kind}", kind), headers)
                 if fault == "drop":

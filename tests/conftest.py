@@ -1,7 +1,8 @@
 """Hypothesis profiles. The default ("ci") is deterministic: the same examples on every run and machine,
 no example database, and no deadline (many properties cross threads or loopback HTTP, whose timing a busy
 machine cannot promise). HYPOTHESIS_PROFILE=explore searches randomly, with more examples, to find new bugs
-(pin any it finds with @example)."""
+(pin any it finds with @example); "explore-short" is the same search with fewer examples, the pass .ci/run makes
+so that races and other bugs a fixed seed never meets show up in CI."""
 
 import os
 
@@ -10,4 +11,6 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("ci", derandomize=True, database=None, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("explore", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore-short", max_examples=60, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

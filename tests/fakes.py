@@ -13,7 +13,6 @@ convention of spec/wire.md section 4: choice j of a request with seed S equals c
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -21,8 +20,9 @@ import threading
 import time
 
 import selfmoa
+from tests import protocol
 
-impl = importlib.import_module(os.environ.get("SELFMOA_IMPL", "selfmoa"))
+impl = protocol.load(os.environ.get("SELFMOA_IMPL", "selfmoa"))  # a module, or cmd:COMMAND (spec/protocol.md)
 _LAST = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
 
 

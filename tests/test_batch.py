@@ -58,7 +58,8 @@ class Echo:
 
 def run(records, path, complete=None, **options):
     options = {"model": "m", "n": 2, "concurrency": 2, **options}
-    return selfmoa_batch.run_batch(selfmoa_batch.check_items(records), str(path), complete=complete or Echo(), **options)
+    return selfmoa_batch.run_batch(selfmoa_batch.check_items(records), str(path), complete=complete or Echo(),
+                                   **options)
 
 
 def read_output(path) -> list[dict]:

@@ -691,7 +691,7 @@ def test_W2_large_n_is_split_into_requests_of_at_most_max_n_keeping_the_seed_con
     fake = Recorder()
     result = impl.self_moa("Q", "m", n=MAX_N * 2 + 3, complete=fake, seed=100)
     proposals = [(r.n, r.seed) for r in fake.requests if not references_in(r.messages)]
-    assert proposals == [(16, 100), (16, 116), (3, 132)]
+    assert sorted(proposals, key=lambda p: p[1]) == [(16, 100), (16, 116), (3, 132)]  # sent in any order
     assert getattr(result, "calls", 36) == 36
 
 

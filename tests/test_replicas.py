@@ -32,8 +32,8 @@ def test_a_batch_spreads_its_calls_evenly_over_three_replicas(tmp_path):
     with MockServer(latency=0.02) as a, MockServer(latency=0.02) as b, MockServer(latency=0.02) as c:
         client = selfmoa.HTTPClient(endpoints={"generalist": [selfmoa.Endpoint(a.base_url), b.base_url,
                                                               selfmoa.Endpoint(c.base_url)]})
-        counts = selfmoa_batch.run_batch(selfmoa_batch.check_items(PROMPTS), str(tmp_path / "out.jsonl"), complete=client,
-                                   concurrency=6, model="generalist", n=2, seed=0)
+        counts = selfmoa_batch.run_batch(selfmoa_batch.check_items(PROMPTS), str(tmp_path / "out.jsonl"),
+                                         complete=client, concurrency=6, model="generalist", n=2, seed=0)
         loads = [served(server) for server in (a, b, c)]
     assert counts["done"] == 30 and sum(loads) == 60
     assert all(abs(load - 20) <= 2 for load in loads), loads
@@ -131,8 +131,8 @@ def test_keys_go_to_the_replicas_of_their_model_and_nowhere_else(tmp_path, capsy
 def test_max_in_flight_caps_the_calls_each_server_sees_at_once(tmp_path):
     with MockServer(latency=0.02, max_concurrency=50) as a, MockServer(latency=0.02, max_concurrency=50) as b:
         client = selfmoa.HTTPClient([a.base_url, b.base_url], max_in_flight=2)
-        counts = selfmoa_batch.run_batch(selfmoa_batch.check_items(PROMPTS[:12]), str(tmp_path / "out.jsonl"), complete=client,
-                                   concurrency=8, model="generalist", n=2, seed=0)
+        counts = selfmoa_batch.run_batch(selfmoa_batch.check_items(PROMPTS[:12]), str(tmp_path / "out.jsonl"),
+                                         complete=client, concurrency=8, model="generalist", n=2, seed=0)
     assert counts["done"] == 12
     assert a.peak_concurrency == b.peak_concurrency == 2
 
@@ -205,12 +205,11 @@ def test_a_call_waiting_for_a_free_slot_takes_it_as_soon_as_its_server_frees_one
     still full, while A's waiter sleeps on: that stalled MoA over one-request-at-a-time servers)."""
     a, b = selfmoa.Endpoint("http://127.0.0.1:9/v1"), selfmoa.Endpoint("http://127.0.0.1:10/v1")
     client = selfmoa.HTTPClient(endpoints={"a": a, "b": b}, max_in_flight=1)
-    request = selfmoa.Request("a", ())
-    assert client._pick([a], set(), request) is a and client._pick([b], set(), request) is b  # both full now
+    assert client._replicas.pick([a], set()) is a and client._replicas.pick([b], set()) is b  # both full now
     started: dict[str, float] = {}
 
     def wait_for(endpoint):
-        client._pick([endpoint], set(), request)
+        client._replicas.pick([endpoint], set())
         started[endpoint.base_url] = time.monotonic()
 
     waiters = []
@@ -218,15 +217,15 @@ def test_a_call_waiting_for_a_free_slot_takes_it_as_soon_as_its_server_frees_one
         waiters.append(threading.Thread(target=wait_for, args=(endpoint,), daemon=True))
         waiters[-1].start()
         for _ in range(500):
-            if len(client._slots._waiters) == len(waiters):
+            if len(client._replicas._slots._waiters) == len(waiters):
                 break
             time.sleep(0.002)
     freed = time.monotonic()
-    client._settle(a, "ok")
+    client._replicas.settle(a, "ok")
     waiters[1].join(2)
     assert started[a.base_url] - freed < 0.5, "A's waiter slept on although A had a free slot"
     assert b.base_url not in started, "B is still full"
-    client._settle(b, "ok")
+    client._replicas.settle(b, "ok")
     waiters[0].join(2)
     assert b.base_url in started
 

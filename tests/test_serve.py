@@ -43,7 +43,8 @@ def mock():
 def served(mock):
     """One server for most tests: samples n=3 by default, MoA proposers coder and mathematician."""
     client = selfmoa.HTTPClient(mock.base_url, retries=0)
-    with selfmoa_serve.ModelServer(client, port=0, defaults={"n": 3, "proposers": ["coder", "mathematician"]}) as server:
+    defaults = {"n": 3, "proposers": ["coder", "mathematician"]}
+    with selfmoa_serve.ModelServer(client, port=0, defaults=defaults) as server:
         yield server
 
 
@@ -779,8 +780,8 @@ def test_lone_surrogates_in_a_request_get_a_well_formed_reply(plain, model, stre
 def test_models_list_survives_whatever_an_upstream_lists():
     """GET /v1/models asks each upstream for its models; whatever body an upstream's /models answers (wrong
     types, a nesting bomb, a lone surrogate), serve still answers 200 with its own names."""
-    with HostileServer() as upstream, selfmoa_serve.ModelServer(selfmoa.HTTPClient(upstream.base_url, timeout=2), port=0,
-                                                         models=["mine"]) as server:
+    with HostileServer() as upstream, selfmoa_serve.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, timeout=2), port=0, models=["mine"]) as server:
         for listed in (b'{"data": 5}', b'{"data": null}', b"[" * 100_000, b'{"data": [{"id": "\\ud800"}]}',
                        b'{"data": {"id": "m"}}', b"\xff\xfe", b'{"data": [5, null, {"id": 7}]}'):
             upstream.plan = [response(b"200 OK", [(b"Content-Length", b"%d" % len(listed))], listed)]
@@ -827,8 +828,9 @@ def test_a_pass_through_attempt_is_bounded_by_the_deadline_like_any_call(stream)
     reply a byte at a time (each wait well within --timeout) is cut off at the deadline - a 502 if nothing was
     relayed yet, else the relayed stream ends - instead of holding the client for as long as it drips."""
     head = [(b"Content-Type", b"text/event-stream" if stream else b"application/json"), (b"Content-Length", b"400")]
-    with HostileServer(response(b"200 OK", head, b""), ("drip", b"x" * 400, 0.05)) as upstream, selfmoa_serve.ModelServer(
-            selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.3, retries=0), port=0) as server:
+    with HostileServer(response(b"200 OK", head, b""), ("drip", b"x" * 400, 0.05)) as upstream, \
+            selfmoa_serve.ModelServer(selfmoa.HTTPClient(upstream.base_url, timeout=2, deadline=0.3, retries=0),
+                                      port=0) as server:
         started = time.monotonic()
         try:
             reply = post(server, {"model": "coder", "messages": QUESTION, "stream": stream})

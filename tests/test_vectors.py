@@ -18,16 +18,18 @@ import json
 import os
 import pathlib
 import re
+import sys
 import threading
 
 import pytest
 
+from tests import protocol
 from tests.fakes import references_in  # wire.md section 6, read without trusting the implementation
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VECTORS = sorted((ROOT / "spec" / "vectors").glob("*.json"))
 IMPL = os.environ.get("SELFMOA_IMPL", "selfmoa")
-impl = importlib.import_module(IMPL)
+impl = protocol.load(IMPL)  # a module, or cmd:COMMAND (spec/protocol.md)
 LAST = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
 
 
@@ -51,7 +53,8 @@ def key(model, n, seed, references) -> tuple:
 class ScriptedModel:
     """A completion function that answers from a vector's script and checks every request against it."""
 
-    def __init__(self, vector: dict):
+    def __init__(self, vector: dict, implementation=None):
+        self.impl = impl if implementation is None else implementation
         self.script = {key(r["model"], r["n"], r["seed"], r["references"]): r for r in vector["requests"]}
         self.seen: list[tuple] = []
         self.problems: list[str] = []
@@ -82,7 +85,7 @@ class ScriptedModel:
                     self.shown_so_far.update(stripped(reply, messages) for reply in entry["replies"])
         assert entry is not None, f"unexpected request {asked}; the vector expects {list(self.script)}"
         if "error" in entry:
-            raise impl.ModelError(entry["error"]["message"], model=request.model, status=entry["error"]["status"])
+            raise self.impl.ModelError(entry["error"]["message"], model=request.model, status=entry["error"]["status"])
         return list(entry["replies"])
 
 
@@ -92,8 +95,25 @@ def load(path: pathlib.Path) -> dict:
 
 @pytest.mark.parametrize("path", VECTORS, ids=[p.stem for p in VECTORS])
 def test_vector(path):
+    replay(impl, path)
+
+
+ADAPTER = f"cmd:{sys.executable} tests/selfmoa_adapter.py"
+
+
+@pytest.mark.skipif(IMPL.startswith("cmd:"), reason="the implementation under test already speaks the protocol")
+def test_every_vector_through_the_protocol_with_selfmoas_adapter():
+    """spec/protocol.md cannot rot: selfmoa, behind the adapter shipped in tests/, passes every vector over
+    the protocol (one process for all of them), as any other implementation is checked."""
+    adapter = protocol.load(ADAPTER)
+    for path in VECTORS:
+        replay(adapter, path)
+
+
+def replay(impl, path: pathlib.Path) -> None:
+    """Run one vector against an implementation (a module, or a program over spec/protocol.md)."""
     vector = load(path)
-    fake = ScriptedModel(vector)
+    fake = ScriptedModel(vector, impl)
     method = getattr(impl, vector["method"])
     expected = vector["expected"]
     if "error" in expected:
@@ -148,7 +168,7 @@ def test_the_vector_files_are_what_the_generator_writes():
     on_disk = {p.stem: p.read_text(encoding="utf-8") for p in VECTORS}
     assert built.keys() == on_disk.keys()
     for name in built:
-        assert built[name] == on_disk[name], f"{name}.json is stale: run python spec/vectors/make_vectors.py"
+        assert built[name] == on_disk[name], f"{name}.json is stale: run python3 spec/vectors/make_vectors.py"
 
 
 def test_each_vector_states_the_papers_counts():

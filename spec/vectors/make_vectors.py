@@ -6,7 +6,7 @@ is read from wire.md itself, so the vectors, the spec and selfmoa cannot drift a
 (tests/test_vectors.py checks that running this script would change no file). spec/vectors.md describes
 the schema. Regenerate with:
 
-    python spec/vectors/make_vectors.py
+    python3 spec/vectors/make_vectors.py
 """
 
 from __future__ import annotations
@@ -420,7 +420,12 @@ def build() -> list[dict]:
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    summary = (__doc__ or "").split("\n\n")[0]
+    summary += " Writes every *.json file of spec/vectors/ again (removing the others)."
+    argparse.ArgumentParser(prog="python3 spec/vectors/make_vectors.py", description=summary).parse_args(argv)
     vectors = build()
     for old in HERE.glob("*.json"):
         old.unlink()
