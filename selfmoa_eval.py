@@ -26,7 +26,7 @@ Public API
 ==========================  ===================================================================
 
 >>> grade("So the total is 1,234.", "1234", "number")
-('1234', True)
+('1,234', True)
 >>> grade("Both (A) and (C) look close; the answer is (C).", "C", "choice")
 ('C', True)
 >>> grade("[ANSWER]f([1, 2]) == [2, 4][/ANSWER]", "[2,4]", "crux")
@@ -128,8 +128,8 @@ def _strip_markup(text: str) -> str:
 # --- multiple choice ----------------------------------------------------------------------------------
 
 _LETTERS = "ABCDEFGHIJ"
-_CHOICE_STARTS = re.compile(r"\s*(?:option\s+|choice\s+)?(?:\(([A-Ja-j])\)|\[([A-Ja-j])\]|([A-J])(?![\w'])|"
-                            r"([a-j])(?=\s*[).:]|\s*$))", re.IGNORECASE)
+_CHOICE_STARTS = re.compile(r"\s*(?i:option\s+|choice\s+)?(?:\(([A-Ja-j])\)|\[([A-Ja-j])\]|([A-J])(?![\w'])|"
+                            r"([a-j])(?=\s*[).:]|\s*$))")
 _PARENTHESISED = re.compile(r"\(([A-J])\)")
 _LINE_LETTER = re.compile(r"^\s*([A-J])[).:](?:\s|$)", re.MULTILINE)
 
@@ -204,8 +204,8 @@ def parse_number(text: str) -> fractions.Fraction | None:
     (Fraction(1234, 1), Fraction(-3, 4), Fraction(5, 2), None)
     """
     text = _FRAC.sub(r"\1/\2", text.strip().replace("\u2212", "-").replace("$", "").rstrip("%").strip())
-    if len(text) > _MAX_DIGITS or not re.fullmatch(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+|\d*\.\d+|\d+\.\d+)"
-                                                  r"(?:\s*/\s*(?:\d+))?", text):
+    if len(text) > _MAX_DIGITS or not re.fullmatch(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+                                                  r"(?:\s*/\s*\d+)?", text):
         return None
     numerator, _, denominator = text.replace(",", "").replace(" ", "").partition("/")
     try:
@@ -354,8 +354,8 @@ def grade_crux(response: str, answer: str) -> tuple[str | None, bool]:
     ok_given, given = _literal(extracted)
     if ok_expected and ok_given:
         try:
-            same = bool(type(given) is type(expected) or isinstance(given, (int, float)) and
-                        isinstance(expected, (int, float))) and bool(given == expected)
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (given, expected))
+            same = (type(given) is type(expected) or numbers) and bool(given == expected)
         except (RecursionError, MemoryError, ValueError, TypeError):
             same = False
         return extracted, same
@@ -1372,9 +1372,9 @@ def plan(questions: Sequence[Question], experiment: Experiment, *, out: str | No
             add(model, len(missing), asked * requests, reply * len(missing))
         seen = set()
         for cell in cells:
-            if (cell.method, cell.picks) in seen:
+            if (cell.method, cell.picks, cell.aggregator) in seen:
                 continue
-            seen.add((cell.method, cell.picks))
+            seen.add((cell.method, cell.picks, cell.aggregator))
             done = [record for record in records.values() if record["method"] == cell.method
                     and record["input"].get("item") == question.id and record["input"].get("cell") == cell.cell]
             if done:
