@@ -36,6 +36,7 @@ Public API
 ``self_moa_seq``            Self-MoA-Seq: rounds over a sliding window with a carried synthesis
 ``HTTPClient``              the default completion function: OpenAI-compatible servers over HTTP
 ``Endpoint``                one server: base URL and the API key that belongs to it
+``Sampling``                a role's request settings: temperature, token limit, other fields, per model
 ``Request`` / ``Reply``     what crosses the seam between the methods and a model
 ``Result`` / ``Call``       the final answer, with a trace of every call made
 ``inject_references``       the aggregator prompt: messages + instruction + numbered references
@@ -52,7 +53,7 @@ Public API
 
 The three methods at a glance (the arguments after ``prompt`` and the models are keywords)::
 
-    moa(prompt, proposers, aggregator, *, complete, layers=2, min_ok=1, seed=None, temperature=0.7, ...)
+    moa(prompt, proposers, aggregator, *, complete, layers=2, min_ok=1, seed=None, proposing=None, ...)
     self_moa(prompt, model, *, complete, n=6, aggregator=model, layers=2, min_ok=1, seed=None, ...)
     self_moa_seq(prompt, model, *, complete, n=6 (or samples=...), window=6, carry=3, min_ok=1, ...)
 
@@ -141,6 +142,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import difflib
 import email.utils
 import hashlib
 import http.client
@@ -176,6 +178,7 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "Reply",
     "Request",
     "Result",
+    "Sampling",
     "SelfMoAError",
     "inject_references",
     "main",
@@ -284,6 +287,8 @@ LAYOUTS = ("keyed", "reference")  # how the references are laid out in the aggre
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Prompt = str | Sequence[Message]
+Proposers = Sequence[str] | Sequence[Sequence[str]]  # MoA's: one list of models, or one list per proposer layer
+Stream = Callable[[str], None]  # receives the final answer's text pieces as they arrive
 _T = TypeVar("_T")
 
 
@@ -460,18 +465,79 @@ def _strip_markers(text: str, key: str) -> str:
 MAX_N = 16  # samples asked for in one request at most (servers cap n: OpenAI at 128, some far lower)
 
 
+DEFAULT_TEMPERATURE = 0.7  # the paper samples (and aggregates) at 0.7
+# Request fields the methods set themselves: Sampling.fields cannot hold them.
+_OWN_FIELDS = ("model", "messages", "n", "seed", "stream", "stream_options", "stop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the requests of one role are made: the proposers' (``proposing=``) or the aggregator's
+    (``aggregating=``). The methods also take a plain dict with these keys.
+
+    - ``temperature``: None (the default) sends 0.7, the paper's, which a server that refuses temperatures
+      (OpenAI's reasoning models) may have dropped, so that the model samples at its own; a number is the
+      caller's choice: always sent, and a server refusing it is an error naming it.
+    - ``max_tokens``: the token limit of each reply (None: the server's). Sent as ``max_tokens``, or as
+      ``max_completion_tokens`` to a server that refuses ``max_tokens``.
+    - ``fields``: other JSON fields for every request of the role, as the server names them:
+      ``{"reasoning_effort": "high"}``, ``{"top_p": 0.9}``, ``{"chat_template_kwargs": {"enable_thinking":
+      False}}``, ``{"max_completion_tokens": 4096}`` (the limit under that name). A value None sends no such
+      field: ``{"temperature": None}`` sends no temperature at all.
+    - ``models``: more fields for one model's requests of the role, over ``fields``: ``{"qwen3": {...}}``.
+
+    >>> Sampling(max_tokens=4096, fields={"reasoning_effort": "high"}).request_fields("o4-mini")
+    {'reasoning_effort': 'high'}
+    """
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+    fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    models: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def request_fields(self, model: str) -> dict[str, Any]:
+        """The fields of a request to ``model`` (``fields``, then the model's own over them), None ones left out."""
+        merged = {**self.fields, **self.models.get(model, {})}
+        return {name: value for name, value in merged.items() if value is not None}
+
+    def sent_temperature(self, model: str) -> float | None:
+        """The temperature a request to ``model`` carries: None when ``fields`` removes it."""
+        merged = {**self.fields, **self.models.get(model, {})}
+        if "temperature" in merged:  # only ever None (checked): no temperature is sent
+            return None
+        return DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
+
+    def params(self, prefix: str = "") -> dict[str, Any]:
+        """As a Result's ``params`` (and a batch's fingerprint) report it: ``temperature`` and ``max_tokens``
+        always, ``fields`` and ``models`` when given; ``prefix`` is ``"aggregator_"`` for the aggregator."""
+        out: dict[str, Any] = {f"{prefix}temperature": DEFAULT_TEMPERATURE if self.temperature is None
+                               else self.temperature, f"{prefix}max_tokens": self.max_tokens}
+        if self.fields:
+            out[f"{prefix}fields"] = dict(self.fields)
+        if self.models:
+            out[f"{prefix}models"] = {model: dict(fields) for model, fields in self.models.items()}
+        return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One chat-completion request, as the methods hand it to the completion function."""
+    """One chat-completion request, as the methods hand it to the completion function.
+
+    ``temperature`` None sends none. ``fields`` are other JSON fields to send as they are (``Sampling.fields``);
+    ``optional`` names the fields whose values the caller did not choose (the default temperature): a client
+    may drop those when a server refuses them, and must refuse to drop any other.
+    """
 
     model: str
     messages: tuple  # of Message dicts; never mutated
-    temperature: float = 0.7
+    temperature: float | None = DEFAULT_TEMPERATURE
     max_tokens: int | None = None
     n: int = 1
     seed: int | None = None
     stream: Callable[[str], None] | None = dataclasses.field(default=None, compare=False, repr=False)
     stop: tuple[str, ...] | None = None  # stop sequences (serve sets them on the final aggregation only)
+    fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    optional: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass
@@ -533,8 +599,9 @@ class Call:
     carried: int = 0
     n: int = 1
     seed: int | None = None
-    temperature: float = 0.7
+    temperature: float | None = DEFAULT_TEMPERATURE
     max_tokens: int | None = None
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     outputs: list[str | None] = dataclasses.field(default_factory=list)
     finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
     prompt_tokens: int | None = None
@@ -612,12 +679,11 @@ class Result:
 # ======================================================================================================
 
 
-def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggregator: str, *,
-        complete: Callable[[Request], Any], layers: int | None = None, temperature: float = 0.7,
-        max_tokens: int | None = None, aggregator_temperature: float = 0.7,
-        aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-        concurrency: int = 8, instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
-        samples: Sequence[str] | None = None, stream: Callable[[str], None] | None = None) -> Result:
+def moa(prompt: Prompt, proposers: Proposers, aggregator: str, *, complete: Callable[[Request], Any],
+        layers: int | None = None, proposing: Sampling | None = None, aggregating: Sampling | None = None,
+        seed: int | None = None, min_ok: int = 1, concurrency: int = 8, instruction: str | None = None,
+        layout: str = "keyed", use_n: bool = True, samples: Sequence[str] | None = None,
+        stream: Stream | None = None) -> Result:
     """Mixture-of-Agents: ``layers - 1`` layers of proposers, then one aggregator.
 
     ``proposers`` is the list of proposer models of every proposer layer (a model may appear several
@@ -627,9 +693,12 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
     they finish in. A proposer that fails is dropped, the numbering staying contiguous; a layer with fewer
     than ``min_ok`` successes raises ``NotEnoughProposals``. Proposer ``j`` of a layer gets seed
     ``seed + j``; consecutive proposers of the same model share one request with ``n`` (at most ``MAX_N``
-    per request; none with ``use_n=False``). ``instruction`` replaces ``DEFAULT_INSTRUCTION``; ``layout``
-    chooses how references are shown (``"keyed"``, or ``"reference"`` for the original MoA prompt; see
-    ``format_references``). ``stream`` receives the final answer's text pieces as they arrive.
+    per request; none with ``use_n=False``). ``proposing`` and ``aggregating`` say how the proposers' and
+    the aggregator's requests are made: temperature, token limit, other fields, per model (a ``Sampling``,
+    or a dict of its fields).
+    ``instruction`` replaces ``DEFAULT_INSTRUCTION``; ``layout`` chooses how the references are shown
+    (``"keyed"``, or ``"reference"``: numbered, as the original MoA code did; see ``format_references``).
+    ``stream`` receives the final answer's text pieces as they arrive.
 
     ``samples`` gives the first proposer layer's outputs instead of asking for them, one text per proposer
     of that layer, in order (the proposers then only name whose output each is): a run over proposals
@@ -637,7 +706,6 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
 
     >>> moa("2+2?", ["a", "b"], "c", samples=["4", "5"], complete=lambda r: str(read_references(r.messages))).answer
     "['4', '5']"
-
     >>> moa("2+2?", ["a", "b"], "c", complete=lambda r: f"{r.model}:{len(read_references(r.messages))}",
     ...     layers=3).answer
     'c:2'
@@ -655,10 +723,8 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
     """
     messages = as_messages(prompt)
     plan = _proposer_plan(proposers, layers)
-    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
-                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-                         seed=seed, concurrency=concurrency, instruction=instruction, layout=layout, use_n=use_n,
-                         stream=stream)
+    settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream, layout=layout)
     _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
     given = None if samples is None else _given_layer(samples, plan[0])
     return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="moa",
@@ -695,12 +761,11 @@ def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min
 
 
 def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], n: int = 6,
-             aggregator: str | None = None, layers: int = 2, temperature: float = 0.7,
-             max_tokens: int | None = None, aggregator_temperature: float = 0.7,
-             aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-             concurrency: int = 8, instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
-             samples: Sequence[str] | None = None, stream: Callable[[str], None] | None = None) -> Result:
-    """Self-MoA: ``n`` samples of ``model`` at ``temperature > 0``, aggregated by ``aggregator``.
+             aggregator: str | None = None, layers: int = 2, proposing: Sampling | None = None,
+             aggregating: Sampling | None = None, seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
+             instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
+             samples: Sequence[str] | None = None, stream: Stream | None = None) -> Result:
+    """Self-MoA: ``n`` samples of ``model`` at a temperature above 0, aggregated by ``aggregator``.
 
     The aggregator is ``model`` itself unless given. This is exactly MoA whose proposer layers hold
     ``model`` ``n`` times, so it makes ``n + 1`` calls (``n`` per proposer layer); the ``n`` samples go in one
@@ -711,22 +776,21 @@ def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], 
     4
     >>> self_moa("2+2?", "m", samples=["4", "4", "5"], complete=lambda r: "4").calls
     1
-    >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4", temperature=0)  # doctest: +ELLIPSIS
+    >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4", proposing={"temperature": 0})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
     selfmoa.ConfigError: temperature=0: ...; pass a temperature above 0 (the paper samples at 0.7)
     """
     messages = as_messages(prompt)
+    proposing = _sampling("proposing", proposing)
     if samples is not None:
         _check(isinstance(samples, Sequence) and not isinstance(samples, str), "samples", samples,
                "it is the list of sample texts", "pass a list of strings")
         n = len(samples)
-    _check_sampled(model=model, n=n, temperature=temperature, method="Self-MoA")
+    _check_sampled(model=model, n=n, temperature=proposing.temperature, method="Self-MoA")
     plan = _proposer_plan([model] * n, layers)
-    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
-                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-                         seed=seed, concurrency=concurrency, instruction=instruction, layout=layout, use_n=use_n,
-                         stream=stream)
+    settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream, layout=layout)
     aggregator = model if aggregator is None else aggregator
     _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
     given = None if samples is None else _given_layer(samples, plan[0])
@@ -773,11 +837,10 @@ def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
 
 def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable[[Request], Any],
                  n: int | None = None, samples: Iterable[str] | None = None, window: int = 6, carry: int = 3,
-                 aggregator: str | None = None, temperature: float = 0.7, max_tokens: int | None = None,
-                 aggregator_temperature: float = 0.7, aggregator_max_tokens: int | None = None,
-                 seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
-                 instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
-                 stream: Callable[[str], None] | None = None) -> Result:
+                 aggregator: str | None = None, proposing: Sampling | None = None,
+                 aggregating: Sampling | None = None, seed: int | None = None, min_ok: int = 1,
+                 concurrency: int = 8, instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
+                 stream: Stream | None = None) -> Result:
     """Self-MoA-Seq: aggregate many samples of one model in rounds over a sliding window.
 
     Round 1 aggregates samples ``0 .. window-1``; round ``t >= 2`` aggregates the synthesis of round
@@ -801,17 +864,16 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     """
     messages = as_messages(prompt)
     _check_window(window, carry)
+    proposing = _sampling("proposing", proposing)
     if samples is None:
         n = 6 if n is None else n
-        _check_sampled(model=model, n=n, temperature=temperature, method="Self-MoA-Seq")
+        _check_sampled(model=model, n=n, temperature=proposing.temperature, method="Self-MoA-Seq")
     else:
         _check_given(samples=samples, n=n)
     aggregator = model if aggregator is None else aggregator
     _check_model("aggregator", aggregator)
-    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
-                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-                         seed=seed, concurrency=concurrency, instruction=instruction, layout=layout, use_n=use_n,
-                         stream=stream)
+    settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream, layout=layout)
     known = n if samples is None else (len(samples) if isinstance(samples, Sequence) else None)
     _check_min_ok_samples(min_ok, known)
     params = {"model": model, "aggregator": aggregator, "n": known, "window": window, "carry": carry,
@@ -1013,22 +1075,14 @@ Outcome = str | ModelError  # a sample's text, or why it failed
 
 
 @dataclasses.dataclass(frozen=True)
-class _Params:
-    """Sampling parameters of one role (proposers or aggregator)."""
-
-    temperature: float
-    max_tokens: int | None
-    seed: int | None
-
-
-@dataclasses.dataclass(frozen=True)
 class _Settings:
     """The checked arguments every method shares."""
 
     complete: Callable[[Request], Any]
     concurrency: int
-    proposing: _Params
-    aggregating: _Params
+    proposing: Sampling
+    aggregating: Sampling
+    seed: int | None
     instruction: str
     layout: str
     use_n: bool
@@ -1036,10 +1090,16 @@ class _Settings:
 
     def params(self) -> dict[str, Any]:
         """The sampling arguments as a Result's ``params`` reports them."""
-        return {"temperature": self.proposing.temperature, "max_tokens": self.proposing.max_tokens,
-                "aggregator_temperature": self.aggregating.temperature,
-                "aggregator_max_tokens": self.aggregating.max_tokens, "seed": self.proposing.seed,
+        return {**self.proposing.params(), **self.aggregating.params("aggregator_"), "seed": self.seed,
                 **({} if self.layout == "keyed" else {"layout": self.layout})}
+
+    def request(self, role: str, model: str, messages: tuple, **rest: Any) -> Request:
+        """A request of ``role`` (``"proposer"`` or ``"aggregator"``) to ``model``, with the role's settings."""
+        sampling = self.proposing if role == "proposer" else self.aggregating
+        temperature = sampling.sent_temperature(model)
+        optional = frozenset({"temperature"} if sampling.temperature is None and temperature is not None else ())
+        return Request(model=model, messages=messages, temperature=temperature, max_tokens=sampling.max_tokens,
+                       fields=sampling.request_fields(model), optional=optional, **rest)
 
 
 class _Run:
@@ -1141,17 +1201,16 @@ class _Run:
         ``i`` with seed ``S + i`` (spec/wire.md section 4). Each future resolves as soon as its own sample
         exists.
         """
-        params = self.settings.proposing
+        base = self.settings.seed
         slots: list[concurrent.futures.Future] = [concurrent.futures.Future() for _ in range(count)]
         frozen = tuple(messages)
 
         def ask(start: int, size: int) -> None:
-            seed = None if params.seed is None else params.seed + first + start
+            seed = None if base is None else base + first + start
+            request = self.settings.request("proposer", model, frozen, n=size, seed=seed)
             call = Call("proposer", layer=layer, model=model, indices=list(range(first + start, first + start + size)),
-                        references=list(references), n=size, seed=seed, temperature=params.temperature,
-                        max_tokens=params.max_tokens)
-            request = Request(model=model, messages=frozen, temperature=params.temperature,
-                              max_tokens=params.max_tokens, n=size, seed=seed)
+                        references=list(references), n=size, seed=seed, temperature=request.temperature,
+                        max_tokens=request.max_tokens, fields=dict(request.fields))
             future = self._submit(call, remaining, answer, start, size, call, request)
             future.add_done_callback(lambda done: never_sent(start, size) if done.cancelled() else None)
 
@@ -1203,13 +1262,13 @@ class _Run:
                   stream: Callable[[str], None] | None = None) -> str:
         """One aggregation call, waited for: its text, with any echoed marker line removed (also from what is
         streamed). A failure raises its ModelError."""
-        params = self.settings.aggregating
         block = _block_key(messages[0]["content"]) if self.settings.layout == "keyed" else None
         assert block is not None or self.settings.layout != "keyed", "an aggregation always shows references"
         shown = stream if stream is None or block is None else _MarkerFilter(stream, block[1])
-        request = Request(model=call.model, messages=tuple(messages), temperature=params.temperature,
-                          max_tokens=params.max_tokens, n=1, seed=params.seed, stream=shown)
-        call.seed, call.temperature, call.max_tokens = params.seed, params.temperature, params.max_tokens
+        request = self.settings.request("aggregator", call.model, tuple(messages), n=1, seed=self.settings.seed,
+                                        stream=shown)
+        call.seed, call.temperature, call.max_tokens = request.seed, request.temperature, request.max_tokens
+        call.fields = dict(request.fields)
         outcome = self._submit(call, remaining, self._call, call, request).result()
         if isinstance(outcome, ModelError):
             raise outcome
@@ -1391,12 +1450,53 @@ def _start(complete: Any, concurrency: int) -> tuple[_Pool, bool, tuple, bool]:
 # --- Argument checks: every argument is checked before the first call ---------------------------------
 
 
-def _check_sampling(temperature: Any, max_tokens: Any, prefix: str = "") -> None:
-    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-           and 0 <= temperature <= 2, f"{prefix}temperature", temperature,
-           "chat-completions servers accept 0 to 2", "pass a number between 0 and 2")
+def _sampling(name: str, given: Any) -> Sampling:
+    """A role's settings, checked: a ``Sampling``, a dict of its fields, or None for the defaults.
+
+    A bad part is named as the command line's flag is once translated: ``temperature=...`` for the
+    proposers' temperature, ``aggregator_temperature=...`` for the aggregator's, ``fields[top_p]=...``.
+    """
+    if given is None:
+        return Sampling()
+    if isinstance(given, Mapping) and not isinstance(given, Sampling):
+        known = [f.name for f in dataclasses.fields(Sampling)]
+        unknown = [key for key in given if key not in known]
+        _check(not unknown, name, dict(given), f"{', '.join(map(repr, unknown))} is not a setting of a role",
+               f"use {', '.join(known)}")
+        given = Sampling(**given)
+    _check(isinstance(given, Sampling), name, given, "it holds a role's request settings",
+           'pass Sampling(...), a dict like {"temperature": 1.0, "max_tokens": 512}, or None')
+    prefix = "" if name == "proposing" else "aggregator_"
+    temperature, max_tokens = given.temperature, given.max_tokens
+    _check(temperature is None or (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+                                   and 0 <= temperature <= 2), f"{prefix}temperature", temperature,
+           "chat-completions servers accept 0 to 2", "pass a number between 0 and 2, or None for the default (0.7)")
     _check(max_tokens is None or (_is_int(max_tokens) and max_tokens >= 1), f"{prefix}max_tokens", max_tokens,
            "it limits the tokens generated per reply", "pass an integer >= 1, or None for the server's default")
+    _check(isinstance(given.fields, Mapping), f"{prefix}fields", given.fields, "it maps request fields to values",
+           'pass a dict like {"top_p": 0.9}')
+    _check(isinstance(given.models, Mapping) and all(isinstance(m, str) and m and isinstance(f, Mapping)
+                                                     for m, f in given.models.items()),
+           f"{prefix}models", given.models, "it maps a model name to that model's own request fields",
+           'pass a dict like {"qwen3": {"top_p": 0.9}}')
+    for where, fields in [(f"{prefix}fields", given.fields)] + [(f"{prefix}models[{model}]", fields) for
+                                                               model, fields in given.models.items()]:
+        for key, value in fields.items():
+            _check(isinstance(key, str) and key != "", where, dict(fields), "a field name is a non-empty string",
+                   "name the fields as the server does")
+            _check(key not in _OWN_FIELDS, f"{where}[{key}]", value, "the methods set this field themselves",
+                   f"leave {key} out")
+            _check(key not in ("temperature", "max_tokens") or value is None, f"{where}[{key}]", value,
+                   f"the {key} of a role is its own setting", f"pass {prefix}{key}= instead (None here sends none)")
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError, RecursionError):
+                _check(False, f"{where}[{key}]", value, "a request field is sent as JSON",
+                       "pass strings, numbers, booleans, None, lists and dicts")
+            _check(not (max_tokens is not None and key == "max_completion_tokens" and value is not None),
+                   f"{prefix}max_tokens", max_tokens, "a max_completion_tokens field sets the token limit as well",
+                   "give the limit once: as max_tokens, or as the field")
+    return given
 
 
 def _check_model(name: str, value: Any) -> None:
@@ -1404,12 +1504,10 @@ def _check_model(name: str, value: Any) -> None:
            "pass the name the server knows the model by")
 
 
-def _settings(*, complete: Any, temperature: Any, max_tokens: Any, aggregator_temperature: Any,
-              aggregator_max_tokens: Any, seed: Any, concurrency: Any, instruction: Any, use_n: Any,
-              stream: Any, layout: Any = "keyed") -> _Settings:
+def _settings(*, complete: Any, proposing: Any, aggregating: Any, seed: Any, concurrency: Any, instruction: Any,
+              use_n: Any, stream: Any, layout: Any = "keyed") -> _Settings:
     """The arguments every method shares, checked."""
-    _check_sampling(temperature, max_tokens)
-    _check_sampling(aggregator_temperature, aggregator_max_tokens, "aggregator_")
+    proposing, aggregating = _sampling("proposing", proposing), _sampling("aggregating", aggregating)
     _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
            "pass an integer, or None")
     _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
@@ -1420,11 +1518,8 @@ def _settings(*, complete: Any, temperature: Any, max_tokens: Any, aggregator_te
            "it tells the aggregator what to do with the references", "pass a non-empty string, or None")
     _check(stream is None or callable(stream), "stream", stream, "it receives the final answer's text pieces",
            "pass a function taking a str, or None")
-    return _Settings(complete=complete, concurrency=concurrency,
-                     proposing=_Params(temperature=temperature, max_tokens=max_tokens, seed=seed),
-                     aggregating=_Params(temperature=aggregator_temperature, max_tokens=aggregator_max_tokens,
-                                         seed=seed),
-                     instruction=instruction, layout=layout, use_n=bool(use_n), stream=stream)
+    return _Settings(complete=complete, concurrency=concurrency, proposing=proposing, aggregating=aggregating,
+                     seed=seed, instruction=instruction, layout=layout, use_n=bool(use_n), stream=stream)
 
 
 def _proposer_plan(proposers: Any, layers: Any) -> list[list[str]]:
@@ -1900,8 +1995,9 @@ class HTTPClient:
     @staticmethod
     def _body(request: Request) -> bytes:
         """The request as JSON, the fields the server needs and no others (wire.md section 1)."""
-        body: dict[str, Any] = {"model": request.model, "messages": list(request.messages),
-                                "temperature": request.temperature}
+        body: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
         if request.n > 1:
@@ -1913,6 +2009,7 @@ class HTTPClient:
         if request.stream is not None:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
+        body.update((name, value) for name, value in request.fields.items() if name not in body)
         return _clean(json.dumps(body, ensure_ascii=False)).encode("utf-8")  # no lone surrogate can be sent
 
     def _retrying(self, replicas: list[Endpoint], request: Request, tally: _Tally,
@@ -2276,6 +2373,54 @@ class HTTPClient:
                       _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
         return reply, whole and not response.will_close
 
+    # --- the models a server offers, for messages -----------------------------------------------------------
+
+    def models(self, model: str) -> list[str] | None:
+        """The model names the servers of ``model`` list at ``GET {base_url}/models`` (each replica asked once,
+        with its own key, within ``timeout`` and ``deadline``, never retried), sorted and without repeats; None
+        when none of them answers with a list. For messages such as "the server offers ...": what a 404 meant.
+        Names are cleaned like any server text (keys blanked out, control characters replaced, cut short)."""
+        names: set[str] = set()
+        listed = False
+        for endpoint in self.replicas(model):
+            found = self._list_models(endpoint)
+            if found is not None:
+                listed = True
+                names.update(found)
+        return sorted(names) if listed else None
+
+    def _list_models(self, endpoint: Endpoint) -> list[str] | None:
+        if self._aborted.is_set():
+            return None
+        parts = endpoint._parts
+        kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
+        connection = kind(parts.hostname or "", parts.port, timeout=min(self.timeout, self.deadline))
+        flight = self._begin(connection)
+        path = parts.path.rstrip("/") + "/models" + (f"?{parts.query}" if parts.query else "")
+        headers = {"User-Agent": f"selfmoa/{__version__}", "Accept": "application/json"}
+        if endpoint.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            raw, whole = _read_capped(response, 16 * MAX_ERROR_BYTES)
+        except (OSError, http.client.HTTPException, ValueError):
+            return None
+        finally:
+            self._end(flight)
+            connection.close()
+        if response.status != 200 or not whole or flight.expired:
+            return None
+        try:
+            data = json.loads(raw.decode("utf-8", errors="replace"))
+        except (ValueError, RecursionError):
+            return None
+        entries = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            return None
+        return [_shown(entry["id"], endpoint.secrets, 200) for entry in entries[:1000]
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"].strip()]
+
     def close(self) -> None:
         """Close the idle kept-alive connections (the client stays usable: it reconnects when called)."""
         with self._lock:
@@ -2478,11 +2623,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--window", type=int, metavar="W", help="self-moa-seq: responses per round (default: 6)")
     add("--carry", type=int, metavar="R",
         help="self-moa-seq: copies of the previous synthesis per round (default: 3)")
-    add("--temperature", type=_finite, default=0.7, metavar="T", help="proposers' temperature (default: 0.7)")
+    add("--temperature", type=_finite, metavar="T",
+        help="proposers' temperature (default: 0.7, dropped where a server refuses it)")
     add("--max-tokens", type=int, metavar="K", help="proposers' token limit (default: the server's)")
-    add("--aggregator-temperature", type=_finite, default=0.7, metavar="T",
-        help="the aggregator's temperature (default: 0.7)")
+    add("--aggregator-temperature", type=_finite, metavar="T",
+        help="the aggregator's temperature (default: 0.7, dropped where a server refuses it)")
     add("--aggregator-max-tokens", type=int, metavar="K", help="the aggregator's token limit (default: the server's)")
+    add("--field", action="append", metavar="[MODEL:]KEY=VALUE",
+        help="send the request field KEY with every request (with MODEL:, every request to MODEL); VALUE is "
+             "JSON, else a string; null sends no KEY (repeatable)")
+    add("--proposer-field", action="append", metavar="[MODEL:]KEY=VALUE", help="the same, for the proposers only")
+    add("--aggregator-field", action="append", metavar="[MODEL:]KEY=VALUE",
+        help="the same, for the aggregator only")
     add("--seed", type=int, metavar="S", help="sample i gets seed S+i; aggregations get S")
     add("--min-ok", type=int, default=1, metavar="K", help="fewest proposers per layer that must succeed (default: 1)")
     add("--concurrency", type=int, default=8, metavar="C", help="calls at once (default: 8)")
@@ -2541,9 +2693,98 @@ def _cli_endpoint(url: str, key: str | None, url_source: str, key_source: str) -
 
 
 def _servers_of(client: Any) -> dict[str, Any]:
-    """``{"servers": ...}``, the requests each server got (HTTPClient.servers()), for --json; {} for other clients."""
+    """``{"servers": ...}``, the requests each server got (HTTPClient.servers()), for --json; {} for other clients.
+    The default endpoint (the OpenAI API when no --base-url is given) is left out when no model of the run used
+    it, so that a run over --endpoint servers alone does not seem to involve it."""
     servers = getattr(client, "servers", None)
-    return {"servers": servers()} if callable(servers) else {}
+    if not callable(servers):
+        return {}
+    counts = servers()
+    default = {_public_url(endpoint.base_url) for endpoint in getattr(client, "default", [])}
+    own = {_public_url(e.base_url) for group in getattr(client, "endpoints", {}).values() for e in group}
+    if not any(counts.get(url, {}).get("requests") for url in default):
+        counts = {url: count for url, count in counts.items() if url not in default or url in own}
+    return {"servers": counts}
+
+
+def _reason(error: str) -> str:
+    """A failed call's error for a one-line report: without the server's whole reply, which --json keeps.
+
+    >>> _reason("model 'x' at http://h/v1: HTTP 404: no such model; server said: {\\"error\\": {}}")
+    "model 'x' at http://h/v1: HTTP 404: no such model"
+    """
+    return error.split("; server said: ", 1)[0]
+
+
+def _spans(positions: Iterable[int]) -> str:
+    """Positions (0-based) as a reader counts them (1-based), runs joined.
+
+    >>> _spans([0, 2, 3, 4, 7])
+    '1, 3-5, 8'
+    """
+    spans: list[list[int]] = []
+    ordered = sorted(set(positions))
+    for position in ordered:
+        if spans and position == spans[-1][1] + 1:
+            spans[-1][1] = position
+        else:
+            spans.append([position, position])
+    return ", ".join(f"{a + 1}" if a == b else f"{a + 1}-{b + 1}" for a, b in spans)
+
+
+def dropped_report(result: Result) -> list[str]:
+    """What the command line says on standard error about a run's proposers (MoA) or samples (Self-MoA, Self-MoA-Seq)
+    that failed and were dropped while the run went on: one line per layer and cause, naming the model, the reason
+    and how many went on ("continuing with K of N"). A layer that stopped the run is the error's to name."""
+    word = "proposer" if result.method == "moa" else "sample"
+    proposers = [call for call in result.trace if call.role == "proposer"]
+    layers = sorted({call.layer for call in proposers})
+    lines = []
+    for layer in layers:
+        calls = [call for call in proposers if call.layer == layer]
+        asked = {i for call in calls for i in call.indices}
+        causes: dict[str, tuple[set[int], set[str]]] = {}
+        for call in calls:
+            if call.error:
+                positions, models = causes.setdefault(_reason(call.error), (set(), set()))
+                positions.update(call.indices)
+                models.add(call.model)
+        lost = {i for positions, _ in causes.values() for i in positions}
+        went_on = any(call.layer > layer or (call.role == "aggregator" and call.layer == layer)
+                      for call in result.trace if call not in calls)
+        if not lost or not went_on:
+            continue
+        where = f"layer {layer}: " if len(layers) > 1 else ""
+        for reason, (positions, models) in causes.items():
+            many = len(positions) > 1
+            lines.append(f"{where}{word}{'s' if many else ''} {_spans(positions)} ({', '.join(sorted(models))}) "
+                         f"failed and {'were' if many else 'was'} dropped: {reason}; continuing with "
+                         f"{len(asked) - len(lost)} of {len(asked)} {word}s")
+    return lines
+
+
+_HTTP_404 = re.compile(r": HTTP 404: ")
+
+
+def missing_models_report(errors: Iterable[tuple[str, str]], client: Any) -> list[str]:
+    """For each model that got a 404 (``errors``: pairs of model and error text) from every server of it, and that
+    its servers do not list at ``GET /models``: a line saying so, with the names they do offer (and the nearest
+    one). Asks the servers through ``client.models`` (HTTPClient); nothing for other clients or unlisted models."""
+    lister = getattr(client, "models", None)
+    if not callable(lister):
+        return []
+    lines = []
+    for model in dict.fromkeys(model for model, error in errors if _HTTP_404.search(error)):
+        offered = lister(model)
+        if not offered or model in offered:
+            continue
+        urls = [_public_url(endpoint.base_url) for endpoint in client.replicas(model)]
+        where = f"its server {urls[0]}" if len(urls) == 1 else f"any of its {len(urls)} servers"
+        close = difflib.get_close_matches(model, offered, n=1, cutoff=0.6)
+        shown = ", ".join(offered[:20]) + (f" and {len(offered) - 20} more" if len(offered) > 20 else "")
+        lines.append(f"model {_clean(model)[:200]!r} does not exist on {where} (HTTP 404); it offers: {shown}"
+                     + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return lines
 
 
 def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPClient:
@@ -2609,6 +2850,68 @@ def _check_flags(args: argparse.Namespace) -> None:
                               f"would have no effect; drop it")
 
 
+_FIELD_VALUE_START = tuple('{["')
+
+
+def _field_flag(flag: str, text: str) -> tuple[str | None, str, Any]:
+    """``[MODEL:]KEY=VALUE`` of --field (or a role's): the model (None: any), the key, the JSON value.
+
+    VALUE is JSON where it reads as JSON, else the text itself; a value that starts like a JSON object, list
+    or string must be valid JSON. The key is what follows the last ``:`` before ``=`` (model names may hold ``:``).
+
+    >>> _field_flag("--field", 'qwen3:8b:chat_template_kwargs={"enable_thinking": false}')
+    ('qwen3:8b', 'chat_template_kwargs', {'enable_thinking': False})
+    >>> _field_flag("--field", "reasoning_effort=high"), _field_flag("--field", "top_p=0.9")
+    ((None, 'reasoning_effort', 'high'), (None, 'top_p', 0.9))
+    """
+    left, sep, raw = text.partition("=")
+    model, colon, key = left.rpartition(":")
+    if not sep or not key.strip() or key != key.strip() or (colon and not model.strip()):
+        raise ConfigError(f"{flag} {text!r}: expected [MODEL:]KEY=VALUE; pass e.g. {flag} top_p=0.9 or "
+                          f"{flag} qwen3:reasoning_effort=low")
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)
+    try:
+        value = json.loads(raw, parse_constant=refuse)
+    except (ValueError, RecursionError):
+        if raw.strip().startswith(_FIELD_VALUE_START) or not raw.strip():
+            raise ConfigError(f"{flag} {key}=...: {raw[:100]!r} is not valid JSON; quote it for the shell, e.g. "
+                              f"{flag} '{key}={{\"enable_thinking\": false}}', or {key}='\"text\"' for a string") \
+                from None
+        value = raw
+    if key in _OWN_FIELDS:
+        raise ConfigError(f"{flag} {key}: selfmoa sets {key} itself; drop it")
+    if key in ("temperature", "max_tokens") and value is not None:
+        role = "--aggregator-" if flag == "--aggregator-field" else "--"
+        raise ConfigError(f"{flag} {key}: the {key} has its own flag; pass {role}{key.replace('_', '-')} "
+                          f"(or {key}=null to send none)")
+    return model or None, key, value
+
+
+def role_settings(args: argparse.Namespace) -> tuple[Sampling, Sampling]:
+    """The proposers' and the aggregator's ``Sampling`` from the flags: --temperature, --max-tokens, --field and
+    --proposer-field; the --aggregator- ones. A model's own fields (MODEL:) go over the role's, and a role's
+    flag over --field."""
+    roles = []
+    for role in ("proposer", "aggregator"):
+        fields: dict[str, Any] = {}
+        models: dict[str, dict[str, Any]] = {}
+        for flag in ("--field", f"--{role}-field"):
+            for text in getattr(args, flag[2:].replace("-", "_")) or []:
+                model, key, value = _field_flag(flag, text)
+                (fields if model is None else models.setdefault(model, {}))[key] = value
+        prefix = "" if role == "proposer" else "aggregator_"
+        temperature, max_tokens = getattr(args, f"{prefix}temperature"), getattr(args, f"{prefix}max_tokens")
+        if max_tokens is not None and any(f.get("max_completion_tokens") is not None
+                                          for f in [fields, *models.values()]):
+            flag = "--aggregator-max-tokens" if prefix else "--max-tokens"
+            raise ConfigError(f"{flag} {max_tokens}: a max_completion_tokens field sets the token limit as well; "
+                              f"give the limit once, as {flag} or as the field")
+        roles.append(Sampling(temperature=temperature, max_tokens=max_tokens, fields=fields, models=models))
+    return roles[0], roles[1]
+
+
 def _instruction_file(path: str | None) -> str | None:
     """The aggregator instruction of --instruction-file (None without one); an unreadable or empty file is a
     usage error naming the flag."""
@@ -2634,10 +2937,9 @@ def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
     instruction = _instruction_file(args.instruction_file)
     given = {name: value for name, value in (("layers", args.layers), ("n", args.samples), ("window", args.window),
                                               ("carry", args.carry)) if value is not None}
-    common = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
-              "aggregator_temperature": args.aggregator_temperature, "min_ok": args.min_ok,
-              "aggregator_max_tokens": args.aggregator_max_tokens, "concurrency": args.concurrency,
-              "instruction": instruction, "use_n": args.use_n, **given,
+    proposing, aggregating = role_settings(args)
+    common = {"proposing": proposing, "aggregating": aggregating, "seed": args.seed, "min_ok": args.min_ok,
+              "concurrency": args.concurrency, "instruction": instruction, "use_n": args.use_n, **given,
               **({} if args.layout == "keyed" else {"layout": args.layout})}
     if args.method == "moa":
         if not args.proposer:
@@ -2735,18 +3037,31 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if streamed:
             print(file=sys.stdout)
         message = str(exc).replace(" min_ok=", " --min-ok ", 1) if isinstance(exc, NotEnoughProposals) else str(exc)
+        for line in dropped_report(exc.partial) if exc.partial is not None else []:
+            print(f"selfmoa: {line}", file=sys.stderr)
         print(f"selfmoa: {message}", file=sys.stderr)
+        errors = [(call.model, call.error) for call in exc.partial.trace if call.error] if exc.partial else []
+        if isinstance(exc, ModelError):
+            errors.append((exc.model, str(exc)))
+        for line in missing_models_report(errors, client):
+            print(f"selfmoa: {line}", file=sys.stderr)
         if args.json and exc.partial is not None:
             print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message,
                               **_servers_of(client)}, indent=2,
                              ensure_ascii=False))
         elif exc.partial is not None and exc.partial.trace:
-            print(f"selfmoa: {exc.partial.requests} requests had been made; --json shows them", file=sys.stderr)
+            made = exc.partial.requests
+            print(f"selfmoa: {made} request{'s' if made != 1 else ''} had been made; --json shows them",
+                  file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         client.abort()  # calls still in flight end now: their sockets are shut down
         print("\nselfmoa: interrupted", file=sys.stderr)
         return 130
+    for line in dropped_report(result):
+        print(f"selfmoa: {line}", file=sys.stderr)
+    for line in missing_models_report([(call.model, call.error) for call in result.trace if call.error], client):
+        print(f"selfmoa: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps({**result.to_dict(diversity=args.diversity), **_servers_of(client)}, indent=2,
                          ensure_ascii=False))

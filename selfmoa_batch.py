@@ -62,14 +62,19 @@ from selfmoa import (
     ConfigError,
     HTTPClient,
     Message,
+    ModelError,
+    Reply,
     Request,
     SelfMoAError,
     _check,
     _on_shared_pool,
     _Pool,
+    _reason,
+    _sampling,
     _servers_of,
     _start,
     as_messages,
+    missing_models_report,
 )
 
 __all__ = ["BATCH_FORMAT", "Item", "alpaca_eval_outputs", "batch_command", "check_items", "read_items", "run_batch"]
@@ -345,6 +350,10 @@ def _batch_parameters(method: str, options: Mapping[str, Any]) -> dict[str, Any]
     parameters.update(options)
     for name in ("complete", "stream", "use_n", "concurrency", "samples"):
         parameters.pop(name, None)
+    # A role's settings as flat keys: temperature and max_tokens (so fingerprints of runs without fields are
+    # those of earlier versions), then fields and models when given.
+    for name, prefix in (("proposing", ""), ("aggregating", "aggregator_")):
+        parameters.update(_sampling(name, parameters.pop(name, None)).params(prefix))
     if parameters.get("layout") == "keyed":  # the default layout: fingerprints stay as before layouts existed
         del parameters["layout"]
     for name, value in parameters.items():
@@ -992,6 +1001,33 @@ def batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTT
         return 1
 
 
+class _FailedCalls:
+    """A batch command's completion function: the client, counting the calls that failed for good by cause (the
+    model and the reason), so that the summary names each cause once, however many items it hit."""
+
+    def __init__(self, client: HTTPClient):
+        self.client = client
+        self.causes: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Request) -> Reply:
+        try:
+            return self.client(request)
+        except ModelError as exc:
+            with self._lock:
+                cause = (exc.model, _reason(str(exc)))
+                self.causes[cause] = self.causes.get(cause, 0) + 1
+            raise
+
+    def report(self) -> list[str]:
+        lines = [f"{count} call{'s' if count != 1 else ''} failed for good: {reason}"
+                 for (_, reason), count in sorted(self.causes.items(), key=lambda item: -item[1])]
+        if lines:
+            lines.append("(an item goes on without a failed proposer or sample while at least --min-ok of its layer "
+                         "succeed, and fails otherwise; --trace records every call in the item's line)")
+        return lines + missing_models_report(self.causes, self.client)
+
+
 def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient, items: list[Item],
                        records_path: str) -> int:
     show_progress = sys.stderr.isatty()
@@ -1002,9 +1038,10 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
         sys.stderr.write(f"\r{finished}/{total} done, {failed} failed, {rate:.2f} items/s, ETA {eta}   ")
         sys.stderr.flush()
 
+    failures = _FailedCalls(client)
     try:
         with client:
-            counts = run_batch(items, records_path, method=args.method, complete=client, trace=args.trace,
+            counts = run_batch(items, records_path, method=args.method, complete=failures, trace=args.trace,
                                diversity=args.diversity, progress=progress if show_progress else None, **options)
     except KeyboardInterrupt:
         client.abort()  # calls still in flight end now, so that the process can exit at once
@@ -1027,6 +1064,8 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
     if counts["moved"]:
         say(f"selfmoa: moved {counts['moved']} line(s) of items no longer in the input, or of answers replaced "
             f"by a rerun, to {_removed_path(records_path)}")
+    for line in failures.report():
+        say(f"selfmoa: {line}")
     say(f"selfmoa: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already done "
         f"(of {counts['total']}); results in {records_path}")
     servers = _servers_of(client).get("servers", {})

@@ -492,10 +492,8 @@ class Experiment:
     window: int = 6
     carry: int = 3
     seed: int | None = None
-    temperature: float = 0.7
-    max_tokens: int | None = None
-    aggregator_temperature: float = 0.7
-    aggregator_max_tokens: int | None = None
+    proposing: selfmoa.Sampling | Mapping[str, Any] | None = None  # the samples' requests (a Sampling)
+    aggregating: selfmoa.Sampling | Mapping[str, Any] | None = None  # the aggregations'
     instruction: str | None = None
     layout: str = "keyed"
 
@@ -531,15 +529,22 @@ class Experiment:
         seq_model = letters[0] if self.seq_model is None else self.seq_model
         _check(seq_model == "best" or seq_model in models, "seq_model", seq_model,
                "it is the letter of the model whose samples the Seq sweep aggregates", "pass a letter, or best")
-        selfmoa._settings(complete=print, temperature=self.temperature, max_tokens=self.max_tokens,
-                          aggregator_temperature=self.aggregator_temperature,
-                          aggregator_max_tokens=self.aggregator_max_tokens, seed=self.seed, concurrency=1,
-                          instruction=self.instruction, layout=self.layout, use_n=True, stream=None)
-        _check(self.temperature > 0, "temperature", self.temperature,
+        settings = selfmoa._settings(complete=print, proposing=self.proposing, aggregating=self.aggregating,
+                                     seed=self.seed, concurrency=1, instruction=self.instruction, use_n=True,
+                                     stream=None, layout=self.layout)
+        temperature = settings.proposing.temperature
+        _check(temperature is None or temperature > 0, "temperature", temperature,
                "the samples' diversity comes from sampling; at 0 every sample is the same",
                "pass a temperature above 0 (the paper samples at 0.7)")
         return dataclasses.replace(self, models=models, compositions=compositions, aggregator=aggregator,
-                                   seq=seq, seq_model=seq_model)
+                                   seq=seq, seq_model=seq_model, proposing=settings.proposing,
+                                   aggregating=settings.aggregating)
+
+    @property
+    def sampling(self) -> tuple[selfmoa.Sampling, selfmoa.Sampling]:
+        """The proposers' and the aggregator's request settings (of a checked experiment)."""
+        assert isinstance(self.proposing, selfmoa.Sampling) and isinstance(self.aggregating, selfmoa.Sampling)
+        return self.proposing, self.aggregating
 
     @property
     def aggregator_model(self) -> str:
@@ -706,18 +711,18 @@ class _PoolRun(selfmoa._Run):
 
 def _sample_fingerprint(question: Question, model: str, number: int, experiment: Experiment) -> str:
     seed = None if experiment.seed is None else experiment.seed + number
-    return _hash({"messages": question.messages, "model": model, "temperature": experiment.temperature,
-                  "max_tokens": experiment.max_tokens, "seed": seed})
+    proposing = experiment.sampling[0]
+    return _hash({"messages": question.messages, "model": model, "temperature": proposing.sent_temperature(model),
+                  "max_tokens": proposing.max_tokens, "fields": proposing.request_fields(model), "seed": seed})
 
 
 def _samples(store: _Store, questions: Sequence[Question], experiment: Experiment, needs: Mapping[str, int], *,
              complete: Callable[[Request], Any], concurrency: int, counter: _Counter, use_n: bool = True) -> None:
     """Draw every sample the experiment needs that the store does not hold: sample k of a model with seed S + k,
     consecutive missing samples in one request with n (at most MAX_N), each written as its request finishes."""
-    settings = selfmoa._settings(complete=complete, temperature=experiment.temperature,
-                                 max_tokens=experiment.max_tokens, aggregator_temperature=0.7,
-                                 aggregator_max_tokens=None, seed=experiment.seed, concurrency=concurrency,
-                                 instruction=None, use_n=use_n, stream=None)
+    settings = selfmoa._settings(complete=complete, proposing=experiment.proposing, aggregating=None,
+                                 seed=experiment.seed, concurrency=concurrency, instruction=None, use_n=use_n,
+                                 stream=None)
     jobs = []
     for position, question in enumerate(questions):
         for letter, count in needs.items():
@@ -796,8 +801,8 @@ def _sample_texts(store: _Store, question: Question, experiment: Experiment, pic
 def _aggregation_fingerprint(question: Question, cell: _Aggregation, proposals: list[tuple[str, str]],
                              experiment: Experiment) -> str:
     return _hash({"messages": question.messages, "method": cell.method, "proposals": proposals,
-                  "aggregator": cell.aggregator, "temperature": experiment.aggregator_temperature,
-                  "max_tokens": experiment.aggregator_max_tokens, "seed": experiment.seed,
+                  "aggregator": cell.aggregator, "aggregating": experiment.sampling[1].params(),
+                  "seed": experiment.seed,
                   "instruction": experiment.instruction, "layout": experiment.layout,
                   "window": experiment.window if cell.method == "self-moa-seq" else None,
                   "carry": experiment.carry if cell.method == "self-moa-seq" else None})
@@ -808,8 +813,7 @@ def _aggregate(question: Question, cell: _Aggregation, proposals: list[tuple[str
     """One aggregation by the method itself, given the proposals (no sample is asked for)."""
     texts = [text for _, text in proposals]
     common: dict[str, Any] = {"complete": complete, "aggregator": cell.aggregator,
-                              "aggregator_temperature": experiment.aggregator_temperature,
-                              "aggregator_max_tokens": experiment.aggregator_max_tokens, "seed": experiment.seed,
+                              "aggregating": experiment.aggregating, "seed": experiment.seed,
                               "instruction": experiment.instruction, "layout": experiment.layout, "concurrency": 1}
     if cell.method == "self-moa-seq":
         return selfmoa.self_moa_seq(question.messages, proposals[0][0], samples=texts, window=experiment.window,
@@ -1307,9 +1311,8 @@ def _manifest(questions: Sequence[Question], experiment: Experiment, store: _Sto
                        for letter, model in experiment.models.items()},
             "aggregator": experiment.aggregator_model, "n": experiment.n, "compositions": experiment.compositions,
             "seq": list(experiment.seq), "seq_model": seq_letter, "window": experiment.window,
-            "carry": experiment.carry, "seed": experiment.seed, "temperature": experiment.temperature,
-            "max_tokens": experiment.max_tokens, "aggregator_temperature": experiment.aggregator_temperature,
-            "aggregator_max_tokens": experiment.aggregator_max_tokens, "layout": experiment.layout,
+            "carry": experiment.carry, "seed": experiment.seed, **experiment.sampling[0].params(),
+            **experiment.sampling[1].params("aggregator_"), "layout": experiment.layout,
             "instruction_sha256": hashlib.sha256(instruction.encode()).hexdigest(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "spent": {"samples": samples, "aggregations": aggregations,
@@ -1348,8 +1351,8 @@ def plan(questions: Sequence[Question], experiment: Experiment, *, out: str | No
         for record, _ in selfmoa_batch._parse_output(data, path)[0]:
             if record["status"] == "ok":
                 records[record["id"]] = record
-    reply = expect_tokens or experiment.max_tokens or EXPECTED_COMPLETION
-    aggregate_reply = expect_tokens or experiment.aggregator_max_tokens or EXPECTED_COMPLETION
+    reply = expect_tokens or experiment.sampling[0].max_tokens or EXPECTED_COMPLETION
+    aggregate_reply = expect_tokens or experiment.sampling[1].max_tokens or EXPECTED_COMPLETION
     seq_letter = next(iter(experiment.models)) if experiment.seq_model == "best" else experiment.seq_model
     needs = experiment.needs(seq_letter)
     cells = _cells(experiment, seq_letter if experiment.seq else None)
@@ -1465,11 +1468,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, metavar="S", help="sample k gets seed S+k; aggregations get S")
     add("--grader", default="auto", choices=["auto", *GRADERS], help="the grader of items without one (default: "
         "auto: choice for a letter, number for a number, else exact)")
-    add("--temperature", type=selfmoa._finite, default=0.7, metavar="T", help="the samples' temperature (default: 0.7)")
+    add("--temperature", type=selfmoa._finite, metavar="T",
+        help="the samples' temperature (default: 0.7, dropped where a server refuses it)")
     add("--max-tokens", type=int, metavar="K", help="the samples' token limit (default: the server's)")
-    add("--aggregator-temperature", type=selfmoa._finite, default=0.7, metavar="T",
-        help="the aggregator's temperature (default: 0.7)")
+    add("--aggregator-temperature", type=selfmoa._finite, metavar="T",
+        help="the aggregator's temperature (default: 0.7, dropped where a server refuses it)")
     add("--aggregator-max-tokens", type=int, metavar="K", help="the aggregator's token limit (default: the server's)")
+    add("--field", action="append", metavar="[MODEL:]KEY=VALUE",
+        help="send the request field KEY with every request (with MODEL:, every request to MODEL); VALUE is "
+             "JSON, else a string; null sends no KEY (repeatable)")
+    add("--proposer-field", action="append", metavar="[MODEL:]KEY=VALUE", help="the same, for the samples only")
+    add("--aggregator-field", action="append", metavar="[MODEL:]KEY=VALUE",
+        help="the same, for the aggregations only")
     add("--instruction-file", metavar="FILE", help="replace the aggregator instruction with this file's text")
     add("--layout", choices=selfmoa.LAYOUTS, default="keyed", help="how the aggregator prompt lists the responses: "
         "keyed blocks, or numbered as in the original MoA code (reference) (default: keyed)")
@@ -1508,11 +1518,10 @@ def _experiment(args: argparse.Namespace) -> Experiment:
         models[letter] = model
     if not models:
         raise ConfigError("--model: name at least one model, e.g. -M i=Qwen/Qwen2-7B-Instruct")
+    proposing, aggregating = selfmoa.role_settings(args)
     return Experiment(models=models, compositions=args.compositions, aggregator=args.aggregator, n=args.samples,
                       seq=args.seq or (), seq_model=args.seq_model, window=args.window, carry=args.carry,
-                      seed=args.seed, temperature=args.temperature, max_tokens=args.max_tokens,
-                      aggregator_temperature=args.aggregator_temperature,
-                      aggregator_max_tokens=args.aggregator_max_tokens,
+                      seed=args.seed, proposing=proposing, aggregating=aggregating,
                       instruction=selfmoa._instruction_file(args.instruction_file), layout=args.layout)
 
 

@@ -47,6 +47,7 @@ import dataclasses
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import itertools
 import json
@@ -95,6 +96,7 @@ from selfmoa import (
     _settings,
     build_parser,
     make_client,
+    role_settings,
     seq_rounds,
 )
 
@@ -120,17 +122,29 @@ SERVE_MAX_BODY = 16 * 1024 * 1024  # bytes of a request body at most (413 beyond
 SERVE_MAX_UPSTREAM = 64 * 1024 * 1024  # bytes of a passed-through reply at most (502 beyond)
 SERVE_MAX_UPSTREAM_LINE = 1024 * 1024  # a longer streamed line is relayed (redacted) in pieces
 SERVE_MAX_CALLS = 256  # samples (or proposers of a layer), and layers x proposers, one request may ask for
+SERVE_HEAD_SECONDS = 10.0  # a connection's time to send a request head, from its accept or its previous reply
+SERVE_BODY_SECONDS = 60.0  # and then the request's whole body
+SERVE_MAX_CONNECTIONS = 1000  # open client connections at most (fewer when the open-file limit is low)
+SERVE_MAX_PER_CLIENT = 256  # open connections from one client address at most
+SERVE_DRAIN_GRACE = 5.0  # seconds the cut-off requests get, after --drain-timeout, to write their last words
 SERVE_DEFAULTS: dict[str, Any] = {
-    "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": 0.7,
-    "max_tokens": None, "aggregator_temperature": 0.7, "aggregator_max_tokens": None, "seed": None,
-    "instruction": DEFAULT_INSTRUCTION, "use_n": True}
+    "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": None,
+    "max_tokens": None, "aggregator_temperature": None, "aggregator_max_tokens": None, "seed": None,
+    "instruction": DEFAULT_INSTRUCTION, "use_n": True, "fields": {}, "models": {}, "aggregator_fields": {},
+    "aggregator_models": {}}
 # What a request may set in its "selfmoa" object, per method (the other defaults come from the request itself).
+# temperature, max_tokens, fields and models are the proposers'; aggregator_fields and aggregator_models the
+# aggregator's (its temperature and token limit are the request's own).
+_ROLE_OPTIONS = ("temperature", "max_tokens", "fields", "models", "aggregator_fields", "aggregator_models")
 SERVE_OPTIONS = {
-    "self-moa": ("n", "aggregator", "layers", "min_ok", "temperature", "max_tokens", "use_n", "instruction"),
-    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", "temperature", "max_tokens", "use_n",
-                     "instruction"),
-    "moa": ("proposers", "layers", "min_ok", "temperature", "max_tokens", "use_n", "instruction"),
+    "self-moa": ("n", "aggregator", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
+    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
+    "moa": ("proposers", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
 }
+# A client's standard sampling fields that apply to the final aggregation, as its temperature does (sent
+# upstream as given, over serve's --aggregator-field ones).
+SERVE_PASSED_FIELDS = ("top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+                       "reasoning_effort", "reasoning", "verbosity", "chat_template_kwargs", "logit_bias")
 _CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -239,6 +253,7 @@ def _chat_request(body: dict, method: str) -> dict[str, Any]:
                                  and all(isinstance(s, str) and s for s in stop)):
         raise refuse("stop", "must be a string or a list of up to 4 non-empty strings")
     out["stop"] = tuple(stop) if stop else None
+    out["fields"] = {field: body[field] for field in SERVE_PASSED_FIELDS if body.get(field) is not None}
     extra = body.get("selfmoa")
     if extra is not None and not isinstance(extra, dict):
         raise refuse("selfmoa", 'must be an object of method options, e.g. {"n": 6}')
@@ -250,6 +265,12 @@ def _chat_request(body: dict, method: str) -> dict[str, Any]:
         raise _ServeError(400, "'selfmoa.use_n' must be true or false", "selfmoa.use_n")
     out["selfmoa"] = dict(extra or {})
     return out
+
+
+def _role(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """One role's settings (a dict the methods take as a ``Sampling``) from flat options: ``temperature``,
+    ``max_tokens``, ``fields``, ``models``, each with ``prefix`` (``"aggregator_"`` for the aggregator's)."""
+    return {key: options[f"{prefix}{key}"] for key in ("temperature", "max_tokens", "fields", "models")}
 
 
 # A library check names a keyword argument; a client knows the request field it sent.
@@ -344,9 +365,8 @@ class ModelServer:
         self.defaults = {**SERVE_DEFAULTS, **(defaults or {})}
         d = self.defaults
         seq_rounds(d["n"], d["window"], d["carry"])  # checks n, window and carry
-        _settings(complete=complete, temperature=d["temperature"], max_tokens=d["max_tokens"],
-                  aggregator_temperature=d["aggregator_temperature"], aggregator_max_tokens=d["aggregator_max_tokens"],
-                  seed=d["seed"], concurrency=concurrency, instruction=d["instruction"], use_n=True, stream=None)
+        _settings(complete=complete, proposing=_role(d), aggregating=_role(d, "aggregator_"), seed=d["seed"],
+                  concurrency=concurrency, instruction=d["instruction"], use_n=True, stream=None)
         _check(_is_int(d["layers"]) and d["layers"] >= 2, "layers", d["layers"],
                "layers count the aggregator, so there are at least 2", "pass 2 for one proposer layer")
         _check(_is_int(d["min_ok"]) and 1 <= d["min_ok"] <= d["n"], "min_ok", d["min_ok"],
@@ -367,11 +387,16 @@ class ModelServer:
         self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}  # kept-alive pass-through connections
         self._changed = threading.Condition()
         self._stopping = self._serving = False
+        self._cut = threading.Event()  # set when --drain-timeout ends: the requests still in flight answer now
         self._thread: threading.Thread | None = None
+        # What one client may hold (see _admit): attributes, so that an embedding program may tune them.
+        self.head_timeout, self.body_timeout = SERVE_HEAD_SECONDS, SERVE_BODY_SECONDS
+        self.max_connections, self.max_per_client = _connection_cap(concurrency), SERVE_MAX_PER_CLIENT
+        self._clients: dict[socket.socket, _Client] = {}  # every open client connection
+        self._per_host: dict[str, int] = {}
+        self._clients_lock = threading.Lock()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_class = type("_ServeHTTPServer", (http.server.ThreadingHTTPServer,),
-                            {"address_family": family, "daemon_threads": True, "request_queue_size": 128,
-                             "handle_error": _quiet_on_disconnect})
+        server_class = type("_ServeHTTPServer", (_ServeHTTPServer,), {"address_family": family})
         self.httpd = server_class((host, port), _ServeHandler)
         self.httpd.app = self
         self.host, self.port = self.httpd.server_address[:2]
@@ -405,6 +430,12 @@ class ModelServer:
             left = self._active
             for cancel in self._runs:
                 cancel.set()
+            # Cut off: each request still in flight now writes its last words (a stream: an error event and
+            # [DONE]; a request still waiting: its 503), and only then does close() return.
+            self._cut.set()
+            grace = time.monotonic() + SERVE_DRAIN_GRACE
+            while self._active and time.monotonic() < grace:
+                self._changed.wait(max(0.0, grace - time.monotonic()))
         self.pool.shutdown()
         with self._changed:
             idle, self._idle = self._idle, {}
@@ -428,6 +459,62 @@ class ModelServer:
             with self._changed:
                 self._active -= 1
                 self._changed.notify_all()
+
+    # --- connections -----------------------------------------------------------------------------------
+    #
+    # A connection waits (for a request head, from its accept or from the end of its previous reply) at most
+    # head_timeout seconds in all, however slowly its bytes trickle in, then body_timeout for the body. At
+    # most max_per_client connections from one address and max_connections in all are open; a connection
+    # over either cap takes the place of the one, from that address or from anyone, that has waited longest
+    # for a request head; when none is waiting (every one is busy with a request) it gets a 503 and a close.
+    # So connections that hold a place without sending a request never lock out one that sends it.
+
+    def _admit(self, connection: socket.socket, address: Any) -> bool:
+        """Whether a newly accepted connection is served (else it was answered 503 and is closed)."""
+        host = str(address[0]) if isinstance(address, tuple) and address else ""
+        with self._clients_lock:
+            full = None
+            if self._per_host.get(host, 0) >= self.max_per_client and not self._evict(host):
+                full = f"{self.max_per_client} from this address"
+            elif len(self._clients) >= self.max_connections and not self._evict(None):
+                full = f"{self.max_connections} in all"
+            if full is None:
+                self._clients[connection] = _Client(host)
+                self._per_host[host] = self._per_host.get(host, 0) + 1
+                return True
+        body = json.dumps(_ServeError(503, f"too many open connections ({full}), each busy with a request; retry "
+                                      f"in a moment", None, "too_many_connections", "server_error").body()).encode()
+        with contextlib.suppress(OSError):
+            connection.setblocking(False)  # the accepting thread never waits for one client
+            connection.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return False
+
+    def _evict(self, host: str | None) -> bool:
+        """Close the connection (from ``host``, or from anyone) that has waited longest for a request head."""
+        waiting = [(client.since, id(s), s) for s, client in self._clients.items()
+                   if client.waiting and (host is None or client.host == host)]
+        if not waiting:
+            return False
+        victim = min(waiting)[2]
+        self._forget(victim)
+        with contextlib.suppress(OSError):
+            victim.shutdown(socket.SHUT_RDWR)  # its handler's read ends now, and the handler with it
+        return True
+
+    def _forget(self, connection: socket.socket) -> None:
+        client = self._clients.pop(connection, None)
+        if client is not None:
+            self._per_host[client.host] -= 1
+            if not self._per_host[client.host]:
+                del self._per_host[client.host]
+
+    def _waiting(self, connection: socket.socket, waiting: bool) -> None:
+        """Mark a connection as waiting for a request head (evictable) or busy with a request."""
+        with self._clients_lock:
+            client = self._clients.get(connection)
+            if client is not None:
+                client.waiting, client.since = waiting, time.monotonic()
 
     # --- routes ----------------------------------------------------------------------------------------
 
@@ -532,13 +619,18 @@ class ModelServer:
     def _arguments(self, method: str, upstream: str, request: dict) -> dict[str, Any]:
         """The method's keyword arguments: serve's defaults, then the request's ``selfmoa`` and own fields."""
         d, extra = self.defaults, request["selfmoa"]
-        options = {key: extra.get(key, d.get(key)) for key in SERVE_OPTIONS[method] if key != "aggregator"}
-        options.update(
-            aggregator_temperature=d["aggregator_temperature"] if request["temperature"] is None
-            else request["temperature"],
-            aggregator_max_tokens=d["aggregator_max_tokens"] if request["max_tokens"] is None
-            else request["max_tokens"],
-            seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
+        options = {key: extra.get(key, d.get(key)) for key in SERVE_OPTIONS[method]
+                   if key != "aggregator" and key not in _ROLE_OPTIONS}
+        given = {**d, **{key: extra[key] for key in _ROLE_OPTIONS if key in extra}}
+        if request["temperature"] is not None:
+            given["aggregator_temperature"] = request["temperature"]
+        if request["max_tokens"] is not None:
+            given["aggregator_max_tokens"] = request["max_tokens"]
+        if request["fields"]:
+            fields = given["aggregator_fields"]
+            given["aggregator_fields"] = {**(fields if isinstance(fields, dict) else {}), **request["fields"]}
+        options.update(proposing=_role(given), aggregating=_role(given, "aggregator_"),
+                       seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
         proposers = options.get("proposers")
         if "layers" not in extra and isinstance(proposers, list) and all(isinstance(p, list) for p in proposers):
             options["layers"] = len(proposers) + 1  # one list per layer: they say how many, whatever --layers says
@@ -635,6 +727,15 @@ class ModelServer:
             threading.Thread(target=run, name="selfmoa-serve-run", daemon=True).start()
             stream = _ChunkStream(handler, model, request["include_usage"]) if streaming else None
             while True:
+                if self._cut.is_set():  # the drain timeout ended: answer now, as the process is about to exit
+                    cancel.set()
+                    failure = _ServeError(503, "the server stopped before this run finished (its drain timeout "
+                                          "ended)", None, "shutting_down", "server_error")
+                    handler.close_connection = True
+                    if stream is not None and stream.started:
+                        stream.send_error(failure)
+                        return
+                    raise failure
                 try:
                     kind, value = events.get(timeout=0.05)
                 except queue.Empty:
@@ -818,11 +919,85 @@ class ModelServer:
             return True
 
 
-def _quiet_on_disconnect(server: http.server.ThreadingHTTPServer, request: Any, client_address: Any) -> None:
-    """A client that resets or drops its connection is no error worth a traceback (serve logs nothing per
-    request, and a hostile client could flood the log with them); anything else still gets one."""
-    if not isinstance(sys.exc_info()[1], OSError):
-        http.server.ThreadingHTTPServer.handle_error(server, request, client_address)
+class _Client:
+    """An open client connection: its address, and whether it waits for a request head (since when)."""
+
+    __slots__ = ("host", "waiting", "since")
+
+    def __init__(self, host: str):
+        self.host, self.waiting, self.since = host, True, time.monotonic()
+
+
+def _connection_cap(concurrency: int) -> int:
+    """How many client connections serve keeps open: SERVE_MAX_CONNECTIONS, or fewer under a low limit of
+    open files, leaving room for the listening socket, the upstream connections and the standard streams."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # Windows: no such limit
+        return SERVE_MAX_CONNECTIONS
+    if soft == resource.RLIM_INFINITY:
+        return SERVE_MAX_CONNECTIONS
+    return max(8, min(SERVE_MAX_CONNECTIONS, soft - 64 - 2 * concurrency))
+
+
+class _ServeHTTPServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, admitted by its ModelServer (``_admit``) and forgotten when it closes."""
+
+    daemon_threads = True
+    request_queue_size = 128
+    app: ModelServer
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.app._admit(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.app._clients_lock:
+            self.app._forget(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that resets or drops its connection is no error worth a traceback (serve logs nothing per
+        request, and a hostile client could flood the log with them); anything else still gets one."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
+class _Deadlined(io.RawIOBase):
+    """A client connection read so that every read ends by its handler's deadline (None: no deadline),
+    however slowly the bytes trickle in: a per-read timeout alone lets one byte a second hold it forever."""
+
+    def __init__(self, handler: _ServeHandler):
+        self.handler = handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        handler = self.handler
+        connection, deadline = handler.connection, handler.deadline
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the client took too long to send its request")
+            connection.settimeout(min(left, handler.timeout))
+        try:
+            return connection.recv_into(buffer)
+        finally:
+            if deadline is not None:
+                connection.settimeout(handler.timeout)
+
+
+def _framing_problem(headers: Any) -> str | None:
+    """Why a request's framing headers are ambiguous (RFC 9112, section 6.3), or None: a request whose body
+    length two readers could see differently is refused, never guessed (that is request smuggling)."""
+    lengths = headers.get_all("Content-Length") or []
+    if len(lengths) > 1:
+        return "a request with more than one Content-Length header is refused (RFC 9112); send exactly one"
+    if lengths and headers.get_all("Transfer-Encoding"):
+        return "a request with both Content-Length and Transfer-Encoding is refused (RFC 9112); send Content-Length"
+    return None
 
 
 def _no_constant(name: str) -> Any:
@@ -897,13 +1072,36 @@ class _ServeHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.1"  # so that even a garbled request line gets a status line back
     server_version = f"selfmoa/{__version__}"
-    timeout = 120  # seconds an idle kept-alive connection, or a stalled request, is waited for
+    timeout = 120  # seconds any one read or write may stall (the head and the body have deadlines of their own)
     wbufsize = 1 << 16  # a reply's headers and body leave in one send
     chunked = False
+    deadline: float | None = None  # when the request head (then its body) must have arrived
 
     def setup(self) -> None:
         super().setup()
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile = io.BufferedReader(_Deadlined(self), 65536)
+
+    def handle_one_request(self) -> None:
+        app = self.server.app  # type: ignore[attr-defined]
+        app._waiting(self.connection, True)  # idle, or reading a head: another client may take its place
+        self.deadline = time.monotonic() + app.head_timeout
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        app = self.server.app  # type: ignore[attr-defined]
+        app._waiting(self.connection, False)
+        self.deadline = time.monotonic() + app.body_timeout
+        problem = _framing_problem(self.headers)
+        if problem:
+            self.send_error(400, problem)  # and the connection closes
+            return False
+        if self.command != "POST" and (self.headers.get("Content-Length", "0").strip() != "0"
+                                       or self.headers.get("Transfer-Encoding")):
+            self.close_connection = True  # a body serve does not read must not be taken for the next request
+        return True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # requests are not logged: a log is one more place a prompt or a key could leak to
@@ -951,7 +1149,12 @@ class _ServeHandler(http.server.BaseHTTPRequestHandler):
         if len(digits.lstrip("0")) > 18 or int(digits) > limit:  # int() refuses thousands of digits
             self.close_connection = True  # the unread body makes the connection unusable
             raise _ServeError(413, f"the body is over the limit of {limit} bytes", None, "body_too_large")
-        data = self.rfile.read(int(length))
+        try:
+            data = self.rfile.read(int(length))
+        except TimeoutError:
+            self.close_connection = True
+            raise _ServeError(408, f"the body did not arrive within {self.server.app.body_timeout:g} seconds",  # type: ignore[attr-defined]
+                              None, "request_timeout") from None
         if len(data) < int(length):
             self.close_connection = True
             raise _ServeError(400, "the body ended before its Content-Length")
@@ -1015,9 +1218,11 @@ models (the "model" of POST /v1/chat/completions):
 
 per-request options:
   A "selfmoa" object in the body overrides the flags: n, window, carry, proposers, layers,
-  min_ok, temperature and max_tokens (the proposers'), aggregator, use_n, instruction. The
-  request's own temperature, max_tokens, seed and stop apply to the answer (the final
-  aggregation); seed is also the base seed of the samples. The whole conversation is the prompt.
+  min_ok, temperature, max_tokens, fields and models (the proposers'), aggregator_fields and
+  aggregator_models, aggregator, use_n, instruction. The request's own temperature, max_tokens
+  (or max_completion_tokens), seed, stop and standard fields (top_p, reasoning_effort,
+  chat_template_kwargs, ...) apply to the answer (the aggregation); seed is also the base seed
+  of the samples. The whole conversation is the prompt.
   Replies carry usage over every call of the run, and a "selfmoa" field with the calls,
   requests, retries and each request's latency.
 
@@ -1028,7 +1233,8 @@ access:
 
 stopping:
   On SIGINT or SIGTERM it stops accepting, lets the runs in flight finish (at most
-  --drain-timeout seconds), and exits 0; a second Ctrl-C stops it at once (exit status 130).
+  --drain-timeout seconds), ends each run still going with an error event and [DONE] (a
+  stream) or a 503, and exits 0; a second Ctrl-C stops it at once (exit status 130).
   Exit status 2: a usage error; 1: it cannot listen on --host/--port."""
 
 # The one-shot flags that configure nothing serve has: the prompt, the choice of method and models (the
@@ -1037,7 +1243,8 @@ _NOT_SERVE_FLAGS = frozenset({"help", "version", "prompt", "method", "model", "a
                               "input", "output", "format", "trace", "diversity", "generator"})
 _SERVE_HELP = {
     "samples": "samples of M per request (default: 6)",
-    "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7)",
+    "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7, dropped "
+                              "where a server refuses it)",
     "aggregator_max_tokens": "the aggregator's token limit when a request gives none (default: the server's)",
     "seed": "the seed when a request gives none: sample i gets S+i; aggregations get S",
     "concurrency": "upstream calls at once, over all requests (default: 8)",
@@ -1076,11 +1283,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = parser.parse_args(argv)
     try:
         instruction = _instruction_file(args.instruction_file) or DEFAULT_INSTRUCTION
+        proposing, aggregating = role_settings(args)
         defaults = {"n": args.samples, "window": args.window, "carry": args.carry, "proposers": args.proposer,
                     "layers": args.layers, "min_ok": args.min_ok, "temperature": args.temperature,
                     "max_tokens": args.max_tokens, "aggregator_temperature": args.aggregator_temperature,
                     "aggregator_max_tokens": args.aggregator_max_tokens, "seed": args.seed,
-                    "instruction": instruction, "use_n": args.use_n}
+                    "instruction": instruction, "use_n": args.use_n, "fields": proposing.fields,
+                    "models": proposing.models, "aggregator_fields": aggregating.fields,
+                    "aggregator_models": aggregating.models}
         defaults = {name: value for name, value in defaults.items() if value is not None}  # not given: the default
         client = make_client(args, environ)
         server = ModelServer(client, host=args.host, port=args.port, defaults=defaults,

@@ -18,7 +18,9 @@ with their connections open, like a GPU server with a fixed number of batch slot
 one); ``peak_concurrency`` records the most seen at once.
 
 Malformed requests (bodies that are not JSON, nested too deeply, holding a lone surrogate escape, fields of
-the wrong type) get an OpenAI-shaped 4xx; the server never drops a connection for what a client sent.
+the wrong type) get an OpenAI-shaped 4xx; the server never drops a connection for what a client sent
+without answering. Ambiguous framing (two Content-Length headers, or one with Transfer-Encoding) is a 400
+and a close, never a guess.
 
 Faults (``fault_rate``, ``faults``, ``fault_seed``): whether a request fails, and how, is drawn from sha256
 over (fault_seed, the request body, how many times this server has seen that same body), so a retry of
@@ -268,6 +270,21 @@ def _make_handler(server: MockServer, client_timeout: float):
 
         def log_message(self, *args) -> None:
             pass
+
+        def parse_request(self) -> bool:
+            """The head, refused with 400 and a close when its framing is ambiguous (RFC 9112, section 6.3):
+            two Content-Length headers, or one with Transfer-Encoding, could be read two ways (smuggling)."""
+            if not super().parse_request():
+                return False
+            lengths = self.headers.get_all("Content-Length") or []
+            if len(lengths) > 1 or (lengths and self.headers.get_all("Transfer-Encoding")):
+                self.send_error(400, "ambiguous framing: more than one Content-Length, or Content-Length with "
+                                "Transfer-Encoding; send exactly one Content-Length")
+                return False
+            if self.command != "POST" and (self.headers.get("Content-Length", "0").strip() != "0"
+                                           or self.headers.get("Transfer-Encoding")):
+                self.close_connection = True  # a body the mock does not read is never taken for a request
+            return True
 
         def send_error(self, code, message=None, explain=None) -> None:  # malformed request lines, etc.
             self.close_connection = True

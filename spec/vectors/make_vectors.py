@@ -316,11 +316,12 @@ def build() -> list[dict]:
                "the other messages (user, assistant, user) pass through unchanged; layer 1 sees them as given.",
                "moa", system, {"proposers": ["a", "b"], "aggregator": "z", "seed": 4, "use_n": False},
                run_moa([["a", "b"]], "z", prompt=system, seed=4, use_n=False)),
-        vector("moa-sampling-per-role", "Proposers use temperature/max_tokens, the aggregator "
-               "aggregator_temperature/aggregator_max_tokens; a custom instruction replaces the default one.",
+        vector("moa-sampling-per-role", "Proposers use the temperature and max_tokens of proposing, the aggregator "
+               "those of aggregating; a custom instruction replaces the default one.",
                "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "seed": 1, "use_n": False,
-                                 "temperature": 1.0, "max_tokens": 64, "aggregator_temperature": 0.0,
-                                 "aggregator_max_tokens": 256, "instruction": "Merge these answers into one."},
+                                 "proposing": {"temperature": 1.0, "max_tokens": 64},
+                                 "aggregating": {"temperature": 0.0, "max_tokens": 256},
+                                 "instruction": "Merge these answers into one."},
                run_moa([["a", "b"]], "z", prompt=QUESTION, seed=1, use_n=False, temperature=1.0, max_tokens=64,
                        agg_temperature=0.0, agg_max_tokens=256, instruction="Merge these answers into one.")),
         vector("moa-no-seed", "Without a seed no request carries one (seed null).",
@@ -367,7 +368,8 @@ def build() -> list[dict]:
                run_moa([["m"] * 3], "m", prompt=PRIME, seed=2, unusable=(0,),
                        sample_text=lambda m, i: f"{m} sample {i}")),
         vector("self-moa-temperature-zero", "Self-MoA at temperature 0 is refused: every sample would be the same.",
-               "self_moa", PRIME, {"model": "m", "n": 3, "temperature": 0}, refused("temperature", 0)),
+               "self_moa", PRIME, {"model": "m", "n": 3, "proposing": {"temperature": 0}},
+               refused("temperature", 0)),
         vector("self-moa-n20-split", "n=20 > MAX_N=16: one request for samples 0-15 (seed S), one for 16-19 "
                "(seed S+16).",
                "self_moa", PRIME, {"model": "m", "n": 20, "seed": 0, "aggregator": "judge"},
@@ -395,7 +397,7 @@ def build() -> list[dict]:
         vector("seq-separate-aggregator", "model m samples, aggregator j aggregates at its own temperature; "
                "n=7, w=4, r=1: 1 + ceil(3 / 3) = 2 rounds.",
                "self_moa_seq", PRIME, {"model": "m", "n": 7, "window": 4, "carry": 1, "seed": 50,
-                                       "aggregator": "j", "aggregator_temperature": 0.2},
+                                       "aggregator": "j", "aggregating": {"temperature": 0.2}},
                run_seq(prompt=PRIME, model="m", n=7, window=4, carry=1, aggregator="j", seed=50,
                        agg_temperature=0.2)),
         vector("seq-n-ignored", "The server returns one choice whatever n says: each missing sample is asked for "

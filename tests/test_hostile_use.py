@@ -1,0 +1,301 @@
+"""Serve, batch and the client under hostile use: clients that trickle their requests or hold connections
+open, requests whose framing could be read two ways, a stop that cuts runs off, other programs cutting a
+batch's output, interim responses, abandoned streams and proxies. Every test uses real sockets on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+import selfmoa_serve
+from mock_models.server import MockServer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+QUESTION = [{"role": "user", "content": "What is 17 * 23 + 4?"}]
+
+
+def toy(request):
+    return "an answer of " + request.model
+
+
+def read_reply(connection: socket.socket, limit: float = 5.0) -> bytes:
+    """Everything the server sends until it closes the connection (or ``limit`` seconds pass)."""
+    connection.settimeout(limit)
+    data = b""
+    deadline = time.monotonic() + limit
+    with contextlib.suppress(OSError):
+        while time.monotonic() < deadline:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return data + b"<closed>"
+            data += chunk
+    return data
+
+
+# --- framing: one way to read a request's length, or 400 and a close ----------------------------------------
+
+SMUGGLED = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+AMBIGUOUS = {
+    "two different lengths": b"Content-Length: 2\r\nContent-Length: %d\r\n",
+    "the same length twice": b"Content-Length: %d\r\nContent-Length: %d\r\n",
+    "a length and chunked": b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n",
+    "chunked and a length": b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n",
+}
+
+
+@pytest.fixture(scope="module")
+def mock():
+    with MockServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def plain():
+    with selfmoa_serve.ModelServer(toy, port=0) as server:
+        yield server
+
+
+@pytest.mark.parametrize("which", ["serve", "mock"])
+@pytest.mark.parametrize("case", sorted(AMBIGUOUS))
+def test_ambiguous_request_framing_is_a_400_and_a_close_in_serve_and_the_mock(plain, mock, which, case):
+    """RFC 9112 section 6.3: a request with repeated Content-Length headers (equal or not), or with
+    Content-Length and Transfer-Encoding, is refused with 400 and the connection closes; whatever followed
+    the head (here a second request smuggled in the body) is never answered."""
+    host, port = (plain.host, plain.port) if which == "serve" else ("127.0.0.1", mock.port)
+    body = json.dumps({"model": "self-moa/m", "messages": QUESTION}).encode()
+    framing = AMBIGUOUS[case].replace(b"%d", b"%d" % len(body))
+    with socket.create_connection((host, port), timeout=5) as connection:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           + framing + b"\r\n" + body + SMUGGLED)
+        reply = read_reply(connection)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert reply.endswith(b"<closed>") and reply.count(b"HTTP/1.1 ") == 1, reply
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert "Content-Length" in json.loads(rest.removesuffix(b"<closed>"))["error"]["message"]
+
+
+@pytest.mark.parametrize("which", ["serve", "mock"])
+def test_a_get_announcing_a_body_is_answered_and_closed_so_its_body_is_never_a_request(plain, mock, which):
+    host, port = (plain.host, plain.port) if which == "serve" else ("127.0.0.1", mock.port)
+    with socket.create_connection((host, port), timeout=5) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                           % (len(SMUGGLED), SMUGGLED))
+        reply = read_reply(connection)
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.count(b"HTTP/1.1 ") == 1 and reply.endswith(b"<closed>")
+
+
+# --- slow clients: deadlines on the head and the body, caps on connections -----------------------------------
+
+
+def test_a_client_trickling_its_request_head_is_cut_off_at_the_head_deadline(plain):
+    """One byte every 0.1 s keeps any per-read timeout happy; the head's own deadline still ends it."""
+    plain.head_timeout = 0.5
+    try:
+        with socket.create_connection((plain.host, plain.port), timeout=5) as connection:
+            started = time.monotonic()
+            closed = None
+            for byte in (b"GET /health HTTP/1.1\r\nX-Slow: " + b"a" * 100):
+                try:
+                    connection.send(bytes([byte]))
+                    if connection.recv(1, socket.MSG_DONTWAIT) == b"":
+                        closed = time.monotonic() - started
+                        break
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed = time.monotonic() - started
+                    break
+                time.sleep(0.1)
+    finally:
+        plain.head_timeout = selfmoa_serve.SERVE_HEAD_SECONDS
+    assert closed is not None and 0.4 <= closed <= 2.0, closed
+
+
+def test_a_client_trickling_its_body_gets_408_at_the_body_deadline(plain):
+    plain.body_timeout = 0.5
+    try:
+        with socket.create_connection((plain.host, plain.port), timeout=5) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+            started = time.monotonic()
+            for _ in range(20):  # 2 s of one byte every 0.1 s
+                with contextlib.suppress(OSError):
+                    connection.send(b" ")
+                time.sleep(0.1)
+                if time.monotonic() - started > 1.0:
+                    break
+            reply = read_reply(connection)
+    finally:
+        plain.body_timeout = selfmoa_serve.SERVE_BODY_SECONDS
+    assert reply.startswith(b"HTTP/1.1 408 ") and reply.endswith(b"<closed>"), reply[:300]
+    assert json.loads(reply.partition(b"\r\n\r\n")[2].removesuffix(b"<closed>"))["error"]["code"] == "request_timeout"
+
+
+SLOW_SERVER = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+import selfmoa_serve
+server = selfmoa_serve.ModelServer(lambda request: "ok", port=0, server_key="the-key").start()
+print(server.port, server.max_connections, server.max_per_client, flush=True)
+sys.stdin.read()
+server.close(drain_timeout=0)
+"""
+
+
+def test_1100_trickling_connections_at_a_1024_file_limit_leave_health_and_keyed_requests_answered():
+    """Serve runs at the common limit of 1,024 open files. 1,100 connections from 81 addresses (300 from
+    one of them) each send one header byte at a time and never finish; meanwhile /health and a keyed
+    request from another address are answered within a few seconds, again and again."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1400:
+        pytest.skip(f"this test opens 1,100 connections; the hard limit of open files is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < 1400:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+    process = subprocess.Popen([sys.executable, "-c", SLOW_SERVER], cwd=ROOT, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    trickling: list[socket.socket] = []
+    try:
+        port, total_cap, client_cap = map(int, process.stdout.readline().split())
+        assert total_cap < 1024 and client_cap < 300
+        sources = ["127.0.0.2"] * 300 + [f"127.0.1.{i % 80 + 1}" for i in range(800)]
+        for i, source in enumerate(sources):
+            if i % 64 == 63:
+                time.sleep(0.06)  # paced: a full listen queue drops a connect, which the kernel retries after 1 s
+            connection = socket.socket()
+            connection.bind((source, 0))
+            connection.settimeout(5)
+            connection.connect(("127.0.0.1", port))
+            connection.setblocking(False)
+            with contextlib.suppress(OSError):
+                connection.send(b"GET /health HTTP/1.1\r\nX-Slow: ")
+            trickling.append(connection)
+        answered: list[float] = []
+        session = requests.Session()
+        stop = time.monotonic() + 2
+        while time.monotonic() < stop:
+            for connection in trickling:  # one more byte each, on every round
+                with contextlib.suppress(OSError):
+                    connection.send(b"a")
+            started = time.monotonic()
+            health = requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+            keyed = session.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=5,
+                                 headers={"Authorization": "Bearer the-key"},
+                                 json={"model": "self-moa/m", "messages": QUESTION, "selfmoa": {"n": 1}})
+            unkeyed = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+            assert (health.status_code, keyed.status_code, unkeyed.status_code) == (200, 200, 401)
+            answered.append(time.monotonic() - started)
+            time.sleep(0.2)
+        assert len(answered) >= 3 and max(answered) < 3.0, answered
+        closed = 0
+        for connection in trickling:
+            try:
+                closed += connection.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        assert closed >= 1100 - total_cap, f"only {closed} of the 1,100 trickling connections were closed"
+    finally:
+        for connection in trickling:
+            connection.close()
+        process.stdin.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def test_over_the_caps_a_connection_takes_a_waiting_ones_place_or_gets_a_503_when_all_are_busy():
+    """With every place taken by a connection busy with a request, the next one gets a 503 naming the cap
+    (and Retry-After) at once; once one of them only waits, a newcomer takes its place instead."""
+    release = threading.Event()
+
+    def stuck(request):
+        release.wait(10)
+        return "done"
+
+    with selfmoa_serve.ModelServer(stuck, port=0, concurrency=4) as server:
+        server.max_per_client = 2
+        body = json.dumps({"model": "self-moa/m", "messages": QUESTION, "selfmoa": {"n": 1}}).encode()
+        busy = []
+        for _ in range(2):
+            connection = socket.create_connection((server.host, server.port), timeout=5)
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(body), body))
+            busy.append(connection)
+        deadline = time.monotonic() + 5
+        while len(server._runs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with socket.create_connection((server.host, server.port), timeout=5) as third:
+            reply = read_reply(third)
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in reply and reply.endswith(b"<closed>")
+        error = json.loads(reply.partition(b"\r\n\r\n")[2].removesuffix(b"<closed>"))["error"]
+        assert error["code"] == "too_many_connections" and "2 from this address" in error["message"]
+        release.set()
+        for connection in busy:  # answered; now kept alive and waiting for a next request
+            assert read_reply(connection, 0.5).startswith(b"HTTP/1.1 200 ")
+        assert requests.get(server.base_url.removesuffix("/v1") + "/health", timeout=5).status_code == 200
+        evicted = sum(read_reply(connection, 0.3) == b"<closed>" for connection in busy)
+        assert evicted == 1
+        for connection in busy:
+            connection.close()
+
+
+# --- the drain: every request cut off gets its last words -----------------------------------------------------
+
+
+def test_at_the_drain_timeout_streams_end_with_an_error_and_done_and_waiting_requests_get_503():
+    """A stream mid-answer and a request still waiting for its run, both cut off by the drain timeout: the
+    stream ends with an error event and [DONE], the waiting request gets its 503, and close() returns only
+    after both were written."""
+    release = threading.Event()
+
+    def slow(request):
+        if request.stream is not None:  # the final aggregation: stream until released
+            for i in range(200):
+                if release.wait(0.02):
+                    break
+                request.stream(f"piece {i} ")
+            return "never mind"
+        if request.messages[-1]["content"] == "2?":  # the other request's samples: wait until released
+            release.wait(10)
+        return "a sample"
+
+    server = selfmoa_serve.ModelServer(slow, port=0, concurrency=4).start()
+    try:
+        body = {"model": "self-moa/m", "messages": QUESTION, "selfmoa": {"n": 1}}
+        streamed = requests.post(server.base_url + "/chat/completions", json={**body, "stream": True},
+                                 stream=True, timeout=10)
+        lines = streamed.iter_lines()
+        first = next(line for line in lines if line)
+        assert first.startswith(b"data: ")
+        waiting: list = []
+        asker = threading.Thread(target=lambda: waiting.append(requests.post(
+            server.base_url + "/chat/completions", json={**body, "messages": [{"role": "user", "content": "2?"}]},
+            timeout=10)))
+        asker.start()
+        deadline = time.monotonic() + 5
+        while len(server._runs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        left = server.close(drain_timeout=0.2)
+        took = time.monotonic() - started
+        rest = [line for line in lines if line]
+        asker.join(5)
+    finally:
+        release.set()
+    assert left == 2 and took < 3.0, (left, took)
+    assert rest[-1] == b"data: [DONE]", rest[-3:]
+    assert json.loads(rest[-2].removeprefix(b"data: "))["error"]["code"] == "shutting_down"
+    assert waiting and waiting[0].status_code == 503 and waiting[0].json()["error"]["code"] == "shutting_down"
