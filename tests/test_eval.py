@@ -483,3 +483,31 @@ def test_progress_reports_calls_and_tokens_on_stderr(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "samples: 36/36;" in done.stderr and "calls" in done.stderr and "tokens" in done.stderr
     assert done.stdout == ""
+
+
+def test_serve_sends_the_layout_a_request_or_its_flags_ask_for():
+    import requests
+
+    import selfmoa_serve
+
+    with MockServer() as upstream:
+        client = selfmoa.HTTPClient(upstream.base_url)
+        with selfmoa_serve.ModelServer(client, port=0) as server:
+            for selfmoa_object, layout in (({"n": 2, "layout": "reference"}, "reference"), ({"n": 2}, "keyed")):
+                reply = requests.post(f"{server.base_url}/chat/completions", timeout=60, json={
+                    "model": "self-moa/generalist", "messages": [{"role": "user", "content": "Q?"}],
+                    "selfmoa": selfmoa_object})
+                assert reply.status_code == 200, reply.text
+                system = upstream.requests[-1]["body"]["messages"][0]["content"]
+                assert system.startswith(selfmoa.REFERENCE_INSTRUCTION) is (layout == "reference")
+                assert ("<<<response 1 of 2, key" in system) is (layout == "keyed")
+        with selfmoa_serve.ModelServer(client, port=0, defaults={"layout": "reference",
+                                                                  "instruction": selfmoa.REFERENCE_INSTRUCTION}) \
+                as server:
+            reply = requests.post(f"{server.base_url}/chat/completions", timeout=60, json={
+                "model": "self-moa/generalist", "messages": [{"role": "user", "content": "Q?"}],
+                "selfmoa": {"n": 2}})
+            assert reply.status_code == 200, reply.text
+            system = upstream.requests[-1]["body"]["messages"][0]["content"]
+            assert system.startswith(selfmoa.REFERENCE_INSTRUCTION + "\n\nResponses from models:\n1. ")
+            assert "\n2. " in system and "<<<" not in system
