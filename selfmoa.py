@@ -126,8 +126,8 @@ the methods at scale live beside it and import it (never the other way round):
 * ``selfmoa_eval.py``: ``selfmoa eval``, the paper's experiments on your models and data: one pool of
   samples per model, every proposer composition, Self-MoA and Self-MoA-Seq aggregated from it, graded.
 
-Where this file was copied alone, ``selfmoa serve``, ``selfmoa eval`` and ``-i/-o`` say which file to copy
-beside it.
+Where this file was copied alone, ``selfmoa serve``, ``selfmoa merge``, ``selfmoa eval`` and ``-i/-o`` say which
+file to copy beside it.
 
 The exact behaviour (invariants, wire format, prompt format) is specified in the ``spec/`` folder of the
 project; the tests check every invariant by name.
@@ -1603,6 +1603,7 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_REPLY_BYTES = 32 * 2**20  # the largest reply body read (HTTPClient's max_reply_bytes); a stream counts whole
 MAX_EVENT_LINE = 2**20  # the longest line of a streamed reply (one event)
 MAX_ERROR_BYTES = 2**16  # how much of an error reply is read; the rest is dropped with its connection
+LIST_WITHIN = 5.0  # seconds a server may take to list its models (GET /models) before it counts as listing none
 SHOWN_MESSAGE, SHOWN_BODY = 600, 500  # characters of server text kept in a ModelError's message and body
 
 _SURROGATES = re.compile("[\ud800-\udfff]")  # unpaired halves (json.loads joins the pairs)
@@ -1904,6 +1905,9 @@ class HTTPClient:
     - With ``request.stream`` set, the reply is streamed (server-sent events) and each text piece is
       passed to ``request.stream`` as it arrives.
     - ``abort()`` ends every call in flight at once and makes later calls fail (the command line's Ctrl-C).
+    - For a proxy: ``relay(model, body)`` sends a request as a client wrote it and yields the server's reply
+      unread, after the same replica choice, failover, retries and deadline as a call; ``models()`` lists the
+      model names its servers report.
     """
 
     def __init__(self, base_url: str | Endpoint | Sequence[str | Endpoint] | None = None,
@@ -2076,14 +2080,69 @@ class HTTPClient:
                 self._replicas.settle(endpoint, "stale")
                 raise
 
-    def _pick(self, replicas: list[Endpoint], failed_here: set[str], request: Request) -> Endpoint:
-        endpoint = self._replicas.pick(replicas, failed_here)
-        if endpoint is None:
-            raise self._error(replicas[0], request, "interrupted: the client was aborted", None, 1, retryable=False)
-        return endpoint
+    @contextlib.contextmanager
+    def relay(self, model: str, body: bytes, *,
+              stream: bool = False) -> Iterator[tuple[Endpoint, http.client.HTTPResponse]]:
+        """Send ``body``, a chat-completions request as a client wrote it, to a server of ``model``, and yield
+        that server's ``Endpoint`` and its reply, unread, for a proxy that passes replies on as they come
+        (``selfmoa serve``)::
 
-    def _settle(self, endpoint: Endpoint, outcome: str) -> None:
-        self._replicas.settle(endpoint, outcome)
+            with client.relay("qwen", raw_body, stream=True) as (endpoint, reply):
+                status, first = reply.status, reply.read1(65536)
+
+        The server is chosen, failed over from, retried and waited for exactly as for a call (replicas,
+        cool-down, the 404 hand-off, backoff, Retry-After), on the same kept-alive connections, and
+        ``deadline`` bounds each attempt, reading the reply included (past it, reading fails). A reply that
+        asks for a retry (408, 409, 429, 5xx) or names a model its server lacks (404) is yielded, status and
+        all, once no attempt is left; any other is yielded at once. ``stream`` only sets the ``Accept``
+        header; the body is sent unchanged, with the endpoint's own key. The connection is kept for reuse when
+        the reply was read to its end. Raises ConfigError when no endpoint serves ``model``, and ModelError
+        when no server answered (refused, timed out, cut off before the headers) after every retry.
+        """
+        replicas = self.replicas(model)
+        request = Request(model, ())  # what errors name
+        held: list[tuple[Endpoint, _Attempt, http.client.HTTPResponse]] = []  # a reply yielded if none follows
+
+        def attempt(endpoint: Endpoint) -> tuple[_Attempt, http.client.HTTPResponse]:
+            self._let_go(held)  # another attempt: the reply held from the last one will not be yielded
+            flight, response = self._open(endpoint, body, request, stream=stream)
+            status = response.status
+            if 200 <= status and status != 404 and status not in RETRY_STATUSES:
+                return flight, response
+            if status < 200:  # http.client hands back a 1xx (but 100) as if it were final: it is not a reply
+                self._end(flight)
+                flight.connection.close()
+                raise _Retry(f"HTTP {status}: an interim reply where the final one was due")
+            held.append((endpoint, flight, response))
+            if status == 404:
+                raise self._error(endpoint, request, "the server does not serve this model", None, 1, status=404,
+                                  retryable=False)
+            raise _Retry(f"HTTP {status}", status=status, retry_after=_retry_after(response.getheader("Retry-After")))
+
+        try:
+            endpoint, (flight, response) = self._retrying(replicas, request, _Tally(), attempt)
+            settled = False
+        except ModelError:
+            if not held or self._aborted.is_set():
+                self._let_go(held)
+                raise
+            (endpoint, flight, response), settled = held.pop(), True  # counted as failed when it was held
+        try:
+            yield endpoint, response
+        finally:
+            self._end(flight)
+            if response.isclosed() and not response.will_close and not flight.expired:
+                self._release(endpoint, flight.connection)
+            else:
+                flight.connection.close()
+            if not settled:
+                self._replicas.settle(endpoint, "ok" if response.status < 400 else "answered")
+
+    def _let_go(self, held: list[tuple[Endpoint, _Attempt, http.client.HTTPResponse]]) -> None:
+        while held:
+            _, flight, _ = held.pop()
+            self._end(flight)
+            flight.connection.close()
 
     def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None,
                attempts: int, status: int | None = None, body: str = "", retryable: bool = True) -> ModelError:
@@ -2116,8 +2175,9 @@ class HTTPClient:
 
     # --- the deadline watchdog: one thread per client, alive while attempts are in flight ------------------
 
-    def _begin(self, connection: http.client.HTTPConnection) -> _Attempt:
-        attempt = _Attempt(connection, time.monotonic() + self.deadline)
+    def _begin(self, connection: http.client.HTTPConnection, within: float | None = None) -> _Attempt:
+        """Watch an attempt: cut it off ``within`` seconds from now (default: ``deadline``)."""
+        attempt = _Attempt(connection, time.monotonic() + (self.deadline if within is None else within))
         with self._watch:
             self._in_flight.add(attempt)
             if not self._watching:
@@ -2166,7 +2226,7 @@ class HTTPClient:
 
     def _send(self, endpoint: Endpoint, payload: bytes, request: Request) -> Reply:
         """One attempt: send, read, parse. Raises _Retry for what may pass, ModelError for what will not."""
-        flight, response = self._open(endpoint, payload, request)
+        flight, response = self._open(endpoint, payload, request, stream=request.stream is not None)
         try:
             reply, reusable = self._read(response, endpoint, request, flight)
         except (_Retry, ModelError) as failure:
@@ -2182,9 +2242,10 @@ class HTTPClient:
             flight.connection.close()
         return reply
 
-    def _open(self, endpoint: Endpoint, payload: bytes, request: Request) -> tuple[_Attempt, http.client.HTTPResponse]:
-        """Send the request on an idle kept-alive connection or a new one, under the deadline, and read the
-        status line and headers of the reply."""
+    def _open(self, endpoint: Endpoint, payload: bytes, request: Request, *,
+              stream: bool) -> tuple[_Attempt, http.client.HTTPResponse]:
+        """Send ``payload`` on an idle kept-alive connection or a new one, under the deadline, and read the
+        status line and headers of the reply (``stream``: ask for server-sent events)."""
         if self._aborted.is_set():
             raise self._error(endpoint, request, "interrupted: the client was aborted", None, 1, retryable=False)
         connection, reused = self._acquire(endpoint)
@@ -2192,7 +2253,7 @@ class HTTPClient:
         parts = endpoint._parts
         path = (parts.path.rstrip("/") + "/chat/completions") + (f"?{parts.query}" if parts.query else "")
         headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
-                   "Accept": "text/event-stream" if request.stream else "application/json"}
+                   "Accept": "text/event-stream" if stream else "application/json"}
         if endpoint.api_key:
             headers["Authorization"] = f"Bearer {endpoint.api_key}"
         try:
@@ -2375,14 +2436,15 @@ class HTTPClient:
 
     # --- the models a server offers, for messages -----------------------------------------------------------
 
-    def models(self, model: str) -> list[str] | None:
-        """The model names the servers of ``model`` list at ``GET {base_url}/models`` (each replica asked once,
-        with its own key, within ``timeout`` and ``deadline``, never retried), sorted and without repeats; None
-        when none of them answers with a list. For messages such as "the server offers ...": what a 404 meant.
+    def models(self, model: str | None = None) -> list[str] | None:
+        """The model names the servers of ``model`` (without it: every server of the client) list at ``GET
+        {base_url}/models``, each asked once, with its own key, within 5 s (or ``timeout`` and ``deadline`` if
+        shorter), never retried; sorted and without repeats. None when none of them answers with a list. For
+        messages such as "the server offers ...": what a 404 meant; and for serve's ``GET /v1/models``.
         Names are cleaned like any server text (keys blanked out, control characters replaced, cut short)."""
         names: set[str] = set()
         listed = False
-        for endpoint in self.replicas(model):
+        for endpoint in self.replicas(model) if model is not None else _endpoints_of(self):
             found = self._list_models(endpoint)
             if found is not None:
                 listed = True
@@ -2394,8 +2456,8 @@ class HTTPClient:
             return None
         parts = endpoint._parts
         kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-        connection = kind(parts.hostname or "", parts.port, timeout=min(self.timeout, self.deadline))
-        flight = self._begin(connection)
+        connection = kind(parts.hostname or "", parts.port, timeout=min(LIST_WITHIN, self.timeout, self.deadline))
+        flight = self._begin(connection, min(LIST_WITHIN, self.deadline))
         path = parts.path.rstrip("/") + "/models" + (f"?{parts.query}" if parts.query else "")
         headers = {"User-Agent": f"selfmoa/{__version__}", "Accept": "application/json"}
         if endpoint.api_key:
@@ -2557,9 +2619,10 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 CLI_DESCRIPTION = """\
 Answer a prompt with MoA, Self-MoA or Self-MoA-Seq against OpenAI-compatible servers.
 The prompt is the argument, or standard input; the final answer goes to standard output.
-"selfmoa serve" serves the methods as models instead (selfmoa serve --help), and "selfmoa
-eval" measures them on a dataset (selfmoa eval --help); to ask the prompt "serve" or "eval"
-itself, pass it after -- or on standard input."""
+"selfmoa serve" serves the methods as models instead (selfmoa serve --help), "selfmoa
+merge" joins the outputs of a batch run in shards (selfmoa merge --help), and "selfmoa eval"
+measures the methods on a dataset (selfmoa eval --help); to ask the prompt "serve", "merge"
+or "eval" itself, pass it after -- or on standard input."""
 
 CLI_EPILOG = """\
 endpoints and keys:
@@ -2576,7 +2639,9 @@ batch mode:
   "status": "ok" or "error", "answer" or "error": ..., ..., "input": {the record as given}}.
   Run the same command again to resume: items answered for the same prompt and parameters
   are skipped, the others run. One run at a time writes a file (it holds FILE.lock); a file
-  that is not a selfmoa output file is never changed.
+  that is not a selfmoa output file is never changed. --shard K/N runs only the items of
+  shard K (a stable hash of each id picks its shard), so N processes or machines can run
+  one input: then selfmoa merge -i FILE OUT... -o ALL checks and joins their outputs.
 
 exit status:
   0 success, 1 a model or server failed, 2 a usage error (the message names the flag)."""
@@ -2605,12 +2670,10 @@ def _finite(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser (its --help is the usage section of the README)."""
-    parser = argparse.ArgumentParser(prog="selfmoa", description=CLI_DESCRIPTION, epilog=CLI_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose a method and its parameters, and how its calls run (--method to
+    --instruction-file): the main command's, and those of ``selfmoa merge`` and other runners of the methods."""
     add = parser.add_argument
-    add("prompt", nargs="?", metavar="PROMPT", help="the prompt (default: read standard input)")
     add("--method", choices=list(METHODS), default="self-moa", help="default: self-moa")
     add("-m", "--model", help="the model sampled by self-moa and self-moa-seq, and the default aggregator "
         "(default: $SELFMOA_MODEL)")
@@ -2648,6 +2711,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--instruction-file", metavar="FILE", help="replace the aggregator instruction with this file's text")
     add("--layout", choices=LAYOUTS, default="keyed", help="how the aggregator prompt lists the responses: keyed "
         "blocks, or numbered lines as in the original MoA code (reference) (default: keyed)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (its --help is the usage section of the README)."""
+    parser = argparse.ArgumentParser(prog="selfmoa", description=CLI_DESCRIPTION, epilog=CLI_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (default: read standard input)")
+    _method_arguments(parser)
+    add = parser.add_argument
     add("--base-url", action="append", metavar="URL",
         help="the default endpoint (default: $OPENAI_BASE_URL, else the OpenAI API); repeat it for replicas")
     add("--api-key", metavar="KEY", help="the default endpoint's key (default: see below)")
@@ -2667,6 +2739,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--generator", metavar="NAME", help="alpaca_eval: the generator name (default: selfmoa- followed by "
         "the method, models, n, window and carry)")
     add("--trace", action="store_true", help="batch mode: put each item's trace in its output line")
+    add("--shard", metavar="K/N", help="batch mode: run only shard K of N (K from 0 to N-1): the items whose id "
+        "hashes to K; join the shards' outputs with selfmoa merge")
     add("--version", action="version", version=f"selfmoa {__version__}")
     return parser
 
@@ -2836,7 +2910,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--diversity: it adds each proposer layer's diversity to --json output and to batch lines, "
                           "so alone it would have no effect; add --json, or run a batch with -i and -o")
     batch_only = (("--trace", args.trace), ("--format", args.format is not None),
-                  ("--generator", args.generator is not None))
+                  ("--generator", args.generator is not None), ("--shard", getattr(args, "shard", None) is not None))
     for flag, given in batch_only:
         if given and not (args.input or args.output):
             raise ConfigError(f"{flag}: it shapes a batch's output, and without -i FILE and -o FILE no batch runs, "
@@ -2993,6 +3067,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if argv[:1] == ["serve"]:  # a subcommand only as the first word: "selfmoa -- serve" asks the prompt "serve"
         serve = _sibling("selfmoa_serve", "selfmoa serve")
         return serve.main(argv[1:], environ) if serve else 2
+    if argv[:1] == ["merge"]:
+        batch = _sibling("selfmoa_batch", "selfmoa merge")
+        return batch.merge_command(argv[1:], environ) if batch else 2
     if argv[:1] == ["eval"]:
         evaluation = _sibling("selfmoa_eval", "selfmoa eval")
         return evaluation.main(argv[1:], environ) if evaluation else 2

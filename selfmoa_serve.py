@@ -54,7 +54,6 @@ import json
 import math
 import os
 import queue
-import random
 import re
 import select
 import signal
@@ -70,9 +69,8 @@ from selfmoa import (
     DEFAULT_INSTRUCTION,
     METHODS,
     REFERENCE_INSTRUCTION,
-    RETRY_STATUSES,
     ConfigError,
-    Endpoint,
+    HTTPClient,
     Message,
     ModelError,
     NotEnoughProposals,
@@ -84,8 +82,6 @@ from selfmoa import (
     _clean,
     _endpoints_of,
     _finite,
-    _HTTPConnection,
-    _HTTPSConnection,
     _instruction_file,
     _is_int,
     _key_problem,
@@ -381,12 +377,12 @@ class ModelServer:
                and math.isfinite(drain_timeout) and drain_timeout >= 0, "drain_timeout", drain_timeout,
                "it is how long the runs in flight may take to finish on a stop", "pass a number of seconds >= 0")
         self.complete, self.server_key, self.concurrency = complete, server_key, concurrency
+        self._client = complete if isinstance(complete, HTTPClient) else None  # pass-through and model lists
         self.models, self.max_body, self.drain_timeout = list(models), max_body, drain_timeout
         self.pool = _Pool(concurrency)
         self._order = itertools.count()  # earlier requests' calls go first among equals
         self._active = 0
         self._runs: set[threading.Event] = set()  # the cancel flag of every run in flight
-        self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}  # kept-alive pass-through connections
         self._changed = threading.Condition()
         self._stopping = self._serving = False
         self._cut = threading.Event()  # set when --drain-timeout ends: the requests still in flight answer now
@@ -439,10 +435,6 @@ class ModelServer:
             while self._active and time.monotonic() < grace:
                 self._changed.wait(max(0.0, grace - time.monotonic()))
         self.pool.shutdown()
-        with self._changed:
-            idle, self._idle = self._idle, {}
-        for connection in itertools.chain.from_iterable(idle.values()):
-            connection.close()
         return left
 
     def __enter__(self) -> ModelServer:
@@ -555,11 +547,8 @@ class ModelServer:
     def model_names(self) -> list[str]:
         """The served names: each upstream model (as its upstream lists it), and each method of it."""
         names = list(self.models)
-        client = self.complete
-        endpoints = _endpoints_of(client)
-        for endpoint in dict.fromkeys(e for e in endpoints if isinstance(e, Endpoint)):
-            names += self._upstream_models(endpoint)
-        names += list(getattr(client, "endpoints", {}))
+        if self._client is not None:
+            names += (self._client.models() or []) + list(self._client.endpoints)
         names += [m for m in _flatten(self.defaults["proposers"] or [])]
         served = []
         for name in dict.fromkeys(names):
@@ -567,26 +556,6 @@ class ModelServer:
             if self.defaults["proposers"]:
                 served.append(f"moa/{name}")
         return list(dict.fromkeys(served))
-
-    def _upstream_models(self, endpoint: Endpoint) -> list[str]:
-        """The model ids an upstream lists (none if it cannot say so within a few seconds)."""
-        parts = urllib.parse.urlsplit(endpoint.base_url)
-        kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-        connection = kind(parts.hostname or "", parts.port, timeout=min(5.0, getattr(self.complete, "timeout", 5.0)))
-        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
-        begin, end = getattr(self.complete, "_begin", None), getattr(self.complete, "_end", None)
-        flight = begin(connection) if begin and end else None  # --deadline: the client's watchdog cuts it off
-        try:
-            connection.request("GET", parts.path.rstrip("/") + "/models", headers=headers)
-            response = connection.getresponse()
-            data = json.loads(response.read(SERVE_MAX_UPSTREAM)) if response.status == 200 else {}
-            return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
-        except (OSError, ValueError, AttributeError, TypeError, RecursionError, http.client.HTTPException):
-            return []  # whatever the upstream answers (wrong types, a nesting bomb): it lists nothing
-        finally:
-            if flight is not None and end is not None:
-                end(flight)
-            connection.close()
 
     def handle_post(self, handler: _ServeHandler) -> None:
         path = handler.path.split("?")[0].rstrip("/")
@@ -666,13 +635,12 @@ class ModelServer:
 
     def _check_endpoints(self, arguments: dict[str, Any]) -> None:
         """Refuse a model no upstream serves before any call is made (404 model_not_found)."""
-        endpoint_for = getattr(self.complete, "endpoint_for", None)
-        if endpoint_for is None:
+        if self._client is None:
             return
         for model in [arguments.get("model"), arguments.get("aggregator"), *_flatten(arguments.get("proposers"))]:
             if isinstance(model, str):
                 try:
-                    endpoint_for(model)
+                    self._client.replicas(model)
                 except ConfigError:
                     raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it",
                                       "model", "model_not_found") from None
@@ -781,68 +749,19 @@ class ModelServer:
     # --- pass-through ----------------------------------------------------------------------------------
 
     def _pass_through(self, handler: _ServeHandler, model: str, raw: bytes, streaming: bool) -> None:
-        """Send the request, as it came, to one of the model's own upstreams (with that upstream's key, never
-        the client's), and its reply back as it comes: status, body and streamed events unchanged. With
-        replicas, the client's rule picks the upstream (fewest calls in flight, cool-down, failover)."""
-        replicas_of = getattr(self.complete, "replicas", None)
-        try:
-            if replicas_of is None:
-                raise ConfigError("no upstream")
-            replicas = list(replicas_of(model))
-        except ConfigError:
+        """Send the request, as it came, to one of the model's own upstreams, and its reply back as it comes:
+        status, body and streamed events unchanged, the upstream's keys blanked out wherever they show. The
+        client's ``relay`` chooses the upstream, fails over, retries and bounds each attempt by its deadline,
+        as for any call, and sends that upstream's key (never the client's)."""
+        if self._client is None:
             raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it", "model",
-                              "model_not_found") from None
-        retries = getattr(self.complete, "retries", 0)
-        begin, unwatch = getattr(self.complete, "_begin", None), getattr(self.complete, "_end", None)
-
-        def end(flight: Any) -> None:
-            if unwatch is not None and flight is not None:
-                unwatch(flight)
-        attempt, failed_here = 0, set[str]()
-        while True:
-            endpoint = self._claim(replicas, failed_here, model)
-            parts = urllib.parse.urlsplit(endpoint.base_url)
-            path = parts.path.rstrip("/") + "/chat/completions" + (f"?{parts.query}" if parts.query else "")
-            headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
-                       "Accept": "text/event-stream" if streaming else "application/json"}
-            if endpoint.api_key:
-                headers["Authorization"] = f"Bearer {endpoint.api_key}"
-            connection, reused = self._upstream(parts)
-            flight = begin(connection) if begin else None  # --deadline: the client's watchdog cuts it off
-            try:
-                connection.request("POST", path, body=raw, headers=headers)  # connects (TCP_NODELAY) if new
-                response = connection.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                end(flight)
-                connection.close()
-                self._unclaim(endpoint, "stale" if reused else "down")
-                if reused:
-                    continue  # a kept-alive connection the upstream had closed meanwhile: not an attempt
-                failure = f"could not reach it ({type(exc).__name__})"
-            else:
-                last_chance = attempt == retries and len(failed_here | {endpoint.base_url}) >= len(replicas)
-                final = response.status >= 200  # http.client hands back a 1xx (but 100) as if it were final
-                if final and (response.status not in RETRY_STATUSES or last_chance):
-                    break  # relayed as it is: an answer, or the last failure once every replica had its chance
-                end(flight)
-                connection.close()
-                self._unclaim(endpoint, "failed")
-                failure = f"HTTP {response.status}"
-            failed_here.add(endpoint.base_url)
-            if len(failed_here) < len(replicas):
-                continue  # failover: another replica takes the request now, no wait, no retry spent
-            if attempt == retries:
-                raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: {failure}"
-                                  + (f" (after {attempt + 1} attempts)" if attempt else ""), None,
-                                  "upstream_error", "upstream_error")
-            failed_here.clear()  # every replica failed this request: back off, then try them again
-            backoff, most = getattr(self.complete, "backoff", 0.5), getattr(self.complete, "max_backoff", 30.0)
-            time.sleep(min(most, backoff * 2 ** attempt) * random.random())
-            attempt += 1
-        key, kept = endpoint.secrets, False
+                              "model_not_found")
         try:
-            content_type = _redact_all(response.getheader("Content-Type") or "application/json", key)  # relayed
-            if not (streaming and response.status == 200 and content_type.startswith("text/event-stream")):
+            with self._client.relay(model, raw, stream=streaming) as (endpoint, response):
+                key = endpoint.secrets
+                content_type = _redact_all(response.getheader("Content-Type") or "application/json", key)
+                if streaming and response.status == 200 and content_type.startswith("text/event-stream"):
+                    return self._relay_stream(handler, response, content_type, key)
                 try:  # a body shorter than announced raises: relayed, it would pass for a whole one
                     data, whole = _read_capped(response, SERVE_MAX_UPSTREAM)
                 except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -852,11 +771,20 @@ class ModelServer:
                 if not whole:
                     raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply is "
                                       f"over {SERVE_MAX_UPSTREAM} bytes", None, "upstream_error", "upstream_error")
-                kept = self._keep(parts, connection, response)
                 retry_after = _redact_all(response.getheader("Retry-After") or "", key)
-                extra = {"Retry-After": retry_after} if retry_after else {}
-                return handler.send_bytes(response.status, _redact_bytes(data, key), content_type,
-                                          extra)
+        except ConfigError:
+            raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it", "model",
+                              "model_not_found") from None
+        except ModelError as exc:  # no upstream answered, after retries
+            raise self._failure(exc) from None
+        # Sent once the upstream connection is back in the client's pool, for the client's next request.
+        handler.send_bytes(response.status, _redact_bytes(data, key), content_type,
+                           {"Retry-After": retry_after} if retry_after else {})
+
+    def _relay_stream(self, handler: _ServeHandler, response: http.client.HTTPResponse, content_type: str,
+                      key: Sequence[str]) -> None:
+        """Pass a streamed reply on as it comes, with ``key`` blanked out."""
+        try:
             handler.start_chunked(200, content_type)
             # Relayed line by line: a key the upstream echoes never spans a line break (keys hold no control
             # characters), so redacting whole lines catches it even when it arrives split over two reads.
@@ -875,53 +803,9 @@ class ModelServer:
             if pending and not handler.send_chunk(_redact_bytes(pending, key)):
                 return
             response.read()  # the end of the body (nothing left to relay), so that the connection can be kept
-            kept = self._keep(parts, connection, response)
             handler.end_chunked()
         except (OSError, http.client.HTTPException):
             handler.close_connection = True  # the upstream broke off mid-reply: so does this reply
-        finally:
-            end(flight)
-            self._unclaim(endpoint, "ok" if response.status == 200 else "answered")
-            if not kept:
-                connection.close()
-
-    def _claim(self, replicas: list[Endpoint], failed_here: set[str], model: str) -> Endpoint:
-        """The upstream for one pass-through attempt, counted in flight by the client's replica rule."""
-        pick = getattr(self.complete, "_pick", None)
-        if pick is None:
-            return replicas[0]
-        try:
-            return pick(replicas, failed_here, Request(model, ()))
-        except ModelError as exc:  # the client was aborted: the server is stopping
-            raise _ServeError(502, f"upstream failure: {exc.message}", None, "upstream_error",
-                              "upstream_error") from None
-
-    def _unclaim(self, endpoint: Endpoint, outcome: str) -> None:
-        """End a claimed attempt (ok, failed, down, answered or stale), as the client counts its own calls."""
-        settle = getattr(self.complete, "_settle", None)
-        if settle is not None:
-            settle(endpoint, outcome)
-
-    def _upstream(self, parts: urllib.parse.SplitResult) -> tuple[http.client.HTTPConnection, bool]:
-        """A kept-alive connection to an upstream host if one is idle (True), else a new, unconnected one."""
-        with self._changed:
-            idle = self._idle.get((parts.scheme, parts.hostname, parts.port))
-            if idle:
-                return idle.pop(), True
-        kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-        return kind(parts.hostname or "", parts.port, timeout=getattr(self.complete, "timeout", 120.0)), False
-
-    def _keep(self, parts: urllib.parse.SplitResult, connection: http.client.HTTPConnection,
-              response: http.client.HTTPResponse) -> bool:
-        """Keep a connection whose reply was read in full for the next pass-through (at most 32 per host)."""
-        if response.will_close or not response.isclosed():
-            return False
-        with self._changed:
-            idle = self._idle.setdefault((parts.scheme, parts.hostname, parts.port), [])
-            if len(idle) >= 32:
-                return False
-            idle.append(connection)
-            return True
 
 
 class _Client:
@@ -1245,7 +1129,7 @@ stopping:
 # The one-shot flags that configure nothing serve has: the prompt, the choice of method and models (the
 # request's model names them), the output, and batch mode. Every other flag is shared, with its meaning.
 _NOT_SERVE_FLAGS = frozenset({"help", "version", "prompt", "method", "model", "aggregator", "json", "stream",
-                              "input", "output", "format", "trace", "diversity", "generator"})
+                              "input", "output", "format", "trace", "diversity", "generator", "shard"})
 _SERVE_HELP = {
     "samples": "samples of M per request (default: 6)",
     "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7, dropped "
