@@ -731,27 +731,39 @@ def moa(prompt: Prompt, proposers: Proposers, aggregator: str, *, complete: Call
                 given=given)
 
 
+# The method bodies read as the algorithms. The run object (``_Run``, below the machinery banner) sends every
+# call, and promises:
+#   run.layer(l, models, prompt, shown=...)  asks every proposer of layer l (concurrently; repeats of one model
+#       share requests with n) and returns their outcomes in configuration order: each proposer's text, or the
+#       ModelError it failed with. ``shown`` says which earlier answers the prompt shows (for the trace).
+#   run.aggregate(call, prompt)  sends one aggregation and waits for it: its text (any marker line it echoes
+#       removed), or its ModelError raised. The final answer's aggregation is streamed to ``stream``.
+#   source.take(k)  hands out Self-MoA-Seq's next k good samples, each with its number, in sample order (fewer
+#       at the end, none after); failed ones are skipped, and too few good ones raise NotEnoughProposals.
+# Every call goes into the trace; the pool, which call goes first, and asking again for missing samples are
+# the run's business, so that nothing here but the paper's steps decides what is asked.
+
+
 def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min_ok: int, settings: _Settings,
          method: str, given: list[str] | None = None) -> Result:
     """The MoA layer loop, shared by ``moa`` and ``self_moa``: ``plan`` holds the models of each proposer layer,
     ``given`` the first layer's outputs when the caller has them."""
     params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, **settings.params(),
               "min_ok": min_ok, **({} if given is None else {"samples_given": len(given)})}
-    with _Run(settings, method=method, params=params) as run:
+    with _Run(settings, method=method, params=params, layers=len(plan) + 1) as run:
         references: list[str] = []  # the answers of the previous layer, in configuration order
         positions: list[int] = []  # where each of them stood in its layer
         for number, models in enumerate(plan, 1):
             # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
             prompt_l = inject_references(messages, references, settings.instruction, settings.layout)
             outcomes: list[Outcome] = list(given) if number == 1 and given is not None else \
-                run.layer(number, models, prompt_l, shown=positions, remaining=len(plan) + 2 - number)
+                run.layer(number, models, prompt_l, shown=positions)
             # A proposer that failed is dropped and the survivors keep their order; too few stop the run.
             positions = _survivors(outcomes, layer=number, min_ok=min_ok)
             references = [outcome for outcome in outcomes if isinstance(outcome, str)]
         # The aggregator synthesizes the last layer's answers into the final answer.
         final = Call("aggregator", layer=len(plan) + 1, model=aggregator, indices=[0], references=positions)
-        answer = run.aggregate(final, inject_references(messages, references, settings.instruction, settings.layout),
-                               remaining=1, stream=settings.stream)
+        answer = run.aggregate(final, inject_references(messages, references, settings.instruction, settings.layout))
         return run.result(answer)
 
 
@@ -881,27 +893,20 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     with _Run(settings, method="self-moa-seq", params=params) as run:
         # The samples: drawn from the model (all requested at once, each round's new ones in one request) or
         # the caller's, handed out in order as the rounds need them, failed ones skipped.
-        source = (_Given(samples, min_ok=min_ok) if samples is not None else
-                  _Generated(run, model=model, messages=messages, n=n, window=window, carry=carry, min_ok=min_ok))
+        source = run.seq_samples(samples, model=model, messages=messages, n=n, window=window, carry=carry,
+                                 min_ok=min_ok)
         synthesis: str | None = None
         number = 0
-        while True:
-            # Round 1 takes a whole window of samples; every later round, the next window - carry.
-            new = source.take(window if synthesis is None else window - carry)
-            if not new:
-                break
+        # Round 1 takes a whole window of samples; every later round, the next window - carry.
+        while new := source.take(window if synthesis is None else window - carry):
             number += 1
             # The window: the previous synthesis carry times, first, to bias the aggregator towards it;
             # then the new samples, in order.
             shown = ([] if synthesis is None else [synthesis] * carry) + [text for _, text in new]
             call = Call("aggregator", layer=2, model=str(aggregator), indices=[0], references=[i for i, _ in new],
                         round=number, carried=len(shown) - len(new))
-            # Only the round known to be last (without waiting for another sample) is streamed.
-            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction, settings.layout),
-                                      remaining=max(1, source.rounds - number + 1),
-                                      stream=settings.stream if source.exhausted else None)
+            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction, settings.layout))
         assert synthesis is not None, "a source that yields no sample raises NotEnoughProposals"
-        params["n"], params["rounds"] = source.count, number
         return run.result(synthesis)
 
 
@@ -1112,8 +1117,11 @@ class _Run:
     leaving the block gets ``partial``; the run's own pool is shut down.
     """
 
-    def __init__(self, settings: _Settings, *, method: str, params: dict):
+    def __init__(self, settings: _Settings, *, method: str, params: dict, layers: int = 2):
         self.settings, self.method, self.params = settings, method, params
+        self.layers = layers  # MoA's layers, the aggregator's included: the longest chain of calls
+        self.source: _Generated | _Given | None = None  # Self-MoA-Seq's samples
+        self.rounds = 0  # Self-MoA-Seq's rounds aggregated so far
         self.pool, self._owned, self.priority, self._oldest_first = _start(settings.complete, settings.concurrency)
         self.trace: list[Call] = []
         self._lock = threading.Lock()
@@ -1129,15 +1137,32 @@ class _Run:
                 with self._idle:
                     self._idle.wait_for(lambda: self._open == 0)
                 with contextlib.suppress(AttributeError):  # a foreign exception may refuse new attributes
-                    exc.partial = self.result("")  # type: ignore[attr-defined]
+                    exc.partial = self._result("", dict(self.params))  # type: ignore[attr-defined]
         finally:
             if self._owned:
                 self.pool.shutdown()
 
     def result(self, answer: str) -> Result:
+        """The run's Result: ``answer``, the trace, and the parameters (Self-MoA-Seq's with the samples and
+        rounds actually aggregated)."""
+        params = dict(self.params)
+        if self.source is not None:
+            params["n"], params["rounds"] = self.source.count, self.rounds
+        return self._result(answer, params)
+
+    def _result(self, answer: str, params: dict) -> Result:
         with self._lock:
             trace = sorted(self.trace, key=Call.sort_key)
-        return Result(answer, self.method, trace, dict(self.params))
+        return Result(answer, self.method, trace, params)
+
+    def seq_samples(self, samples: Iterable[str] | None, *, model: str | None, messages: list[Message],
+                    n: int | None, window: int, carry: int, min_ok: int) -> _Generated | _Given:
+        """Self-MoA-Seq's samples, handed out in order by ``take``: the caller's ``samples``, or drawn from
+        ``model`` (all requested now, one request per round's new samples)."""
+        self.source = (_Given(samples, min_ok=min_ok) if samples is not None else
+                       _Generated(self, model=model, messages=messages, n=n, window=window, carry=carry,
+                                  min_ok=min_ok))
+        return self.source
 
     def _submit(self, call: Call, remaining: int, task: Callable, *args: Any) -> concurrent.futures.Future:
         """Queue ``task(*args)``. ``remaining`` counts the calls chained after this one, itself included (the
@@ -1246,11 +1271,12 @@ class _Run:
             ask(start, min(step, count - start))
         return slots
 
-    def layer(self, number: int, models: Sequence[str], messages: list[Message], *, shown: list[int],
-              remaining: int) -> list[Outcome]:
+    def layer(self, number: int, models: Sequence[str], messages: list[Message], *,
+              shown: list[int]) -> list[Outcome]:
         """Ask every proposer of one layer, concurrently; their outcomes in configuration order.
 
         Consecutive proposers of one model share requests with ``n`` (see ``samples``)."""
+        remaining = self.layers + 1 - number  # this layer, the later ones and the aggregator
         slots: list[concurrent.futures.Future] = []
         for model, run_of in itertools.groupby(enumerate(models), key=lambda item: item[1]):
             positions = [position for position, _ in run_of]
@@ -1258,10 +1284,17 @@ class _Run:
                                   layer=number, references=shown, remaining=remaining)
         return [slot.result() for slot in slots]
 
-    def aggregate(self, call: Call, messages: list[Message], *, remaining: int,
-                  stream: Callable[[str], None] | None = None) -> str:
+    def aggregate(self, call: Call, messages: list[Message]) -> str:
         """One aggregation call, waited for: its text, with any echoed marker line removed (also from what is
-        streamed). A failure raises its ModelError."""
+        streamed). A failure raises its ModelError. The final answer's aggregation is the one streamed: MoA's
+        aggregator, and the Self-MoA-Seq round known to be the last without waiting for another sample."""
+        if call.round is None:
+            remaining, final = self.layers + 1 - call.layer, True
+        else:  # a round: the rounds left are chained after it
+            assert self.source is not None, "Self-MoA-Seq's rounds aggregate its samples"
+            remaining, final = max(1, self.source.rounds - call.round + 1), self.source.exhausted
+            self.rounds = call.round
+        stream = self.settings.stream if final else None
         block = _block_key(messages[0]["content"]) if self.settings.layout == "keyed" else None
         assert block is not None or self.settings.layout != "keyed", "an aggregation always shows references"
         shown = stream if stream is None or block is None else _MarkerFilter(stream, block[1])
@@ -2480,7 +2513,7 @@ class HTTPClient:
         entries = data.get("data") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             return None
-        return [_shown(entry["id"], endpoint.secrets, 200) for entry in entries[:1000]
+        return [_shown(_listed_name(entry), endpoint.secrets, 200) for entry in entries[:1000]
                 if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"].strip()]
 
     def close(self) -> None:
@@ -2519,6 +2552,22 @@ def _read_capped(response: http.client.HTTPResponse, limit: int) -> tuple[bytes,
             return bytes(body), True
         body += piece
     return bytes(body[:limit]), False
+
+
+def _listed_name(entry: dict) -> str:
+    """A model's name as ``GET /models`` lists it: its id, except from llama.cpp's server, which lists the path of
+    the file it loaded (``/models/qwen2-7b-q4_k_m.gguf``) and answers to any name: then the file's name alone (so
+    that serve lists ``self-moa/qwen2-7b-q4_k_m.gguf``, not ``self-moa//models/...``).
+
+    >>> _listed_name({"id": "/models/qwen2-7b-q4_k_m.gguf", "owned_by": "llamacpp"})
+    'qwen2-7b-q4_k_m.gguf'
+    >>> _listed_name({"id": "Qwen/Qwen2-7B-Instruct", "owned_by": "vllm"})
+    'Qwen/Qwen2-7B-Instruct'
+    """
+    name = entry["id"]
+    if entry.get("owned_by") == "llamacpp":
+        name = re.split(r"[/\\]", name.rstrip("/\\"))[-1] or name
+    return name
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -2861,6 +2910,38 @@ def missing_models_report(errors: Iterable[tuple[str, str]], client: Any) -> lis
     return lines
 
 
+_HTTP_DENIED = re.compile(r": HTTP 40[13]: ")
+
+
+def key_report(errors: Iterable[tuple[str, str]], args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
+    """For a model refused with 401 or 403 (``errors``: pairs of model and error text) that was sent no key: why
+    none was sent, by the rule of "endpoints and keys", and how to give it one. Nothing when a key was sent."""
+    lines = []
+    own = {spec.partition("=")[0] for spec in args.endpoint or [] if "=" in spec}
+    for model in dict.fromkeys(model for model, error in errors if _HTTP_DENIED.search(error)):
+        if model in own:
+            name = _key_env_name(model)
+            if not environ.get(name):
+                lines.append(f"model {model!r} has its own --endpoint and was sent no key: the key of such a model "
+                             f"comes from ${name} alone; export {name}=...")
+            continue
+        if args.api_key is not None:
+            continue
+        env_url = environ.get("OPENAI_BASE_URL") or None
+        urls = args.base_url or [env_url or OPENAI_BASE_URL]
+        withheld = [url for url in urls if url.rstrip("/") != OPENAI_BASE_URL and url != env_url]
+        if not withheld:
+            continue
+        shown = _public_url(withheld[0])
+        if environ.get("OPENAI_API_KEY"):
+            lines.append(f"$OPENAI_API_KEY was not sent to {shown}, on purpose: it goes only to the OpenAI API or to "
+                         f"$OPENAI_BASE_URL, never to another --base-url. Give this server's key with --api-key KEY, "
+                         f"or, if $OPENAI_API_KEY is its key, export OPENAI_BASE_URL={shown} instead of --base-url")
+        else:
+            lines.append(f"no key was sent to {shown}: give this server's key with --api-key KEY")
+    return lines
+
+
 def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPClient:
     """The HTTPClient the flags and the environment describe, keys going only where they belong.
 
@@ -2918,7 +2999,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.stream and args.json:
         raise ConfigError("--stream: --json prints the whole result once it is done, so --stream would have no "
                           "effect; drop one of them")
-    for flag, given in (("--json", args.json), ("--stream", args.stream is not None)):
+    for flag, given in (("--json", args.json), ("--stream", args.stream is True)):  # --no-stream: harmless
         if given and (args.input or args.output):
             raise ConfigError(f"{flag}: a batch writes its results to -o FILE and prints only a summary, so {flag} "
                               f"would have no effect; drop it")
@@ -3120,7 +3201,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         errors = [(call.model, call.error) for call in exc.partial.trace if call.error] if exc.partial else []
         if isinstance(exc, ModelError):
             errors.append((exc.model, str(exc)))
-        for line in missing_models_report(errors, client):
+        for line in missing_models_report(errors, client) + key_report(errors, args, environ):
             print(f"selfmoa: {line}", file=sys.stderr)
         if args.json and exc.partial is not None:
             print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message,

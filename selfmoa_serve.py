@@ -33,7 +33,7 @@ Usage, with a toy model in front (a ``selfmoa.HTTPClient`` in real use):
 
 On the command line (``selfmoa serve --help`` lists every flag)::
 
-    selfmoa serve --base-url http://localhost:8000/v1 --port 8080   # "self-moa/qwen" is now a model
+    selfmoa serve --base-url http://localhost:8000/v1   # at http://127.0.0.1:8100/v1, "self-moa/qwen" is a model
 
 Licence: MIT. Copyright (c) 2026 the selfmoa authors.
 """
@@ -114,6 +114,7 @@ __all__ = ["SERVE_METHODS", "ModelServer", "main"]
 # it is streamed upstream only when the client asked for a stream. A run whose client went away is cancelled
 # at the seam: every call it still has queued fails at once, without reaching the upstream.
 
+SERVE_PORT = 8100  # the default port: clear of vLLM's 8000 and llama.cpp's 8080, where its upstreams often are
 SERVE_METHODS = {"self-moa/": "self-moa", "self-moa-seq/": "self-moa-seq", "moa/": "moa"}  # model prefix -> method
 SERVE_MAX_BODY = 16 * 1024 * 1024  # bytes of a request body at most (413 beyond)
 SERVE_MAX_UPSTREAM = 64 * 1024 * 1024  # bytes of a passed-through reply at most (502 beyond)
@@ -345,7 +346,7 @@ class ModelServer:
             print(server.base_url)      # http://127.0.0.1:PORT/v1, serving until the block ends
     """
 
-    def __init__(self, complete: Callable[[Request], Any], *, host: str = "127.0.0.1", port: int = 8000,
+    def __init__(self, complete: Callable[[Request], Any], *, host: str = "127.0.0.1", port: int = SERVE_PORT,
                  defaults: Mapping[str, Any] | None = None, server_key: str | None = None, concurrency: int = 8,
                  models: Sequence[str] = (), max_body: int = SERVE_MAX_BODY, drain_timeout: float = 30.0):
         _check(callable(complete), "complete", complete, "every upstream call goes through it",
@@ -357,7 +358,7 @@ class ModelServer:
                "serving beyond this machine without a server key would let anyone who can reach it spend your "
                "upstream keys", "pass a server key (--server-key or $SELFMOA_SERVER_KEY), or bind 127.0.0.1")
         _check(_is_int(port) and 0 <= port <= 65535, "port", port, "a TCP port is 0 to 65535",
-               "pass e.g. 8000, or 0 for a free port")
+               f"pass e.g. {SERVE_PORT}, or 0 for a free port")
         unknown = sorted(set(defaults or {}) - set(SERVE_DEFAULTS))
         _check(not unknown, "defaults", unknown, "these are not method defaults", f"use {', '.join(SERVE_DEFAULTS)}")
         self.defaults = {**SERVE_DEFAULTS, **(defaults or {})}
@@ -1149,7 +1150,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)")
-    add("--port", type=int, default=8000, help="the port to listen on; 0 picks a free one (default: 8000)")
+    add("--port", type=int, default=SERVE_PORT, help="the port to listen on; 0 picks a free one (default: "
+        f"{SERVE_PORT}, which vLLM's 8000 and llama.cpp's 8080 leave free)")
     add("--server-key", metavar="KEY", help="the key clients must send as a Bearer token "
         "(default: $SELFMOA_SERVER_KEY; none: no key asked, loopback only)")
     add("--drain-timeout", type=_finite, default=30.0, metavar="SECONDS",

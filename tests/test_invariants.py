@@ -1044,7 +1044,7 @@ def test_E3_flags_left_out_take_the_methods_defaults():
     (["-m", "q", "--generator", "g"], "--generator"),
     (["-m", "q", "--json", "--stream"], "--stream"),
     (["-m", "q", "-i", "in.jsonl", "-o", "out.jsonl", "--json"], "--json"),
-    (["-m", "q", "-i", "in.jsonl", "-o", "out.jsonl", "--no-stream"], "--stream"),
+    (["-m", "q", "-i", "in.jsonl", "-o", "out.jsonl", "--stream"], "--stream"),
 ])
 def test_E3_other_flags_without_effect_are_refused(capsys, argv, flag):
     """Flags that would change nothing (batch-only flags without a batch, --stream with --json, ...) exit 2
@@ -1052,6 +1052,19 @@ def test_E3_other_flags_without_effect_are_refused(capsys, argv, flag):
     argv = argv if "-i" in argv else argv + ["hi"]
     code, _, err = run_cli(capsys, CLI_URL + argv)
     assert code == 2 and f"error: {flag}: " in err and "no effect" in err
+
+
+def test_E3_no_stream_in_a_batch_is_accepted(capsys, tmp_path):
+    """--no-stream asks for what a batch does anyway (nothing streams): harmless, so not refused, unlike --stream."""
+    from tests.scripted_server import ScriptedServer
+
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "hi"}\n', encoding="utf-8")
+    with ScriptedServer() as server:
+        code, _, err = run_cli(capsys, ["--base-url", server.base_url, "-m", "q", "-n", "2", "-i", str(prompts),
+                                        "-o", str(tmp_path / "out.jsonl"), "--no-stream"])
+    assert code == 0, err
+    assert (tmp_path / "out.jsonl").read_text(encoding="utf-8").count("\n") == 1
 
 
 CLI_BAD = [["--layers", "1"], ["--layers", "0"], ["-n", "0"], ["--window", "1"], ["--carry", "0"], ["--carry", "9"],

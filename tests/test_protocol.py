@@ -24,7 +24,7 @@ ADAPTER = f"{sys.executable} tests/selfmoa_adapter.py"
 # name: [(a regular expression over selfmoa.py, what the mutant has instead), ...]; each must match exactly once.
 MUTANTS = {
     "stream every round": [
-        (r"stream=settings\.stream if source\.exhausted else None\)", "stream=settings.stream)"),
+        (r"call\.round \+ 1\), self\.source\.exhausted", "call.round + 1), True"),
     ],
     "carry after the new samples": [
         (r"shown = (\(\[\] if synthesis is None else \[synthesis\] \* carry\)) \+ (\[text for _, text in new\])",
