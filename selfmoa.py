@@ -36,6 +36,7 @@ Public API
 ``self_moa_seq``            Self-MoA-Seq: rounds over a sliding window with a carried synthesis
 ``HTTPClient``              the default completion function: OpenAI-compatible servers over HTTP
 ``Endpoint``                one server: base URL and the API key that belongs to it
+``Sampling``                a role's request settings: temperature, token limit, other fields, per model
 ``Request`` / ``Reply``     what crosses the seam between the methods and a model
 ``Result`` / ``Call``       the final answer, with a trace of every call made
 ``inject_references``       the aggregator prompt: messages + instruction + numbered references
@@ -51,7 +52,7 @@ Public API
 
 The three methods at a glance (the arguments after ``prompt`` and the models are keywords)::
 
-    moa(prompt, proposers, aggregator, *, complete, layers=2, min_ok=1, seed=None, temperature=0.7, ...)
+    moa(prompt, proposers, aggregator, *, complete, layers=2, min_ok=1, seed=None, proposing=None, ...)
     self_moa(prompt, model, *, complete, n=6, aggregator=model, layers=2, min_ok=1, seed=None, ...)
     self_moa_seq(prompt, model, *, complete, n=6 (or samples=...), window=6, carry=3, min_ok=1, ...)
 
@@ -122,7 +123,8 @@ the methods at scale live beside it and import it (never the other way round):
 * ``selfmoa_serve.py``: ``selfmoa serve``, the methods as models behind an OpenAI-compatible endpoint
   (``ModelServer``).
 
-Where this file was copied alone, ``selfmoa serve`` and ``-i/-o`` say which file to copy beside it.
+Where this file was copied alone, ``selfmoa serve``, ``selfmoa merge`` and ``-i/-o`` say which file to copy beside
+it.
 
 The exact behaviour (invariants, wire format, prompt format) is specified in the ``spec/`` folder of the
 project; the tests check every invariant by name.
@@ -137,6 +139,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import difflib
 import email.utils
 import hashlib
 import http.client
@@ -171,6 +174,7 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "Reply",
     "Request",
     "Result",
+    "Sampling",
     "SelfMoAError",
     "inject_references",
     "main",
@@ -265,6 +269,8 @@ REFERENCES_HEADER = "Responses from models:"
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Prompt = str | Sequence[Message]
+Proposers = Sequence[str] | Sequence[Sequence[str]]  # MoA's: one list of models, or one list per proposer layer
+Stream = Callable[[str], None]  # receives the final answer's text pieces as they arrive
 _T = TypeVar("_T")
 
 
@@ -424,18 +430,79 @@ def _strip_markers(text: str, key: str) -> str:
 MAX_N = 16  # samples asked for in one request at most (servers cap n: OpenAI at 128, some far lower)
 
 
+DEFAULT_TEMPERATURE = 0.7  # the paper samples (and aggregates) at 0.7
+# Request fields the methods set themselves: Sampling.fields cannot hold them.
+_OWN_FIELDS = ("model", "messages", "n", "seed", "stream", "stream_options", "stop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the requests of one role are made: the proposers' (``proposing=``) or the aggregator's
+    (``aggregating=``). The methods also take a plain dict with these keys.
+
+    - ``temperature``: None (the default) sends 0.7, the paper's, which a server that refuses temperatures
+      (OpenAI's reasoning models) may have dropped, so that the model samples at its own; a number is the
+      caller's choice: always sent, and a server refusing it is an error naming it.
+    - ``max_tokens``: the token limit of each reply (None: the server's). Sent as ``max_tokens``, or as
+      ``max_completion_tokens`` to a server that refuses ``max_tokens``.
+    - ``fields``: other JSON fields for every request of the role, as the server names them:
+      ``{"reasoning_effort": "high"}``, ``{"top_p": 0.9}``, ``{"chat_template_kwargs": {"enable_thinking":
+      False}}``, ``{"max_completion_tokens": 4096}`` (the limit under that name). A value None sends no such
+      field: ``{"temperature": None}`` sends no temperature at all.
+    - ``models``: more fields for one model's requests of the role, over ``fields``: ``{"qwen3": {...}}``.
+
+    >>> Sampling(max_tokens=4096, fields={"reasoning_effort": "high"}).request_fields("o4-mini")
+    {'reasoning_effort': 'high'}
+    """
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+    fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    models: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def request_fields(self, model: str) -> dict[str, Any]:
+        """The fields of a request to ``model`` (``fields``, then the model's own over them), None ones left out."""
+        merged = {**self.fields, **self.models.get(model, {})}
+        return {name: value for name, value in merged.items() if value is not None}
+
+    def sent_temperature(self, model: str) -> float | None:
+        """The temperature a request to ``model`` carries: None when ``fields`` removes it."""
+        merged = {**self.fields, **self.models.get(model, {})}
+        if "temperature" in merged:  # only ever None (checked): no temperature is sent
+            return None
+        return DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
+
+    def params(self, prefix: str = "") -> dict[str, Any]:
+        """As a Result's ``params`` (and a batch's fingerprint) report it: ``temperature`` and ``max_tokens``
+        always, ``fields`` and ``models`` when given; ``prefix`` is ``"aggregator_"`` for the aggregator."""
+        out: dict[str, Any] = {f"{prefix}temperature": DEFAULT_TEMPERATURE if self.temperature is None
+                               else self.temperature, f"{prefix}max_tokens": self.max_tokens}
+        if self.fields:
+            out[f"{prefix}fields"] = dict(self.fields)
+        if self.models:
+            out[f"{prefix}models"] = {model: dict(fields) for model, fields in self.models.items()}
+        return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One chat-completion request, as the methods hand it to the completion function."""
+    """One chat-completion request, as the methods hand it to the completion function.
+
+    ``temperature`` None sends none. ``fields`` are other JSON fields to send as they are (``Sampling.fields``);
+    ``optional`` names the fields whose values the caller did not choose (the default temperature): a client
+    may drop those when a server refuses them, and must refuse to drop any other.
+    """
 
     model: str
     messages: tuple  # of Message dicts; never mutated
-    temperature: float = 0.7
+    temperature: float | None = DEFAULT_TEMPERATURE
     max_tokens: int | None = None
     n: int = 1
     seed: int | None = None
     stream: Callable[[str], None] | None = dataclasses.field(default=None, compare=False, repr=False)
     stop: tuple[str, ...] | None = None  # stop sequences (serve sets them on the final aggregation only)
+    fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    optional: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass
@@ -496,8 +563,9 @@ class Call:
     carried: int = 0
     n: int = 1
     seed: int | None = None
-    temperature: float = 0.7
+    temperature: float | None = DEFAULT_TEMPERATURE
     max_tokens: int | None = None
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     outputs: list[str | None] = dataclasses.field(default_factory=list)
     finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
     prompt_tokens: int | None = None
@@ -575,12 +643,10 @@ class Result:
 # ======================================================================================================
 
 
-def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggregator: str, *,
-        complete: Callable[[Request], Any], layers: int | None = None, temperature: float = 0.7,
-        max_tokens: int | None = None, aggregator_temperature: float = 0.7,
-        aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-        concurrency: int = 8, instruction: str | None = None, use_n: bool = True,
-        stream: Callable[[str], None] | None = None) -> Result:
+def moa(prompt: Prompt, proposers: Proposers, aggregator: str, *, complete: Callable[[Request], Any],
+        layers: int | None = None, proposing: Sampling | None = None, aggregating: Sampling | None = None,
+        seed: int | None = None, min_ok: int = 1, concurrency: int = 8, instruction: str | None = None,
+        use_n: bool = True, stream: Stream | None = None) -> Result:
     """Mixture-of-Agents: ``layers - 1`` layers of proposers, then one aggregator.
 
     ``proposers`` is the list of proposer models of every proposer layer (a model may appear several
@@ -590,8 +656,11 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
     they finish in. A proposer that fails is dropped, the numbering staying contiguous; a layer with fewer
     than ``min_ok`` successes raises ``NotEnoughProposals``. Proposer ``j`` of a layer gets seed
     ``seed + j``; consecutive proposers of the same model share one request with ``n`` (at most ``MAX_N``
-    per request; none with ``use_n=False``). ``instruction`` replaces ``DEFAULT_INSTRUCTION``. ``stream``
-    receives the final answer's text pieces as they arrive.
+    per request; none with ``use_n=False``). ``proposing`` and ``aggregating`` say how the proposers' and
+    the aggregator's requests are made: temperature, token limit, other fields, per model (a ``Sampling``,
+    or a dict of its fields).
+    ``instruction`` replaces ``DEFAULT_INSTRUCTION``. ``stream`` receives the final answer's text pieces as
+    they arrive.
 
     >>> moa("2+2?", ["a", "b"], "c", complete=lambda r: f"{r.model}:{len(read_references(r.messages))}",
     ...     layers=3).answer
@@ -610,11 +679,23 @@ def moa(prompt: Prompt, proposers: Sequence[str] | Sequence[Sequence[str]], aggr
     """
     messages = as_messages(prompt)
     plan = _proposer_plan(proposers, layers)
-    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
-                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+    settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
     _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
     return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="moa")
+
+
+# The method bodies read as the algorithms. The run object (``_Run``, below the machinery banner) sends every
+# call, and promises:
+#   run.layer(l, models, prompt, shown=...)  asks every proposer of layer l (concurrently; repeats of one model
+#       share requests with n) and returns their outcomes in configuration order: each proposer's text, or the
+#       ModelError it failed with. ``shown`` says which earlier answers the prompt shows (for the trace).
+#   run.aggregate(call, prompt)  sends one aggregation and waits for it: its text (any marker line it echoes
+#       removed), or its ModelError raised. The final answer's aggregation is streamed to ``stream``.
+#   source.take(k)  hands out Self-MoA-Seq's next k good samples, each with its number, in sample order (fewer
+#       at the end, none after); failed ones are skipped, and too few good ones raise NotEnoughProposals.
+# Every call goes into the trace; the pool, which call goes first, and asking again for missing samples are
+# the run's business, so that nothing here but the paper's steps decides what is asked.
 
 
 def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min_ok: int, settings: _Settings,
@@ -622,20 +703,19 @@ def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min
     """The MoA layer loop, shared by ``moa`` and ``self_moa``: ``plan`` holds the models of each proposer layer."""
     params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, **settings.params(),
               "min_ok": min_ok}
-    with _Run(settings, method=method, params=params) as run:
+    with _Run(settings, method=method, params=params, layers=len(plan) + 1) as run:
         references: list[str] = []  # the answers of the previous layer, in configuration order
         positions: list[int] = []  # where each of them stood in its layer
         for number, models in enumerate(plan, 1):
             # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
             prompt_l = inject_references(messages, references, settings.instruction)
-            outcomes = run.layer(number, models, prompt_l, shown=positions, remaining=len(plan) + 2 - number)
+            outcomes = run.layer(number, models, prompt_l, shown=positions)
             # A proposer that failed is dropped and the survivors keep their order; too few stop the run.
             positions = _survivors(outcomes, layer=number, min_ok=min_ok)
             references = [outcome for outcome in outcomes if isinstance(outcome, str)]
         # The aggregator synthesizes the last layer's answers into the final answer.
         final = Call("aggregator", layer=len(plan) + 1, model=aggregator, indices=[0], references=positions)
-        answer = run.aggregate(final, inject_references(messages, references, settings.instruction),
-                               remaining=1, stream=settings.stream)
+        answer = run.aggregate(final, inject_references(messages, references, settings.instruction))
         return run.result(answer)
 
 
@@ -645,12 +725,10 @@ def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min
 
 
 def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], n: int = 6,
-             aggregator: str | None = None, layers: int = 2, temperature: float = 0.7,
-             max_tokens: int | None = None, aggregator_temperature: float = 0.7,
-             aggregator_max_tokens: int | None = None, seed: int | None = None, min_ok: int = 1,
-             concurrency: int = 8, instruction: str | None = None, use_n: bool = True,
-             stream: Callable[[str], None] | None = None) -> Result:
-    """Self-MoA: ``n`` samples of ``model`` at ``temperature > 0``, aggregated by ``aggregator``.
+             aggregator: str | None = None, layers: int = 2, proposing: Sampling | None = None,
+             aggregating: Sampling | None = None, seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
+             instruction: str | None = None, use_n: bool = True, stream: Stream | None = None) -> Result:
+    """Self-MoA: ``n`` samples of ``model`` at a temperature above 0, aggregated by ``aggregator``.
 
     The aggregator is ``model`` itself unless given. This is exactly MoA whose proposer layers hold
     ``model`` ``n`` times, so it makes ``n + 1`` calls (``n`` per proposer layer); the ``n`` samples go in one
@@ -658,17 +736,17 @@ def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], 
 
     >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4").calls
     4
-    >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4", temperature=0)  # doctest: +ELLIPSIS
+    >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4", proposing={"temperature": 0})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
     selfmoa.ConfigError: temperature=0: ...; pass a temperature above 0 (the paper samples at 0.7)
     """
     messages = as_messages(prompt)
-    _check_sampled(model=model, n=n, temperature=temperature, method="Self-MoA")
+    proposing = _sampling("proposing", proposing)
+    _check_sampled(model=model, n=n, temperature=proposing.temperature, method="Self-MoA")
     plan = _proposer_plan([model] * n, layers)
-    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
-                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+    settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
     aggregator = model if aggregator is None else aggregator
     _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
     return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="self-moa")
@@ -713,11 +791,10 @@ def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
 
 def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable[[Request], Any],
                  n: int | None = None, samples: Iterable[str] | None = None, window: int = 6, carry: int = 3,
-                 aggregator: str | None = None, temperature: float = 0.7, max_tokens: int | None = None,
-                 aggregator_temperature: float = 0.7, aggregator_max_tokens: int | None = None,
-                 seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
-                 instruction: str | None = None, use_n: bool = True,
-                 stream: Callable[[str], None] | None = None) -> Result:
+                 aggregator: str | None = None, proposing: Sampling | None = None,
+                 aggregating: Sampling | None = None, seed: int | None = None, min_ok: int = 1,
+                 concurrency: int = 8, instruction: str | None = None, use_n: bool = True,
+                 stream: Stream | None = None) -> Result:
     """Self-MoA-Seq: aggregate many samples of one model in rounds over a sliding window.
 
     Round 1 aggregates samples ``0 .. window-1``; round ``t >= 2`` aggregates the synthesis of round
@@ -741,16 +818,16 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     """
     messages = as_messages(prompt)
     _check_window(window, carry)
+    proposing = _sampling("proposing", proposing)
     if samples is None:
         n = 6 if n is None else n
-        _check_sampled(model=model, n=n, temperature=temperature, method="Self-MoA-Seq")
+        _check_sampled(model=model, n=n, temperature=proposing.temperature, method="Self-MoA-Seq")
     else:
         _check_given(samples=samples, n=n)
     aggregator = model if aggregator is None else aggregator
     _check_model("aggregator", aggregator)
-    settings = _settings(complete=complete, temperature=temperature, max_tokens=max_tokens,
-                         aggregator_temperature=aggregator_temperature, aggregator_max_tokens=aggregator_max_tokens,
-                         seed=seed, concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+    settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
     known = n if samples is None else (len(samples) if isinstance(samples, Sequence) else None)
     _check_min_ok_samples(min_ok, known)
     params = {"model": model, "aggregator": aggregator, "n": known, "window": window, "carry": carry,
@@ -758,27 +835,20 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     with _Run(settings, method="self-moa-seq", params=params) as run:
         # The samples: drawn from the model (all requested at once, each round's new ones in one request) or
         # the caller's, handed out in order as the rounds need them, failed ones skipped.
-        source = (_Given(samples, min_ok=min_ok) if samples is not None else
-                  _Generated(run, model=model, messages=messages, n=n, window=window, carry=carry, min_ok=min_ok))
+        source = run.seq_samples(samples, model=model, messages=messages, n=n, window=window, carry=carry,
+                                 min_ok=min_ok)
         synthesis: str | None = None
         number = 0
-        while True:
-            # Round 1 takes a whole window of samples; every later round, the next window - carry.
-            new = source.take(window if synthesis is None else window - carry)
-            if not new:
-                break
+        # Round 1 takes a whole window of samples; every later round, the next window - carry.
+        while new := source.take(window if synthesis is None else window - carry):
             number += 1
             # The window: the previous synthesis carry times, first, to bias the aggregator towards it;
             # then the new samples, in order.
             shown = ([] if synthesis is None else [synthesis] * carry) + [text for _, text in new]
             call = Call("aggregator", layer=2, model=str(aggregator), indices=[0], references=[i for i, _ in new],
                         round=number, carried=len(shown) - len(new))
-            # Only the round known to be last (without waiting for another sample) is streamed.
-            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction),
-                                      remaining=max(1, source.rounds - number + 1),
-                                      stream=settings.stream if source.exhausted else None)
+            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction))
         assert synthesis is not None, "a source that yields no sample raises NotEnoughProposals"
-        params["n"], params["rounds"] = source.count, number
         return run.result(synthesis)
 
 
@@ -952,31 +1022,29 @@ Outcome = str | ModelError  # a sample's text, or why it failed
 
 
 @dataclasses.dataclass(frozen=True)
-class _Params:
-    """Sampling parameters of one role (proposers or aggregator)."""
-
-    temperature: float
-    max_tokens: int | None
-    seed: int | None
-
-
-@dataclasses.dataclass(frozen=True)
 class _Settings:
     """The checked arguments every method shares."""
 
     complete: Callable[[Request], Any]
     concurrency: int
-    proposing: _Params
-    aggregating: _Params
+    proposing: Sampling
+    aggregating: Sampling
+    seed: int | None
     instruction: str
     use_n: bool
     stream: Callable[[str], None] | None
 
     def params(self) -> dict[str, Any]:
         """The sampling arguments as a Result's ``params`` reports them."""
-        return {"temperature": self.proposing.temperature, "max_tokens": self.proposing.max_tokens,
-                "aggregator_temperature": self.aggregating.temperature,
-                "aggregator_max_tokens": self.aggregating.max_tokens, "seed": self.proposing.seed}
+        return {**self.proposing.params(), **self.aggregating.params("aggregator_"), "seed": self.seed}
+
+    def request(self, role: str, model: str, messages: tuple, **rest: Any) -> Request:
+        """A request of ``role`` (``"proposer"`` or ``"aggregator"``) to ``model``, with the role's settings."""
+        sampling = self.proposing if role == "proposer" else self.aggregating
+        temperature = sampling.sent_temperature(model)
+        optional = frozenset({"temperature"} if sampling.temperature is None and temperature is not None else ())
+        return Request(model=model, messages=messages, temperature=temperature, max_tokens=sampling.max_tokens,
+                       fields=sampling.request_fields(model), optional=optional, **rest)
 
 
 class _Run:
@@ -989,8 +1057,11 @@ class _Run:
     leaving the block gets ``partial``; the run's own pool is shut down.
     """
 
-    def __init__(self, settings: _Settings, *, method: str, params: dict):
+    def __init__(self, settings: _Settings, *, method: str, params: dict, layers: int = 2):
         self.settings, self.method, self.params = settings, method, params
+        self.layers = layers  # MoA's layers, the aggregator's included: the longest chain of calls
+        self.source: _Generated | _Given | None = None  # Self-MoA-Seq's samples
+        self.rounds = 0  # Self-MoA-Seq's rounds aggregated so far
         self.pool, self._owned, self.priority, self._oldest_first = _start(settings.complete, settings.concurrency)
         self.trace: list[Call] = []
         self._lock = threading.Lock()
@@ -1006,15 +1077,32 @@ class _Run:
                 with self._idle:
                     self._idle.wait_for(lambda: self._open == 0)
                 with contextlib.suppress(AttributeError):  # a foreign exception may refuse new attributes
-                    exc.partial = self.result("")  # type: ignore[attr-defined]
+                    exc.partial = self._result("", dict(self.params))  # type: ignore[attr-defined]
         finally:
             if self._owned:
                 self.pool.shutdown()
 
     def result(self, answer: str) -> Result:
+        """The run's Result: ``answer``, the trace, and the parameters (Self-MoA-Seq's with the samples and
+        rounds actually aggregated)."""
+        params = dict(self.params)
+        if self.source is not None:
+            params["n"], params["rounds"] = self.source.count, self.rounds
+        return self._result(answer, params)
+
+    def _result(self, answer: str, params: dict) -> Result:
         with self._lock:
             trace = sorted(self.trace, key=Call.sort_key)
-        return Result(answer, self.method, trace, dict(self.params))
+        return Result(answer, self.method, trace, params)
+
+    def seq_samples(self, samples: Iterable[str] | None, *, model: str | None, messages: list[Message],
+                    n: int | None, window: int, carry: int, min_ok: int) -> _Generated | _Given:
+        """Self-MoA-Seq's samples, handed out in order by ``take``: the caller's ``samples``, or drawn from
+        ``model`` (all requested now, one request per round's new samples)."""
+        self.source = (_Given(samples, min_ok=min_ok) if samples is not None else
+                       _Generated(self, model=model, messages=messages, n=n, window=window, carry=carry,
+                                  min_ok=min_ok))
+        return self.source
 
     def _submit(self, call: Call, remaining: int, task: Callable, *args: Any) -> concurrent.futures.Future:
         """Queue ``task(*args)``. ``remaining`` counts the calls chained after this one, itself included (the
@@ -1078,17 +1166,16 @@ class _Run:
         ``i`` with seed ``S + i`` (spec/wire.md section 4). Each future resolves as soon as its own sample
         exists.
         """
-        params = self.settings.proposing
+        base = self.settings.seed
         slots: list[concurrent.futures.Future] = [concurrent.futures.Future() for _ in range(count)]
         frozen = tuple(messages)
 
         def ask(start: int, size: int) -> None:
-            seed = None if params.seed is None else params.seed + first + start
+            seed = None if base is None else base + first + start
+            request = self.settings.request("proposer", model, frozen, n=size, seed=seed)
             call = Call("proposer", layer=layer, model=model, indices=list(range(first + start, first + start + size)),
-                        references=list(references), n=size, seed=seed, temperature=params.temperature,
-                        max_tokens=params.max_tokens)
-            request = Request(model=model, messages=frozen, temperature=params.temperature,
-                              max_tokens=params.max_tokens, n=size, seed=seed)
+                        references=list(references), n=size, seed=seed, temperature=request.temperature,
+                        max_tokens=request.max_tokens, fields=dict(request.fields))
             future = self._submit(call, remaining, answer, start, size, call, request)
             future.add_done_callback(lambda done: never_sent(start, size) if done.cancelled() else None)
 
@@ -1124,11 +1211,12 @@ class _Run:
             ask(start, min(step, count - start))
         return slots
 
-    def layer(self, number: int, models: Sequence[str], messages: list[Message], *, shown: list[int],
-              remaining: int) -> list[Outcome]:
+    def layer(self, number: int, models: Sequence[str], messages: list[Message], *,
+              shown: list[int]) -> list[Outcome]:
         """Ask every proposer of one layer, concurrently; their outcomes in configuration order.
 
         Consecutive proposers of one model share requests with ``n`` (see ``samples``)."""
+        remaining = self.layers + 1 - number  # this layer, the later ones and the aggregator
         slots: list[concurrent.futures.Future] = []
         for model, run_of in itertools.groupby(enumerate(models), key=lambda item: item[1]):
             positions = [position for position, _ in run_of]
@@ -1136,17 +1224,24 @@ class _Run:
                                   layer=number, references=shown, remaining=remaining)
         return [slot.result() for slot in slots]
 
-    def aggregate(self, call: Call, messages: list[Message], *, remaining: int,
-                  stream: Callable[[str], None] | None = None) -> str:
+    def aggregate(self, call: Call, messages: list[Message]) -> str:
         """One aggregation call, waited for: its text, with any echoed marker line removed (also from what is
-        streamed). A failure raises its ModelError."""
-        params = self.settings.aggregating
+        streamed). A failure raises its ModelError. The final answer's aggregation is the one streamed: MoA's
+        aggregator, and the Self-MoA-Seq round known to be the last without waiting for another sample."""
+        if call.round is None:
+            remaining, final = self.layers + 1 - call.layer, True
+        else:  # a round: the rounds left are chained after it
+            assert self.source is not None, "Self-MoA-Seq's rounds aggregate its samples"
+            remaining, final = max(1, self.source.rounds - call.round + 1), self.source.exhausted
+            self.rounds = call.round
+        stream = self.settings.stream if final else None
         block = _block_key(messages[0]["content"])
         assert block is not None, "an aggregation always shows references"
         shown = None if stream is None else _MarkerFilter(stream, block[1])
-        request = Request(model=call.model, messages=tuple(messages), temperature=params.temperature,
-                          max_tokens=params.max_tokens, n=1, seed=params.seed, stream=shown)
-        call.seed, call.temperature, call.max_tokens = params.seed, params.temperature, params.max_tokens
+        request = self.settings.request("aggregator", call.model, tuple(messages), n=1, seed=self.settings.seed,
+                                        stream=shown)
+        call.seed, call.temperature, call.max_tokens = request.seed, request.temperature, request.max_tokens
+        call.fields = dict(request.fields)
         outcome = self._submit(call, remaining, self._call, call, request).result()
         if isinstance(outcome, ModelError):
             raise outcome
@@ -1328,12 +1423,53 @@ def _start(complete: Any, concurrency: int) -> tuple[_Pool, bool, tuple, bool]:
 # --- Argument checks: every argument is checked before the first call ---------------------------------
 
 
-def _check_sampling(temperature: Any, max_tokens: Any, prefix: str = "") -> None:
-    _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-           and 0 <= temperature <= 2, f"{prefix}temperature", temperature,
-           "chat-completions servers accept 0 to 2", "pass a number between 0 and 2")
+def _sampling(name: str, given: Any) -> Sampling:
+    """A role's settings, checked: a ``Sampling``, a dict of its fields, or None for the defaults.
+
+    A bad part is named as the command line's flag is once translated: ``temperature=...`` for the
+    proposers' temperature, ``aggregator_temperature=...`` for the aggregator's, ``fields[top_p]=...``.
+    """
+    if given is None:
+        return Sampling()
+    if isinstance(given, Mapping) and not isinstance(given, Sampling):
+        known = [f.name for f in dataclasses.fields(Sampling)]
+        unknown = [key for key in given if key not in known]
+        _check(not unknown, name, dict(given), f"{', '.join(map(repr, unknown))} is not a setting of a role",
+               f"use {', '.join(known)}")
+        given = Sampling(**given)
+    _check(isinstance(given, Sampling), name, given, "it holds a role's request settings",
+           'pass Sampling(...), a dict like {"temperature": 1.0, "max_tokens": 512}, or None')
+    prefix = "" if name == "proposing" else "aggregator_"
+    temperature, max_tokens = given.temperature, given.max_tokens
+    _check(temperature is None or (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+                                   and 0 <= temperature <= 2), f"{prefix}temperature", temperature,
+           "chat-completions servers accept 0 to 2", "pass a number between 0 and 2, or None for the default (0.7)")
     _check(max_tokens is None or (_is_int(max_tokens) and max_tokens >= 1), f"{prefix}max_tokens", max_tokens,
            "it limits the tokens generated per reply", "pass an integer >= 1, or None for the server's default")
+    _check(isinstance(given.fields, Mapping), f"{prefix}fields", given.fields, "it maps request fields to values",
+           'pass a dict like {"top_p": 0.9}')
+    _check(isinstance(given.models, Mapping) and all(isinstance(m, str) and m and isinstance(f, Mapping)
+                                                     for m, f in given.models.items()),
+           f"{prefix}models", given.models, "it maps a model name to that model's own request fields",
+           'pass a dict like {"qwen3": {"top_p": 0.9}}')
+    for where, fields in [(f"{prefix}fields", given.fields)] + [(f"{prefix}models[{model}]", fields) for
+                                                               model, fields in given.models.items()]:
+        for key, value in fields.items():
+            _check(isinstance(key, str) and key != "", where, dict(fields), "a field name is a non-empty string",
+                   "name the fields as the server does")
+            _check(key not in _OWN_FIELDS, f"{where}[{key}]", value, "the methods set this field themselves",
+                   f"leave {key} out")
+            _check(key not in ("temperature", "max_tokens") or value is None, f"{where}[{key}]", value,
+                   f"the {key} of a role is its own setting", f"pass {prefix}{key}= instead (None here sends none)")
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError, RecursionError):
+                _check(False, f"{where}[{key}]", value, "a request field is sent as JSON",
+                       "pass strings, numbers, booleans, None, lists and dicts")
+            _check(not (max_tokens is not None and key == "max_completion_tokens" and value is not None),
+                   f"{prefix}max_tokens", max_tokens, "a max_completion_tokens field sets the token limit as well",
+                   "give the limit once: as max_tokens, or as the field")
+    return given
 
 
 def _check_model(name: str, value: Any) -> None:
@@ -1341,12 +1477,10 @@ def _check_model(name: str, value: Any) -> None:
            "pass the name the server knows the model by")
 
 
-def _settings(*, complete: Any, temperature: Any, max_tokens: Any, aggregator_temperature: Any,
-              aggregator_max_tokens: Any, seed: Any, concurrency: Any, instruction: Any, use_n: Any,
-              stream: Any) -> _Settings:
+def _settings(*, complete: Any, proposing: Any, aggregating: Any, seed: Any, concurrency: Any, instruction: Any,
+              use_n: Any, stream: Any) -> _Settings:
     """The arguments every method shares, checked."""
-    _check_sampling(temperature, max_tokens)
-    _check_sampling(aggregator_temperature, aggregator_max_tokens, "aggregator_")
+    proposing, aggregating = _sampling("proposing", proposing), _sampling("aggregating", aggregating)
     _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
            "pass an integer, or None")
     instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
@@ -1354,11 +1488,8 @@ def _settings(*, complete: Any, temperature: Any, max_tokens: Any, aggregator_te
            "it tells the aggregator what to do with the references", "pass a non-empty string, or None")
     _check(stream is None or callable(stream), "stream", stream, "it receives the final answer's text pieces",
            "pass a function taking a str, or None")
-    return _Settings(complete=complete, concurrency=concurrency,
-                     proposing=_Params(temperature=temperature, max_tokens=max_tokens, seed=seed),
-                     aggregating=_Params(temperature=aggregator_temperature, max_tokens=aggregator_max_tokens,
-                                         seed=seed),
-                     instruction=instruction, use_n=bool(use_n), stream=stream)
+    return _Settings(complete=complete, concurrency=concurrency, proposing=proposing, aggregating=aggregating,
+                     seed=seed, instruction=instruction, use_n=bool(use_n), stream=stream)
 
 
 def _proposer_plan(proposers: Any, layers: Any) -> list[list[str]]:
@@ -1432,6 +1563,7 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_REPLY_BYTES = 32 * 2**20  # the largest reply body read (HTTPClient's max_reply_bytes); a stream counts whole
 MAX_EVENT_LINE = 2**20  # the longest line of a streamed reply (one event)
 MAX_ERROR_BYTES = 2**16  # how much of an error reply is read; the rest is dropped with its connection
+LIST_WITHIN = 5.0  # seconds a server may take to list its models (GET /models) before it counts as listing none
 SHOWN_MESSAGE, SHOWN_BODY = 600, 500  # characters of server text kept in a ModelError's message and body
 
 _SURROGATES = re.compile("[\ud800-\udfff]")  # unpaired halves (json.loads joins the pairs)
@@ -1733,6 +1865,9 @@ class HTTPClient:
     - With ``request.stream`` set, the reply is streamed (server-sent events) and each text piece is
       passed to ``request.stream`` as it arrives.
     - ``abort()`` ends every call in flight at once and makes later calls fail (the command line's Ctrl-C).
+    - For a proxy: ``relay(model, body)`` sends a request as a client wrote it and yields the server's reply
+      unread, after the same replica choice, failover, retries and deadline as a call; ``models()`` lists the
+      model names its servers report.
     """
 
     def __init__(self, base_url: str | Endpoint | Sequence[str | Endpoint] | None = None,
@@ -1824,8 +1959,9 @@ class HTTPClient:
     @staticmethod
     def _body(request: Request) -> bytes:
         """The request as JSON, the fields the server needs and no others (wire.md section 1)."""
-        body: dict[str, Any] = {"model": request.model, "messages": list(request.messages),
-                                "temperature": request.temperature}
+        body: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
         if request.n > 1:
@@ -1837,6 +1973,7 @@ class HTTPClient:
         if request.stream is not None:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
+        body.update((name, value) for name, value in request.fields.items() if name not in body)
         return _clean(json.dumps(body, ensure_ascii=False)).encode("utf-8")  # no lone surrogate can be sent
 
     def _retrying(self, replicas: list[Endpoint], request: Request, tally: _Tally,
@@ -1903,14 +2040,69 @@ class HTTPClient:
                 self._replicas.settle(endpoint, "stale")
                 raise
 
-    def _pick(self, replicas: list[Endpoint], failed_here: set[str], request: Request) -> Endpoint:
-        endpoint = self._replicas.pick(replicas, failed_here)
-        if endpoint is None:
-            raise self._error(replicas[0], request, "interrupted: the client was aborted", None, 1, retryable=False)
-        return endpoint
+    @contextlib.contextmanager
+    def relay(self, model: str, body: bytes, *,
+              stream: bool = False) -> Iterator[tuple[Endpoint, http.client.HTTPResponse]]:
+        """Send ``body``, a chat-completions request as a client wrote it, to a server of ``model``, and yield
+        that server's ``Endpoint`` and its reply, unread, for a proxy that passes replies on as they come
+        (``selfmoa serve``)::
 
-    def _settle(self, endpoint: Endpoint, outcome: str) -> None:
-        self._replicas.settle(endpoint, outcome)
+            with client.relay("qwen", raw_body, stream=True) as (endpoint, reply):
+                status, first = reply.status, reply.read1(65536)
+
+        The server is chosen, failed over from, retried and waited for exactly as for a call (replicas,
+        cool-down, the 404 hand-off, backoff, Retry-After), on the same kept-alive connections, and
+        ``deadline`` bounds each attempt, reading the reply included (past it, reading fails). A reply that
+        asks for a retry (408, 409, 429, 5xx) or names a model its server lacks (404) is yielded, status and
+        all, once no attempt is left; any other is yielded at once. ``stream`` only sets the ``Accept``
+        header; the body is sent unchanged, with the endpoint's own key. The connection is kept for reuse when
+        the reply was read to its end. Raises ConfigError when no endpoint serves ``model``, and ModelError
+        when no server answered (refused, timed out, cut off before the headers) after every retry.
+        """
+        replicas = self.replicas(model)
+        request = Request(model, ())  # what errors name
+        held: list[tuple[Endpoint, _Attempt, http.client.HTTPResponse]] = []  # a reply yielded if none follows
+
+        def attempt(endpoint: Endpoint) -> tuple[_Attempt, http.client.HTTPResponse]:
+            self._let_go(held)  # another attempt: the reply held from the last one will not be yielded
+            flight, response = self._open(endpoint, body, request, stream=stream)
+            status = response.status
+            if 200 <= status and status != 404 and status not in RETRY_STATUSES:
+                return flight, response
+            if status < 200:  # http.client hands back a 1xx (but 100) as if it were final: it is not a reply
+                self._end(flight)
+                flight.connection.close()
+                raise _Retry(f"HTTP {status}: an interim reply where the final one was due")
+            held.append((endpoint, flight, response))
+            if status == 404:
+                raise self._error(endpoint, request, "the server does not serve this model", None, 1, status=404,
+                                  retryable=False)
+            raise _Retry(f"HTTP {status}", status=status, retry_after=_retry_after(response.getheader("Retry-After")))
+
+        try:
+            endpoint, (flight, response) = self._retrying(replicas, request, _Tally(), attempt)
+            settled = False
+        except ModelError:
+            if not held or self._aborted.is_set():
+                self._let_go(held)
+                raise
+            (endpoint, flight, response), settled = held.pop(), True  # counted as failed when it was held
+        try:
+            yield endpoint, response
+        finally:
+            self._end(flight)
+            if response.isclosed() and not response.will_close and not flight.expired:
+                self._release(endpoint, flight.connection)
+            else:
+                flight.connection.close()
+            if not settled:
+                self._replicas.settle(endpoint, "ok" if response.status < 400 else "answered")
+
+    def _let_go(self, held: list[tuple[Endpoint, _Attempt, http.client.HTTPResponse]]) -> None:
+        while held:
+            _, flight, _ = held.pop()
+            self._end(flight)
+            flight.connection.close()
 
     def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None,
                attempts: int, status: int | None = None, body: str = "", retryable: bool = True) -> ModelError:
@@ -1943,8 +2135,9 @@ class HTTPClient:
 
     # --- the deadline watchdog: one thread per client, alive while attempts are in flight ------------------
 
-    def _begin(self, connection: http.client.HTTPConnection) -> _Attempt:
-        attempt = _Attempt(connection, time.monotonic() + self.deadline)
+    def _begin(self, connection: http.client.HTTPConnection, within: float | None = None) -> _Attempt:
+        """Watch an attempt: cut it off ``within`` seconds from now (default: ``deadline``)."""
+        attempt = _Attempt(connection, time.monotonic() + (self.deadline if within is None else within))
         with self._watch:
             self._in_flight.add(attempt)
             if not self._watching:
@@ -1993,7 +2186,7 @@ class HTTPClient:
 
     def _send(self, endpoint: Endpoint, payload: bytes, request: Request) -> Reply:
         """One attempt: send, read, parse. Raises _Retry for what may pass, ModelError for what will not."""
-        flight, response = self._open(endpoint, payload, request)
+        flight, response = self._open(endpoint, payload, request, stream=request.stream is not None)
         try:
             reply, reusable = self._read(response, endpoint, request, flight)
         except (_Retry, ModelError) as failure:
@@ -2009,9 +2202,10 @@ class HTTPClient:
             flight.connection.close()
         return reply
 
-    def _open(self, endpoint: Endpoint, payload: bytes, request: Request) -> tuple[_Attempt, http.client.HTTPResponse]:
-        """Send the request on an idle kept-alive connection or a new one, under the deadline, and read the
-        status line and headers of the reply."""
+    def _open(self, endpoint: Endpoint, payload: bytes, request: Request, *,
+              stream: bool) -> tuple[_Attempt, http.client.HTTPResponse]:
+        """Send ``payload`` on an idle kept-alive connection or a new one, under the deadline, and read the
+        status line and headers of the reply (``stream``: ask for server-sent events)."""
         if self._aborted.is_set():
             raise self._error(endpoint, request, "interrupted: the client was aborted", None, 1, retryable=False)
         connection, reused = self._acquire(endpoint)
@@ -2019,7 +2213,7 @@ class HTTPClient:
         parts = endpoint._parts
         path = (parts.path.rstrip("/") + "/chat/completions") + (f"?{parts.query}" if parts.query else "")
         headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
-                   "Accept": "text/event-stream" if request.stream else "application/json"}
+                   "Accept": "text/event-stream" if stream else "application/json"}
         if endpoint.api_key:
             headers["Authorization"] = f"Bearer {endpoint.api_key}"
         try:
@@ -2198,6 +2392,55 @@ class HTTPClient:
                       _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
         return reply, whole and not response.will_close
 
+    # --- the models a server offers, for messages -----------------------------------------------------------
+
+    def models(self, model: str | None = None) -> list[str] | None:
+        """The model names the servers of ``model`` (without it: every server of the client) list at ``GET
+        {base_url}/models``, each asked once, with its own key, within 5 s (or ``timeout`` and ``deadline`` if
+        shorter), never retried; sorted and without repeats. None when none of them answers with a list. For
+        messages such as "the server offers ...": what a 404 meant; and for serve's ``GET /v1/models``.
+        Names are cleaned like any server text (keys blanked out, control characters replaced, cut short)."""
+        names: set[str] = set()
+        listed = False
+        for endpoint in self.replicas(model) if model is not None else _endpoints_of(self):
+            found = self._list_models(endpoint)
+            if found is not None:
+                listed = True
+                names.update(found)
+        return sorted(names) if listed else None
+
+    def _list_models(self, endpoint: Endpoint) -> list[str] | None:
+        if self._aborted.is_set():
+            return None
+        parts = endpoint._parts
+        kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
+        connection = kind(parts.hostname or "", parts.port, timeout=min(LIST_WITHIN, self.timeout, self.deadline))
+        flight = self._begin(connection, min(LIST_WITHIN, self.deadline))
+        path = parts.path.rstrip("/") + "/models" + (f"?{parts.query}" if parts.query else "")
+        headers = {"User-Agent": f"selfmoa/{__version__}", "Accept": "application/json"}
+        if endpoint.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            raw, whole = _read_capped(response, 16 * MAX_ERROR_BYTES)
+        except (OSError, http.client.HTTPException, ValueError):
+            return None
+        finally:
+            self._end(flight)
+            connection.close()
+        if response.status != 200 or not whole or flight.expired:
+            return None
+        try:
+            data = json.loads(raw.decode("utf-8", errors="replace"))
+        except (ValueError, RecursionError):
+            return None
+        entries = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            return None
+        return [_shown(_listed_name(entry), endpoint.secrets, 200) for entry in entries[:1000]
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"].strip()]
+
     def close(self) -> None:
         """Close the idle kept-alive connections (the client stays usable: it reconnects when called)."""
         with self._lock:
@@ -2234,6 +2477,22 @@ def _read_capped(response: http.client.HTTPResponse, limit: int) -> tuple[bytes,
             return bytes(body), True
         body += piece
     return bytes(body[:limit]), False
+
+
+def _listed_name(entry: dict) -> str:
+    """A model's name as ``GET /models`` lists it: its id, except from llama.cpp's server, which lists the path of
+    the file it loaded (``/models/qwen2-7b-q4_k_m.gguf``) and answers to any name: then the file's name alone (so
+    that serve lists ``self-moa/qwen2-7b-q4_k_m.gguf``, not ``self-moa//models/...``).
+
+    >>> _listed_name({"id": "/models/qwen2-7b-q4_k_m.gguf", "owned_by": "llamacpp"})
+    'qwen2-7b-q4_k_m.gguf'
+    >>> _listed_name({"id": "Qwen/Qwen2-7B-Instruct", "owned_by": "vllm"})
+    'Qwen/Qwen2-7B-Instruct'
+    """
+    name = entry["id"]
+    if entry.get("owned_by") == "llamacpp":
+        name = re.split(r"[/\\]", name.rstrip("/\\"))[-1] or name
+    return name
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -2334,8 +2593,9 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 CLI_DESCRIPTION = """\
 Answer a prompt with MoA, Self-MoA or Self-MoA-Seq against OpenAI-compatible servers.
 The prompt is the argument, or standard input; the final answer goes to standard output.
-"selfmoa serve" serves the methods as models instead (selfmoa serve --help); to ask the
-prompt "serve" itself, pass it after -- or on standard input."""
+"selfmoa serve" serves the methods as models instead (selfmoa serve --help), and
+"selfmoa merge" joins the outputs of a batch run in shards (selfmoa merge --help); to ask
+the prompt "serve" or "merge" itself, pass it after -- or on standard input."""
 
 CLI_EPILOG = """\
 endpoints and keys:
@@ -2352,7 +2612,9 @@ batch mode:
   "status": "ok" or "error", "answer" or "error": ..., ..., "input": {the record as given}}.
   Run the same command again to resume: items answered for the same prompt and parameters
   are skipped, the others run. One run at a time writes a file (it holds FILE.lock); a file
-  that is not a selfmoa output file is never changed.
+  that is not a selfmoa output file is never changed. --shard K/N runs only the items of
+  shard K (a stable hash of each id picks its shard), so N processes or machines can run
+  one input: then selfmoa merge -i FILE OUT... -o ALL checks and joins their outputs.
 
 exit status:
   0 success, 1 a model or server failed, 2 a usage error (the message names the flag)."""
@@ -2381,12 +2643,10 @@ def _finite(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser (its --help is the usage section of the README)."""
-    parser = argparse.ArgumentParser(prog="selfmoa", description=CLI_DESCRIPTION, epilog=CLI_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose a method and its parameters, and how its calls run (--method to
+    --instruction-file): the main command's, and those of ``selfmoa merge`` and other runners of the methods."""
     add = parser.add_argument
-    add("prompt", nargs="?", metavar="PROMPT", help="the prompt (default: read standard input)")
     add("--method", choices=list(METHODS), default="self-moa", help="default: self-moa")
     add("-m", "--model", help="the model sampled by self-moa and self-moa-seq, and the default aggregator "
         "(default: $SELFMOA_MODEL)")
@@ -2399,11 +2659,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--window", type=int, metavar="W", help="self-moa-seq: responses per round (default: 6)")
     add("--carry", type=int, metavar="R",
         help="self-moa-seq: copies of the previous synthesis per round (default: 3)")
-    add("--temperature", type=_finite, default=0.7, metavar="T", help="proposers' temperature (default: 0.7)")
+    add("--temperature", type=_finite, metavar="T",
+        help="proposers' temperature (default: 0.7, dropped where a server refuses it)")
     add("--max-tokens", type=int, metavar="K", help="proposers' token limit (default: the server's)")
-    add("--aggregator-temperature", type=_finite, default=0.7, metavar="T",
-        help="the aggregator's temperature (default: 0.7)")
+    add("--aggregator-temperature", type=_finite, metavar="T",
+        help="the aggregator's temperature (default: 0.7, dropped where a server refuses it)")
     add("--aggregator-max-tokens", type=int, metavar="K", help="the aggregator's token limit (default: the server's)")
+    add("--field", action="append", metavar="[MODEL:]KEY=VALUE",
+        help="send the request field KEY with every request (with MODEL:, every request to MODEL); VALUE is "
+             "JSON, else a string; null sends no KEY (repeatable)")
+    add("--proposer-field", action="append", metavar="[MODEL:]KEY=VALUE", help="the same, for the proposers only")
+    add("--aggregator-field", action="append", metavar="[MODEL:]KEY=VALUE",
+        help="the same, for the aggregator only")
     add("--seed", type=int, metavar="S", help="sample i gets seed S+i; aggregations get S")
     add("--min-ok", type=int, default=1, metavar="K", help="fewest proposers per layer that must succeed (default: 1)")
     add("--concurrency", type=int, default=8, metavar="C", help="calls at once (default: 8)")
@@ -2415,6 +2682,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-n", dest="use_n", action="store_false",
         help="never ask for several samples in one request (one request per sample)")
     add("--instruction-file", metavar="FILE", help="replace the aggregator instruction with this file's text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (its --help is the usage section of the README)."""
+    parser = argparse.ArgumentParser(prog="selfmoa", description=CLI_DESCRIPTION, epilog=CLI_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (default: read standard input)")
+    _method_arguments(parser)
+    add = parser.add_argument
     add("--base-url", action="append", metavar="URL",
         help="the default endpoint (default: $OPENAI_BASE_URL, else the OpenAI API); repeat it for replicas")
     add("--api-key", metavar="KEY", help="the default endpoint's key (default: see below)")
@@ -2434,6 +2710,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--generator", metavar="NAME", help="alpaca_eval: the generator name (default: selfmoa- followed by "
         "the method, models, n, window and carry)")
     add("--trace", action="store_true", help="batch mode: put each item's trace in its output line")
+    add("--shard", metavar="K/N", help="batch mode: run only shard K of N (K from 0 to N-1): the items whose id "
+        "hashes to K; join the shards' outputs with selfmoa merge")
     add("--version", action="version", version=f"selfmoa {__version__}")
     return parser
 
@@ -2460,9 +2738,130 @@ def _cli_endpoint(url: str, key: str | None, url_source: str, key_source: str) -
 
 
 def _servers_of(client: Any) -> dict[str, Any]:
-    """``{"servers": ...}``, the requests each server got (HTTPClient.servers()), for --json; {} for other clients."""
+    """``{"servers": ...}``, the requests each server got (HTTPClient.servers()), for --json; {} for other clients.
+    The default endpoint (the OpenAI API when no --base-url is given) is left out when no model of the run used
+    it, so that a run over --endpoint servers alone does not seem to involve it."""
     servers = getattr(client, "servers", None)
-    return {"servers": servers()} if callable(servers) else {}
+    if not callable(servers):
+        return {}
+    counts = servers()
+    default = {_public_url(endpoint.base_url) for endpoint in getattr(client, "default", [])}
+    own = {_public_url(e.base_url) for group in getattr(client, "endpoints", {}).values() for e in group}
+    if not any(counts.get(url, {}).get("requests") for url in default):
+        counts = {url: count for url, count in counts.items() if url not in default or url in own}
+    return {"servers": counts}
+
+
+def _reason(error: str) -> str:
+    """A failed call's error for a one-line report: without the server's whole reply, which --json keeps.
+
+    >>> _reason("model 'x' at http://h/v1: HTTP 404: no such model; server said: {\\"error\\": {}}")
+    "model 'x' at http://h/v1: HTTP 404: no such model"
+    """
+    return error.split("; server said: ", 1)[0]
+
+
+def _spans(positions: Iterable[int]) -> str:
+    """Positions (0-based) as a reader counts them (1-based), runs joined.
+
+    >>> _spans([0, 2, 3, 4, 7])
+    '1, 3-5, 8'
+    """
+    spans: list[list[int]] = []
+    ordered = sorted(set(positions))
+    for position in ordered:
+        if spans and position == spans[-1][1] + 1:
+            spans[-1][1] = position
+        else:
+            spans.append([position, position])
+    return ", ".join(f"{a + 1}" if a == b else f"{a + 1}-{b + 1}" for a, b in spans)
+
+
+def dropped_report(result: Result) -> list[str]:
+    """What the command line says on standard error about a run's proposers (MoA) or samples (Self-MoA, Self-MoA-Seq)
+    that failed and were dropped while the run went on: one line per layer and cause, naming the model, the reason
+    and how many went on ("continuing with K of N"). A layer that stopped the run is the error's to name."""
+    word = "proposer" if result.method == "moa" else "sample"
+    proposers = [call for call in result.trace if call.role == "proposer"]
+    layers = sorted({call.layer for call in proposers})
+    lines = []
+    for layer in layers:
+        calls = [call for call in proposers if call.layer == layer]
+        asked = {i for call in calls for i in call.indices}
+        causes: dict[str, tuple[set[int], set[str]]] = {}
+        for call in calls:
+            if call.error:
+                positions, models = causes.setdefault(_reason(call.error), (set(), set()))
+                positions.update(call.indices)
+                models.add(call.model)
+        lost = {i for positions, _ in causes.values() for i in positions}
+        went_on = any(call.layer > layer or (call.role == "aggregator" and call.layer == layer)
+                      for call in result.trace if call not in calls)
+        if not lost or not went_on:
+            continue
+        where = f"layer {layer}: " if len(layers) > 1 else ""
+        for reason, (positions, models) in causes.items():
+            many = len(positions) > 1
+            lines.append(f"{where}{word}{'s' if many else ''} {_spans(positions)} ({', '.join(sorted(models))}) "
+                         f"failed and {'were' if many else 'was'} dropped: {reason}; continuing with "
+                         f"{len(asked) - len(lost)} of {len(asked)} {word}s")
+    return lines
+
+
+_HTTP_404 = re.compile(r": HTTP 404: ")
+
+
+def missing_models_report(errors: Iterable[tuple[str, str]], client: Any) -> list[str]:
+    """For each model that got a 404 (``errors``: pairs of model and error text) from every server of it, and that
+    its servers do not list at ``GET /models``: a line saying so, with the names they do offer (and the nearest
+    one). Asks the servers through ``client.models`` (HTTPClient); nothing for other clients or unlisted models."""
+    lister = getattr(client, "models", None)
+    if not callable(lister):
+        return []
+    lines = []
+    for model in dict.fromkeys(model for model, error in errors if _HTTP_404.search(error)):
+        offered = lister(model)
+        if not offered or model in offered:
+            continue
+        urls = [_public_url(endpoint.base_url) for endpoint in client.replicas(model)]
+        where = f"its server {urls[0]}" if len(urls) == 1 else f"any of its {len(urls)} servers"
+        close = difflib.get_close_matches(model, offered, n=1, cutoff=0.6)
+        shown = ", ".join(offered[:20]) + (f" and {len(offered) - 20} more" if len(offered) > 20 else "")
+        lines.append(f"model {_clean(model)[:200]!r} does not exist on {where} (HTTP 404); it offers: {shown}"
+                     + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return lines
+
+
+_HTTP_DENIED = re.compile(r": HTTP 40[13]: ")
+
+
+def key_report(errors: Iterable[tuple[str, str]], args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
+    """For a model refused with 401 or 403 (``errors``: pairs of model and error text) that was sent no key: why
+    none was sent, by the rule of "endpoints and keys", and how to give it one. Nothing when a key was sent."""
+    lines = []
+    own = {spec.partition("=")[0] for spec in args.endpoint or [] if "=" in spec}
+    for model in dict.fromkeys(model for model, error in errors if _HTTP_DENIED.search(error)):
+        if model in own:
+            name = _key_env_name(model)
+            if not environ.get(name):
+                lines.append(f"model {model!r} has its own --endpoint and was sent no key: the key of such a model "
+                             f"comes from ${name} alone; export {name}=...")
+            continue
+        if args.api_key is not None:
+            continue
+        env_url = environ.get("OPENAI_BASE_URL") or None
+        urls = args.base_url or [env_url or OPENAI_BASE_URL]
+        withheld = [url for url in urls if url.rstrip("/") != OPENAI_BASE_URL and url != env_url]
+        if not withheld:
+            continue
+        shown = _public_url(withheld[0])
+        if environ.get("OPENAI_API_KEY"):
+            lines.append(f"$OPENAI_API_KEY was not sent to {shown}, on purpose: it goes only to the OpenAI API or to "
+                         f"$OPENAI_BASE_URL, never to another --base-url. Give this server's key with --api-key KEY, "
+                         f"or, if $OPENAI_API_KEY is its key, export OPENAI_BASE_URL={shown} instead of --base-url")
+        else:
+            lines.append(f"no key was sent to {shown}: give this server's key with --api-key KEY")
+    return lines
 
 
 def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPClient:
@@ -2514,7 +2913,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--diversity: it adds each proposer layer's diversity to --json output and to batch lines, "
                           "so alone it would have no effect; add --json, or run a batch with -i and -o")
     batch_only = (("--trace", args.trace), ("--format", args.format is not None),
-                  ("--generator", args.generator is not None))
+                  ("--generator", args.generator is not None), ("--shard", getattr(args, "shard", None) is not None))
     for flag, given in batch_only:
         if given and not (args.input or args.output):
             raise ConfigError(f"{flag}: it shapes a batch's output, and without -i FILE and -o FILE no batch runs, "
@@ -2522,10 +2921,72 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.stream and args.json:
         raise ConfigError("--stream: --json prints the whole result once it is done, so --stream would have no "
                           "effect; drop one of them")
-    for flag, given in (("--json", args.json), ("--stream", args.stream is not None)):
+    for flag, given in (("--json", args.json), ("--stream", args.stream is True)):  # --no-stream: harmless
         if given and (args.input or args.output):
             raise ConfigError(f"{flag}: a batch writes its results to -o FILE and prints only a summary, so {flag} "
                               f"would have no effect; drop it")
+
+
+_FIELD_VALUE_START = tuple('{["')
+
+
+def _field_flag(flag: str, text: str) -> tuple[str | None, str, Any]:
+    """``[MODEL:]KEY=VALUE`` of --field (or a role's): the model (None: any), the key, the JSON value.
+
+    VALUE is JSON where it reads as JSON, else the text itself; a value that starts like a JSON object, list
+    or string must be valid JSON. The key is what follows the last ``:`` before ``=`` (model names may hold ``:``).
+
+    >>> _field_flag("--field", 'qwen3:8b:chat_template_kwargs={"enable_thinking": false}')
+    ('qwen3:8b', 'chat_template_kwargs', {'enable_thinking': False})
+    >>> _field_flag("--field", "reasoning_effort=high"), _field_flag("--field", "top_p=0.9")
+    ((None, 'reasoning_effort', 'high'), (None, 'top_p', 0.9))
+    """
+    left, sep, raw = text.partition("=")
+    model, colon, key = left.rpartition(":")
+    if not sep or not key.strip() or key != key.strip() or (colon and not model.strip()):
+        raise ConfigError(f"{flag} {text!r}: expected [MODEL:]KEY=VALUE; pass e.g. {flag} top_p=0.9 or "
+                          f"{flag} qwen3:reasoning_effort=low")
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)
+    try:
+        value = json.loads(raw, parse_constant=refuse)
+    except (ValueError, RecursionError):
+        if raw.strip().startswith(_FIELD_VALUE_START) or not raw.strip():
+            raise ConfigError(f"{flag} {key}=...: {raw[:100]!r} is not valid JSON; quote it for the shell, e.g. "
+                              f"{flag} '{key}={{\"enable_thinking\": false}}', or {key}='\"text\"' for a string") \
+                from None
+        value = raw
+    if key in _OWN_FIELDS:
+        raise ConfigError(f"{flag} {key}: selfmoa sets {key} itself; drop it")
+    if key in ("temperature", "max_tokens") and value is not None:
+        role = "--aggregator-" if flag == "--aggregator-field" else "--"
+        raise ConfigError(f"{flag} {key}: the {key} has its own flag; pass {role}{key.replace('_', '-')} "
+                          f"(or {key}=null to send none)")
+    return model or None, key, value
+
+
+def role_settings(args: argparse.Namespace) -> tuple[Sampling, Sampling]:
+    """The proposers' and the aggregator's ``Sampling`` from the flags: --temperature, --max-tokens, --field and
+    --proposer-field; the --aggregator- ones. A model's own fields (MODEL:) go over the role's, and a role's
+    flag over --field."""
+    roles = []
+    for role in ("proposer", "aggregator"):
+        fields: dict[str, Any] = {}
+        models: dict[str, dict[str, Any]] = {}
+        for flag in ("--field", f"--{role}-field"):
+            for text in getattr(args, flag[2:].replace("-", "_")) or []:
+                model, key, value = _field_flag(flag, text)
+                (fields if model is None else models.setdefault(model, {}))[key] = value
+        prefix = "" if role == "proposer" else "aggregator_"
+        temperature, max_tokens = getattr(args, f"{prefix}temperature"), getattr(args, f"{prefix}max_tokens")
+        if max_tokens is not None and any(f.get("max_completion_tokens") is not None
+                                          for f in [fields, *models.values()]):
+            flag = "--aggregator-max-tokens" if prefix else "--max-tokens"
+            raise ConfigError(f"{flag} {max_tokens}: a max_completion_tokens field sets the token limit as well; "
+                              f"give the limit once, as {flag} or as the field")
+        roles.append(Sampling(temperature=temperature, max_tokens=max_tokens, fields=fields, models=models))
+    return roles[0], roles[1]
 
 
 def _instruction_file(path: str | None) -> str | None:
@@ -2553,10 +3014,9 @@ def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
     instruction = _instruction_file(args.instruction_file)
     given = {name: value for name, value in (("layers", args.layers), ("n", args.samples), ("window", args.window),
                                               ("carry", args.carry)) if value is not None}
-    common = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
-              "aggregator_temperature": args.aggregator_temperature, "min_ok": args.min_ok,
-              "aggregator_max_tokens": args.aggregator_max_tokens, "concurrency": args.concurrency,
-              "instruction": instruction, "use_n": args.use_n, **given}
+    proposing, aggregating = role_settings(args)
+    common = {"proposing": proposing, "aggregating": aggregating, "seed": args.seed, "min_ok": args.min_ok,
+              "concurrency": args.concurrency, "instruction": instruction, "use_n": args.use_n, **given}
     if args.method == "moa":
         if not args.proposer:
             raise ConfigError("--proposer: --method moa needs proposers; pass -p MODEL once per proposer")
@@ -2609,6 +3069,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if argv[:1] == ["serve"]:  # a subcommand only as the first word: "selfmoa -- serve" asks the prompt "serve"
         serve = _sibling("selfmoa_serve", "selfmoa serve")
         return serve.main(argv[1:], environ) if serve else 2
+    if argv[:1] == ["merge"]:
+        batch = _sibling("selfmoa_batch", "selfmoa merge")
+        return batch.merge_command(argv[1:], environ) if batch else 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -2650,18 +3113,31 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if streamed:
             print(file=sys.stdout)
         message = str(exc).replace(" min_ok=", " --min-ok ", 1) if isinstance(exc, NotEnoughProposals) else str(exc)
+        for line in dropped_report(exc.partial) if exc.partial is not None else []:
+            print(f"selfmoa: {line}", file=sys.stderr)
         print(f"selfmoa: {message}", file=sys.stderr)
+        errors = [(call.model, call.error) for call in exc.partial.trace if call.error] if exc.partial else []
+        if isinstance(exc, ModelError):
+            errors.append((exc.model, str(exc)))
+        for line in missing_models_report(errors, client) + key_report(errors, args, environ):
+            print(f"selfmoa: {line}", file=sys.stderr)
         if args.json and exc.partial is not None:
             print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message,
                               **_servers_of(client)}, indent=2,
                              ensure_ascii=False))
         elif exc.partial is not None and exc.partial.trace:
-            print(f"selfmoa: {exc.partial.requests} requests had been made; --json shows them", file=sys.stderr)
+            made = exc.partial.requests
+            print(f"selfmoa: {made} request{'s' if made != 1 else ''} had been made; --json shows them",
+                  file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         client.abort()  # calls still in flight end now: their sockets are shut down
         print("\nselfmoa: interrupted", file=sys.stderr)
         return 130
+    for line in dropped_report(result):
+        print(f"selfmoa: {line}", file=sys.stderr)
+    for line in missing_models_report([(call.model, call.error) for call in result.trace if call.error], client):
+        print(f"selfmoa: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps({**result.to_dict(diversity=args.diversity), **_servers_of(client)}, indent=2,
                          ensure_ascii=False))

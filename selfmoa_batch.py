@@ -17,6 +17,12 @@ Public API
 ``alpaca_eval_outputs``   AlpacaEval's model-outputs entries from a finished output file
 ``BATCH_FORMAT``          the version of the output lines (1)
 ``batch_command``         the ``-i/-o`` command: ``selfmoa -m MODEL -i in.jsonl -o out.jsonl``
+``shard_of``              the shard (0 to N-1) of an item id, a stable hash of the id alone
+``shard_items``           the items of shard K of N (``--shard K/N``); ``parse_shard`` reads "K/N"
+``merge_outputs``         join the shards' outputs: every item exactly once, in input order
+``merge_command``         ``selfmoa merge -i in.jsonl -o all.jsonl out.0.jsonl out.1.jsonl ...``
+``answer_item``           one item's output record, for engines that schedule items themselves
+``output_line``           the output line of a record
 ========================  ===================================================================
 
 Usage, with a toy model (anything that takes a ``selfmoa.Request`` and returns text):
@@ -62,17 +68,24 @@ from selfmoa import (
     ConfigError,
     HTTPClient,
     Message,
+    ModelError,
+    Reply,
     Request,
     SelfMoAError,
     _check,
     _on_shared_pool,
     _Pool,
+    _reason,
+    _sampling,
     _servers_of,
     _start,
     as_messages,
+    missing_models_report,
 )
 
-__all__ = ["BATCH_FORMAT", "Item", "alpaca_eval_outputs", "batch_command", "check_items", "read_items", "run_batch"]
+__all__ = ["BATCH_FORMAT", "Item", "alpaca_eval_outputs", "answer_item", "batch_command", "check_items",
+           "merge_command", "merge_outputs", "output_line", "parse_shard", "read_items", "run_batch", "shard_items",
+           "shard_of"]
 
 
 # ======================================================================================================
@@ -395,6 +408,10 @@ def _batch_parameters(method: str, options: Mapping[str, Any]) -> dict[str, Any]
     parameters.update(options)
     for name in ("complete", "stream", "use_n", "concurrency"):
         parameters.pop(name, None)
+    # A role's settings as flat keys: temperature and max_tokens (so fingerprints of runs without fields are
+    # those of earlier versions), then fields and models when given.
+    for name, prefix in (("proposing", ""), ("aggregating", "aggregator_")):
+        parameters.update(_sampling(name, parameters.pop(name, None)).params(prefix))
     for name, value in parameters.items():
         try:
             json.dumps(value, allow_nan=False)
@@ -504,9 +521,13 @@ def _write_atomically(path: str, data: bytes | Iterable[bytes],
             os.close(folder)
 
 
-def _move_lines(path: str, lines: Callable[[], Iterable[bytes]]) -> None:
-    """Append to ``path`` (a selfmoa file) the lines it does not hold yet, and sync it to disk. ``lines()``
-    gives the lines to move (it is called twice: they are never all held); the file is read piece by piece."""
+def _move_lines(path: str, moving: Sequence[bytes] | Callable[[], Iterable[bytes]]) -> None:
+    """Append to ``path`` (a selfmoa file) the lines it does not hold yet, and sync it to disk. ``moving`` is
+    the lines to move, or a function giving them (called twice, so that they are never all held); the file
+    is read piece by piece."""
+    def lines() -> Iterable[bytes]:
+        return moving() if callable(moving) else moving
+
     def digest(line: bytes) -> bytes:
         return hashlib.sha256(line).digest()
 
@@ -863,26 +884,9 @@ def _append_results(todo: list[tuple[int, Item]], *, descriptor: int, size: int,
     state: dict[str, Any] = {"size": size, "broken": None, "closed": False, "cut": None}
 
     def solve(position: int, item: Item) -> None:
-        record: dict[str, Any] = {"selfmoa_batch": BATCH_FORMAT, "id": item.id}
-        try:
-            with _on_shared_pool(job.pool, (position,)):
-                result = METHODS[job.method](item.messages, complete=job.complete, **job.options)
-        except ConfigError:
-            raise  # a bad option fails every item alike: the run stops, as for a bug
-        except SelfMoAError as exc:
-            record.update(status="error", error=str(exc))
-            done_so_far = exc.partial
-        else:
-            record.update(status="ok", answer=result.answer)
-            done_so_far = result
-        record.update(method=job.method, fingerprint=job.prints[_id_key(item.id)])
-        if done_so_far is not None:
-            summary = done_so_far.to_dict(trace=job.trace, diversity=job.diversity)
-            record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries", "diversity")
-                           if key in summary})
-            if job.trace:
-                record["trace"] = summary["trace"]
-        record["input"] = item.record
+        with _on_shared_pool(job.pool, (position,)):
+            record = _answer(item, job.method, job.complete, job.options, job.prints[_id_key(item.id)],
+                             trace=job.trace, diversity=job.diversity)
         line = _dump_line(record)
         with lock:
             if state["broken"] is not None or state["cut"] is not None or state["closed"]:
@@ -963,6 +967,55 @@ def _after_a_cut(descriptor: int, size: int) -> int:
         os.ftruncate(descriptor, start)
         return start
     return size
+
+
+def _answer(item: Item, method: str, complete: Callable[[Request], Any], options: Mapping[str, Any],
+            fingerprint: str, *, trace: bool, diversity: bool) -> dict[str, Any]:
+    """Run ``method`` on one item: its output record (status "ok" or "error"). A ConfigError propagates."""
+    record: dict[str, Any] = {"selfmoa_batch": BATCH_FORMAT, "id": item.id}
+    try:
+        result = METHODS[method](item.messages, complete=complete, **options)
+    except ConfigError:
+        raise  # a bad option fails every item alike: the run stops, as for a bug
+    except SelfMoAError as exc:
+        record.update(status="error", error=str(exc))
+        done_so_far = exc.partial
+    else:
+        record.update(status="ok", answer=result.answer)
+        done_so_far = result
+    record.update(method=method, fingerprint=fingerprint)
+    if done_so_far is not None:
+        summary = done_so_far.to_dict(trace=trace, diversity=diversity)
+        record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries", "diversity")
+                       if key in summary})
+        if trace:
+            record["trace"] = summary["trace"]
+    record["input"] = item.record
+    return record
+
+
+def answer_item(item: Item, *, method: str = "self-moa", complete: Callable[[Request], Any], trace: bool = False,
+                diversity: bool = False, **options: Any) -> dict[str, Any]:
+    """The output record of one item, exactly as ``run_batch`` writes it (a dict; ``output_line`` makes the line).
+
+    For engines that schedule the items themselves (a Ray Data pipeline, a queue worker): each runs items
+    one by one, and ``merge_outputs`` then checks and joins what they wrote. ``options`` are the method's.
+
+    >>> def toy(request):
+    ...     return "an answer of " + request.model
+    >>> record = answer_item(check_items([{"id": "q1", "prompt": "Name a prime."}])[0], model="a", n=2, complete=toy)
+    >>> record["id"], record["status"], record["answer"], record["input"]
+    ('q1', 'ok', 'an answer of a', {'id': 'q1', 'prompt': 'Name a prime.'})
+    """
+    _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
+    _check(isinstance(item, Item), "item", "...", "answer_item takes an Item", "pass check_items([record])[0]")
+    fingerprint = _fingerprint(item.messages, method, _batch_parameters(method, options))
+    return _answer(item, method, complete, options, fingerprint, trace=trace, diversity=diversity)
+
+
+def output_line(record: Mapping[str, Any]) -> bytes:
+    """The output line of a record (UTF-8 JSON ending in ``\\n``), as ``run_batch`` writes it."""
+    return _dump_line(dict(record))
 
 
 def _cut_error(output: str, expected: int, size: int) -> SelfMoAError:
@@ -1132,7 +1185,18 @@ def batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTT
     if args.generator is not None and (args.format != "alpaca_eval" or not args.generator.strip()):
         raise ConfigError(f"--generator {args.generator!r}: names the AlpacaEval generator, so it goes with "
                           f"--format alpaca_eval and is not empty; add --format alpaca_eval, or drop --generator")
+    shard = None
+    if args.shard is not None:
+        shard = parse_shard(args.shard)
+        if args.format == "alpaca_eval":
+            raise ConfigError("--format alpaca_eval: a shard answers only part of the input, and AlpacaEval needs "
+                              "every instruction; drop it here, and pass it to selfmoa merge, which joins the shards")
     items = read_items(args.input)
+    if shard is not None:
+        every = len(items)
+        items = shard_items(items, *shard)
+        print(f"selfmoa: shard {shard[0]}/{shard[1]}: {len(items)} of the {every} items of {args.input}",
+              file=sys.stderr)
     records_path = args.output + ".jsonl" if args.format == "alpaca_eval" else args.output
     try:
         with _output_lock(records_path):  # held until outputs.json is written, too
@@ -1146,6 +1210,33 @@ def batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTT
         return 1
 
 
+class _FailedCalls:
+    """A batch command's completion function: the client, counting the calls that failed for good by cause (the
+    model and the reason), so that the summary names each cause once, however many items it hit."""
+
+    def __init__(self, client: HTTPClient):
+        self.client = client
+        self.causes: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Request) -> Reply:
+        try:
+            return self.client(request)
+        except ModelError as exc:
+            with self._lock:
+                cause = (exc.model, _reason(str(exc)))
+                self.causes[cause] = self.causes.get(cause, 0) + 1
+            raise
+
+    def report(self) -> list[str]:
+        lines = [f"{count} call{'s' if count != 1 else ''} failed for good: {reason}"
+                 for (_, reason), count in sorted(self.causes.items(), key=lambda item: -item[1])]
+        if lines:
+            lines.append("(an item goes on without a failed proposer or sample while at least --min-ok of its layer "
+                         "succeed, and fails otherwise; --trace records every call in the item's line)")
+        return lines + missing_models_report(self.causes, self.client)
+
+
 def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient, items: list[Item],
                        records_path: str) -> int:
     show_progress = sys.stderr.isatty()
@@ -1156,9 +1247,10 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
         sys.stderr.write(f"\r{finished}/{total} done, {failed} failed, {rate:.2f} items/s, ETA {eta}   ")
         sys.stderr.flush()
 
+    failures = _FailedCalls(client)
     try:
         with client:
-            counts = run_batch(items, records_path, method=args.method, complete=client, trace=args.trace,
+            counts = run_batch(items, records_path, method=args.method, complete=failures, trace=args.trace,
                                diversity=args.diversity, progress=progress if show_progress else None, **options)
     except KeyboardInterrupt:
         client.abort()  # calls still in flight end now, so that the process can exit at once
@@ -1181,6 +1273,8 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
     if counts["moved"]:
         say(f"selfmoa: moved {counts['moved']} line(s) of items no longer in the input, or of answers replaced "
             f"by a rerun, to {_removed_path(records_path)}")
+    for line in failures.report():
+        say(f"selfmoa: {line}")
     say(f"selfmoa: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already done "
         f"(of {counts['total']}); results in {records_path}")
     servers = _servers_of(client).get("servers", {})
@@ -1213,3 +1307,314 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
     return 0
 
 
+
+
+# ======================================================================================================
+# Shards: one input run as N independent batches, then merged
+# ======================================================================================================
+#
+# `--shard K/N` runs only the items whose id hashes to K (spec/batch.md, section 7): the hash depends on
+# the id alone, so an item's shard does not move when the input grows or is reordered, and any scheduler
+# (a Slurm array, a Kubernetes indexed Job, GNU parallel) can run the N shards as N ordinary batch runs,
+# each with its own output file, lock and resume. `merge_outputs` then checks that the shards answer every
+# input item exactly once, for the input's fingerprints, and writes one output in input order.
+
+
+def shard_of(item_id: str | int, shards: int) -> int:
+    """The shard (0 to ``shards`` - 1) of an item id: the first 8 bytes of the sha256 of ``"int:"`` and the
+    decimal integer, or ``"str:"`` and the UTF-8 string, read as a big-endian number, modulo ``shards``.
+
+    >>> [shard_of(item_id, 3) for item_id in (0, 3, "0", "alpaca-17")]
+    [1, 2, 1, 0]
+    """
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+        raise ConfigError(f"id={item_id!r}: an item id is a string or an integer; pass one")
+    _check(_is_positive_int(shards), "shards", shards, "the number of shards is an integer >= 1", "pass N >= 1")
+    key = f"int:{item_id}" if isinstance(item_id, int) else f"str:{item_id}"
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % shards
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` as (K, N), with 0 <= K < N; ConfigError naming --shard otherwise.
+
+    >>> parse_shard("2/3")
+    (2, 3)
+    """
+    found = re.fullmatch(r"([0-9]{1,9})/([0-9]{1,9})", text.strip())
+    if not found:
+        raise ConfigError(f"--shard {text!r}: expected K/N, two whole numbers, e.g. --shard 0/4 for the first of "
+                          f"four shards")
+    index, count = int(found[1]), int(found[2])
+    if count < 1 or index >= count:
+        raise ConfigError(f"--shard {text!r}: K counts from 0 to N-1 (N >= 1), like a Kubernetes Job's "
+                          f"$JOB_COMPLETION_INDEX and a Slurm array --array=0-{max(count, 1) - 1}; pass "
+                          f"--shard {max(count, 1) - 1 if count else 0}/{max(count, 1)} for the last shard")
+    return index, count
+
+
+def shard_items(items: Iterable[Item], index: int, count: int) -> list[Item]:
+    """The items of shard ``index`` of ``count``, in input order."""
+    _check(_is_positive_int(count), "count", count, "the number of shards is an integer >= 1", "pass N >= 1")
+    _check(isinstance(index, int) and not isinstance(index, bool) and 0 <= index < count, "index", index,
+           f"a shard index counts from 0 to {count - 1}", "pass 0 <= index < count")
+    return [item for item in items if shard_of(item.id, count) == index]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Located:
+    """Where one output line of a source file is, and what it says."""
+
+    source: int  # index into the sources
+    number: int  # line number, from 1
+    offset: int
+    length: int
+    status: str
+    current: bool  # its fingerprint is the input's
+
+
+def _scan_source(path: str, source: int, prints: Mapping[tuple, str],
+                 found: dict[tuple, list[_Located]], foreign: list[str]) -> int:
+    """Index every line of one shard output (without holding the file in memory); returns its line count.
+
+    ConfigError, naming the file and line, when it is not a selfmoa output file or ends in a cut-off line.
+    """
+    try:
+        file = open(path, "rb")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}); pass the output file of each shard "
+                          f"run") from None
+    with file:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ConfigError(f"{path}: not a regular file; pass the output file of each shard run")
+        offset, number = 0, 0
+        for line in file:
+            number += 1
+            problem: str | None
+            try:
+                record = _loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                record, problem = None, "it is not UTF-8 JSON"
+            else:
+                problem = _record_problem(record)
+            if problem is not None:
+                if not line.endswith(b"\n"):
+                    raise ConfigError(f"{path}: its last line is cut off (its run was interrupted while writing "
+                                      f"it), so that shard is not finished; run that shard's command again, "
+                                      f"then merge")
+                raise ConfigError(f"{path}: line {number} is not a selfmoa batch record ({problem}); pass only "
+                                  f"the output files of the shard runs")
+            assert isinstance(record, dict)
+            key = _id_key(record["id"])
+            if key not in prints:
+                foreign.append(f"{path} line {number} (id {json.dumps(record['id'])})")
+            else:
+                found.setdefault(key, []).append(_Located(source, number, offset, len(line), record["status"],
+                                                          record["fingerprint"] == prints[key]))
+            offset += len(line)
+    return number
+
+
+def _listed(entries: Sequence[str], separator: str, limit: int = 10) -> str:
+    shown = separator.join(entries[:limit])
+    return shown + (f"; and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def merge_outputs(items: Sequence[Item], sources: Sequence[str], output: str, *, method: str = "self-moa",
+                  **options: Any) -> dict[str, int]:
+    """Join the outputs of a run in shards (``sources``) into ``output``: one line per item, in input order.
+
+    ``method`` and ``options`` are the method's, as the shards ran with (they make the fingerprints; the
+    options that only say how calls run, such as ``concurrency`` and ``use_n``, may be left out). Every item
+    must have exactly one line across the sources, status "ok", for its current fingerprint. Otherwise
+    SelfMoAError names every missing, duplicated, failed, stale and foreign line, and nothing is written.
+    ConfigError when a source is not a selfmoa output file (or ends in a cut-off line), or ``output`` is a
+    source, the input, or a file that is not a selfmoa output file. Lines of an existing ``output`` that the
+    merge replaces are kept in its ``.removed`` sibling, as a batch run keeps them. Returns the counts
+    ``total`` (items written), ``sources`` and ``moved``.
+    """
+    _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
+    items = list(items)
+    _check(bool(items) and all(isinstance(item, Item) for item in items), "items", "...",
+           "merge_outputs takes the input's Item objects", "pass read_items(path)")
+    _check(len({_id_key(item.id) for item in items}) == len(items), "items", "...", "two items share an id",
+           "give every item its own id (check_items finds the duplicates)")
+    sources = list(sources)
+    _check(bool(sources) and all(isinstance(source, str) for source in sources), "sources", sources,
+           "the shard outputs are a non-empty list of paths", "pass the output file of every shard run")
+    parameters = _batch_parameters(method, {k: v for k, v in options.items() if k not in ("concurrency", "use_n")})
+    prints = {_id_key(item.id): _fingerprint(item.messages, method, parameters) for item in items}
+    target = os.path.realpath(output)
+    for source in sources:
+        if os.path.realpath(source) == target:
+            raise ConfigError(f"{output}: it is also one of the shard outputs to merge; pass another -o file")
+    if len({os.path.realpath(source) for source in sources}) < len(sources):
+        twice = [source for number, source in enumerate(sources)
+                 if os.path.realpath(source) in {os.path.realpath(other) for other in sources[:number]}]
+        raise ConfigError(f"{twice[0]}: given twice; pass each shard's output once")
+    found: dict[tuple, list[_Located]] = {}
+    foreign: list[str] = []
+    for number, source in enumerate(sources):
+        _scan_source(source, number, prints, found, foreign)
+    missing, duplicated, failed, stale = [], [], [], []
+    for item in items:
+        lines = found.get(_id_key(item.id), [])
+        shown = json.dumps(item.id)
+        where = ", ".join(f"{sources[line.source]} line {line.number}" for line in lines)
+        if not lines:
+            missing.append(shown)
+        elif len(lines) > 1:
+            duplicated.append(f"id {shown} in {where}")
+        elif not lines[0].current:
+            stale.append(f"id {shown} in {where}")
+        elif lines[0].status != "ok":
+            failed.append(f"id {shown} in {where}")
+    problems = [
+        (missing, "item(s) of the input have no line in any shard output (is a shard's output missing, or "
+                  "was it run with another N?)", "ids "),
+        (duplicated, "item(s) have more than one line (were shards run with different N, or one output "
+                     "given under two names?)", ""),
+        (failed, "item(s) failed (status \"error\"); run their shard's command again to retry them", ""),
+        (stale, "line(s) answer another prompt or configuration than this input with these flags (their "
+                "fingerprint differs); give merge the method flags the shards ran with, or run the shard "
+                "again", ""),
+        (foreign, "line(s) answer an id that is not in this input (an output of another input?)", ""),
+    ]
+    if any(entries for entries, _, _ in problems):
+        listed = "\n".join(f"  {len(entries)} {what}: {prefix}{_listed(entries, ', ' if prefix else '; ')}"
+                           for entries, what, prefix in problems if entries)
+        raise SelfMoAError(f"merge: the shard outputs do not answer each of the {len(items)} input items exactly "
+                           f"once, so nothing was written:\n{listed}")
+    with _output_lock(output):
+        moved = _write_merged(items, sources, found, output)
+    return {"total": len(items), "sources": len(sources), "moved": moved}
+
+
+def _write_merged(items: list[Item], sources: list[str], found: Mapping[tuple, list[_Located]], output: str) -> int:
+    """Write the merged output atomically, streaming it line by line; returns the lines moved out of the old one."""
+    try:
+        existing, _ = _parse_output(_read_file(output), output)
+    except FileNotFoundError:
+        existing = []
+    except OSError as exc:
+        raise _cannot_write(output, exc) from None
+    path = _through_links(output)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    files: dict[int, Any] = {}
+    written: set[bytes] = set()
+    try:
+        with open(temporary, "wb") as out:
+            for item in items:
+                (line,) = found[_id_key(item.id)]
+                if line.source not in files:
+                    files[line.source] = open(sources[line.source], "rb")  # noqa: SIM115 (closed below)
+                file = files[line.source]
+                file.seek(line.offset)
+                record = _loads(file.read(line.length).decode("utf-8"))
+                record["input"] = item.record  # the same messages; the other input fields as given now
+                data = _dump_line(record)
+                out.write(data)
+                if existing:
+                    written.add(data.rstrip(b"\n"))
+            out.flush()
+            os.fsync(out.fileno())
+        to_move = [line.rstrip(b"\n") for record, line in existing
+                   if record["status"] == "ok" and line.rstrip(b"\n") not in written]
+        if to_move:
+            _move_lines(_removed_path(output), to_move)  # kept before the old file is replaced
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    finally:
+        for file in files.values():
+            file.close()
+    return len(to_move)
+
+
+MERGE_DESCRIPTION = """\
+Join the outputs of a batch run in shards (selfmoa -i FILE -o OUT.K --shard K/N) into one
+output with one line per input item, in input order, as a single batch run writes it.
+Every item of FILE must have exactly one line across the shard outputs, answered ("ok"),
+for the same prompt and method flags: give merge the method flags the shards ran with
+(flags that only say how calls run, such as --concurrency, may be given and do nothing).
+Otherwise merge names every missing, duplicated, failed, stale or foreign line and writes
+nothing."""
+
+MERGE_EPILOG = """\
+example (three shards, then the merge):
+  for k in 0 1 2; do selfmoa -m qwen -i in.jsonl -o out.$k.jsonl --shard $k/3 & done; wait
+  selfmoa merge -m qwen -i in.jsonl -o all.jsonl out.0.jsonl out.1.jsonl out.2.jsonl
+
+exit status:
+  0 merged, 1 the shard outputs do not answer every item exactly once (nothing written),
+  2 a usage error or a file that is not a selfmoa output (the message names it)."""
+
+
+def build_merge_parser() -> argparse.ArgumentParser:
+    """The parser of ``selfmoa merge``."""
+    from selfmoa import _method_arguments
+
+    parser = argparse.ArgumentParser(prog="selfmoa merge", description=MERGE_DESCRIPTION, epilog=MERGE_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("outputs", nargs="+", metavar="SHARD_OUTPUT", help="the output file of each shard run")
+    add("-i", "--input", metavar="FILE", required=True, help="the input file the shards ran on")
+    add("-o", "--output", metavar="FILE", required=True, help="the merged output file")
+    add("--format", choices=["jsonl", "alpaca_eval"],
+        help="alpaca_eval writes AlpacaEval's model-outputs JSON to --output, keeping the JSONL in FILE.jsonl "
+             "(default: jsonl)")
+    add("--generator", metavar="NAME", help="alpaca_eval: the generator name (default: selfmoa- followed by "
+        "the method, models, n, window and carry)")
+    _method_arguments(parser)
+    parser.set_defaults(json=False, stream=None, trace=False, diversity=False, shard=None, prompt=None)
+    return parser
+
+
+def merge_command(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    """``selfmoa merge``: returns the exit status."""
+    from selfmoa import _method_options, _refuse
+
+    parser = build_merge_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = _method_options(args, environ)
+        if args.generator is not None and (args.format != "alpaca_eval" or not args.generator.strip()):
+            raise ConfigError(f"--generator {args.generator!r}: names the AlpacaEval generator, so it goes with "
+                              f"--format alpaca_eval and is not empty; add --format alpaca_eval, or drop --generator")
+        if os.path.abspath(args.input) == os.path.abspath(args.output):
+            raise ConfigError("--output is the --input file; pass another path, so that the input is kept")
+        items = read_items(args.input)
+        records_path = args.output + ".jsonl" if args.format == "alpaca_eval" else args.output
+        with _output_lock(records_path):
+            if args.format == "alpaca_eval":
+                if any(os.path.realpath(source) == os.path.realpath(args.output) for source in args.outputs):
+                    raise ConfigError(f"{args.output}: it is also one of the shard outputs to merge; pass another "
+                                      f"-o file")
+                _check_alpaca_target(args.output, records_path, items)
+            counts = merge_outputs(items, args.outputs, records_path, method=args.method, **options)
+            say = f"selfmoa: merged {counts['total']} items from {counts['sources']} shard outputs into {records_path}"
+            if counts["moved"]:
+                say += f"; moved {counts['moved']} replaced line(s) to {_removed_path(records_path)}"
+            print(say, file=sys.stderr)
+            if args.format == "alpaca_eval":
+                with open(records_path, "rb") as file:
+                    records = (_loads(line.decode("utf-8")) for line in file)
+                    generator = args.generator or _generator_name(args.method, options)
+                    entries = alpaca_eval_outputs(records, generator)
+                _write_atomically(args.output, _escape_unsafe(json.dumps(entries, indent=2, ensure_ascii=False))
+                                  .encode("utf-8") + b"\n")
+                print(f"selfmoa: wrote {len(entries)} AlpacaEval outputs to {args.output} (generator {generator!r})",
+                      file=sys.stderr)
+    except ConfigError as exc:
+        return _refuse(parser, exc)
+    except (SelfMoAError, OSError) as exc:
+        print(f"selfmoa: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -33,7 +33,7 @@ Usage, with a toy model in front (a ``selfmoa.HTTPClient`` in real use):
 
 On the command line (``selfmoa serve --help`` lists every flag)::
 
-    selfmoa serve --base-url http://localhost:8000/v1 --port 8080   # "self-moa/qwen" is now a model
+    selfmoa serve --base-url http://localhost:8000/v1   # at http://127.0.0.1:8100/v1, "self-moa/qwen" is a model
 
 Licence: MIT. Copyright (c) 2026 the selfmoa authors.
 """
@@ -54,7 +54,6 @@ import json
 import math
 import os
 import queue
-import random
 import re
 import select
 import signal
@@ -69,9 +68,8 @@ from typing import Any
 from selfmoa import (
     DEFAULT_INSTRUCTION,
     METHODS,
-    RETRY_STATUSES,
     ConfigError,
-    Endpoint,
+    HTTPClient,
     Message,
     ModelError,
     NotEnoughProposals,
@@ -83,8 +81,6 @@ from selfmoa import (
     _clean,
     _endpoints_of,
     _finite,
-    _HTTPConnection,
-    _HTTPSConnection,
     _instruction_file,
     _is_int,
     _key_problem,
@@ -96,6 +92,7 @@ from selfmoa import (
     _settings,
     build_parser,
     make_client,
+    role_settings,
     seq_rounds,
 )
 
@@ -116,6 +113,7 @@ __all__ = ["SERVE_METHODS", "ModelServer", "main"]
 # it is streamed upstream only when the client asked for a stream. A run whose client went away is cancelled
 # at the seam: every call it still has queued fails at once, without reaching the upstream.
 
+SERVE_PORT = 8100  # the default port: clear of vLLM's 8000 and llama.cpp's 8080, where its upstreams often are
 SERVE_METHODS = {"self-moa/": "self-moa", "self-moa-seq/": "self-moa-seq", "moa/": "moa"}  # model prefix -> method
 SERVE_MAX_BODY = 16 * 1024 * 1024  # bytes of a request body at most (413 beyond)
 SERVE_MAX_UPSTREAM = 64 * 1024 * 1024  # bytes of a passed-through reply at most (502 beyond)
@@ -127,16 +125,23 @@ SERVE_MAX_CONNECTIONS = 1000  # open client connections at most (fewer when the 
 SERVE_MAX_PER_CLIENT = 256  # open connections from one client address at most
 SERVE_DRAIN_GRACE = 5.0  # seconds the cut-off requests get, after --drain-timeout, to write their last words
 SERVE_DEFAULTS: dict[str, Any] = {
-    "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": 0.7,
-    "max_tokens": None, "aggregator_temperature": 0.7, "aggregator_max_tokens": None, "seed": None,
-    "instruction": DEFAULT_INSTRUCTION, "use_n": True}
+    "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": None,
+    "max_tokens": None, "aggregator_temperature": None, "aggregator_max_tokens": None, "seed": None,
+    "instruction": DEFAULT_INSTRUCTION, "use_n": True, "fields": {}, "models": {}, "aggregator_fields": {},
+    "aggregator_models": {}}
 # What a request may set in its "selfmoa" object, per method (the other defaults come from the request itself).
+# temperature, max_tokens, fields and models are the proposers'; aggregator_fields and aggregator_models the
+# aggregator's (its temperature and token limit are the request's own).
+_ROLE_OPTIONS = ("temperature", "max_tokens", "fields", "models", "aggregator_fields", "aggregator_models")
 SERVE_OPTIONS = {
-    "self-moa": ("n", "aggregator", "layers", "min_ok", "temperature", "max_tokens", "use_n", "instruction"),
-    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", "temperature", "max_tokens", "use_n",
-                     "instruction"),
-    "moa": ("proposers", "layers", "min_ok", "temperature", "max_tokens", "use_n", "instruction"),
+    "self-moa": ("n", "aggregator", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
+    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
+    "moa": ("proposers", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
 }
+# A client's standard sampling fields that apply to the final aggregation, as its temperature does (sent
+# upstream as given, over serve's --aggregator-field ones).
+SERVE_PASSED_FIELDS = ("top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+                       "reasoning_effort", "reasoning", "verbosity", "chat_template_kwargs", "logit_bias")
 _CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -245,6 +250,7 @@ def _chat_request(body: dict, method: str) -> dict[str, Any]:
                                  and all(isinstance(s, str) and s for s in stop)):
         raise refuse("stop", "must be a string or a list of up to 4 non-empty strings")
     out["stop"] = tuple(stop) if stop else None
+    out["fields"] = {field: body[field] for field in SERVE_PASSED_FIELDS if body.get(field) is not None}
     extra = body.get("selfmoa")
     if extra is not None and not isinstance(extra, dict):
         raise refuse("selfmoa", 'must be an object of method options, e.g. {"n": 6}')
@@ -256,6 +262,12 @@ def _chat_request(body: dict, method: str) -> dict[str, Any]:
         raise _ServeError(400, "'selfmoa.use_n' must be true or false", "selfmoa.use_n")
     out["selfmoa"] = dict(extra or {})
     return out
+
+
+def _role(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """One role's settings (a dict the methods take as a ``Sampling``) from flat options: ``temperature``,
+    ``max_tokens``, ``fields``, ``models``, each with ``prefix`` (``"aggregator_"`` for the aggregator's)."""
+    return {key: options[f"{prefix}{key}"] for key in ("temperature", "max_tokens", "fields", "models")}
 
 
 # A library check names a keyword argument; a client knows the request field it sent.
@@ -332,7 +344,7 @@ class ModelServer:
             print(server.base_url)      # http://127.0.0.1:PORT/v1, serving until the block ends
     """
 
-    def __init__(self, complete: Callable[[Request], Any], *, host: str = "127.0.0.1", port: int = 8000,
+    def __init__(self, complete: Callable[[Request], Any], *, host: str = "127.0.0.1", port: int = SERVE_PORT,
                  defaults: Mapping[str, Any] | None = None, server_key: str | None = None, concurrency: int = 8,
                  models: Sequence[str] = (), max_body: int = SERVE_MAX_BODY, drain_timeout: float = 30.0):
         _check(callable(complete), "complete", complete, "every upstream call goes through it",
@@ -344,15 +356,14 @@ class ModelServer:
                "serving beyond this machine without a server key would let anyone who can reach it spend your "
                "upstream keys", "pass a server key (--server-key or $SELFMOA_SERVER_KEY), or bind 127.0.0.1")
         _check(_is_int(port) and 0 <= port <= 65535, "port", port, "a TCP port is 0 to 65535",
-               "pass e.g. 8000, or 0 for a free port")
+               f"pass e.g. {SERVE_PORT}, or 0 for a free port")
         unknown = sorted(set(defaults or {}) - set(SERVE_DEFAULTS))
         _check(not unknown, "defaults", unknown, "these are not method defaults", f"use {', '.join(SERVE_DEFAULTS)}")
         self.defaults = {**SERVE_DEFAULTS, **(defaults or {})}
         d = self.defaults
         seq_rounds(d["n"], d["window"], d["carry"])  # checks n, window and carry
-        _settings(complete=complete, temperature=d["temperature"], max_tokens=d["max_tokens"],
-                  aggregator_temperature=d["aggregator_temperature"], aggregator_max_tokens=d["aggregator_max_tokens"],
-                  seed=d["seed"], concurrency=concurrency, instruction=d["instruction"], use_n=True, stream=None)
+        _settings(complete=complete, proposing=_role(d), aggregating=_role(d, "aggregator_"), seed=d["seed"],
+                  concurrency=concurrency, instruction=d["instruction"], use_n=True, stream=None)
         _check(_is_int(d["layers"]) and d["layers"] >= 2, "layers", d["layers"],
                "layers count the aggregator, so there are at least 2", "pass 2 for one proposer layer")
         _check(_is_int(d["min_ok"]) and 1 <= d["min_ok"] <= d["n"], "min_ok", d["min_ok"],
@@ -365,12 +376,12 @@ class ModelServer:
                and math.isfinite(drain_timeout) and drain_timeout >= 0, "drain_timeout", drain_timeout,
                "it is how long the runs in flight may take to finish on a stop", "pass a number of seconds >= 0")
         self.complete, self.server_key, self.concurrency = complete, server_key, concurrency
+        self._client = complete if isinstance(complete, HTTPClient) else None  # pass-through and model lists
         self.models, self.max_body, self.drain_timeout = list(models), max_body, drain_timeout
         self.pool = _Pool(concurrency)
         self._order = itertools.count()  # earlier requests' calls go first among equals
         self._active = 0
         self._runs: set[threading.Event] = set()  # the cancel flag of every run in flight
-        self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}  # kept-alive pass-through connections
         self._changed = threading.Condition()
         self._stopping = self._serving = False
         self._cut = threading.Event()  # set when --drain-timeout ends: the requests still in flight answer now
@@ -423,10 +434,6 @@ class ModelServer:
             while self._active and time.monotonic() < grace:
                 self._changed.wait(max(0.0, grace - time.monotonic()))
         self.pool.shutdown()
-        with self._changed:
-            idle, self._idle = self._idle, {}
-        for connection in itertools.chain.from_iterable(idle.values()):
-            connection.close()
         return left
 
     def __enter__(self) -> ModelServer:
@@ -539,11 +546,8 @@ class ModelServer:
     def model_names(self) -> list[str]:
         """The served names: each upstream model (as its upstream lists it), and each method of it."""
         names = list(self.models)
-        client = self.complete
-        endpoints = _endpoints_of(client)
-        for endpoint in dict.fromkeys(e for e in endpoints if isinstance(e, Endpoint)):
-            names += self._upstream_models(endpoint)
-        names += list(getattr(client, "endpoints", {}))
+        if self._client is not None:
+            names += (self._client.models() or []) + list(self._client.endpoints)
         names += [m for m in _flatten(self.defaults["proposers"] or [])]
         served = []
         for name in dict.fromkeys(names):
@@ -551,26 +555,6 @@ class ModelServer:
             if self.defaults["proposers"]:
                 served.append(f"moa/{name}")
         return list(dict.fromkeys(served))
-
-    def _upstream_models(self, endpoint: Endpoint) -> list[str]:
-        """The model ids an upstream lists (none if it cannot say so within a few seconds)."""
-        parts = urllib.parse.urlsplit(endpoint.base_url)
-        kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-        connection = kind(parts.hostname or "", parts.port, timeout=min(5.0, getattr(self.complete, "timeout", 5.0)))
-        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
-        begin, end = getattr(self.complete, "_begin", None), getattr(self.complete, "_end", None)
-        flight = begin(connection) if begin and end else None  # --deadline: the client's watchdog cuts it off
-        try:
-            connection.request("GET", parts.path.rstrip("/") + "/models", headers=headers)
-            response = connection.getresponse()
-            data = json.loads(response.read(SERVE_MAX_UPSTREAM)) if response.status == 200 else {}
-            return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
-        except (OSError, ValueError, AttributeError, TypeError, RecursionError, http.client.HTTPException):
-            return []  # whatever the upstream answers (wrong types, a nesting bomb): it lists nothing
-        finally:
-            if flight is not None and end is not None:
-                end(flight)
-            connection.close()
 
     def handle_post(self, handler: _ServeHandler) -> None:
         path = handler.path.split("?")[0].rstrip("/")
@@ -605,13 +589,18 @@ class ModelServer:
     def _arguments(self, method: str, upstream: str, request: dict) -> dict[str, Any]:
         """The method's keyword arguments: serve's defaults, then the request's ``selfmoa`` and own fields."""
         d, extra = self.defaults, request["selfmoa"]
-        options = {key: extra.get(key, d.get(key)) for key in SERVE_OPTIONS[method] if key != "aggregator"}
-        options.update(
-            aggregator_temperature=d["aggregator_temperature"] if request["temperature"] is None
-            else request["temperature"],
-            aggregator_max_tokens=d["aggregator_max_tokens"] if request["max_tokens"] is None
-            else request["max_tokens"],
-            seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
+        options = {key: extra.get(key, d.get(key)) for key in SERVE_OPTIONS[method]
+                   if key != "aggregator" and key not in _ROLE_OPTIONS}
+        given = {**d, **{key: extra[key] for key in _ROLE_OPTIONS if key in extra}}
+        if request["temperature"] is not None:
+            given["aggregator_temperature"] = request["temperature"]
+        if request["max_tokens"] is not None:
+            given["aggregator_max_tokens"] = request["max_tokens"]
+        if request["fields"]:
+            fields = given["aggregator_fields"]
+            given["aggregator_fields"] = {**(fields if isinstance(fields, dict) else {}), **request["fields"]}
+        options.update(proposing=_role(given), aggregating=_role(given, "aggregator_"),
+                       seed=d["seed"] if request["seed"] is None else request["seed"], concurrency=self.concurrency)
         proposers = options.get("proposers")
         if "layers" not in extra and isinstance(proposers, list) and all(isinstance(p, list) for p in proposers):
             options["layers"] = len(proposers) + 1  # one list per layer: they say how many, whatever --layers says
@@ -642,13 +631,12 @@ class ModelServer:
 
     def _check_endpoints(self, arguments: dict[str, Any]) -> None:
         """Refuse a model no upstream serves before any call is made (404 model_not_found)."""
-        endpoint_for = getattr(self.complete, "endpoint_for", None)
-        if endpoint_for is None:
+        if self._client is None:
             return
         for model in [arguments.get("model"), arguments.get("aggregator"), *_flatten(arguments.get("proposers"))]:
             if isinstance(model, str):
                 try:
-                    endpoint_for(model)
+                    self._client.replicas(model)
                 except ConfigError:
                     raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it",
                                       "model", "model_not_found") from None
@@ -757,68 +745,19 @@ class ModelServer:
     # --- pass-through ----------------------------------------------------------------------------------
 
     def _pass_through(self, handler: _ServeHandler, model: str, raw: bytes, streaming: bool) -> None:
-        """Send the request, as it came, to one of the model's own upstreams (with that upstream's key, never
-        the client's), and its reply back as it comes: status, body and streamed events unchanged. With
-        replicas, the client's rule picks the upstream (fewest calls in flight, cool-down, failover)."""
-        replicas_of = getattr(self.complete, "replicas", None)
-        try:
-            if replicas_of is None:
-                raise ConfigError("no upstream")
-            replicas = list(replicas_of(model))
-        except ConfigError:
+        """Send the request, as it came, to one of the model's own upstreams, and its reply back as it comes:
+        status, body and streamed events unchanged, the upstream's keys blanked out wherever they show. The
+        client's ``relay`` chooses the upstream, fails over, retries and bounds each attempt by its deadline,
+        as for any call, and sends that upstream's key (never the client's)."""
+        if self._client is None:
             raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it", "model",
-                              "model_not_found") from None
-        retries = getattr(self.complete, "retries", 0)
-        begin, unwatch = getattr(self.complete, "_begin", None), getattr(self.complete, "_end", None)
-
-        def end(flight: Any) -> None:
-            if unwatch is not None and flight is not None:
-                unwatch(flight)
-        attempt, failed_here = 0, set[str]()
-        while True:
-            endpoint = self._claim(replicas, failed_here, model)
-            parts = urllib.parse.urlsplit(endpoint.base_url)
-            path = parts.path.rstrip("/") + "/chat/completions" + (f"?{parts.query}" if parts.query else "")
-            headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
-                       "Accept": "text/event-stream" if streaming else "application/json"}
-            if endpoint.api_key:
-                headers["Authorization"] = f"Bearer {endpoint.api_key}"
-            connection, reused = self._upstream(parts)
-            flight = begin(connection) if begin else None  # --deadline: the client's watchdog cuts it off
-            try:
-                connection.request("POST", path, body=raw, headers=headers)  # connects (TCP_NODELAY) if new
-                response = connection.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                end(flight)
-                connection.close()
-                self._unclaim(endpoint, "stale" if reused else "down")
-                if reused:
-                    continue  # a kept-alive connection the upstream had closed meanwhile: not an attempt
-                failure = f"could not reach it ({type(exc).__name__})"
-            else:
-                last_chance = attempt == retries and len(failed_here | {endpoint.base_url}) >= len(replicas)
-                final = response.status >= 200  # http.client hands back a 1xx (but 100) as if it were final
-                if final and (response.status not in RETRY_STATUSES or last_chance):
-                    break  # relayed as it is: an answer, or the last failure once every replica had its chance
-                end(flight)
-                connection.close()
-                self._unclaim(endpoint, "failed")
-                failure = f"HTTP {response.status}"
-            failed_here.add(endpoint.base_url)
-            if len(failed_here) < len(replicas):
-                continue  # failover: another replica takes the request now, no wait, no retry spent
-            if attempt == retries:
-                raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: {failure}"
-                                  + (f" (after {attempt + 1} attempts)" if attempt else ""), None,
-                                  "upstream_error", "upstream_error")
-            failed_here.clear()  # every replica failed this request: back off, then try them again
-            backoff, most = getattr(self.complete, "backoff", 0.5), getattr(self.complete, "max_backoff", 30.0)
-            time.sleep(min(most, backoff * 2 ** attempt) * random.random())
-            attempt += 1
-        key, kept = endpoint.secrets, False
+                              "model_not_found")
         try:
-            content_type = _redact_all(response.getheader("Content-Type") or "application/json", key)  # relayed
-            if not (streaming and response.status == 200 and content_type.startswith("text/event-stream")):
+            with self._client.relay(model, raw, stream=streaming) as (endpoint, response):
+                key = endpoint.secrets
+                content_type = _redact_all(response.getheader("Content-Type") or "application/json", key)
+                if streaming and response.status == 200 and content_type.startswith("text/event-stream"):
+                    return self._relay_stream(handler, response, content_type, key)
                 try:  # a body shorter than announced raises: relayed, it would pass for a whole one
                     data, whole = _read_capped(response, SERVE_MAX_UPSTREAM)
                 except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -828,11 +767,20 @@ class ModelServer:
                 if not whole:
                     raise _ServeError(502, f"upstream failure: model {model[:200]!r} at {endpoint.url}: the reply is "
                                       f"over {SERVE_MAX_UPSTREAM} bytes", None, "upstream_error", "upstream_error")
-                kept = self._keep(parts, connection, response)
                 retry_after = _redact_all(response.getheader("Retry-After") or "", key)
-                extra = {"Retry-After": retry_after} if retry_after else {}
-                return handler.send_bytes(response.status, _redact_bytes(data, key), content_type,
-                                          extra)
+        except ConfigError:
+            raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it", "model",
+                              "model_not_found") from None
+        except ModelError as exc:  # no upstream answered, after retries
+            raise self._failure(exc) from None
+        # Sent once the upstream connection is back in the client's pool, for the client's next request.
+        handler.send_bytes(response.status, _redact_bytes(data, key), content_type,
+                           {"Retry-After": retry_after} if retry_after else {})
+
+    def _relay_stream(self, handler: _ServeHandler, response: http.client.HTTPResponse, content_type: str,
+                      key: Sequence[str]) -> None:
+        """Pass a streamed reply on as it comes, with ``key`` blanked out."""
+        try:
             handler.start_chunked(200, content_type)
             # Relayed line by line: a key the upstream echoes never spans a line break (keys hold no control
             # characters), so redacting whole lines catches it even when it arrives split over two reads.
@@ -851,53 +799,9 @@ class ModelServer:
             if pending and not handler.send_chunk(_redact_bytes(pending, key)):
                 return
             response.read()  # the end of the body (nothing left to relay), so that the connection can be kept
-            kept = self._keep(parts, connection, response)
             handler.end_chunked()
         except (OSError, http.client.HTTPException):
             handler.close_connection = True  # the upstream broke off mid-reply: so does this reply
-        finally:
-            end(flight)
-            self._unclaim(endpoint, "ok" if response.status == 200 else "answered")
-            if not kept:
-                connection.close()
-
-    def _claim(self, replicas: list[Endpoint], failed_here: set[str], model: str) -> Endpoint:
-        """The upstream for one pass-through attempt, counted in flight by the client's replica rule."""
-        pick = getattr(self.complete, "_pick", None)
-        if pick is None:
-            return replicas[0]
-        try:
-            return pick(replicas, failed_here, Request(model, ()))
-        except ModelError as exc:  # the client was aborted: the server is stopping
-            raise _ServeError(502, f"upstream failure: {exc.message}", None, "upstream_error",
-                              "upstream_error") from None
-
-    def _unclaim(self, endpoint: Endpoint, outcome: str) -> None:
-        """End a claimed attempt (ok, failed, down, answered or stale), as the client counts its own calls."""
-        settle = getattr(self.complete, "_settle", None)
-        if settle is not None:
-            settle(endpoint, outcome)
-
-    def _upstream(self, parts: urllib.parse.SplitResult) -> tuple[http.client.HTTPConnection, bool]:
-        """A kept-alive connection to an upstream host if one is idle (True), else a new, unconnected one."""
-        with self._changed:
-            idle = self._idle.get((parts.scheme, parts.hostname, parts.port))
-            if idle:
-                return idle.pop(), True
-        kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-        return kind(parts.hostname or "", parts.port, timeout=getattr(self.complete, "timeout", 120.0)), False
-
-    def _keep(self, parts: urllib.parse.SplitResult, connection: http.client.HTTPConnection,
-              response: http.client.HTTPResponse) -> bool:
-        """Keep a connection whose reply was read in full for the next pass-through (at most 32 per host)."""
-        if response.will_close or not response.isclosed():
-            return False
-        with self._changed:
-            idle = self._idle.setdefault((parts.scheme, parts.hostname, parts.port), [])
-            if len(idle) >= 32:
-                return False
-            idle.append(connection)
-            return True
 
 
 class _Client:
@@ -1199,9 +1103,11 @@ models (the "model" of POST /v1/chat/completions):
 
 per-request options:
   A "selfmoa" object in the body overrides the flags: n, window, carry, proposers, layers,
-  min_ok, temperature and max_tokens (the proposers'), aggregator, use_n, instruction. The
-  request's own temperature, max_tokens, seed and stop apply to the answer (the final
-  aggregation); seed is also the base seed of the samples. The whole conversation is the prompt.
+  min_ok, temperature, max_tokens, fields and models (the proposers'), aggregator_fields and
+  aggregator_models, aggregator, use_n, instruction. The request's own temperature, max_tokens
+  (or max_completion_tokens), seed, stop and standard fields (top_p, reasoning_effort,
+  chat_template_kwargs, ...) apply to the answer (the aggregation); seed is also the base seed
+  of the samples. The whole conversation is the prompt.
   Replies carry usage over every call of the run, and a "selfmoa" field with the calls,
   requests, retries and each request's latency.
 
@@ -1219,10 +1125,11 @@ stopping:
 # The one-shot flags that configure nothing serve has: the prompt, the choice of method and models (the
 # request's model names them), the output, and batch mode. Every other flag is shared, with its meaning.
 _NOT_SERVE_FLAGS = frozenset({"help", "version", "prompt", "method", "model", "aggregator", "json", "stream",
-                              "input", "output", "format", "trace", "diversity", "generator"})
+                              "input", "output", "format", "trace", "diversity", "generator", "shard"})
 _SERVE_HELP = {
     "samples": "samples of M per request (default: 6)",
-    "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7)",
+    "aggregator_temperature": "the aggregator's temperature when a request gives none (default: 0.7, dropped "
+                              "where a server refuses it)",
     "aggregator_max_tokens": "the aggregator's token limit when a request gives none (default: the server's)",
     "seed": "the seed when a request gives none: sample i gets S+i; aggregations get S",
     "concurrency": "upstream calls at once, over all requests (default: 8)",
@@ -1238,7 +1145,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)")
-    add("--port", type=int, default=8000, help="the port to listen on; 0 picks a free one (default: 8000)")
+    add("--port", type=int, default=SERVE_PORT, help="the port to listen on; 0 picks a free one (default: "
+        f"{SERVE_PORT}, which vLLM's 8000 and llama.cpp's 8080 leave free)")
     add("--server-key", metavar="KEY", help="the key clients must send as a Bearer token "
         "(default: $SELFMOA_SERVER_KEY; none: no key asked, loopback only)")
     add("--drain-timeout", type=_finite, default=30.0, metavar="SECONDS",
@@ -1261,11 +1169,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = parser.parse_args(argv)
     try:
         instruction = _instruction_file(args.instruction_file) or DEFAULT_INSTRUCTION
+        proposing, aggregating = role_settings(args)
         defaults = {"n": args.samples, "window": args.window, "carry": args.carry, "proposers": args.proposer,
                     "layers": args.layers, "min_ok": args.min_ok, "temperature": args.temperature,
                     "max_tokens": args.max_tokens, "aggregator_temperature": args.aggregator_temperature,
                     "aggregator_max_tokens": args.aggregator_max_tokens, "seed": args.seed,
-                    "instruction": instruction, "use_n": args.use_n}
+                    "instruction": instruction, "use_n": args.use_n, "fields": proposing.fields,
+                    "models": proposing.models, "aggregator_fields": aggregating.fields,
+                    "aggregator_models": aggregating.models}
         defaults = {name: value for name, value in defaults.items() if value is not None}  # not given: the default
         client = make_client(args, environ)
         server = ModelServer(client, host=args.host, port=args.port, defaults=defaults,

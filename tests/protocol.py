@@ -38,6 +38,9 @@ FIELDS = ("role", "layer", "round", "model", "indices", "references", "carried",
           "max_tokens", "outputs", "error")  # spec/protocol.md, "Traces": what every trace entry holds
 
 
+REQUEST_FIELDS = {field.name for field in dataclasses.fields(selfmoa.Request)}
+
+
 class ProtocolError(AssertionError):
     """The implementation broke spec/protocol.md (or refused a param): the test fails, saying how."""
 
@@ -121,15 +124,15 @@ def call_of(entry: dict) -> Call:
 class Program:
     """One implementation process, started once and reused by every run of the session."""
 
-    def __init__(self, command: str):
-        self.command = command
+    def __init__(self, command: str, *, settle: float = SETTLE, limit: float = LIMIT):
+        self.command, self.settle, self.limit = command, settle, limit
         self.process = subprocess.Popen(shlex.split(command), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         encoding="utf-8", errors="strict", bufsize=1)
         self.lines: queue.Queue = queue.Queue()
         self.write_lock = threading.Lock()
         self.runs = itertools.count(1)
         threading.Thread(target=self._read, daemon=True).start()
-        hello = self.next(LIMIT)
+        hello = self.next(limit)
         if not isinstance(hello, dict) or hello.get("type") != "ready" or hello.get("protocol") != PROTOCOL:
             raise ProtocolError(f"{command!r} must first say {{\"type\": \"ready\", \"protocol\": {PROTOCOL}}}, "
                                 f"not {hello!r}")
@@ -194,10 +197,11 @@ class _Run:
         pending: list[dict] = []
         try:
             while True:
-                line = self.program.next(SETTLE if pending else LIMIT)
+                line = self.program.next(self.program.settle if pending else self.program.limit)
                 if line is queue.Empty:
                     if not pending:
-                        raise ProtocolError(f"run {self.number}: nothing for {LIMIT} s, and no request open")
+                        raise ProtocolError(f"run {self.number}: nothing for {self.program.limit} s, "
+                                            "and no request open")
                     for request in reversed(pending):  # newest first: out of order when several are open
                         self.answer(request)
                     pending = []
@@ -223,16 +227,18 @@ class _Run:
         finally:
             if self.sample_thread is not None:
                 self.sample_requests.put(None)
-                self.sample_thread.join(timeout=LIMIT)
+                self.sample_thread.join(timeout=self.program.limit)
 
     def answer(self, line: dict) -> None:
         pieces: list[str] = []
         try:
-            stop = line.get("stop")
+            stop, extra = line.get("stop"), dict[str, Any]()
+            if line.get("fields") and "fields" in REQUEST_FIELDS:
+                extra["fields"] = dict(line["fields"])
             request = selfmoa.Request(model=line["model"], messages=tuple(line["messages"]),
                                       temperature=line["temperature"], max_tokens=line["max_tokens"], n=line["n"],
                                       seed=line["seed"], stream=pieces.append if line.get("stream") else None,
-                                      stop=None if stop is None else tuple(stop))
+                                      stop=None if stop is None else tuple(stop), **extra)
         except (KeyError, TypeError) as exc:
             raise ProtocolError(f"run {self.number}: a malformed completion request ({exc!r}): {line}") from None
         reply: dict[str, Any] = {"type": "reply", "id": line.get("id")}
@@ -331,8 +337,8 @@ class Implementation:
     ConfigError, ModelError = ConfigError, ModelError
     NotEnoughProposals, SelfMoAError = NotEnoughProposals, SelfMoAError
 
-    def __init__(self, command: str):
-        self.command = command
+    def __init__(self, command: str, *, settle: float = SETTLE, limit: float = LIMIT):
+        self.command, self.settle, self.limit = command, settle, limit
         self.__name__ = f"cmd:{command}"
         self._program: Program | None = None
         self._lock = threading.Lock()
@@ -340,7 +346,7 @@ class Implementation:
     @property
     def program(self) -> Program:
         if self._program is None or self._program.process.poll() is not None:
-            self._program = Program(self.command)
+            self._program = Program(self.command, settle=self.settle, limit=self.limit)
         return self._program
 
     def close(self) -> None:

@@ -540,10 +540,13 @@ def test_a_line_is_reused_only_for_the_same_messages_method_and_parameters(tmp_p
     run(records, out, n=2)
     fingerprints = [line["fingerprint"] for line in read_output(out)]
     assert len(set(fingerprints)) == 3 and all(len(f) == 64 for f in fingerprints)
-    for same in ({"n": 2, "use_n": False}, {"n": 2, "temperature": 0.7, "layers": 2}):
+    for same in ({"n": 2, "use_n": False}, {"n": 2, "proposing": {"temperature": 0.7}, "layers": 2},
+                 {"n": 2, "aggregating": selfmoa.Sampling(fields={})}):
         echo = Echo()
         assert run(records, out, echo, **same)["skipped"] == 3 and echo.calls == 0
-    for changed in ({"n": 3}, {"n": 3, "temperature": 0.2}, {"n": 3, "seed": 1}, {"n": 3, "model": "other"}):
+    for changed in ({"n": 3}, {"n": 3, "proposing": {"temperature": 0.2}}, {"n": 3, "seed": 1},
+                    {"n": 3, "model": "other"}, {"n": 3, "aggregating": {"fields": {"reasoning_effort": "high"}}},
+                    {"n": 3, "proposing": {"models": {"q": {"top_p": 0.5}}}}):
         counts = run(records, out, **changed)
         assert counts["changed_parameters"] == 3 and counts["done"] == 3 and counts["changed_prompt"] == 0
     assert [line["answer"] for line in read_output(out)] == [answer_for(f"p{i}", 3) for i in range(3)]

@@ -45,7 +45,9 @@ def test_the_manual_names_every_public_name():
 
 
 @pytest.mark.parametrize("argv, sibling", [(["serve", "--port", "0"], "selfmoa_serve.py"),
-                                           (["-m", "a", "-i", "in.jsonl", "-o", "out.jsonl"], "selfmoa_batch.py")])
+                                           (["-m", "a", "-i", "in.jsonl", "-o", "out.jsonl"], "selfmoa_batch.py"),
+                                           (["merge", "-m", "a", "-i", "in.jsonl", "-o", "out.jsonl", "in.jsonl"],
+                                            "selfmoa_batch.py")])
 def test_a_lone_copy_of_selfmoa_py_names_the_sibling_file_to_add(tmp_path, argv, sibling):
     shutil.copy(ROOT / "selfmoa.py", tmp_path / "selfmoa.py")
     (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
