@@ -5,8 +5,8 @@ batch's output, interim responses, abandoned streams and proxies. Every test use
 from __future__ import annotations
 
 import contextlib
-import os
 import json
+import os
 import pathlib
 import resource
 import socket
