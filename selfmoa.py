@@ -3243,27 +3243,34 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return 0
 
 
+# The programs beside this file, each with the other ones it imports.
+_SIBLINGS = {"selfmoa_batch": (), "selfmoa_serve": (), "selfmoa_eval": ("selfmoa_batch",)}
+
+
 def _sibling(name: str, what: str) -> Any:
-    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve, selfmoa_eval), imported only when its command runs;
-    None, with
-    a line on stderr naming the file to add, where this selfmoa.py was copied alone."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-    if os.path.isfile(beside):  # beside this file, though not on sys.path (python3 -I path/to/selfmoa.py)
-        spec = importlib.util.spec_from_file_location(name, beside)
-        if spec and spec.loader:
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-            return module
-    print(f"selfmoa: error: {what} lives in {name}.py, which is not beside this selfmoa.py; copy {name}.py "
-          f"next to it (it imports selfmoa.py and nothing else), or install the package: pip install selfmoa",
-          file=sys.stderr)
-    return None
+    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve, selfmoa_eval), imported only when its command
+    runs; None, with a line on stderr naming the files to add, where this selfmoa.py was copied without them."""
+    chain = [*_SIBLINGS[name], name]  # what ``name`` imports first
+    beside = {module: os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py") for module in chain}
+    missing = [module for module in chain if importlib.util.find_spec(module) is None
+               and not os.path.isfile(beside[module])]
+    if missing:
+        files = " and ".join(f"{module}.py" for module in missing)
+        imports = " and ".join(f"{module}.py" for module in ["selfmoa", *_SIBLINGS[name]])
+        print(f"selfmoa: error: {what} needs {files}, not beside this selfmoa.py; copy {files} next to it "
+              f"({name}.py imports {imports} and nothing else), or install the package: pip install selfmoa",
+              file=sys.stderr)
+        return None
+    for module in chain:
+        if module in sys.modules or importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+            continue
+        # beside this file, though not on sys.path (python3 -I path/to/selfmoa.py)
+        spec = importlib.util.spec_from_file_location(module, beside[module])
+        assert spec is not None and spec.loader is not None
+        sys.modules[module] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module])
+    return sys.modules[name]
 
 
 if __name__ == "__main__":
