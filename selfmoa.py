@@ -2608,8 +2608,8 @@ endpoints and keys:
 
 batch mode:
   -i FILE reads JSONL or a JSON list of objects with "prompt", "instruction" or "messages"
-  (and an optional "id"); -o FILE gets one JSON line per item: {"selfmoa_batch": 1, "id": ...,
-  "status": "ok" or "error", "answer" or "error": ..., ..., "input": {the record as given}}.
+  (and an optional "id"); -o FILE gets one JSON line per item, its answer or its error and
+  the input record (the format: selfmoa_batch.py's docstring, and spec/batch.md in full).
   Run the same command again to resume: items answered for the same prompt and parameters
   are skipped, the others run. One run at a time writes a file (it holds FILE.lock); a file
   that is not a selfmoa output file is never changed. --shard K/N runs only the items of

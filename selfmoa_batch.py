@@ -37,6 +37,11 @@ Usage, with a toy model (anything that takes a ``selfmoa.Request`` and returns t
 >>> run_batch(items, os.path.join(folder, "out.jsonl"), method="self-moa", model="a", n=2, complete=toy)["skipped"]
 2
 
+Each output line is one JSON object (``BATCH_FORMAT`` 1; ``spec/batch.md`` gives every field and rule)::
+
+    {"selfmoa_batch": 1, "id": ..., "status": "ok" or "error", "answer" or "error": ..., "method": ...,
+     "fingerprint": ..., "usage": ..., "calls": ..., "requests": ..., "retries": ..., "input": {the record}}
+
 On the command line (``selfmoa --help`` lists every flag)::
 
     selfmoa -m qwen -i prompts.jsonl -o answers.jsonl                   # run; run again to resume
@@ -634,7 +639,7 @@ def _id_key(item_id: Any) -> tuple:
 def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
               complete: Callable[[Request], Any], concurrency: int = 8, trace: bool = False,
               progress: Callable[[int, int, int, float], None] | None = None, diversity: bool = False,
-              **options: Any) -> dict[str, int]:
+              **options: Any) -> dict[str, Any]:
     """Run ``method`` on every item, ``concurrency`` calls at a time, appending one JSONL line per item.
 
     ``options`` go to the method (``model``, ``n``, ``proposers``...). Each line is a record of format
@@ -649,7 +654,8 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
     output file or another run holds its lock; SelfMoAError when a write fails (the lines finished before
     are kept; the next run does the rest). Returns the counts ``total``, ``skipped`` (answered before),
     ``done``, ``failed``, ``changed_prompt`` and ``changed_parameters`` (run again because their line's
-    fingerprint no longer matched), ``moved`` (lines moved out) and ``torn_bytes`` (a torn tail cut off).
+    fingerprint no longer matched), ``moved`` (lines moved out) and ``torn_bytes`` (a torn tail cut off), and
+    ``failed_ids``: the ids of the items whose line is an error, in input order (a rerun retries them).
     """
     _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
     items = list(items)
@@ -709,7 +715,7 @@ class _BatchJob:
     pool: _Pool
 
 
-def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int]:
+def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, Any]:
     """run_batch, holding the output's lock."""
     descriptor, created = _open_output(output)
     try:
@@ -732,8 +738,9 @@ def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int
         history: dict[tuple, list[dict]] = {}
         for record, _ in existing:
             history.setdefault(_id_key(record["id"]), []).append(record)
-        counts = {"total": len(items), "skipped": 0, "done": 0, "failed": 0, "changed_prompt": 0,
-                  "changed_parameters": 0, "moved": 0, "torn_bytes": len(data) - keep}
+        counts: dict[str, Any] = {"total": len(items), "skipped": 0, "done": 0, "failed": 0, "changed_prompt": 0,
+                                  "changed_parameters": 0, "moved": 0, "torn_bytes": len(data) - keep,
+                                  "failed_at": []}  # the positions of the items that failed
         todo = []
         for position, item in enumerate(items):
             lines = history.get(_id_key(item.id), [])
@@ -768,15 +775,15 @@ def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int
         except OSError as exc:
             raise SelfMoAError(f"{output}: cannot rewrite it ({exc.strerror or exc}); every finished line is kept "
                                f"in it; fix that, then run the same command again") from exc
-        counts["moved"] = len(to_move)
-        return counts
+        failed = sorted(counts.pop("failed_at"))
+        return {**counts, "moved": len(to_move), "failed_ids": [items[position].id for position in failed]}
     finally:
         if descriptor >= 0:
             os.close(descriptor)
 
 
 def _append_results(todo: list[tuple[int, Item]], *, descriptor: int, size: int, output: str, job: _BatchJob,
-                    counts: dict[str, int]) -> None:
+                    counts: dict[str, Any]) -> None:
     """Run the items to do, appending each one's line as it finishes. A failed write stops the run."""
     lock = threading.Lock()
     started = time.monotonic()
@@ -799,6 +806,8 @@ def _append_results(todo: list[tuple[int, Item]], *, descriptor: int, size: int,
                 return
             state["size"] += len(line)
             counts["done" if record["status"] == "ok" else "failed"] += 1
+            if record["status"] != "ok":
+                counts["failed_at"].append(position)
             if job.progress is not None:
                 job.progress(counts["done"] + counts["failed"], counts["failed"], len(todo),
                              time.monotonic() - started)
@@ -948,6 +957,20 @@ def alpaca_eval_outputs(records: Iterable[dict], generator: str) -> list[dict]:
             entry["dataset"] = given["dataset"]
         out.append(entry)
     return out
+
+
+def _write_alpaca_eval(records_path: str, path: str, generator: str) -> int:
+    """Write AlpacaEval's model-outputs JSON to ``path`` (atomically) from the finished output file
+    ``records_path``; returns how many entries it holds."""
+    records, _ = _parse_output(_read_file(records_path), records_path)
+    entries = alpaca_eval_outputs((record for record, _ in records), generator)
+    try:
+        _write_atomically(path, _escape_unsafe(json.dumps(entries, indent=2, ensure_ascii=False)).encode("utf-8")
+                          + b"\n")
+    except OSError as exc:
+        raise SelfMoAError(f"{path}: cannot write it ({exc.strerror or exc}); the answers are kept in "
+                           f"{records_path}; fix that, then run the same command again") from exc
+    return len(entries)
 
 
 def _generator_name(method: str, options: Mapping[str, Any]) -> str:
@@ -1124,11 +1147,9 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
     if len(servers) > 1:
         say("selfmoa: requests per server: " + ", ".join(f"{url} {count['requests']} ({count['failed']} failed)"
                                                          for url, count in servers.items()))
-    if counts["failed"]:
-        with open(records_path, "rb") as file:
-            records, _ = _parse_output(file.read(), records_path)
-        failed = [json.dumps(record["id"]) for record, _ in records if record["status"] == "error"]  # 1 vs "1";
-        # and an id's control characters are escaped, never sent to the terminal
+    if counts["failed_ids"]:
+        failed = [json.dumps(item_id) for item_id in counts["failed_ids"]]  # 1 vs "1"; and an id's control
+        # characters are escaped, never sent to the terminal
         shown = ", ".join(failed[:10]) + (f" and {len(failed) - 10} more" if len(failed) > 10 else "")
         say(f"selfmoa: failed items (status \"error\" in {records_path}): {shown}; run the same command to "
             f"retry them" + (f" and to write {args.output}" if args.format == "alpaca_eval" else ""))
@@ -1136,17 +1157,9 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
             say(f"selfmoa: {args.output} was not written: AlpacaEval needs an answer to every instruction")
         return 1
     if args.format == "alpaca_eval":
-        with open(records_path, "rb") as file:
-            records, _ = _parse_output(file.read(), records_path)
         generator = args.generator or _generator_name(args.method, options)
-        entries = alpaca_eval_outputs((record for record, _ in records), generator)
-        try:
-            _write_atomically(args.output, _escape_unsafe(json.dumps(entries, indent=2, ensure_ascii=False))
-                              .encode("utf-8") + b"\n")
-        except OSError as exc:
-            raise SelfMoAError(f"{args.output}: cannot write it ({exc.strerror or exc}); the answers are kept in "
-                               f"{records_path}; fix that, then run the same command again") from exc
-        say(f"selfmoa: wrote {len(entries)} AlpacaEval outputs to {args.output} (generator {generator!r})")
+        written = _write_alpaca_eval(records_path, args.output, generator)
+        say(f"selfmoa: wrote {written} AlpacaEval outputs to {args.output} (generator {generator!r})")
     return 0
 
 
@@ -1447,13 +1460,9 @@ def merge_command(argv: Sequence[str], environ: Mapping[str, str]) -> int:
                 say += f"; moved {counts['moved']} replaced line(s) to {_removed_path(records_path)}"
             print(say, file=sys.stderr)
             if args.format == "alpaca_eval":
-                with open(records_path, "rb") as file:
-                    records = (_loads(line.decode("utf-8")) for line in file)
-                    generator = args.generator or _generator_name(args.method, options)
-                    entries = alpaca_eval_outputs(records, generator)
-                _write_atomically(args.output, _escape_unsafe(json.dumps(entries, indent=2, ensure_ascii=False))
-                                  .encode("utf-8") + b"\n")
-                print(f"selfmoa: wrote {len(entries)} AlpacaEval outputs to {args.output} (generator {generator!r})",
+                generator = args.generator or _generator_name(args.method, options)
+                written = _write_alpaca_eval(records_path, args.output, generator)
+                print(f"selfmoa: wrote {written} AlpacaEval outputs to {args.output} (generator {generator!r})",
                       file=sys.stderr)
     except ConfigError as exc:
         return _refuse(parser, exc)

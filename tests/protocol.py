@@ -169,6 +169,12 @@ class Program:
             raise message
         return message
 
+    def kill(self) -> None:
+        """End the program at once: a run broke off in the middle, so its lines must not reach the next."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
     def close(self) -> None:
         if self.process.poll() is None:
             try:
@@ -189,6 +195,7 @@ class _Run:
         self.samples = samples
         self.sample_requests: queue.Queue = queue.Queue()
         self.sample_thread: threading.Thread | None = None
+        self.finished = False  # the program ended the run with its result or error line
 
     def go(self, method: str, prompt: Any, params: dict) -> Result:
         message = {"type": "run", "run": self.number, "method": method, "prompt": prompt, "params": params,
@@ -221,6 +228,7 @@ class _Run:
                     if pending:
                         raise ProtocolError(f"run {self.number} ended with {len(pending)} requests unanswered; "
                                             "a run waits for every request it sent (methods.md section 6)")
+                    self.finished = True
                     return self.outcome(line)
                 else:
                     raise ProtocolError(f"run {self.number}: unknown line type {kind!r}: {line}")
@@ -381,7 +389,13 @@ class Implementation:
             params["samples"] = list(samples)
         params = {name: value for name, value in params.items() if value is not None}
         with self._lock:  # one run at a time over the one process
-            return _Run(self.program, complete, stream, lazy).go(method, prompt, params)
+            run = _Run(self.program, complete, stream, lazy)
+            try:
+                return run.go(method, prompt, params)
+            finally:
+                if not run.finished:  # the next run starts a fresh program, not one still in this run
+                    run.program.kill()
+                    self._program = None
 
 
 _LOADED: dict[str, Implementation] = {}

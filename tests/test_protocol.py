@@ -145,3 +145,25 @@ def test_each_question_a_port_asked_has_an_answer_whose_links_resolve():
             if anchor:
                 headings = [slug(h) for h in re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), re.M)]
                 assert anchor in headings, f"question {number.strip()}: {target} has no section #{anchor}"
+
+
+def test_a_run_that_breaks_off_does_not_leak_into_the_next(monkeypatch):
+    """A run that ends with an error the spec knows leaves the program running for the next run; one that
+    breaks off in the middle (here the harness fails while answering a request) ends the program, and the
+    next run gets a fresh one instead of the broken run's stray lines."""
+    adapter = protocol.Implementation(ADAPTER, limit=10)
+    try:
+        with pytest.raises(protocol.ProtocolError, match="frobnicate"):
+            adapter.moa("Q", ["a"], "z", complete=lambda request: "x", frobnicate=1)
+        first = adapter.program
+        with pytest.raises(ZeroDivisionError):
+            adapter.moa("Q", ["a", "b"], "z", complete=lambda request: 1 / 0, use_n=False)
+        assert adapter.program is first
+        with monkeypatch.context() as patch:
+            patch.setattr(protocol._Run, "answer", lambda self, line: {}["the harness broke"])
+            with pytest.raises(KeyError):
+                adapter.moa("Q", ["a"], "z", complete=lambda request: "x")
+        assert adapter._program is None and first.process.poll() is not None
+        assert adapter.moa("Q", ["a"], "z", complete=lambda request: "fresh").answer == "fresh"
+    finally:
+        adapter.close()
