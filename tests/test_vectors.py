@@ -12,6 +12,7 @@ implementation's parser.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import importlib
 import importlib.util
@@ -189,6 +190,16 @@ def make_vectors():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_generator_shares_no_code_with_selfmoa_or_the_tests():
+    """make_vectors.py is a second statement of the rules: it imports the standard library only."""
+    tree = ast.parse((ROOT / "spec" / "vectors" / "make_vectors.py").read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
 
 
 def test_the_vector_files_are_what_the_generator_writes():
