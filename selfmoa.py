@@ -3178,7 +3178,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             if os.path.abspath(args.input) == os.path.abspath(args.output):
                 raise ConfigError("--output is the --input file; pass another path, so that the input is kept")
             batch = _sibling("selfmoa_batch", "batch mode (-i/-o)")
-            return batch.batch_command(args, options, make_client(args, environ)) if batch else 2
+            return batch.batch_command(args, options, make_client(args, environ), environ) if batch else 2
         prompt = args.prompt
         if prompt is None:
             if sys.stdin is None or sys.stdin.isatty():
