@@ -1563,6 +1563,7 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_REPLY_BYTES = 32 * 2**20  # the largest reply body read (HTTPClient's max_reply_bytes); a stream counts whole
 MAX_EVENT_LINE = 2**20  # the longest line of a streamed reply (one event)
 MAX_ERROR_BYTES = 2**16  # how much of an error reply is read; the rest is dropped with its connection
+MAX_INTERIM = 32  # interim (1xx) responses skipped before a reply at most (a server may send any number)
 LIST_WITHIN = 5.0  # seconds a server may take to list its models (GET /models) before it counts as listing none
 SHOWN_MESSAGE, SHOWN_BODY = 600, 500  # characters of server text kept in a ModelError's message and body
 
@@ -1694,9 +1695,26 @@ def _public_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """A reply read past every interim response: HTTP lets a server send any number of 1xx responses (102
+    Processing, 103 Early Hints, each with headers of its own) before the final one, and a client must skip
+    them. http.client skips only 100 Continue. 101 (a protocol switch, never asked for) is left as it is."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        for _ in range(MAX_INTERIM):
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 100 <= status < 200 or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim response's headers, skipped (each bounded)
+        raise http.client.HTTPException(f"more than {MAX_INTERIM} interim (1xx) responses before the reply")
+
+
 class _NoDelay:
     """http.client sends a request's headers and body in two writes; with Nagle's algorithm on, the second
-    can wait for the server's delayed ACK (tens of milliseconds). TCP_NODELAY sends both at once."""
+    can wait for the server's delayed ACK (tens of milliseconds). TCP_NODELAY sends both at once. Replies
+    are read past interim (1xx) responses."""
+
+    response_class = _FinalResponse
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]

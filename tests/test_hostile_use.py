@@ -380,3 +380,75 @@ def test_an_output_emptied_under_a_run_is_the_same_one_line_error_under_python_O
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "was cut from" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "out.jsonl").read_bytes() == b""
+
+
+# --- the client: interim responses ----------------------------------------------------------------------------
+
+REPLY = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "the final answer"},
+                                 "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 3}})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_client_skips_any_number_of_interim_responses_with_headers_before_the_reply(stream):
+    """HTTP allows any number of 1xx responses before the final one; a server sends 102 Processing and two
+    103 Early Hints, each with headers, and the call gets the 200 that follows, the first time."""
+    from tests.hostile_server import HostileServer, response
+
+    interim = (b"HTTP/1.1 102 Processing\r\n\r\n" + b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
+               b"Link: </b.js>; rel=preload\r\n\r\n" + b"HTTP/1.1 103 Early Hints\r\nX-Note: again\r\n\r\n")
+    if stream:
+        events = b"".join(b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": piece},
+                                                                "finish_reason": None}]}).encode() + b"\n\n"
+                          for piece in ("the final ", "answer")) + b"data: [DONE]\n\n"
+        final = response(b"200 OK", [(b"Content-Type", b"text/event-stream"),
+                                     (b"Content-Length", str(len(events)).encode())], events)
+    else:
+        final = response(b"200 OK", [(b"Content-Type", b"application/json"),
+                                     (b"Content-Length", str(len(REPLY)).encode())], REPLY.encode())
+    pieces: list[str] = []
+    with HostileServer(interim + final) as server:
+        client = selfmoa.HTTPClient(server.base_url, retries=0, timeout=5)
+        reply = client(selfmoa.Request("m", ({"role": "user", "content": "hi"},),
+                                       stream=pieces.append if stream else None))
+        assert len(server.log) == 1
+    assert reply.texts == ["the final answer"] and reply.retries == 0
+    assert "".join(pieces) == ("the final answer" if stream else "")
+
+
+def test_endless_interim_responses_are_a_failure_not_a_hang():
+    from tests.hostile_server import HostileServer
+
+    with HostileServer(("repeat", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", 100_000)) as server:
+        client = selfmoa.HTTPClient(server.base_url, retries=0, timeout=5)
+        with pytest.raises(selfmoa.ModelError, match="interim"):
+            client(selfmoa.Request("m", ({"role": "user", "content": "hi"},)))
+
+
+# --- an abandoned streamed method request ---------------------------------------------------------------------
+
+
+def test_an_abandoned_streamed_method_request_stops_its_upstream_call_within_a_second():
+    """A client reads the first pieces of a streamed Self-MoA answer and goes away. The final aggregation,
+    which the mock streams a token every 20 ms, is cut off: the mock sends at most a second's worth of
+    tokens after the disconnect, and never the whole answer."""
+    with MockServer(latency_per_token=0.02) as mock, selfmoa_serve.ModelServer(
+            selfmoa.HTTPClient(mock.base_url, retries=0), port=0) as server:
+        body = json.dumps({"model": "self-moa/echo", "stream": True, "messages": [
+            {"role": "user", "content": " ".join(f"word{i}" for i in range(40))}], "selfmoa": {"n": 1}}).encode()
+        with socket.create_connection((server.host, server.port), timeout=10) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(body), body))
+            seen = b""
+            while seen.count(b'"content"') < 5:
+                seen += connection.recv(65536)
+        left = time.monotonic()
+        aggregation = next(entry for entry in mock.requests if entry["body"].get("stream"))
+        sent_at_disconnect = aggregation["events_sent"]
+        time.sleep(1.5)
+        sent_after_a_second = aggregation["events_sent"]
+        time.sleep(0.5)
+    assert aggregation["events"] > 150, "the answer must take far longer than a second to stream"
+    assert sent_after_a_second == aggregation["events_sent"], "the upstream kept streaming after 1.5 s"
+    assert sent_after_a_second - sent_at_disconnect <= 1.0 / 0.02, (sent_at_disconnect, sent_after_a_second)
+    assert aggregation["events_sent"] < aggregation["events"]
+    assert time.monotonic() - left < 5
