@@ -41,6 +41,7 @@ Public API
 ``Result`` / ``Call``       the final answer, with a trace of every call made
 ``inject_references``       the aggregator prompt: messages + instruction + numbered references
 ``DEFAULT_INSTRUCTION``     the aggregator's instruction unless ``instruction=`` replaces it
+``REFERENCE_INSTRUCTION``   the original MoA code's instruction, for ``layout="reference"``
 ``read_references``         the inverse: the references an aggregator prompt holds
 ``seq_plan``                Self-MoA-Seq's windows: per round, the carried copies and the new samples
 ``seq_rounds``              the number of Self-MoA-Seq rounds for ``n``, ``window``, ``carry``
@@ -121,10 +122,12 @@ the methods at scale live beside it and import it (never the other way round):
 * ``selfmoa_batch.py``: batch runs, ``selfmoa -i prompts.jsonl -o answers.jsonl`` (``run_batch``,
   ``read_items``, ``check_items``), resumable;
 * ``selfmoa_serve.py``: ``selfmoa serve``, the methods as models behind an OpenAI-compatible endpoint
-  (``ModelServer``).
+  (``ModelServer``);
+* ``selfmoa_eval.py``: ``selfmoa eval``, the paper's experiments on your models and data: one pool of
+  samples per model, every proposer composition, Self-MoA and Self-MoA-Seq aggregated from it, graded.
 
-Where this file was copied alone, ``selfmoa serve``, ``selfmoa merge`` and ``-i/-o`` say which file to copy beside
-it.
+Where this file was copied alone, ``selfmoa serve``, ``selfmoa merge``, ``selfmoa eval`` and ``-i/-o`` say which
+file to copy beside it.
 
 The exact behaviour (invariants, wire format, prompt format) is specified in the ``spec/`` folder of the
 project; the tests check every invariant by name.
@@ -172,6 +175,7 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "METHODS",
     "ModelError",
     "NotEnoughProposals",
+    "REFERENCE_INSTRUCTION",
     "Reply",
     "Request",
     "Result",
@@ -268,6 +272,20 @@ DEFAULT_INSTRUCTION = (
 )
 REFERENCES_HEADER = "Responses from models:"
 
+# The reference layout: the original MoA code's aggregator prompt (Wang et al., github.com/togethercomputer/MoA,
+# utils.py), which the paper's experiments built on: its instruction, the header, then each response on a
+# line of its own numbered "1. ", "2. ", ... A response holding a line that looks like "3. ..." can fake a
+# boundary there, which is why the keyed layout is the default; this one is for comparing with the paper.
+REFERENCE_INSTRUCTION = (
+    "You have been provided with a set of responses from various open-source models to the latest user query. "
+    "Your task is to synthesize these responses into a single, high-quality response. It is crucial to "
+    "critically evaluate the information provided in these responses, recognizing that some of it may be biased "
+    "or incorrect. Your response should not simply replicate the given answers but should offer a refined, "
+    "accurate, and comprehensive reply to the instruction. Ensure your response is well-structured, coherent, "
+    "and adheres to the highest standards of accuracy and reliability."
+)
+LAYOUTS = ("keyed", "reference")  # how the references are laid out in the aggregator prompt (spec/wire.md 6)
+
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Prompt = str | Sequence[Message]
 Proposers = Sequence[str] | Sequence[Sequence[str]]  # MoA's: one list of models, or one list per proposer layer
@@ -310,9 +328,20 @@ def reference_key(texts: Sequence[str]) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def format_references(references: Sequence[str], instruction: str | None = None) -> str:
-    """The system-message block: the instruction (``DEFAULT_INSTRUCTION`` if None), a header, then each
-    reference between its markers.
+def format_references(references: Sequence[str], instruction: str | None = None, layout: str = "keyed") -> str:
+    """The system-message block: the instruction, a header, then each reference between its markers.
+
+    ``instruction`` None is ``DEFAULT_INSTRUCTION`` (``REFERENCE_INSTRUCTION`` in the reference layout). With
+    ``layout="reference"``, the references are numbered lines as the original MoA code wrote them:
+
+    >>> print(format_references(["Paris.", "Lyon."], instruction="Combine these.", layout="reference"))
+    Combine these.
+    <BLANKLINE>
+    Responses from models:
+    1. Paris.
+    2. Lyon.
+
+    The default, keyed layout:
 
     >>> print(format_references(["Paris.", "Lyon."], instruction="Combine these."))
     Combine these.
@@ -327,6 +356,12 @@ def format_references(references: Sequence[str], instruction: str | None = None)
     Lyon.
     <<<end of response 2, key 29d190ab>>>
     """
+    _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
+           "MoA code", 'pass layout="keyed" (the default) or layout="reference"')
+    if layout == "reference":
+        instruction = REFERENCE_INSTRUCTION if instruction is None else instruction
+        numbered = "".join(f"\n{i}. {text}" for i, text in enumerate(references, 1))
+        return f"{instruction}\n\n{REFERENCES_HEADER}{numbered}"
     instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     key, count = reference_key(references), len(references)
     blocks = [f"<<<response {i} of {count}, key {key}>>>\n{text}\n<<<end of response {i}, key {key}>>>"
@@ -335,12 +370,12 @@ def format_references(references: Sequence[str], instruction: str | None = None)
 
 
 def inject_references(messages: Sequence[Message], references: Sequence[str],
-                      instruction: str | None = None) -> list[Message]:
+                      instruction: str | None = None, layout: str = "keyed") -> list[Message]:
     """A new message list: ``messages`` with the instruction and references in the system message.
 
     An existing system message gets the block appended after a blank line; otherwise one system message
     is put first. The other messages pass through unchanged, and ``messages`` itself is never modified.
-    With no references, the messages come back as they are (a copy).
+    With no references, the messages come back as they are (a copy). ``layout`` is as for ``format_references``.
 
     >>> inject_references([{"role": "user", "content": "Q"}], ["A1"], "Merge.")[0]["content"][:32]
     'Merge.\\n\\nResponses from models:\\n\\n'
@@ -350,7 +385,7 @@ def inject_references(messages: Sequence[Message], references: Sequence[str],
     out = [dict(message) for message in messages]
     if not references:
         return out
-    block = format_references(references, instruction)
+    block = format_references(references, instruction, layout)
     if out and out[0].get("role") == "system":
         out[0]["content"] = f"{out[0]['content']}\n\n{block}"
     else:
@@ -520,6 +555,7 @@ class Reply:
     completion_tokens: int | None = None
     retries: int = 0
     url: str | None = None
+    model: str | None = None  # the model id the server reported answering with, where it said
 
 
 def _as_reply(value: Any, request: Request) -> Reply:
@@ -647,7 +683,8 @@ class Result:
 def moa(prompt: Prompt, proposers: Proposers, aggregator: str, *, complete: Callable[[Request], Any],
         layers: int | None = None, proposing: Sampling | None = None, aggregating: Sampling | None = None,
         seed: int | None = None, min_ok: int = 1, concurrency: int = 8, instruction: str | None = None,
-        use_n: bool = True, stream: Stream | None = None) -> Result:
+        layout: str = "keyed", use_n: bool = True, samples: Sequence[str] | None = None,
+        stream: Stream | None = None) -> Result:
     """Mixture-of-Agents: ``layers - 1`` layers of proposers, then one aggregator.
 
     ``proposers`` is the list of proposer models of every proposer layer (a model may appear several
@@ -660,9 +697,16 @@ def moa(prompt: Prompt, proposers: Proposers, aggregator: str, *, complete: Call
     per request; none with ``use_n=False``). ``proposing`` and ``aggregating`` say how the proposers' and
     the aggregator's requests are made: temperature, token limit, other fields, per model (a ``Sampling``,
     or a dict of its fields).
-    ``instruction`` replaces ``DEFAULT_INSTRUCTION``. ``stream`` receives the final answer's text pieces as
-    they arrive.
+    ``instruction`` replaces ``DEFAULT_INSTRUCTION``; ``layout`` chooses how the references are shown
+    (``"keyed"``, or ``"reference"``: numbered, as the original MoA code did; see ``format_references``).
+    ``stream`` receives the final answer's text pieces as they arrive.
 
+    ``samples`` gives the first proposer layer's outputs instead of asking for them, one text per proposer
+    of that layer, in order (the proposers then only name whose output each is): a run over proposals
+    drawn once and reused, as an evaluation does. No call is made for them.
+
+    >>> moa("2+2?", ["a", "b"], "c", samples=["4", "5"], complete=lambda r: str(read_references(r.messages))).answer
+    "['4', '5']"
     >>> moa("2+2?", ["a", "b"], "c", complete=lambda r: f"{r.model}:{len(read_references(r.messages))}",
     ...     layers=3).answer
     'c:2'
@@ -681,9 +725,11 @@ def moa(prompt: Prompt, proposers: Proposers, aggregator: str, *, complete: Call
     messages = as_messages(prompt)
     plan = _proposer_plan(proposers, layers)
     settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
-                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream, layout=layout)
     _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
-    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="moa")
+    given = None if samples is None else _given_layer(samples, plan[0])
+    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="moa",
+                given=given)
 
 
 # The method bodies read as the algorithms. The run object (``_Run``, below the machinery banner) sends every
@@ -700,23 +746,25 @@ def moa(prompt: Prompt, proposers: Proposers, aggregator: str, *, complete: Call
 
 
 def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min_ok: int, settings: _Settings,
-         method: str) -> Result:
-    """The MoA layer loop, shared by ``moa`` and ``self_moa``: ``plan`` holds the models of each proposer layer."""
+         method: str, given: list[str] | None = None) -> Result:
+    """The MoA layer loop, shared by ``moa`` and ``self_moa``: ``plan`` holds the models of each proposer layer,
+    ``given`` the first layer's outputs when the caller has them."""
     params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, **settings.params(),
-              "min_ok": min_ok}
+              "min_ok": min_ok, **({} if given is None else {"samples_given": len(given)})}
     with _Run(settings, method=method, params=params, layers=len(plan) + 1) as run:
         references: list[str] = []  # the answers of the previous layer, in configuration order
         positions: list[int] = []  # where each of them stood in its layer
         for number, models in enumerate(plan, 1):
             # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
-            prompt_l = inject_references(messages, references, settings.instruction)
-            outcomes = run.layer(number, models, prompt_l, shown=positions)
+            prompt_l = inject_references(messages, references, settings.instruction, settings.layout)
+            outcomes: list[Outcome] = list(given) if number == 1 and given is not None else \
+                run.layer(number, models, prompt_l, shown=positions)
             # A proposer that failed is dropped and the survivors keep their order; too few stop the run.
             positions = _survivors(outcomes, layer=number, min_ok=min_ok)
             references = [outcome for outcome in outcomes if isinstance(outcome, str)]
         # The aggregator synthesizes the last layer's answers into the final answer.
         final = Call("aggregator", layer=len(plan) + 1, model=aggregator, indices=[0], references=positions)
-        answer = run.aggregate(final, inject_references(messages, references, settings.instruction))
+        answer = run.aggregate(final, inject_references(messages, references, settings.instruction, settings.layout))
         return run.result(answer)
 
 
@@ -728,15 +776,19 @@ def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min
 def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], n: int = 6,
              aggregator: str | None = None, layers: int = 2, proposing: Sampling | None = None,
              aggregating: Sampling | None = None, seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
-             instruction: str | None = None, use_n: bool = True, stream: Stream | None = None) -> Result:
+             instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
+             samples: Sequence[str] | None = None, stream: Stream | None = None) -> Result:
     """Self-MoA: ``n`` samples of ``model`` at a temperature above 0, aggregated by ``aggregator``.
 
     The aggregator is ``model`` itself unless given. This is exactly MoA whose proposer layers hold
     ``model`` ``n`` times, so it makes ``n + 1`` calls (``n`` per proposer layer); the ``n`` samples go in one
-    request with ``n`` when the server honours it. Sample ``i`` has seed ``seed + i``.
+    request with ``n`` when the server honours it. Sample ``i`` has seed ``seed + i``. ``samples`` gives the
+    samples instead (``n`` is then their number, and no sample is asked for), as in ``moa``.
 
     >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4").calls
     4
+    >>> self_moa("2+2?", "m", samples=["4", "4", "5"], complete=lambda r: "4").calls
+    1
     >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4", proposing={"temperature": 0})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
@@ -744,13 +796,19 @@ def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], 
     """
     messages = as_messages(prompt)
     proposing = _sampling("proposing", proposing)
+    if samples is not None:
+        _check(isinstance(samples, Sequence) and not isinstance(samples, str), "samples", samples,
+               "it is the list of sample texts", "pass a list of strings")
+        n = len(samples)
     _check_sampled(model=model, n=n, temperature=proposing.temperature, method="Self-MoA")
     plan = _proposer_plan([model] * n, layers)
     settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
-                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream, layout=layout)
     aggregator = model if aggregator is None else aggregator
     _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
-    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="self-moa")
+    given = None if samples is None else _given_layer(samples, plan[0])
+    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="self-moa",
+                given=given)
 
 
 # ======================================================================================================
@@ -794,7 +852,7 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
                  n: int | None = None, samples: Iterable[str] | None = None, window: int = 6, carry: int = 3,
                  aggregator: str | None = None, proposing: Sampling | None = None,
                  aggregating: Sampling | None = None, seed: int | None = None, min_ok: int = 1,
-                 concurrency: int = 8, instruction: str | None = None, use_n: bool = True,
+                 concurrency: int = 8, instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
                  stream: Stream | None = None) -> Result:
     """Self-MoA-Seq: aggregate many samples of one model in rounds over a sliding window.
 
@@ -828,7 +886,7 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     aggregator = model if aggregator is None else aggregator
     _check_model("aggregator", aggregator)
     settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
-                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream, layout=layout)
     known = n if samples is None else (len(samples) if isinstance(samples, Sequence) else None)
     _check_min_ok_samples(min_ok, known)
     params = {"model": model, "aggregator": aggregator, "n": known, "window": window, "carry": carry,
@@ -848,7 +906,7 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
             shown = ([] if synthesis is None else [synthesis] * carry) + [text for _, text in new]
             call = Call("aggregator", layer=2, model=str(aggregator), indices=[0], references=[i for i, _ in new],
                         round=number, carried=len(shown) - len(new))
-            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction))
+            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction, settings.layout))
         assert synthesis is not None, "a source that yields no sample raises NotEnoughProposals"
         return run.result(synthesis)
 
@@ -1032,12 +1090,14 @@ class _Settings:
     aggregating: Sampling
     seed: int | None
     instruction: str
+    layout: str
     use_n: bool
     stream: Callable[[str], None] | None
 
     def params(self) -> dict[str, Any]:
         """The sampling arguments as a Result's ``params`` reports them."""
-        return {**self.proposing.params(), **self.aggregating.params("aggregator_"), "seed": self.seed}
+        return {**self.proposing.params(), **self.aggregating.params("aggregator_"), "seed": self.seed,
+                **({} if self.layout == "keyed" else {"layout": self.layout})}
 
     def request(self, role: str, model: str, messages: tuple, **rest: Any) -> Request:
         """A request of ``role`` (``"proposer"`` or ``"aggregator"``) to ``model``, with the role's settings."""
@@ -1236,9 +1296,9 @@ class _Run:
             remaining, final = max(1, self.source.rounds - call.round + 1), self.source.exhausted
             self.rounds = call.round
         stream = self.settings.stream if final else None
-        block = _block_key(messages[0]["content"])
-        assert block is not None, "an aggregation always shows references"
-        shown = None if stream is None else _MarkerFilter(stream, block[1])
+        block = _block_key(messages[0]["content"]) if self.settings.layout == "keyed" else None
+        assert block is not None or self.settings.layout != "keyed", "an aggregation always shows references"
+        shown = stream if stream is None or block is None else _MarkerFilter(stream, block[1])
         request = self.settings.request("aggregator", call.model, tuple(messages), n=1, seed=self.settings.seed,
                                         stream=shown)
         call.seed, call.temperature, call.max_tokens = request.seed, request.temperature, request.max_tokens
@@ -1246,7 +1306,7 @@ class _Run:
         outcome = self._submit(call, remaining, self._call, call, request).result()
         if isinstance(outcome, ModelError):
             raise outcome
-        if shown is not None:
+        if isinstance(shown, _MarkerFilter):
             shown.close()
         return outcome.texts[0]
 
@@ -1479,18 +1539,21 @@ def _check_model(name: str, value: Any) -> None:
 
 
 def _settings(*, complete: Any, proposing: Any, aggregating: Any, seed: Any, concurrency: Any, instruction: Any,
-              use_n: Any, stream: Any) -> _Settings:
+              use_n: Any, stream: Any, layout: Any = "keyed") -> _Settings:
     """The arguments every method shares, checked."""
     proposing, aggregating = _sampling("proposing", proposing), _sampling("aggregating", aggregating)
     _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
            "pass an integer, or None")
-    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+    _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
+           "MoA code", 'pass layout="keyed" (the default) or layout="reference"')
+    instruction = (REFERENCE_INSTRUCTION if layout == "reference" else DEFAULT_INSTRUCTION) if instruction is None \
+        else instruction
     _check(isinstance(instruction, str) and instruction.strip() != "", "instruction", instruction,
            "it tells the aggregator what to do with the references", "pass a non-empty string, or None")
     _check(stream is None or callable(stream), "stream", stream, "it receives the final answer's text pieces",
            "pass a function taking a str, or None")
     return _Settings(complete=complete, concurrency=concurrency, proposing=proposing, aggregating=aggregating,
-                     seed=seed, instruction=instruction, use_n=bool(use_n), stream=stream)
+                     seed=seed, instruction=instruction, layout=layout, use_n=bool(use_n), stream=stream)
 
 
 def _proposer_plan(proposers: Any, layers: Any) -> list[list[str]]:
@@ -1548,6 +1611,16 @@ def _check_given(*, samples: Any, n: Any) -> None:
            samples, "it is an iterable of sample texts", 'pass a list or generator of strings')
     _check(not (isinstance(samples, Sequence) and len(samples) == 0), "samples", samples,
            "there is nothing to aggregate", "pass at least one sample text")
+
+
+def _given_layer(samples: Any, proposers: list[str]) -> list[str]:
+    """The given first-layer outputs of MoA and Self-MoA, checked: one string per proposer of that layer."""
+    _check(isinstance(samples, Sequence) and not isinstance(samples, str) and len(samples) == len(proposers),
+           "samples", samples, f"the first proposer layer has {len(proposers)} proposers, one given output each",
+           f"pass a list of {len(proposers)} strings, in proposer order")
+    for i, text in enumerate(samples):
+        _check(isinstance(text, str), f"samples[{i}]", text, "a sample is a string of text", "pass the sample texts")
+    return list(samples)
 
 
 def _check_min_ok_samples(min_ok: Any, known: int | None) -> None:
@@ -2431,8 +2504,10 @@ class HTTPClient:
             raise bad(problem or "it has no choice with index 0")
         filled = max((i + 1 for i in range(request.n) if taken[i]), default=1)  # the rest: missing, asked for
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        reported = data.get("model")
         return Reply(texts[:filled], reasons[:filled], _int_or_none(usage.get("prompt_tokens")),
-                     _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
+                     _int_or_none(usage.get("completion_tokens")), url=endpoint.url,
+                     model=_CONTROLS.sub("\ufffd", _clean(reported[:200])) if isinstance(reported, str) else None)
 
     def _read_stream(self, response: http.client.HTTPResponse, endpoint: Endpoint, request: Request,
                      flight: _Attempt) -> tuple[Reply, bool]:
@@ -2705,9 +2780,10 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 CLI_DESCRIPTION = """\
 Answer a prompt with MoA, Self-MoA or Self-MoA-Seq against OpenAI-compatible servers.
 The prompt is the argument, or standard input; the final answer goes to standard output.
-"selfmoa serve" serves the methods as models instead (selfmoa serve --help), and
-"selfmoa merge" joins the outputs of a batch run in shards (selfmoa merge --help); to ask
-the prompt "serve" or "merge" itself, pass it after -- or on standard input."""
+"selfmoa serve" serves the methods as models instead (selfmoa serve --help), "selfmoa
+merge" joins the outputs of a batch run in shards (selfmoa merge --help), and "selfmoa eval"
+measures the methods on a dataset (selfmoa eval --help); to ask the prompt "serve", "merge"
+or "eval" itself, pass it after -- or on standard input."""
 
 CLI_EPILOG = """\
 endpoints and keys:
@@ -2794,6 +2870,8 @@ def _method_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-n", dest="use_n", action="store_false",
         help="never ask for several samples in one request (one request per sample)")
     add("--instruction-file", metavar="FILE", help="replace the aggregator instruction with this file's text")
+    add("--layout", choices=LAYOUTS, default="keyed", help="how the aggregator prompt lists the responses: keyed "
+        "blocks, or numbered lines as in the original MoA code (reference) (default: keyed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3128,7 +3206,8 @@ def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
                                               ("carry", args.carry)) if value is not None}
     proposing, aggregating = role_settings(args)
     common = {"proposing": proposing, "aggregating": aggregating, "seed": args.seed, "min_ok": args.min_ok,
-              "concurrency": args.concurrency, "instruction": instruction, "use_n": args.use_n, **given}
+              "concurrency": args.concurrency, "instruction": instruction, "use_n": args.use_n, **given,
+              **({} if args.layout == "keyed" else {"layout": args.layout})}
     if args.method == "moa":
         if not args.proposer:
             raise ConfigError("--proposer: --method moa needs proposers; pass -p MODEL once per proposer")
@@ -3184,6 +3263,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if argv[:1] == ["merge"]:
         batch = _sibling("selfmoa_batch", "selfmoa merge")
         return batch.merge_command(argv[1:], environ) if batch else 2
+    if argv[:1] == ["eval"]:
+        evaluation = _sibling("selfmoa_eval", "selfmoa eval")
+        return evaluation.main(argv[1:], environ) if evaluation else 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -3262,7 +3344,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _sibling(name: str, what: str) -> Any:
-    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve), imported only when its command runs; None, with
+    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve, selfmoa_eval), imported only when its command runs;
+    None, with
     a line on stderr naming the file to add, where this selfmoa.py was copied alone."""
     try:
         return importlib.import_module(name)

@@ -407,16 +407,18 @@ def _batch_parameters(method: str, options: Mapping[str, Any]) -> dict[str, Any]
     parameters = {name: parameter.default for name, parameter in signature.parameters.items()
                   if parameter.kind == parameter.KEYWORD_ONLY and parameter.default is not parameter.empty}
     for name, value in options.items():
-        if name not in signature.parameters or name in ("complete", "stream"):
+        if name not in signature.parameters or name in ("complete", "stream", "samples"):
             known = ", ".join(p for p in signature.parameters if p not in ("prompt", "complete", "stream", "samples"))
             raise ConfigError(f"{name}={value!r}: {method} takes no such parameter in a batch; pass only {known}")
     parameters.update(options)
-    for name in ("complete", "stream", "use_n", "concurrency"):
+    for name in ("complete", "stream", "use_n", "concurrency", "samples"):
         parameters.pop(name, None)
     # A role's settings as flat keys: temperature and max_tokens (so fingerprints of runs without fields are
     # those of earlier versions), then fields and models when given.
     for name, prefix in (("proposing", ""), ("aggregating", "aggregator_")):
         parameters.update(_sampling(name, parameters.pop(name, None)).params(prefix))
+    if parameters.get("layout") == "keyed":  # the default layout: fingerprints stay as before layouts existed
+        del parameters["layout"]
     for name, value in parameters.items():
         try:
             json.dumps(value, allow_nan=False)
@@ -618,33 +620,14 @@ def _lock(output: str) -> Callable[[], None]:
     """
     lock_path = _through_links(output) + ".lock"
     fcntl = _fcntl()
-    for _ in range(10):  # bounded: only a holder removing the file between our open and flock repeats this
-        if fcntl is None:
-            try:
-                descriptor = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
-            except FileExistsError:
-                try:
-                    with open(lock_path, encoding="ascii", errors="replace") as file:
-                        pid_text = file.read().strip()
-                except OSError:
-                    continue
-                is_pid = re.fullmatch(r"[0-9]{1,10}", pid_text) is not None  # not "²", not 5000 digits
-                if not is_pid or _pid_alive(int(pid_text)):
-                    raise _busy(output, lock_path, f"pid {pid_text}; if no such run exists, delete the lock file"
-                                if is_pid else "") from None
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock_path)  # its owner died without removing it: a stale lock
-                continue
-            except OSError as exc:
-                raise _cannot_write(output, exc) from None
-            with contextlib.suppress(OSError):  # without it, others see "pid unknown" and wait
-                _write_all(descriptor, f"{os.getpid()}\n".encode())
-            os.close(descriptor)
+    if fcntl is None:
+        return _lock_by_pid_file(output, lock_path)
+    return _lock_by_flock(output, lock_path, fcntl)
 
-            def release_file() -> None:
-                with contextlib.suppress(OSError):
-                    os.unlink(lock_path)
-            return release_file
+
+def _lock_by_flock(output: str, lock_path: str, fcntl: Any) -> Callable[[], None]:
+    """``_lock`` with fcntl: an flock held on the lock file, which also names the holder's pid."""
+    for _ in range(10):  # bounded: only a holder removing the file between our open and flock repeats this
         try:
             descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
         except OSError as exc:
@@ -675,11 +658,43 @@ def _lock(output: str) -> Callable[[], None]:
             os.lseek(descriptor, 0, os.SEEK_SET)  # the check above read to the end
             _write_all(descriptor, f"{os.getpid()}\n".encode())
 
-        def release_flock(held: int = descriptor) -> None:
+        def release(held: int = descriptor) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(lock_path)  # removed while still held, so no one can lock a file about to vanish
             os.close(held)
-        return release_flock
+        return release
+    raise _busy(output, lock_path, "")
+
+
+def _lock_by_pid_file(output: str, lock_path: str) -> Callable[[], None]:
+    """``_lock`` without fcntl: the lock file created exclusively, holding the owner's pid; a file whose pid
+    is no longer running is a stale lock, and is taken over."""
+    for _ in range(10):  # bounded: only a stale lock removed, or a holder leaving meanwhile, repeats this
+        try:
+            descriptor = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+        except FileExistsError:
+            try:
+                with open(lock_path, encoding="ascii", errors="replace") as file:
+                    pid_text = file.read().strip()
+            except OSError:
+                continue
+            is_pid = re.fullmatch(r"[0-9]{1,10}", pid_text) is not None  # not "²", not 5000 digits
+            if not is_pid or _pid_alive(int(pid_text)):
+                raise _busy(output, lock_path, f"pid {pid_text}; if no such run exists, delete the lock file"
+                            if is_pid else "") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_path)  # its owner died without removing it: a stale lock
+            continue
+        except OSError as exc:
+            raise _cannot_write(output, exc) from None
+        with contextlib.suppress(OSError):  # without it, others see "pid unknown" and wait
+            _write_all(descriptor, f"{os.getpid()}\n".encode())
+        os.close(descriptor)
+
+        def release() -> None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
+        return release
     raise _busy(output, lock_path, "")
 
 

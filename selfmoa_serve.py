@@ -68,6 +68,7 @@ from typing import Any
 from selfmoa import (
     DEFAULT_INSTRUCTION,
     METHODS,
+    REFERENCE_INSTRUCTION,
     ConfigError,
     HTTPClient,
     Message,
@@ -89,7 +90,6 @@ from selfmoa import (
     _read_capped,
     _redact,
     _refuse,
-    _settings,
     build_parser,
     make_client,
     role_settings,
@@ -128,15 +128,16 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": None,
     "max_tokens": None, "aggregator_temperature": None, "aggregator_max_tokens": None, "seed": None,
     "instruction": DEFAULT_INSTRUCTION, "use_n": True, "fields": {}, "models": {}, "aggregator_fields": {},
-    "aggregator_models": {}}
+    "aggregator_models": {}, "layout": "keyed"}
 # What a request may set in its "selfmoa" object, per method (the other defaults come from the request itself).
 # temperature, max_tokens, fields and models are the proposers'; aggregator_fields and aggregator_models the
 # aggregator's (its temperature and token limit are the request's own).
 _ROLE_OPTIONS = ("temperature", "max_tokens", "fields", "models", "aggregator_fields", "aggregator_models")
 SERVE_OPTIONS = {
-    "self-moa": ("n", "aggregator", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
-    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
-    "moa": ("proposers", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
+    "self-moa": ("n", "aggregator", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction", "layout"),
+    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction",
+                     "layout"),
+    "moa": ("proposers", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction", "layout"),
 }
 # A client's standard sampling fields that apply to the final aggregation, as its temperature does (sent
 # upstream as given, over serve's --aggregator-field ones).
@@ -360,18 +361,10 @@ class ModelServer:
         unknown = sorted(set(defaults or {}) - set(SERVE_DEFAULTS))
         _check(not unknown, "defaults", unknown, "these are not method defaults", f"use {', '.join(SERVE_DEFAULTS)}")
         self.defaults = {**SERVE_DEFAULTS, **(defaults or {})}
-        d = self.defaults
-        seq_rounds(d["n"], d["window"], d["carry"])  # checks n, window and carry
-        _settings(complete=complete, proposing=_role(d), aggregating=_role(d, "aggregator_"), seed=d["seed"],
-                  concurrency=concurrency, instruction=d["instruction"], use_n=True, stream=None)
-        _check(_is_int(d["layers"]) and d["layers"] >= 2, "layers", d["layers"],
-               "layers count the aggregator, so there are at least 2", "pass 2 for one proposer layer")
-        _check(_is_int(d["min_ok"]) and 1 <= d["min_ok"] <= d["n"], "min_ok", d["min_ok"],
-               "it is the fewest proposers that must succeed", f"pass min_ok between 1 and {d['n']}")
-        _check(d["proposers"] is None or (isinstance(d["proposers"], list) and len(d["proposers"]) > 0),
-               "proposers", d["proposers"], "MoA proposers are a non-empty list", "pass a list of model names")
         _check(_is_int(concurrency) and concurrency >= 1, "concurrency", concurrency,
                "it bounds the upstream calls of all runs at once", "pass an integer >= 1")
+        self.concurrency = concurrency
+        self._check_defaults()
         _check(isinstance(drain_timeout, (int, float)) and not isinstance(drain_timeout, bool)
                and math.isfinite(drain_timeout) and drain_timeout >= 0, "drain_timeout", drain_timeout,
                "it is how long the runs in flight may take to finish on a stop", "pass a number of seconds >= 0")
@@ -586,11 +579,29 @@ class ModelServer:
 
     # --- the methods -----------------------------------------------------------------------------------
 
+    def _check_defaults(self) -> None:
+        """Check the defaults by each method's own checks: a run of the method on the arguments a request that
+        sets nothing gets, stopped at its first call (a method checks every argument before its first call)."""
+        request: dict[str, Any] = {"selfmoa": {}, "temperature": None, "max_tokens": None, "fields": {}, "seed": None}
+        for method in SERVE_OPTIONS:
+            try:
+                arguments = self._arguments(method, "m", request)
+            except _ServeError:
+                continue  # moa without default proposers, or over the call cap: a request's own values may do
+            try:
+                METHODS[method]([{"role": "user", "content": "?"}], complete=_stop_at_first_call,
+                                **{**arguments, "concurrency": 1})  # one thread: it stops at once
+            except _Checked:
+                pass
+
     def _arguments(self, method: str, upstream: str, request: dict) -> dict[str, Any]:
         """The method's keyword arguments: serve's defaults, then the request's ``selfmoa`` and own fields."""
         d, extra = self.defaults, request["selfmoa"]
         options = {key: extra.get(key, d.get(key)) for key in SERVE_OPTIONS[method]
                    if key != "aggregator" and key not in _ROLE_OPTIONS}
+        if "layout" in extra and "instruction" not in extra and d["instruction"] in (DEFAULT_INSTRUCTION,
+                                                                                        REFERENCE_INSTRUCTION):
+            options["instruction"] = None  # serve's default instruction: the one of the layout asked for
         given = {**d, **{key: extra[key] for key in _ROLE_OPTIONS if key in extra}}
         if request["temperature"] is not None:
             given["aggregator_temperature"] = request["temperature"]
@@ -811,6 +822,14 @@ class ModelServer:
 class _Abandoned(Exception):
     """Raised from a run's stream callback once its client has gone: the completion function's read of the
     upstream stream ends there, and with it the upstream call (its connection is closed, not kept)."""
+
+
+class _Checked(Exception):
+    """The arguments passed a method's checks: its first call was reached (see ``ModelServer._check_defaults``)."""
+
+
+def _stop_at_first_call(request: Request) -> Any:
+    raise _Checked
 
 
 class _Client:
@@ -1113,7 +1132,7 @@ models (the "model" of POST /v1/chat/completions):
 per-request options:
   A "selfmoa" object in the body overrides the flags: n, window, carry, proposers, layers,
   min_ok, temperature, max_tokens, fields and models (the proposers'), aggregator_fields and
-  aggregator_models, aggregator, use_n, instruction. The request's own temperature, max_tokens
+  aggregator_models, aggregator, use_n, instruction, layout. The request's own temperature, max_tokens
   (or max_completion_tokens), seed, stop and standard fields (top_p, reasoning_effort,
   chat_template_kwargs, ...) apply to the answer (the aggregation); seed is also the base seed
   of the samples. The whole conversation is the prompt.
@@ -1177,13 +1196,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser = build_serve_parser()
     args = parser.parse_args(argv)
     try:
-        instruction = _instruction_file(args.instruction_file) or DEFAULT_INSTRUCTION
+        instruction = _instruction_file(args.instruction_file) or (
+            REFERENCE_INSTRUCTION if args.layout == "reference" else DEFAULT_INSTRUCTION)
         proposing, aggregating = role_settings(args)
         defaults = {"n": args.samples, "window": args.window, "carry": args.carry, "proposers": args.proposer,
                     "layers": args.layers, "min_ok": args.min_ok, "temperature": args.temperature,
                     "max_tokens": args.max_tokens, "aggregator_temperature": args.aggregator_temperature,
                     "aggregator_max_tokens": args.aggregator_max_tokens, "seed": args.seed,
-                    "instruction": instruction, "use_n": args.use_n, "fields": proposing.fields,
+                    "instruction": instruction, "layout": args.layout, "use_n": args.use_n, "fields": proposing.fields,
                     "models": proposing.models, "aggregator_fields": aggregating.fields,
                     "aggregator_models": aggregating.models}
         defaults = {name: value for name, value in defaults.items() if value is not None}  # not given: the default

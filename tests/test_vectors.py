@@ -12,6 +12,7 @@ implementation's parser.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import importlib
 import importlib.util
@@ -191,6 +192,16 @@ def make_vectors():
     return module
 
 
+def test_the_generator_shares_no_code_with_selfmoa_or_the_tests():
+    """make_vectors.py is a second statement of the rules: it imports the standard library only."""
+    tree = ast.parse((ROOT / "spec" / "vectors" / "make_vectors.py").read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+
+
 def test_the_vector_files_are_what_the_generator_writes():
     """spec/vectors/*.json equal what make_vectors.py writes from the rules (and wire.md's instruction)."""
     generator = make_vectors()
@@ -209,3 +220,14 @@ def test_each_vector_states_the_papers_counts():
     assert by_name["self-moa-n6"]["expected"]["calls"] == 7
     worked = by_name["seq-worked-example"]
     assert worked["expected"]["calls"] == 10 + 3 and worked["expected"]["rounds"] == 3
+
+
+def test_every_vector_is_a_step_of_the_course_and_the_course_names_no_other():
+    """spec/exercises.md names each vector in the step that teaches it, and only vectors that exist; so does
+    the table of spec/vectors.md."""
+    names = {p.stem for p in VECTORS}
+    for page in ("exercises.md", "vectors.md"):
+        text = (ROOT / "spec" / page).read_text(encoding="utf-8")
+        named = set(re.findall(r"`((?:moa|self-moa|seq)-[a-z0-9-]+)`", text))
+        assert names <= named, f"spec/{page} never names {sorted(names - named)}"
+        assert named <= names, f"spec/{page} names vectors that do not exist: {sorted(named - names)}"

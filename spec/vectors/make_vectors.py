@@ -135,6 +135,9 @@ class Script:
         elif bug is not None:
             entry["bug"] = bug
             outputs, failure = [], f"{bug['type']}: {bug['message']}"
+        elif not replies or replies[0] is None and n == 1:  # no usable text at all: a failed request
+            entry["replies"] = list(replies)
+            outputs, failure = [], f"model '{model}': the reply holds no text"
         else:
             entry["replies"] = list(replies)
             if pieces is not None:
@@ -148,13 +151,14 @@ class Script:
         return entry
 
     def samples(self, layer, model, first, count, references, positions, text, use_n, honour_n, failure, bug,
-                extra=False, unusable=(), trailing=False):
+                extra=False, unusable=(), trailing=False, empty=False):
         """Samples first..first+count-1 of one prompt: one request with n (split at MAX_N) when use_n,
         else one request each; a server ignoring n gets one request per missing sample, seed S + i.
         ``failure(model, position)`` and ``bug(model, position)`` give a request's error or bug, or None.
         With extra, the server returns one choice more than asked, which must be ignored. A position in
         unusable gets a choice without usable text (null) in the grouped reply, and is asked for alone; with
-        trailing, a reply to n > 1 holds its first text and then nulls, each asked for alone.
+        trailing, a reply to n > 1 holds its first text and then nulls, each asked for alone; with empty, the
+        reply holds no choice at all, which fails every position it asked for (none is asked again).
         Returns position -> text as the next layer sees it, or None for a sample whose request failed."""
         out: dict[int, str | None] = {}
         sizes = []
@@ -171,6 +175,11 @@ class Script:
             if failure(model, start) or bug(model, start):
                 self.ask("proposer", layer, None, model, size, seed, references, 0, error=failure(model, start),
                          bug=bug(model, start), indices=indices, positions=positions)
+                out.update({i: None for i in indices})
+                continue
+            if empty:
+                self.ask("proposer", layer, None, model, size, seed, references, 0, replies=[], indices=indices,
+                         positions=positions)
                 out.update({i: None for i in indices})
                 continue
             returned = size if honour_n else 1
@@ -205,7 +214,7 @@ def failures_text(failures: list[str]) -> str:
 def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(), min_ok=1,
             instruction=None, temperature=0.7, max_tokens=None, agg_temperature=0.7, agg_max_tokens=None,
             sample_text=None, extra=False, unusable=(), trailing=False, fail_with=None, bugs=(), agg_error=None,
-            stream=False, streams=True):
+            stream=False, streams=True, empty=False):
     """MoA over ``plan`` (one list of proposer models per proposer layer): the requests and the outcome.
     ``fail_with`` is the error of every failed request (by default one naming model and position); ``bugs``
     the (model, position) pairs whose request raises a bug; ``agg_error`` fails the aggregation; with
@@ -236,7 +245,7 @@ def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(
             while use_n and position + size < len(layer) and layer[position + size] == model:
                 size += 1
             outputs.update(script.samples(number, model, position, size, references, positions, text, use_n,
-                                          honour_n, failure, bug, extra, unusable, trailing))
+                                          honour_n, failure, bug, extra, unusable, trailing, empty))
             position += size
         raised = [bug(m, j) for j, m in enumerate(layer) if bug(m, j)]
         if raised:  # a bug wins over a min_ok shortfall in the same layer: the first, in configuration order
@@ -244,7 +253,8 @@ def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(
                                      "failures": 0, "requests": len(script.requests)}
         good = [outputs[j] for j in range(len(layer)) if outputs[j] is not None]
         if len(good) < min_ok:
-            failed = [failure_text(m, failure(m, j)) for j, m in enumerate(layer) if outputs[j] is None]
+            failed = [f"model '{m}': the reply holds no text" if empty else failure_text(m, failure(m, j))
+                      for j, m in enumerate(layer) if outputs[j] is None]
             message = (f"layer {number}: only {len(good)} of {len(layer)} proposers succeeded, fewer than "
                        f"min_ok={min_ok}. Failures: {failures_text(failed)}")
             return script.requests, {"error": "NotEnoughProposals", "message": message,
@@ -577,6 +587,11 @@ def build() -> list[dict]:
                "self_moa", PRIME, {"model": "m", "n": 3, "seed": 6},
                run_moa([["m"] * 3], "m", prompt=PRIME, seed=6, trailing=True,
                        sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("self-moa-empty-reply", "The reply to n=3 holds no choice at all: the request fails, with it every "
+               "sample it asked for (none is asked again), and the failure's text is fixed: `model 'm': the reply "
+               "holds no text`, three times, counted once.",
+               "self_moa", PRIME, {"model": "m", "n": 3, "seed": 0},
+               run_moa([["m"] * 3], "m", prompt=PRIME, seed=0, empty=True)),
         vector("seq-min-ok-not-met", "n=4, min_ok=3, samples 1 and 2 fail: NotEnoughProposals as soon as fewer "
                "than 3 samples can succeed; no aggregation is asked for.",
                "self_moa_seq", PRIME, {"model": "m", "n": 4, "seed": 0, "use_n": False, "min_ok": 3},
