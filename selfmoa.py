@@ -192,6 +192,15 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "vendi_score",
 ]
 
+# The programs beside this file (selfmoa_batch.py, selfmoa_serve.py) also use these internal names: argument
+# checks, the shared call pool, the command line's flag readers and reports, and the reading and redacting of
+# server text. They are kept working for those files (tests/test_smoke.py checks that they use no others),
+# but are no public API: code outside this project should use __all__ only.
+_FOR_SIBLINGS = frozenset({
+    "_check", "_is_int", "_key_problem", "_Pool", "_on_shared_pool", "_start", "_sampling", "_clean", "_redact",
+    "_read_capped", "_endpoints_of", "_servers_of", "_reason", "_finite", "_instruction_file", "_refuse",
+    "_method_arguments", "_method_options"})
+
 
 # ======================================================================================================
 # Errors
@@ -573,6 +582,19 @@ def _as_reply(value: Any, request: Request) -> Reply:
     value.texts = [text if text is None else _clean(text) for text in value.texts[:request.n]]
     value.finish_reasons = (list(value.finish_reasons) + [None] * request.n)[:len(value.texts)]
     return value
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")  # unpaired halves (json.loads joins the pairs)
+
+
+def _clean(text: str) -> str:
+    """Text with lone surrogates (which no encoder accepts) replaced by U+FFFD: what crosses the seam, both
+    ways (a reply's texts, a request's JSON), and any server text shown.
+
+    >>> _clean("ok \\ud83d!")
+    'ok \\ufffd!'
+    """
+    return _SURROGATES.sub("\ufffd", text) if _SURROGATES.search(text) else text
 
 
 # ======================================================================================================
@@ -1641,17 +1663,7 @@ MAX_INTERIM = 32  # interim (1xx) responses skipped before a reply at most (a se
 LIST_WITHIN = 5.0  # seconds a server may take to list its models (GET /models) before it counts as listing none
 SHOWN_MESSAGE, SHOWN_BODY = 600, 500  # characters of server text kept in a ModelError's message and body
 
-_SURROGATES = re.compile("[\ud800-\udfff]")  # unpaired halves (json.loads joins the pairs)
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f]")  # shown to a terminal, they could rewrite what it shows
-
-
-def _clean(text: str) -> str:
-    """Text from a server with lone surrogates (which no encoder accepts) replaced by U+FFFD.
-
-    >>> _clean("ok \\ud83d!")
-    'ok \\ufffd!'
-    """
-    return _SURROGATES.sub("\ufffd", text) if _SURROGATES.search(text) else text
 
 
 def _printable_ascii(text: str) -> bool:
@@ -3278,7 +3290,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             if os.path.abspath(args.input) == os.path.abspath(args.output):
                 raise ConfigError("--output is the --input file; pass another path, so that the input is kept")
             batch = _sibling("selfmoa_batch", "batch mode (-i/-o)")
-            return batch.batch_command(args, options, make_client(args, environ)) if batch else 2
+            return batch.batch_command(args, options, make_client(args, environ), environ) if batch else 2
         prompt = args.prompt
         if prompt is None:
             if sys.stdin is None or sys.stdin.isatty():
@@ -3343,27 +3355,34 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return 0
 
 
+# The programs beside this file, each with the other ones it imports.
+_SIBLINGS = {"selfmoa_batch": (), "selfmoa_serve": (), "selfmoa_eval": ("selfmoa_batch",)}
+
+
 def _sibling(name: str, what: str) -> Any:
-    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve, selfmoa_eval), imported only when its command runs;
-    None, with
-    a line on stderr naming the file to add, where this selfmoa.py was copied alone."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-    if os.path.isfile(beside):  # beside this file, though not on sys.path (python3 -I path/to/selfmoa.py)
-        spec = importlib.util.spec_from_file_location(name, beside)
-        if spec and spec.loader:
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-            return module
-    print(f"selfmoa: error: {what} lives in {name}.py, which is not beside this selfmoa.py; copy {name}.py "
-          f"next to it (it imports selfmoa.py and nothing else), or install the package: pip install selfmoa",
-          file=sys.stderr)
-    return None
+    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve, selfmoa_eval), imported only when its command
+    runs; None, with a line on stderr naming the files to add, where this selfmoa.py was copied without them."""
+    chain = [*_SIBLINGS[name], name]  # what ``name`` imports first
+    beside = {module: os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py") for module in chain}
+    missing = [module for module in chain if importlib.util.find_spec(module) is None
+               and not os.path.isfile(beside[module])]
+    if missing:
+        files = " and ".join(f"{module}.py" for module in missing)
+        imports = " and ".join(f"{module}.py" for module in ["selfmoa", *_SIBLINGS[name]])
+        print(f"selfmoa: error: {what} needs {files}, not beside this selfmoa.py; copy {files} next to it "
+              f"({name}.py imports {imports} and nothing else), or install the package: pip install selfmoa",
+              file=sys.stderr)
+        return None
+    for module in chain:
+        if module in sys.modules or importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+            continue
+        # beside this file, though not on sys.path (python3 -I path/to/selfmoa.py)
+        spec = importlib.util.spec_from_file_location(module, beside[module])
+        assert spec is not None and spec.loader is not None
+        sys.modules[module] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module])
+    return sys.modules[name]
 
 
 if __name__ == "__main__":
