@@ -85,6 +85,7 @@ from selfmoa import (
     _servers_of,
     _start,
     as_messages,
+    key_report,
     missing_models_report,
 )
 
@@ -1231,9 +1232,11 @@ def _check_alpaca_target(path: str, records_path: str, items: Sequence[Item]) ->
                           f"left untouched; pass another --output, or move this file away")
 
 
-def batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient) -> int:
+def batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient,
+                  environ: Mapping[str, str] | None = None) -> int:
     """The ``-i FILE -o FILE`` command of ``selfmoa``: run the batch the flags describe, print a summary on stderr;
-    returns the exit status. ``selfmoa.main`` parses and checks the flags and builds ``options`` and ``client``."""
+    returns the exit status. ``selfmoa.main`` parses and checks the flags and builds ``options`` and ``client``;
+    ``environ`` (the environment the keys came from) lets the summary explain a key that was held back."""
     if args.generator is not None and (args.format != "alpaca_eval" or not args.generator.strip()):
         raise ConfigError(f"--generator {args.generator!r}: names the AlpacaEval generator, so it goes with "
                           f"--format alpaca_eval and is not empty; add --format alpaca_eval, or drop --generator")
@@ -1254,7 +1257,7 @@ def batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTT
         with _output_lock(records_path):  # held until outputs.json is written, too
             if args.format == "alpaca_eval":
                 _check_alpaca_target(args.output, records_path, items)
-            return _run_batch_command(args, options, client, items, records_path)
+            return _run_batch_command(args, options, client, items, records_path, environ or {})
     except ConfigError:
         raise
     except (SelfMoAError, OSError) as exc:  # a failed read or write: what was finished is kept
@@ -1280,17 +1283,17 @@ class _FailedCalls:
                 self.causes[cause] = self.causes.get(cause, 0) + 1
             raise
 
-    def report(self) -> list[str]:
+    def report(self, args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
         lines = [f"{count} call{'s' if count != 1 else ''} failed for good: {reason}"
                  for (_, reason), count in sorted(self.causes.items(), key=lambda item: -item[1])]
         if lines:
             lines.append("(an item goes on without a failed proposer or sample while at least --min-ok of its layer "
                          "succeed, and fails otherwise; --trace records every call in the item's line)")
-        return lines + missing_models_report(self.causes, self.client)
+        return lines + missing_models_report(self.causes, self.client) + key_report(self.causes, args, environ)
 
 
 def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient, items: list[Item],
-                       records_path: str) -> int:
+                       records_path: str, environ: Mapping[str, str]) -> int:
     show_progress = sys.stderr.isatty()
 
     def progress(finished: int, failed: int, total: int, elapsed: float) -> None:
@@ -1325,7 +1328,7 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
     if counts["moved"]:
         say(f"selfmoa: moved {counts['moved']} line(s) of items no longer in the input, or of answers replaced "
             f"by a rerun, to {_removed_path(records_path)}")
-    for line in failures.report():
+    for line in failures.report(args, environ):
         say(f"selfmoa: {line}")
     say(f"selfmoa: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already done "
         f"(of {counts['total']}); results in {records_path}")
