@@ -41,6 +41,7 @@ Public API
 ``Result`` / ``Call``       the final answer, with a trace of every call made
 ``inject_references``       the aggregator prompt: messages + instruction + numbered references
 ``DEFAULT_INSTRUCTION``     the aggregator's instruction unless ``instruction=`` replaces it
+``REFERENCE_INSTRUCTION``   the original MoA code's instruction, for ``layout="reference"``
 ``read_references``         the inverse: the references an aggregator prompt holds
 ``seq_plan``                Self-MoA-Seq's windows: per round, the carried copies and the new samples
 ``seq_rounds``              the number of Self-MoA-Seq rounds for ``n``, ``window``, ``carry``
@@ -121,10 +122,12 @@ the methods at scale live beside it and import it (never the other way round):
 * ``selfmoa_batch.py``: batch runs, ``selfmoa -i prompts.jsonl -o answers.jsonl`` (``run_batch``,
   ``read_items``, ``check_items``), resumable;
 * ``selfmoa_serve.py``: ``selfmoa serve``, the methods as models behind an OpenAI-compatible endpoint
-  (``ModelServer``).
+  (``ModelServer``);
+* ``selfmoa_eval.py``: ``selfmoa eval``, the paper's experiments on your models and data: one pool of
+  samples per model, every proposer composition, Self-MoA and Self-MoA-Seq aggregated from it, graded.
 
-Where this file was copied alone, ``selfmoa serve``, ``selfmoa merge`` and ``-i/-o`` say which file to copy beside
-it.
+Where this file was copied alone, ``selfmoa serve``, ``selfmoa merge``, ``selfmoa eval`` and ``-i/-o`` say which
+file to copy beside it.
 
 The exact behaviour (invariants, wire format, prompt format) is specified in the ``spec/`` folder of the
 project; the tests check every invariant by name.
@@ -171,6 +174,7 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "METHODS",
     "ModelError",
     "NotEnoughProposals",
+    "REFERENCE_INSTRUCTION",
     "Reply",
     "Request",
     "Result",
@@ -267,6 +271,20 @@ DEFAULT_INSTRUCTION = (
 )
 REFERENCES_HEADER = "Responses from models:"
 
+# The reference layout: the original MoA code's aggregator prompt (Wang et al., github.com/togethercomputer/MoA,
+# utils.py), which the paper's experiments built on: its instruction, the header, then each response on a
+# line of its own numbered "1. ", "2. ", ... A response holding a line that looks like "3. ..." can fake a
+# boundary there, which is why the keyed layout is the default; this one is for comparing with the paper.
+REFERENCE_INSTRUCTION = (
+    "You have been provided with a set of responses from various open-source models to the latest user query. "
+    "Your task is to synthesize these responses into a single, high-quality response. It is crucial to "
+    "critically evaluate the information provided in these responses, recognizing that some of it may be biased "
+    "or incorrect. Your response should not simply replicate the given answers but should offer a refined, "
+    "accurate, and comprehensive reply to the instruction. Ensure your response is well-structured, coherent, "
+    "and adheres to the highest standards of accuracy and reliability."
+)
+LAYOUTS = ("keyed", "reference")  # how the references are laid out in the aggregator prompt (spec/wire.md 6)
+
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Prompt = str | Sequence[Message]
 Proposers = Sequence[str] | Sequence[Sequence[str]]  # MoA's: one list of models, or one list per proposer layer
@@ -309,9 +327,20 @@ def reference_key(texts: Sequence[str]) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def format_references(references: Sequence[str], instruction: str | None = None) -> str:
-    """The system-message block: the instruction (``DEFAULT_INSTRUCTION`` if None), a header, then each
-    reference between its markers.
+def format_references(references: Sequence[str], instruction: str | None = None, layout: str = "keyed") -> str:
+    """The system-message block: the instruction, a header, then each reference between its markers.
+
+    ``instruction`` None is ``DEFAULT_INSTRUCTION`` (``REFERENCE_INSTRUCTION`` in the reference layout). With
+    ``layout="reference"``, the references are numbered lines as the original MoA code wrote them:
+
+    >>> print(format_references(["Paris.", "Lyon."], instruction="Combine these.", layout="reference"))
+    Combine these.
+    <BLANKLINE>
+    Responses from models:
+    1. Paris.
+    2. Lyon.
+
+    The default, keyed layout:
 
     >>> print(format_references(["Paris.", "Lyon."], instruction="Combine these."))
     Combine these.
@@ -326,6 +355,12 @@ def format_references(references: Sequence[str], instruction: str | None = None)
     Lyon.
     <<<end of response 2, key 29d190ab>>>
     """
+    _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
+           "MoA code", 'pass layout="keyed" (the default) or layout="reference"')
+    if layout == "reference":
+        instruction = REFERENCE_INSTRUCTION if instruction is None else instruction
+        numbered = "".join(f"\n{i}. {text}" for i, text in enumerate(references, 1))
+        return f"{instruction}\n\n{REFERENCES_HEADER}{numbered}"
     instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     key, count = reference_key(references), len(references)
     blocks = [f"<<<response {i} of {count}, key {key}>>>\n{text}\n<<<end of response {i}, key {key}>>>"
@@ -334,12 +369,12 @@ def format_references(references: Sequence[str], instruction: str | None = None)
 
 
 def inject_references(messages: Sequence[Message], references: Sequence[str],
-                      instruction: str | None = None) -> list[Message]:
+                      instruction: str | None = None, layout: str = "keyed") -> list[Message]:
     """A new message list: ``messages`` with the instruction and references in the system message.
 
     An existing system message gets the block appended after a blank line; otherwise one system message
     is put first. The other messages pass through unchanged, and ``messages`` itself is never modified.
-    With no references, the messages come back as they are (a copy).
+    With no references, the messages come back as they are (a copy). ``layout`` is as for ``format_references``.
 
     >>> inject_references([{"role": "user", "content": "Q"}], ["A1"], "Merge.")[0]["content"][:32]
     'Merge.\\n\\nResponses from models:\\n\\n'
@@ -349,7 +384,7 @@ def inject_references(messages: Sequence[Message], references: Sequence[str],
     out = [dict(message) for message in messages]
     if not references:
         return out
-    block = format_references(references, instruction)
+    block = format_references(references, instruction, layout)
     if out and out[0].get("role") == "system":
         out[0]["content"] = f"{out[0]['content']}\n\n{block}"
     else:
@@ -519,6 +554,7 @@ class Reply:
     completion_tokens: int | None = None
     retries: int = 0
     url: str | None = None
+    model: str | None = None  # the model id the server reported answering with, where it said
 
 
 def _as_reply(value: Any, request: Request) -> Reply:
@@ -646,7 +682,8 @@ class Result:
 def moa(prompt: Prompt, proposers: Proposers, aggregator: str, *, complete: Callable[[Request], Any],
         layers: int | None = None, proposing: Sampling | None = None, aggregating: Sampling | None = None,
         seed: int | None = None, min_ok: int = 1, concurrency: int = 8, instruction: str | None = None,
-        use_n: bool = True, stream: Stream | None = None) -> Result:
+        layout: str = "keyed", use_n: bool = True, samples: Sequence[str] | None = None,
+        stream: Stream | None = None) -> Result:
     """Mixture-of-Agents: ``layers - 1`` layers of proposers, then one aggregator.
 
     ``proposers`` is the list of proposer models of every proposer layer (a model may appear several
@@ -659,9 +696,16 @@ def moa(prompt: Prompt, proposers: Proposers, aggregator: str, *, complete: Call
     per request; none with ``use_n=False``). ``proposing`` and ``aggregating`` say how the proposers' and
     the aggregator's requests are made: temperature, token limit, other fields, per model (a ``Sampling``,
     or a dict of its fields).
-    ``instruction`` replaces ``DEFAULT_INSTRUCTION``. ``stream`` receives the final answer's text pieces as
-    they arrive.
+    ``instruction`` replaces ``DEFAULT_INSTRUCTION``; ``layout`` chooses how the references are shown
+    (``"keyed"``, or ``"reference"``: numbered, as the original MoA code did; see ``format_references``).
+    ``stream`` receives the final answer's text pieces as they arrive.
 
+    ``samples`` gives the first proposer layer's outputs instead of asking for them, one text per proposer
+    of that layer, in order (the proposers then only name whose output each is): a run over proposals
+    drawn once and reused, as an evaluation does. No call is made for them.
+
+    >>> moa("2+2?", ["a", "b"], "c", samples=["4", "5"], complete=lambda r: str(read_references(r.messages))).answer
+    "['4', '5']"
     >>> moa("2+2?", ["a", "b"], "c", complete=lambda r: f"{r.model}:{len(read_references(r.messages))}",
     ...     layers=3).answer
     'c:2'
@@ -680,30 +724,46 @@ def moa(prompt: Prompt, proposers: Proposers, aggregator: str, *, complete: Call
     messages = as_messages(prompt)
     plan = _proposer_plan(proposers, layers)
     settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
-                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream, layout=layout)
     _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
-    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="moa")
+    given = None if samples is None else _given_layer(samples, plan[0])
+    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="moa",
+                given=given)
+
+
+# The method bodies read as the algorithms. The run object (``_Run``, below the machinery banner) sends every
+# call, and promises:
+#   run.layer(l, models, prompt, shown=...)  asks every proposer of layer l (concurrently; repeats of one model
+#       share requests with n) and returns their outcomes in configuration order: each proposer's text, or the
+#       ModelError it failed with. ``shown`` says which earlier answers the prompt shows (for the trace).
+#   run.aggregate(call, prompt)  sends one aggregation and waits for it: its text (any marker line it echoes
+#       removed), or its ModelError raised. The final answer's aggregation is streamed to ``stream``.
+#   source.take(k)  hands out Self-MoA-Seq's next k good samples, each with its number, in sample order (fewer
+#       at the end, none after); failed ones are skipped, and too few good ones raise NotEnoughProposals.
+# Every call goes into the trace; the pool, which call goes first, and asking again for missing samples are
+# the run's business, so that nothing here but the paper's steps decides what is asked.
 
 
 def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min_ok: int, settings: _Settings,
-         method: str) -> Result:
-    """The MoA layer loop, shared by ``moa`` and ``self_moa``: ``plan`` holds the models of each proposer layer."""
+         method: str, given: list[str] | None = None) -> Result:
+    """The MoA layer loop, shared by ``moa`` and ``self_moa``: ``plan`` holds the models of each proposer layer,
+    ``given`` the first layer's outputs when the caller has them."""
     params = {"proposers": plan, "aggregator": aggregator, "layers": len(plan) + 1, **settings.params(),
-              "min_ok": min_ok}
-    with _Run(settings, method=method, params=params) as run:
+              "min_ok": min_ok, **({} if given is None else {"samples_given": len(given)})}
+    with _Run(settings, method=method, params=params, layers=len(plan) + 1) as run:
         references: list[str] = []  # the answers of the previous layer, in configuration order
         positions: list[int] = []  # where each of them stood in its layer
         for number, models in enumerate(plan, 1):
             # Layer 1 answers the prompt alone; layer l sees the answers of layer l-1, numbered in order.
-            prompt_l = inject_references(messages, references, settings.instruction)
-            outcomes = run.layer(number, models, prompt_l, shown=positions, remaining=len(plan) + 2 - number)
+            prompt_l = inject_references(messages, references, settings.instruction, settings.layout)
+            outcomes: list[Outcome] = list(given) if number == 1 and given is not None else \
+                run.layer(number, models, prompt_l, shown=positions)
             # A proposer that failed is dropped and the survivors keep their order; too few stop the run.
             positions = _survivors(outcomes, layer=number, min_ok=min_ok)
             references = [outcome for outcome in outcomes if isinstance(outcome, str)]
         # The aggregator synthesizes the last layer's answers into the final answer.
         final = Call("aggregator", layer=len(plan) + 1, model=aggregator, indices=[0], references=positions)
-        answer = run.aggregate(final, inject_references(messages, references, settings.instruction),
-                               remaining=1, stream=settings.stream)
+        answer = run.aggregate(final, inject_references(messages, references, settings.instruction, settings.layout))
         return run.result(answer)
 
 
@@ -715,15 +775,19 @@ def _moa(messages: list[Message], *, plan: list[list[str]], aggregator: str, min
 def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], n: int = 6,
              aggregator: str | None = None, layers: int = 2, proposing: Sampling | None = None,
              aggregating: Sampling | None = None, seed: int | None = None, min_ok: int = 1, concurrency: int = 8,
-             instruction: str | None = None, use_n: bool = True, stream: Stream | None = None) -> Result:
+             instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
+             samples: Sequence[str] | None = None, stream: Stream | None = None) -> Result:
     """Self-MoA: ``n`` samples of ``model`` at a temperature above 0, aggregated by ``aggregator``.
 
     The aggregator is ``model`` itself unless given. This is exactly MoA whose proposer layers hold
     ``model`` ``n`` times, so it makes ``n + 1`` calls (``n`` per proposer layer); the ``n`` samples go in one
-    request with ``n`` when the server honours it. Sample ``i`` has seed ``seed + i``.
+    request with ``n`` when the server honours it. Sample ``i`` has seed ``seed + i``. ``samples`` gives the
+    samples instead (``n`` is then their number, and no sample is asked for), as in ``moa``.
 
     >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4").calls
     4
+    >>> self_moa("2+2?", "m", samples=["4", "4", "5"], complete=lambda r: "4").calls
+    1
     >>> self_moa("2+2?", "m", n=3, complete=lambda r: "4", proposing={"temperature": 0})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
@@ -731,13 +795,19 @@ def self_moa(prompt: Prompt, model: str, *, complete: Callable[[Request], Any], 
     """
     messages = as_messages(prompt)
     proposing = _sampling("proposing", proposing)
+    if samples is not None:
+        _check(isinstance(samples, Sequence) and not isinstance(samples, str), "samples", samples,
+               "it is the list of sample texts", "pass a list of strings")
+        n = len(samples)
     _check_sampled(model=model, n=n, temperature=proposing.temperature, method="Self-MoA")
     plan = _proposer_plan([model] * n, layers)
     settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
-                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream, layout=layout)
     aggregator = model if aggregator is None else aggregator
     _check_moa(plan=plan, aggregator=aggregator, min_ok=min_ok)
-    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="self-moa")
+    given = None if samples is None else _given_layer(samples, plan[0])
+    return _moa(messages, plan=plan, aggregator=aggregator, min_ok=min_ok, settings=settings, method="self-moa",
+                given=given)
 
 
 # ======================================================================================================
@@ -781,7 +851,7 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
                  n: int | None = None, samples: Iterable[str] | None = None, window: int = 6, carry: int = 3,
                  aggregator: str | None = None, proposing: Sampling | None = None,
                  aggregating: Sampling | None = None, seed: int | None = None, min_ok: int = 1,
-                 concurrency: int = 8, instruction: str | None = None, use_n: bool = True,
+                 concurrency: int = 8, instruction: str | None = None, layout: str = "keyed", use_n: bool = True,
                  stream: Stream | None = None) -> Result:
     """Self-MoA-Seq: aggregate many samples of one model in rounds over a sliding window.
 
@@ -815,7 +885,7 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     aggregator = model if aggregator is None else aggregator
     _check_model("aggregator", aggregator)
     settings = _settings(complete=complete, proposing=proposing, aggregating=aggregating, seed=seed,
-                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream)
+                         concurrency=concurrency, instruction=instruction, use_n=use_n, stream=stream, layout=layout)
     known = n if samples is None else (len(samples) if isinstance(samples, Sequence) else None)
     _check_min_ok_samples(min_ok, known)
     params = {"model": model, "aggregator": aggregator, "n": known, "window": window, "carry": carry,
@@ -823,27 +893,20 @@ def self_moa_seq(prompt: Prompt, model: str | None = None, *, complete: Callable
     with _Run(settings, method="self-moa-seq", params=params) as run:
         # The samples: drawn from the model (all requested at once, each round's new ones in one request) or
         # the caller's, handed out in order as the rounds need them, failed ones skipped.
-        source = (_Given(samples, min_ok=min_ok) if samples is not None else
-                  _Generated(run, model=model, messages=messages, n=n, window=window, carry=carry, min_ok=min_ok))
+        source = run.seq_samples(samples, model=model, messages=messages, n=n, window=window, carry=carry,
+                                 min_ok=min_ok)
         synthesis: str | None = None
         number = 0
-        while True:
-            # Round 1 takes a whole window of samples; every later round, the next window - carry.
-            new = source.take(window if synthesis is None else window - carry)
-            if not new:
-                break
+        # Round 1 takes a whole window of samples; every later round, the next window - carry.
+        while new := source.take(window if synthesis is None else window - carry):
             number += 1
             # The window: the previous synthesis carry times, first, to bias the aggregator towards it;
             # then the new samples, in order.
             shown = ([] if synthesis is None else [synthesis] * carry) + [text for _, text in new]
             call = Call("aggregator", layer=2, model=str(aggregator), indices=[0], references=[i for i, _ in new],
                         round=number, carried=len(shown) - len(new))
-            # Only the round known to be last (without waiting for another sample) is streamed.
-            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction),
-                                      remaining=max(1, source.rounds - number + 1),
-                                      stream=settings.stream if source.exhausted else None)
+            synthesis = run.aggregate(call, inject_references(messages, shown, settings.instruction, settings.layout))
         assert synthesis is not None, "a source that yields no sample raises NotEnoughProposals"
-        params["n"], params["rounds"] = source.count, number
         return run.result(synthesis)
 
 
@@ -1026,12 +1089,14 @@ class _Settings:
     aggregating: Sampling
     seed: int | None
     instruction: str
+    layout: str
     use_n: bool
     stream: Callable[[str], None] | None
 
     def params(self) -> dict[str, Any]:
         """The sampling arguments as a Result's ``params`` reports them."""
-        return {**self.proposing.params(), **self.aggregating.params("aggregator_"), "seed": self.seed}
+        return {**self.proposing.params(), **self.aggregating.params("aggregator_"), "seed": self.seed,
+                **({} if self.layout == "keyed" else {"layout": self.layout})}
 
     def request(self, role: str, model: str, messages: tuple, **rest: Any) -> Request:
         """A request of ``role`` (``"proposer"`` or ``"aggregator"``) to ``model``, with the role's settings."""
@@ -1052,8 +1117,11 @@ class _Run:
     leaving the block gets ``partial``; the run's own pool is shut down.
     """
 
-    def __init__(self, settings: _Settings, *, method: str, params: dict):
+    def __init__(self, settings: _Settings, *, method: str, params: dict, layers: int = 2):
         self.settings, self.method, self.params = settings, method, params
+        self.layers = layers  # MoA's layers, the aggregator's included: the longest chain of calls
+        self.source: _Generated | _Given | None = None  # Self-MoA-Seq's samples
+        self.rounds = 0  # Self-MoA-Seq's rounds aggregated so far
         self.pool, self._owned, self.priority, self._oldest_first = _start(settings.complete, settings.concurrency)
         self.trace: list[Call] = []
         self._lock = threading.Lock()
@@ -1069,15 +1137,32 @@ class _Run:
                 with self._idle:
                     self._idle.wait_for(lambda: self._open == 0)
                 with contextlib.suppress(AttributeError):  # a foreign exception may refuse new attributes
-                    exc.partial = self.result("")  # type: ignore[attr-defined]
+                    exc.partial = self._result("", dict(self.params))  # type: ignore[attr-defined]
         finally:
             if self._owned:
                 self.pool.shutdown()
 
     def result(self, answer: str) -> Result:
+        """The run's Result: ``answer``, the trace, and the parameters (Self-MoA-Seq's with the samples and
+        rounds actually aggregated)."""
+        params = dict(self.params)
+        if self.source is not None:
+            params["n"], params["rounds"] = self.source.count, self.rounds
+        return self._result(answer, params)
+
+    def _result(self, answer: str, params: dict) -> Result:
         with self._lock:
             trace = sorted(self.trace, key=Call.sort_key)
-        return Result(answer, self.method, trace, dict(self.params))
+        return Result(answer, self.method, trace, params)
+
+    def seq_samples(self, samples: Iterable[str] | None, *, model: str | None, messages: list[Message],
+                    n: int | None, window: int, carry: int, min_ok: int) -> _Generated | _Given:
+        """Self-MoA-Seq's samples, handed out in order by ``take``: the caller's ``samples``, or drawn from
+        ``model`` (all requested now, one request per round's new samples)."""
+        self.source = (_Given(samples, min_ok=min_ok) if samples is not None else
+                       _Generated(self, model=model, messages=messages, n=n, window=window, carry=carry,
+                                  min_ok=min_ok))
+        return self.source
 
     def _submit(self, call: Call, remaining: int, task: Callable, *args: Any) -> concurrent.futures.Future:
         """Queue ``task(*args)``. ``remaining`` counts the calls chained after this one, itself included (the
@@ -1186,11 +1271,12 @@ class _Run:
             ask(start, min(step, count - start))
         return slots
 
-    def layer(self, number: int, models: Sequence[str], messages: list[Message], *, shown: list[int],
-              remaining: int) -> list[Outcome]:
+    def layer(self, number: int, models: Sequence[str], messages: list[Message], *,
+              shown: list[int]) -> list[Outcome]:
         """Ask every proposer of one layer, concurrently; their outcomes in configuration order.
 
         Consecutive proposers of one model share requests with ``n`` (see ``samples``)."""
+        remaining = self.layers + 1 - number  # this layer, the later ones and the aggregator
         slots: list[concurrent.futures.Future] = []
         for model, run_of in itertools.groupby(enumerate(models), key=lambda item: item[1]):
             positions = [position for position, _ in run_of]
@@ -1198,13 +1284,20 @@ class _Run:
                                   layer=number, references=shown, remaining=remaining)
         return [slot.result() for slot in slots]
 
-    def aggregate(self, call: Call, messages: list[Message], *, remaining: int,
-                  stream: Callable[[str], None] | None = None) -> str:
+    def aggregate(self, call: Call, messages: list[Message]) -> str:
         """One aggregation call, waited for: its text, with any echoed marker line removed (also from what is
-        streamed). A failure raises its ModelError."""
-        block = _block_key(messages[0]["content"])
-        assert block is not None, "an aggregation always shows references"
-        shown = None if stream is None else _MarkerFilter(stream, block[1])
+        streamed). A failure raises its ModelError. The final answer's aggregation is the one streamed: MoA's
+        aggregator, and the Self-MoA-Seq round known to be the last without waiting for another sample."""
+        if call.round is None:
+            remaining, final = self.layers + 1 - call.layer, True
+        else:  # a round: the rounds left are chained after it
+            assert self.source is not None, "Self-MoA-Seq's rounds aggregate its samples"
+            remaining, final = max(1, self.source.rounds - call.round + 1), self.source.exhausted
+            self.rounds = call.round
+        stream = self.settings.stream if final else None
+        block = _block_key(messages[0]["content"]) if self.settings.layout == "keyed" else None
+        assert block is not None or self.settings.layout != "keyed", "an aggregation always shows references"
+        shown = stream if stream is None or block is None else _MarkerFilter(stream, block[1])
         request = self.settings.request("aggregator", call.model, tuple(messages), n=1, seed=self.settings.seed,
                                         stream=shown)
         call.seed, call.temperature, call.max_tokens = request.seed, request.temperature, request.max_tokens
@@ -1212,7 +1305,7 @@ class _Run:
         outcome = self._submit(call, remaining, self._call, call, request).result()
         if isinstance(outcome, ModelError):
             raise outcome
-        if shown is not None:
+        if isinstance(shown, _MarkerFilter):
             shown.close()
         return outcome.texts[0]
 
@@ -1445,18 +1538,21 @@ def _check_model(name: str, value: Any) -> None:
 
 
 def _settings(*, complete: Any, proposing: Any, aggregating: Any, seed: Any, concurrency: Any, instruction: Any,
-              use_n: Any, stream: Any) -> _Settings:
+              use_n: Any, stream: Any, layout: Any = "keyed") -> _Settings:
     """The arguments every method shares, checked."""
     proposing, aggregating = _sampling("proposing", proposing), _sampling("aggregating", aggregating)
     _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
            "pass an integer, or None")
-    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+    _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
+           "MoA code", 'pass layout="keyed" (the default) or layout="reference"')
+    instruction = (REFERENCE_INSTRUCTION if layout == "reference" else DEFAULT_INSTRUCTION) if instruction is None \
+        else instruction
     _check(isinstance(instruction, str) and instruction.strip() != "", "instruction", instruction,
            "it tells the aggregator what to do with the references", "pass a non-empty string, or None")
     _check(stream is None or callable(stream), "stream", stream, "it receives the final answer's text pieces",
            "pass a function taking a str, or None")
     return _Settings(complete=complete, concurrency=concurrency, proposing=proposing, aggregating=aggregating,
-                     seed=seed, instruction=instruction, use_n=bool(use_n), stream=stream)
+                     seed=seed, instruction=instruction, layout=layout, use_n=bool(use_n), stream=stream)
 
 
 def _proposer_plan(proposers: Any, layers: Any) -> list[list[str]]:
@@ -1514,6 +1610,16 @@ def _check_given(*, samples: Any, n: Any) -> None:
            samples, "it is an iterable of sample texts", 'pass a list or generator of strings')
     _check(not (isinstance(samples, Sequence) and len(samples) == 0), "samples", samples,
            "there is nothing to aggregate", "pass at least one sample text")
+
+
+def _given_layer(samples: Any, proposers: list[str]) -> list[str]:
+    """The given first-layer outputs of MoA and Self-MoA, checked: one string per proposer of that layer."""
+    _check(isinstance(samples, Sequence) and not isinstance(samples, str) and len(samples) == len(proposers),
+           "samples", samples, f"the first proposer layer has {len(proposers)} proposers, one given output each",
+           f"pass a list of {len(proposers)} strings, in proposer order")
+    for i, text in enumerate(samples):
+        _check(isinstance(text, str), f"samples[{i}]", text, "a sample is a string of text", "pass the sample texts")
+    return list(samples)
 
 
 def _check_min_ok_samples(min_ok: Any, known: int | None) -> None:
@@ -2285,8 +2391,10 @@ class HTTPClient:
             raise bad(problem or "it has no choice with index 0")
         filled = max((i + 1 for i in range(request.n) if taken[i]), default=1)  # the rest: missing, asked for
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        reported = data.get("model")
         return Reply(texts[:filled], reasons[:filled], _int_or_none(usage.get("prompt_tokens")),
-                     _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
+                     _int_or_none(usage.get("completion_tokens")), url=endpoint.url,
+                     model=_CONTROLS.sub("\ufffd", _clean(reported[:200])) if isinstance(reported, str) else None)
 
     def _read_stream(self, response: http.client.HTTPResponse, endpoint: Endpoint, request: Request,
                      flight: _Attempt) -> tuple[Reply, bool]:
@@ -2405,7 +2513,7 @@ class HTTPClient:
         entries = data.get("data") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             return None
-        return [_shown(entry["id"], endpoint.secrets, 200) for entry in entries[:1000]
+        return [_shown(_listed_name(entry), endpoint.secrets, 200) for entry in entries[:1000]
                 if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"].strip()]
 
     def close(self) -> None:
@@ -2444,6 +2552,22 @@ def _read_capped(response: http.client.HTTPResponse, limit: int) -> tuple[bytes,
             return bytes(body), True
         body += piece
     return bytes(body[:limit]), False
+
+
+def _listed_name(entry: dict) -> str:
+    """A model's name as ``GET /models`` lists it: its id, except from llama.cpp's server, which lists the path of
+    the file it loaded (``/models/qwen2-7b-q4_k_m.gguf``) and answers to any name: then the file's name alone (so
+    that serve lists ``self-moa/qwen2-7b-q4_k_m.gguf``, not ``self-moa//models/...``).
+
+    >>> _listed_name({"id": "/models/qwen2-7b-q4_k_m.gguf", "owned_by": "llamacpp"})
+    'qwen2-7b-q4_k_m.gguf'
+    >>> _listed_name({"id": "Qwen/Qwen2-7B-Instruct", "owned_by": "vllm"})
+    'Qwen/Qwen2-7B-Instruct'
+    """
+    name = entry["id"]
+    if entry.get("owned_by") == "llamacpp":
+        name = re.split(r"[/\\]", name.rstrip("/\\"))[-1] or name
+    return name
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -2544,9 +2668,10 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 CLI_DESCRIPTION = """\
 Answer a prompt with MoA, Self-MoA or Self-MoA-Seq against OpenAI-compatible servers.
 The prompt is the argument, or standard input; the final answer goes to standard output.
-"selfmoa serve" serves the methods as models instead (selfmoa serve --help), and
-"selfmoa merge" joins the outputs of a batch run in shards (selfmoa merge --help); to ask
-the prompt "serve" or "merge" itself, pass it after -- or on standard input."""
+"selfmoa serve" serves the methods as models instead (selfmoa serve --help), "selfmoa
+merge" joins the outputs of a batch run in shards (selfmoa merge --help), and "selfmoa eval"
+measures the methods on a dataset (selfmoa eval --help); to ask the prompt "serve", "merge"
+or "eval" itself, pass it after -- or on standard input."""
 
 CLI_EPILOG = """\
 endpoints and keys:
@@ -2559,8 +2684,8 @@ endpoints and keys:
 
 batch mode:
   -i FILE reads JSONL or a JSON list of objects with "prompt", "instruction" or "messages"
-  (and an optional "id"); -o FILE gets one JSON line per item: {"selfmoa_batch": 1, "id": ...,
-  "status": "ok" or "error", "answer" or "error": ..., ..., "input": {the record as given}}.
+  (and an optional "id"); -o FILE gets one JSON line per item, its answer or its error and
+  the input record (the format: selfmoa_batch.py's docstring, and spec/batch.md in full).
   Run the same command again to resume: items answered for the same prompt and parameters
   are skipped, the others run. One run at a time writes a file (it holds FILE.lock); a file
   that is not a selfmoa output file is never changed. --shard K/N runs only the items of
@@ -2633,6 +2758,8 @@ def _method_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-n", dest="use_n", action="store_false",
         help="never ask for several samples in one request (one request per sample)")
     add("--instruction-file", metavar="FILE", help="replace the aggregator instruction with this file's text")
+    add("--layout", choices=LAYOUTS, default="keyed", help="how the aggregator prompt lists the responses: keyed "
+        "blocks, or numbered lines as in the original MoA code (reference) (default: keyed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2783,6 +2910,38 @@ def missing_models_report(errors: Iterable[tuple[str, str]], client: Any) -> lis
     return lines
 
 
+_HTTP_DENIED = re.compile(r": HTTP 40[13]: ")
+
+
+def key_report(errors: Iterable[tuple[str, str]], args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
+    """For a model refused with 401 or 403 (``errors``: pairs of model and error text) that was sent no key: why
+    none was sent, by the rule of "endpoints and keys", and how to give it one. Nothing when a key was sent."""
+    lines = []
+    own = {spec.partition("=")[0] for spec in args.endpoint or [] if "=" in spec}
+    for model in dict.fromkeys(model for model, error in errors if _HTTP_DENIED.search(error)):
+        if model in own:
+            name = _key_env_name(model)
+            if not environ.get(name):
+                lines.append(f"model {model!r} has its own --endpoint and was sent no key: the key of such a model "
+                             f"comes from ${name} alone; export {name}=...")
+            continue
+        if args.api_key is not None:
+            continue
+        env_url = environ.get("OPENAI_BASE_URL") or None
+        urls = args.base_url or [env_url or OPENAI_BASE_URL]
+        withheld = [url for url in urls if url.rstrip("/") != OPENAI_BASE_URL and url != env_url]
+        if not withheld:
+            continue
+        shown = _public_url(withheld[0])
+        if environ.get("OPENAI_API_KEY"):
+            lines.append(f"$OPENAI_API_KEY was not sent to {shown}, on purpose: it goes only to the OpenAI API or to "
+                         f"$OPENAI_BASE_URL, never to another --base-url. Give this server's key with --api-key KEY, "
+                         f"or, if $OPENAI_API_KEY is its key, export OPENAI_BASE_URL={shown} instead of --base-url")
+        else:
+            lines.append(f"no key was sent to {shown}: give this server's key with --api-key KEY")
+    return lines
+
+
 def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPClient:
     """The HTTPClient the flags and the environment describe, keys going only where they belong.
 
@@ -2840,7 +2999,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.stream and args.json:
         raise ConfigError("--stream: --json prints the whole result once it is done, so --stream would have no "
                           "effect; drop one of them")
-    for flag, given in (("--json", args.json), ("--stream", args.stream is not None)):
+    for flag, given in (("--json", args.json), ("--stream", args.stream is True)):  # --no-stream: harmless
         if given and (args.input or args.output):
             raise ConfigError(f"{flag}: a batch writes its results to -o FILE and prints only a summary, so {flag} "
                               f"would have no effect; drop it")
@@ -2935,7 +3094,8 @@ def _method_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
                                               ("carry", args.carry)) if value is not None}
     proposing, aggregating = role_settings(args)
     common = {"proposing": proposing, "aggregating": aggregating, "seed": args.seed, "min_ok": args.min_ok,
-              "concurrency": args.concurrency, "instruction": instruction, "use_n": args.use_n, **given}
+              "concurrency": args.concurrency, "instruction": instruction, "use_n": args.use_n, **given,
+              **({} if args.layout == "keyed" else {"layout": args.layout})}
     if args.method == "moa":
         if not args.proposer:
             raise ConfigError("--proposer: --method moa needs proposers; pass -p MODEL once per proposer")
@@ -2991,6 +3151,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if argv[:1] == ["merge"]:
         batch = _sibling("selfmoa_batch", "selfmoa merge")
         return batch.merge_command(argv[1:], environ) if batch else 2
+    if argv[:1] == ["eval"]:
+        evaluation = _sibling("selfmoa_eval", "selfmoa eval")
+        return evaluation.main(argv[1:], environ) if evaluation else 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -3038,7 +3201,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         errors = [(call.model, call.error) for call in exc.partial.trace if call.error] if exc.partial else []
         if isinstance(exc, ModelError):
             errors.append((exc.model, str(exc)))
-        for line in missing_models_report(errors, client):
+        for line in missing_models_report(errors, client) + key_report(errors, args, environ):
             print(f"selfmoa: {line}", file=sys.stderr)
         if args.json and exc.partial is not None:
             print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message,
@@ -3069,7 +3232,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _sibling(name: str, what: str) -> Any:
-    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve), imported only when its command runs; None, with
+    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve, selfmoa_eval), imported only when its command runs;
+    None, with
     a line on stderr naming the file to add, where this selfmoa.py was copied alone."""
     try:
         return importlib.import_module(name)

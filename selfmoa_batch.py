@@ -37,6 +37,11 @@ Usage, with a toy model (anything that takes a ``selfmoa.Request`` and returns t
 >>> run_batch(items, os.path.join(folder, "out.jsonl"), method="self-moa", model="a", n=2, complete=toy)["skipped"]
 2
 
+Each output line is one JSON object (``BATCH_FORMAT`` 1; ``spec/batch.md`` gives every field and rule)::
+
+    {"selfmoa_batch": 1, "id": ..., "status": "ok" or "error", "answer" or "error": ..., "method": ...,
+     "fingerprint": ..., "usage": ..., "calls": ..., "requests": ..., "retries": ..., "input": {the record}}
+
 On the command line (``selfmoa --help`` lists every flag)::
 
     selfmoa -m qwen -i prompts.jsonl -o answers.jsonl                   # run; run again to resume
@@ -106,6 +111,7 @@ __all__ = ["BATCH_FORMAT", "Item", "alpaca_eval_outputs", "answer_item", "batch_
 
 BATCH_FORMAT = 1  # the version of the output lines; a line of any other version is not read as ours
 _LINE_START = b'{"selfmoa_batch": 1, "id": '  # how every output line begins (json.dumps keeps key order)
+_SEEN, _CURRENT, _OK_NOW, _SAME_MESSAGES = 1, 2, 4, 8  # what a resume learns of an item from its lines
 _MAX_NESTING = 64  # input records nested deeper are refused up front: JSON bombs never reach the encoder
 # Characters that str.splitlines() and some JSONL readers take for line ends, and lone surrogates that UTF-8
 # cannot encode: written as \uXXXX escapes, so a line ends only at "\n" whatever a reader splits on.
@@ -293,39 +299,88 @@ def _is_torn_start(tail: bytes, after_records: bool) -> bool:
     return _LINE_START.startswith(tail) and (after_records or len(tail) >= len(b'{"selfmoa_batch"'))
 
 
-def _parse_output(data: bytes, path: str) -> tuple[list[tuple[dict, bytes]], int]:
-    """Every record of an output file with its line, and how many bytes the whole lines take.
+def _scan_output(pieces: Iterable[bytes], path: str, visit: Callable[[dict, int, bytes], None]) -> tuple[int, int]:
+    """Read an output file piece by piece (never whole), calling ``visit(record, offset, line)`` for each
+    record in file order (``line`` without its newline); return how many bytes the whole lines take
+    (``keep``) and the size.
 
     Raises ConfigError, having changed nothing, unless every line is a record and a torn tail (bytes after
     the last newline) is the start of one. Lines end at b"\\n" only. A whole record after the last newline
-    counts as a line (``keep`` is then the whole length, with no final newline: add one before appending).
+    counts as a line (``keep`` is then the whole size, with no final newline: add one before appending).
+    Memory: one piece and one line at a time.
     """
-    keep = data.rfind(b"\n") + 1
-    records = []
-    for number, line in enumerate(data[:keep].split(b"\n")[:-1], 1):
-        try:
-            record = _loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            problem: str | None = "it is not UTF-8 JSON"
-        else:
-            problem = _record_problem(record)
-        if problem:
-            raise ConfigError(f"{path}: line {number} is not a selfmoa batch record ({problem}), so this is not a "
-                              f"selfmoa output file; it was left untouched: pass another output file, or move "
-                              f"this one away")
-        records.append((record, line))
+    pending, offset, number = b"", 0, 0
+    for piece in pieces:
+        pending += piece
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            number += 1
+            line = pending[start:end]
+            try:
+                record = _loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                problem: str | None = "it is not UTF-8 JSON"
+            else:
+                problem = _record_problem(record)
+            if problem:
+                raise ConfigError(f"{path}: line {number} is not a selfmoa batch record ({problem}), so this is not "
+                                  f"a selfmoa output file; it was left untouched: pass another output file, or move "
+                                  f"this one away")
+            visit(record, offset + start, line)
+            start = end + 1
+        pending, offset = pending[start:], offset + start
+    keep, size = offset, offset + len(pending)
     try:
-        last = _loads(data[keep:].decode("utf-8")) if keep < len(data) else None
+        last = _loads(pending.decode("utf-8")) if pending else None
     except (UnicodeDecodeError, ValueError):
         last = None
     if last is not None and _record_problem(last) is None:  # a whole record whose "\n" an editor dropped: kept
-        records.append((last, data[keep:]))
-        keep = len(data)
-    if keep < len(data) and not _is_torn_start(data[keep:], bool(records)):
+        visit(last, offset, pending)
+        return size, size
+    if pending and not _is_torn_start(pending, number > 0):
         raise ConfigError(f"{path}: its last line (with no newline at its end) is not the start of a selfmoa batch "
                           f"record, so this is not a selfmoa output file; it was left untouched: pass another "
                           f"output file, or move this one away")
+    return keep, size
+
+
+def _parse_output(data: bytes, path: str) -> tuple[list[tuple[dict, bytes]], int]:
+    """Every record of an output file held in memory, with its line, and how many bytes the whole lines take
+    (``_scan_output`` on one piece)."""
+    records: list[tuple[dict, bytes]] = []
+    keep, _ = _scan_output([data], path, lambda record, offset, line: records.append((record, line)))
     return records, keep
+
+
+def _pieces(descriptor: int, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """The bytes of an open file from ``start`` (to ``end``), a MiB at a time."""
+    os.lseek(descriptor, start, os.SEEK_SET)
+    left = None if end is None else end - start
+    while left is None or left > 0:
+        piece = os.read(descriptor, 1 << 20 if left is None else min(1 << 20, left))
+        if not piece:
+            return
+        if left is not None:
+            left -= len(piece)
+        yield piece
+
+
+def _check_removed_file(path: str) -> None:
+    """Refuse (ConfigError) a sibling file of moved lines that is not a selfmoa output file, reading it piece
+    by piece (a named pipe is opened without blocking and refused)."""
+    import stat
+
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _O_BINARY)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ConfigError(f"{path}: not a regular file; pass another output file, or move it away")
+        _scan_output(_pieces(descriptor), path, lambda *line: None)
+    finally:
+        os.close(descriptor)
+
+
+def _line_at(descriptor: int, offset: int, length: int) -> bytes:
+    return b"".join(_pieces(descriptor, offset, offset + length))
 
 
 def _escape_unsafe(text: str) -> str:
@@ -352,16 +407,18 @@ def _batch_parameters(method: str, options: Mapping[str, Any]) -> dict[str, Any]
     parameters = {name: parameter.default for name, parameter in signature.parameters.items()
                   if parameter.kind == parameter.KEYWORD_ONLY and parameter.default is not parameter.empty}
     for name, value in options.items():
-        if name not in signature.parameters or name in ("complete", "stream"):
+        if name not in signature.parameters or name in ("complete", "stream", "samples"):
             known = ", ".join(p for p in signature.parameters if p not in ("prompt", "complete", "stream", "samples"))
             raise ConfigError(f"{name}={value!r}: {method} takes no such parameter in a batch; pass only {known}")
     parameters.update(options)
-    for name in ("complete", "stream", "use_n", "concurrency"):
+    for name in ("complete", "stream", "use_n", "concurrency", "samples"):
         parameters.pop(name, None)
     # A role's settings as flat keys: temperature and max_tokens (so fingerprints of runs without fields are
     # those of earlier versions), then fields and models when given.
     for name, prefix in (("proposing", ""), ("aggregating", "aggregator_")):
         parameters.update(_sampling(name, parameters.pop(name, None)).params(prefix))
+    if parameters.get("layout") == "keyed":  # the default layout: fingerprints stay as before layouts existed
+        del parameters["layout"]
     for name, value in parameters.items():
         try:
             json.dumps(value, allow_nan=False)
@@ -439,8 +496,10 @@ def _through_links(path: str) -> str:
     return os.path.realpath(path) if os.path.islink(path) else path
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """Replace ``path`` by a file holding ``data``: a crash leaves the old file or the new one, never a mix."""
+def _write_atomically(path: str, data: bytes | Iterable[bytes],
+                      before_rename: Callable[[], None] | None = None) -> None:
+    """Replace ``path`` by a file holding ``data`` (bytes, or pieces written as they come, so that memory
+    does not grow with the file): a crash leaves the old file or the new one, never a mix."""
     path = _through_links(path)
     temporary = f"{path}.tmp-{os.getpid()}"
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY, 0o644)
@@ -449,8 +508,11 @@ def _write_atomically(path: str, data: bytes) -> None:
             os.chmod(temporary, os.stat(path).st_mode & 0o7777)  # keep the permissions of the file replaced
         except OSError:
             pass
-        _write_all(descriptor, data)
+        for piece in [data] if isinstance(data, bytes) else data:
+            _write_all(descriptor, piece)
         os.fsync(descriptor)
+        if before_rename is not None:
+            before_rename()
     except BaseException:
         os.close(descriptor)
         with contextlib.suppress(OSError):
@@ -466,18 +528,34 @@ def _write_atomically(path: str, data: bytes) -> None:
             os.close(folder)
 
 
-def _move_lines(path: str, lines: Sequence[bytes]) -> None:
-    """Append to ``path`` (a selfmoa file) the lines it does not hold yet, and sync it to disk."""
+def _move_lines(path: str, moving: Sequence[bytes] | Callable[[], Iterable[bytes]]) -> None:
+    """Append to ``path`` (a selfmoa file) the lines it does not hold yet, and sync it to disk. ``moving`` is
+    the lines to move, or a function giving them (called twice, so that they are never all held); the file
+    is read piece by piece."""
+    def lines() -> Iterable[bytes]:
+        return moving() if callable(moving) else moving
+
+    def digest(line: bytes) -> bytes:
+        return hashlib.sha256(line).digest()
+
+    wanted = {digest(line) for line in lines()}
+    present: set[bytes] = set()
+
+    def seen(record: dict, offset: int, line: bytes) -> None:
+        if digest(line) in wanted:
+            present.add(digest(line))
+
     descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _O_BINARY, 0o644)
     try:
-        data = _read_descriptor(descriptor)
-        _, keep = _parse_output(data, path)
-        if keep < len(data):
+        keep, size = _scan_output(_pieces(descriptor), path, seen)
+        if keep < size:
             os.ftruncate(descriptor, keep)
-        present = set(data[:keep].split(b"\n"))
-        new = [line for line in dict.fromkeys(lines) if line not in present]
-        ending = b"\n" if new and data[:keep] and not data[:keep].endswith(b"\n") else b""
-        _write_all(descriptor, ending + b"".join(line + b"\n" for line in new))
+        ending = b"\n" if keep and _line_at(descriptor, keep - 1, 1) != b"\n" else b""
+        for line in lines():
+            if digest(line) not in present:
+                present.add(digest(line))  # a line given twice is moved once
+                _write_all(descriptor, ending + line + b"\n")
+                ending = b""
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
@@ -633,7 +711,7 @@ def _id_key(item_id: Any) -> tuple:
 def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
               complete: Callable[[Request], Any], concurrency: int = 8, trace: bool = False,
               progress: Callable[[int, int, int, float], None] | None = None, diversity: bool = False,
-              **options: Any) -> dict[str, int]:
+              **options: Any) -> dict[str, Any]:
     """Run ``method`` on every item, ``concurrency`` calls at a time, appending one JSONL line per item.
 
     ``options`` go to the method (``model``, ``n``, ``proposers``...). Each line is a record of format
@@ -648,7 +726,8 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
     output file or another run holds its lock; SelfMoAError when a write fails (the lines finished before
     are kept; the next run does the rest). Returns the counts ``total``, ``skipped`` (answered before),
     ``done``, ``failed``, ``changed_prompt`` and ``changed_parameters`` (run again because their line's
-    fingerprint no longer matched), ``moved`` (lines moved out) and ``torn_bytes`` (a torn tail cut off).
+    fingerprint no longer matched), ``moved`` (lines moved out) and ``torn_bytes`` (a torn tail cut off), and
+    ``failed_ids``: the ids of the items whose line is an error, in input order (a rerun retries them).
     """
     _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
     items = list(items)
@@ -708,17 +787,38 @@ class _BatchJob:
     pool: _Pool
 
 
-def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int]:
+def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, Any]:
     """run_batch, holding the output's lock."""
     descriptor, created = _open_output(output)
     try:
-        data = _read_descriptor(descriptor)
+        # What the output says of each current item, read line by line: whether it holds an "ok" line with
+        # the current fingerprint, whether any with it, and whether its last line asked the same messages.
+        # One byte of flags per item (memory must not grow much with the number of items or lines).
+        positions = {key: position for position, key in enumerate(job.prints)}  # job.prints is in input order
+        seen = bytearray(len(items))
+
+        def note(record: dict, offset: int, line: bytes) -> None:
+            position = positions.get(_id_key(record["id"]))
+            if position is None:
+                return
+            flags = seen[position] & _OK_NOW | _SEEN
+            if record["fingerprint"] == job.prints[_id_key(record["id"])]:
+                flags |= _CURRENT | (_OK_NOW if record["status"] == "ok" else 0)
+            else:
+                flags |= seen[position] & _CURRENT
+            if _item_messages(record["input"])[0] == items[position].messages:
+                flags |= _SAME_MESSAGES  # of the last line: it says whether the prompt changed
+            seen[position] = flags
+
+        scan = None  # a failure to read the output itself is no ConfigError: it is raised as it is
         try:
-            existing, keep = _parse_output(data, output)
+            keep, size = scan = _scan_output(_pieces(descriptor), output, note)
             moved_to = _removed_path(output)
-            if os.path.exists(moved_to):
-                _parse_output(_read_file(moved_to), moved_to)  # lines are moved there later: refuse it now if foreign
+            if os.path.exists(moved_to):  # lines are moved there later: refuse it now if foreign
+                _check_removed_file(moved_to)
         except (ConfigError, OSError) as exc:
+            if isinstance(exc, OSError) and scan is None:
+                raise
             if created:  # leave no trace of a run that never started
                 os.close(descriptor)
                 descriptor = -1
@@ -728,58 +828,69 @@ def _run_locked(items: list[Item], output: str, job: _BatchJob) -> dict[str, int
                 raise _cannot_write(_removed_path(output), exc) from None
             raise
         # Decide per item, on the explicit status and the fingerprint, never on which keys a line holds.
-        history: dict[tuple, list[dict]] = {}
-        for record, _ in existing:
-            history.setdefault(_id_key(record["id"]), []).append(record)
-        counts = {"total": len(items), "skipped": 0, "done": 0, "failed": 0, "changed_prompt": 0,
-                  "changed_parameters": 0, "moved": 0, "torn_bytes": len(data) - keep}
+        counts: dict[str, Any] = {"total": len(items), "skipped": 0, "done": 0, "failed": 0, "changed_prompt": 0,
+                                  "changed_parameters": 0, "moved": 0, "torn_bytes": size - keep,
+                                  "failed_at": []}  # the positions of the items that failed
         todo = []
         for position, item in enumerate(items):
-            lines = history.get(_id_key(item.id), [])
-            current = [record for record in lines if record["fingerprint"] == job.prints[_id_key(item.id)]]
-            if any(record["status"] == "ok" for record in current):
+            flags = seen[position]
+            if flags & _OK_NOW:
                 counts["skipped"] += 1
                 continue
-            if lines and not current:
-                messages, _ = _item_messages(lines[-1]["input"])
-                counts["changed_parameters" if messages == item.messages else "changed_prompt"] += 1
+            if flags & _SEEN and not flags & _CURRENT:
+                counts["changed_parameters" if flags & _SAME_MESSAGES else "changed_prompt"] += 1
             todo.append((position, item))
-        if keep < len(data):
+        seen = bytearray()  # no longer needed
+        if keep < size:
             os.ftruncate(descriptor, keep)  # a torn line left by a crash: its item runs again
-        elif data and not data.endswith(b"\n"):
+        elif size and _line_at(descriptor, size - 1, 1) != b"\n":
             _write_all(descriptor, b"\n")  # a whole last record without its newline: end it before appending
             keep += 1
         try:
-            _append_results(todo, descriptor=descriptor, size=keep, output=output, job=job, counts=counts)
+            keep = _append_results(todo, descriptor=descriptor, size=keep, output=output, job=job, counts=counts)
         except ConfigError:  # a bad option, found by the method before any call: leave no empty file behind
             if created and os.fstat(descriptor).st_size == 0:
                 with contextlib.suppress(OSError):
                     os.unlink(_through_links(output))
             raise
-        final, to_move, unchanged = _final_lines(items, descriptor, output, job.prints)
-        os.close(descriptor)  # before the rename, which Windows refuses over an open file
-        descriptor = -1
+        chosen, to_move, unchanged = _final_lines(items, descriptor, output, job.prints, keep, positions)
+
+        def moving() -> Iterator[bytes]:
+            return (_line_at(descriptor, offset, length) for offset, length in to_move)
+
+        def final() -> Iterator[bytes]:  # one line per item, in input order, read back one at a time
+            for item, offset, length in zip(items, *chosen):
+                record = _loads(_line_at(descriptor, offset, length).decode("utf-8"))
+                record["input"] = item.record  # the same messages; the other input fields as given now
+                yield _dump_line(record)
+
+        def close() -> None:
+            nonlocal descriptor
+            os.close(descriptor)  # before the rename, which Windows refuses over an open file
+            descriptor = -1
+
         try:
             if to_move:
-                _move_lines(_removed_path(output), to_move)  # first, and synced: nothing is gone before it is kept
+                _move_lines(_removed_path(output), moving)  # first, and synced: nothing is gone before it is kept
             if not unchanged:
-                _write_atomically(output, final)
+                _write_atomically(output, final(), before_rename=close)
         except OSError as exc:
             raise SelfMoAError(f"{output}: cannot rewrite it ({exc.strerror or exc}); every finished line is kept "
                                f"in it; fix that, then run the same command again") from exc
-        counts["moved"] = len(to_move)
-        return counts
+        failed = sorted(counts.pop("failed_at"))
+        return {**counts, "moved": len(to_move), "failed_ids": [items[position].id for position in failed]}
     finally:
         if descriptor >= 0:
             os.close(descriptor)
 
 
 def _append_results(todo: list[tuple[int, Item]], *, descriptor: int, size: int, output: str, job: _BatchJob,
-                    counts: dict[str, int]) -> None:
-    """Run the items to do, appending each one's line as it finishes. A failed write stops the run."""
+                    counts: dict[str, Any]) -> int:
+    """Run the items to do, appending each one's line as it finishes; return the file's size. A failed
+    write stops the run, and so does a file that another program cut or emptied meanwhile."""
     lock = threading.Lock()
     started = time.monotonic()
-    state: dict[str, Any] = {"size": size, "broken": None, "closed": False}
+    state: dict[str, Any] = {"size": size, "broken": None, "closed": False, "cut": None}
 
     def solve(position: int, item: Item) -> None:
         with _on_shared_pool(job.pool, (position,)):
@@ -787,10 +898,19 @@ def _append_results(todo: list[tuple[int, Item]], *, descriptor: int, size: int,
                              trace=job.trace, diversity=job.diversity)
         line = _dump_line(record)
         with lock:
-            if state["broken"] is not None or state["closed"]:
+            if state["broken"] is not None or state["cut"] is not None or state["closed"]:
                 return  # after a failed write nothing more is written: no line may follow a torn one
             try:
+                now = os.fstat(descriptor).st_size
+                if now != state["size"]:  # another program cut or emptied the file: append nothing after that
+                    state["cut"] = _after_a_cut(descriptor, now)
+                    return
                 _write_all(descriptor, line)  # one whole line per item, appended
+                now = os.fstat(descriptor).st_size
+                if now != state["size"] + len(line):  # cut just before this write: take this line back off
+                    os.ftruncate(descriptor, max(0, now - len(line)))
+                    state["cut"] = _after_a_cut(descriptor, max(0, now - len(line)))
+                    return
             except OSError as exc:
                 state["broken"] = exc
                 with contextlib.suppress(OSError):
@@ -798,6 +918,8 @@ def _append_results(todo: list[tuple[int, Item]], *, descriptor: int, size: int,
                 return
             state["size"] += len(line)
             counts["done" if record["status"] == "ok" else "failed"] += 1
+            if record["status"] != "ok":
+                counts["failed_at"].append(position)
             if job.progress is not None:
                 job.progress(counts["done"] + counts["failed"], counts["failed"], len(todo),
                              time.monotonic() - started)
@@ -834,6 +956,28 @@ def _append_results(todo: list[tuple[int, Item]], *, descriptor: int, size: int,
         raise SelfMoAError(f"{output}: cannot write ({broken.strerror or broken}); stopped with {kept} of "
                            f"{counts['total']} items in the file, every finished line kept; fix that, then run "
                            f"the same command again to do the rest") from broken
+    if state["cut"] is not None:
+        raise _cut_error(output, state["size"], state["cut"])
+    return int(state["size"])
+
+
+def _after_a_cut(descriptor: int, size: int) -> int:
+    """The file shrank under this run (another program emptied or cut it): the unfinished start of a line
+    that the cut left at its end is taken off, as the next run would take it off, so that the file stays
+    one that every later run reads (whole lines, the cut items run again). Returns the size left."""
+    start = size
+    while start > 0:  # back to the last newline, a piece at a time
+        piece = _line_at(descriptor, max(0, start - 65536), min(65536, start))
+        newline = piece.rfind(b"\n")
+        if newline >= 0:
+            start = start - len(piece) + newline + 1
+            break
+        start -= len(piece)
+    tail = _line_at(descriptor, start, min(size - start, len(_LINE_START)))
+    if start < size and (tail.startswith(_LINE_START) or _LINE_START.startswith(tail)):
+        os.ftruncate(descriptor, start)
+        return start
+    return size
 
 
 def _answer(item: Item, method: str, complete: Callable[[Request], Any], options: Mapping[str, Any],
@@ -895,42 +1039,69 @@ def output_line(record: Mapping[str, Any]) -> bytes:
     return _dump_line(dict(record))
 
 
-def _final_lines(items: list[Item], descriptor: int, output: str,
-                 prints: dict[tuple, str]) -> tuple[bytes, list[bytes], bool]:
-    """The rewritten output (one line per item, in input order), the lines to move out of it, and whether
-    the file already holds exactly that.
+def _cut_error(output: str, expected: int, size: int) -> SelfMoAError:
+    return SelfMoAError(f"{output} was cut from {expected} to {size} bytes by another program while this run "
+                        f"wrote to it; the run stopped and wrote nothing after the cut; run the same command again "
+                        f"to redo the items whose lines were lost")
 
-    First proves that ``output`` still names the file this run appended to (``descriptor``).
+
+def _final_lines(items: list[Item], descriptor: int, output: str, prints: dict[tuple, str], size: int,
+                 positions: dict[tuple, int]) -> tuple[tuple[Sequence[int], Sequence[int]], list[tuple[int, int]],
+                                                       bool]:
+    """Where each item's final line is in the file (offsets and lengths, in input order), where the lines to
+    move out of it are, and whether the file already holds exactly the rewritten output. The file is read
+    line by line; only positions are kept.
+
+    First proves that ``output`` still names the file this run appended to (``descriptor``), and that no
+    other program cut it since (its ``size`` is what this run left).
     """
-    data = _read_descriptor(descriptor)  # what this run appended to, even if the name now points elsewhere
-    records, keep = _parse_output(data, output)
     try:
         ours = os.path.samestat(os.fstat(descriptor), os.stat(output))
     except OSError:
         ours = False
     if not ours:
         rescue = _sibling(output, f"recovered-{os.getpid()}")
-        _write_atomically(rescue, data[:keep])
+        keep, _ = _scan_output(_pieces(descriptor), output, lambda *line: None)
+        _write_atomically(rescue, _pieces(descriptor, 0, keep))  # what this run appended to, piece by piece
         raise SelfMoAError(f"{output} was moved or replaced by another program while this run wrote to it, so it "
                            f"was not rewritten; this run's lines are saved in {rescue}")
-    chosen: dict[tuple, dict] = {}
+    now = os.fstat(descriptor).st_size
+    if now != size:
+        raise _cut_error(output, size, _after_a_cut(descriptor, now) if now < size else now)
+    import array
+
+    offsets, lengths = array.array("q", [-1]) * len(items), array.array("q", [0]) * len(items)
+    ok = bytearray(len(items))
     to_move = []
-    for record, line in records:
+    state = {"lines": 0, "in_order": True}
+
+    def choose(record: dict, offset: int, line: bytes) -> None:
         key = _id_key(record["id"])
-        if key not in prints:
-            to_move.append(line)  # an item no longer in the input
+        position = positions.get(key)
+        number, state["lines"] = state["lines"], state["lines"] + 1
+        if position is None:
+            to_move.append((offset, len(line)))  # an item no longer in the input
+            state["in_order"] = False
         elif record["fingerprint"] != prints[key]:
             if record["status"] == "ok":
-                to_move.append(line)  # an answer to an older prompt or configuration
-        elif record["status"] == "ok" or chosen.get(key, {}).get("status") != "ok":
-            chosen[key] = record  # the last "ok" line wins; else the last "error" line
-    assert len(chosen) == len(items), "every item has a line once every item has run"
-    final = []
-    for item in items:
-        record = chosen[_id_key(item.id)]
-        record["input"] = item.record  # the same messages; the other input fields as given now
-        final.append(_dump_line(record))
-    return b"".join(final), to_move, b"".join(final) == data
+                to_move.append((offset, len(line)))  # an answer to an older prompt or configuration
+            state["in_order"] = False
+        else:
+            if record["status"] == "ok" or not ok[position]:  # the last "ok" line wins, else the last "error"
+                offsets[position], lengths[position] = offset, len(line)
+                ok[position] = record["status"] == "ok"
+            rewritten = number == position and _dump_line({**record, "input": items[position].record})
+            if state["in_order"] and rewritten != line + b"\n":  # not already the line the rewrite would write
+                state["in_order"] = False
+
+    keep, end = _scan_output(_pieces(descriptor), output, choose)
+    missing = [items[i].id for i, offset in enumerate(offsets) if offset < 0]
+    if missing:  # every item has a line once every item has run, unless another program took some out
+        raise SelfMoAError(f"{output} lost the lines of {len(missing)} items (the first: {missing[0]!r}) while this "
+                           f"run wrote to it; another program must have changed it; run the same command again to "
+                           f"redo them")
+    unchanged = bool(state["in_order"]) and state["lines"] == len(items) and keep == end
+    return (offsets, lengths), to_move, unchanged
 
 
 # --- AlpacaEval -----------------------------------------------------------------------------------------
@@ -957,6 +1128,20 @@ def alpaca_eval_outputs(records: Iterable[dict], generator: str) -> list[dict]:
             entry["dataset"] = given["dataset"]
         out.append(entry)
     return out
+
+
+def _write_alpaca_eval(records_path: str, path: str, generator: str) -> int:
+    """Write AlpacaEval's model-outputs JSON to ``path`` (atomically) from the finished output file
+    ``records_path``; returns how many entries it holds."""
+    records, _ = _parse_output(_read_file(records_path), records_path)
+    entries = alpaca_eval_outputs((record for record, _ in records), generator)
+    try:
+        _write_atomically(path, _escape_unsafe(json.dumps(entries, indent=2, ensure_ascii=False)).encode("utf-8")
+                          + b"\n")
+    except OSError as exc:
+        raise SelfMoAError(f"{path}: cannot write it ({exc.strerror or exc}); the answers are kept in "
+                           f"{records_path}; fix that, then run the same command again") from exc
+    return len(entries)
 
 
 def _generator_name(method: str, options: Mapping[str, Any]) -> str:
@@ -1131,11 +1316,9 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
     if len(servers) > 1:
         say("selfmoa: requests per server: " + ", ".join(f"{url} {count['requests']} ({count['failed']} failed)"
                                                          for url, count in servers.items()))
-    if counts["failed"]:
-        with open(records_path, "rb") as file:
-            records, _ = _parse_output(file.read(), records_path)
-        failed = [json.dumps(record["id"]) for record, _ in records if record["status"] == "error"]  # 1 vs "1";
-        # and an id's control characters are escaped, never sent to the terminal
+    if counts["failed_ids"]:
+        failed = [json.dumps(item_id) for item_id in counts["failed_ids"]]  # 1 vs "1"; and an id's control
+        # characters are escaped, never sent to the terminal
         shown = ", ".join(failed[:10]) + (f" and {len(failed) - 10} more" if len(failed) > 10 else "")
         say(f"selfmoa: failed items (status \"error\" in {records_path}): {shown}; run the same command to "
             f"retry them" + (f" and to write {args.output}" if args.format == "alpaca_eval" else ""))
@@ -1143,17 +1326,9 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
             say(f"selfmoa: {args.output} was not written: AlpacaEval needs an answer to every instruction")
         return 1
     if args.format == "alpaca_eval":
-        with open(records_path, "rb") as file:
-            records, _ = _parse_output(file.read(), records_path)
         generator = args.generator or _generator_name(args.method, options)
-        entries = alpaca_eval_outputs((record for record, _ in records), generator)
-        try:
-            _write_atomically(args.output, _escape_unsafe(json.dumps(entries, indent=2, ensure_ascii=False))
-                              .encode("utf-8") + b"\n")
-        except OSError as exc:
-            raise SelfMoAError(f"{args.output}: cannot write it ({exc.strerror or exc}); the answers are kept in "
-                               f"{records_path}; fix that, then run the same command again") from exc
-        say(f"selfmoa: wrote {len(entries)} AlpacaEval outputs to {args.output} (generator {generator!r})")
+        written = _write_alpaca_eval(records_path, args.output, generator)
+        say(f"selfmoa: wrote {written} AlpacaEval outputs to {args.output} (generator {generator!r})")
     return 0
 
 
@@ -1456,13 +1631,9 @@ def merge_command(argv: Sequence[str], environ: Mapping[str, str]) -> int:
                 say += f"; moved {counts['moved']} replaced line(s) to {_removed_path(records_path)}"
             print(say, file=sys.stderr)
             if args.format == "alpaca_eval":
-                with open(records_path, "rb") as file:
-                    records = (_loads(line.decode("utf-8")) for line in file)
-                    generator = args.generator or _generator_name(args.method, options)
-                    entries = alpaca_eval_outputs(records, generator)
-                _write_atomically(args.output, _escape_unsafe(json.dumps(entries, indent=2, ensure_ascii=False))
-                                  .encode("utf-8") + b"\n")
-                print(f"selfmoa: wrote {len(entries)} AlpacaEval outputs to {args.output} (generator {generator!r})",
+                generator = args.generator or _generator_name(args.method, options)
+                written = _write_alpaca_eval(records_path, args.output, generator)
+                print(f"selfmoa: wrote {written} AlpacaEval outputs to {args.output} (generator {generator!r})",
                       file=sys.stderr)
     except ConfigError as exc:
         return _refuse(parser, exc)

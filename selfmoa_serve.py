@@ -33,7 +33,7 @@ Usage, with a toy model in front (a ``selfmoa.HTTPClient`` in real use):
 
 On the command line (``selfmoa serve --help`` lists every flag)::
 
-    selfmoa serve --base-url http://localhost:8000/v1 --port 8080   # "self-moa/qwen" is now a model
+    selfmoa serve --base-url http://localhost:8000/v1   # at http://127.0.0.1:8100/v1, "self-moa/qwen" is a model
 
 Licence: MIT. Copyright (c) 2026 the selfmoa authors.
 """
@@ -68,6 +68,7 @@ from typing import Any
 from selfmoa import (
     DEFAULT_INSTRUCTION,
     METHODS,
+    REFERENCE_INSTRUCTION,
     ConfigError,
     HTTPClient,
     Message,
@@ -113,6 +114,7 @@ __all__ = ["SERVE_METHODS", "ModelServer", "main"]
 # it is streamed upstream only when the client asked for a stream. A run whose client went away is cancelled
 # at the seam: every call it still has queued fails at once, without reaching the upstream.
 
+SERVE_PORT = 8100  # the default port: clear of vLLM's 8000 and llama.cpp's 8080, where its upstreams often are
 SERVE_METHODS = {"self-moa/": "self-moa", "self-moa-seq/": "self-moa-seq", "moa/": "moa"}  # model prefix -> method
 SERVE_MAX_BODY = 16 * 1024 * 1024  # bytes of a request body at most (413 beyond)
 SERVE_MAX_UPSTREAM = 64 * 1024 * 1024  # bytes of a passed-through reply at most (502 beyond)
@@ -127,15 +129,16 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "n": 6, "window": 6, "carry": 3, "proposers": None, "layers": 2, "min_ok": 1, "temperature": None,
     "max_tokens": None, "aggregator_temperature": None, "aggregator_max_tokens": None, "seed": None,
     "instruction": DEFAULT_INSTRUCTION, "use_n": True, "fields": {}, "models": {}, "aggregator_fields": {},
-    "aggregator_models": {}}
+    "aggregator_models": {}, "layout": "keyed"}
 # What a request may set in its "selfmoa" object, per method (the other defaults come from the request itself).
 # temperature, max_tokens, fields and models are the proposers'; aggregator_fields and aggregator_models the
 # aggregator's (its temperature and token limit are the request's own).
 _ROLE_OPTIONS = ("temperature", "max_tokens", "fields", "models", "aggregator_fields", "aggregator_models")
 SERVE_OPTIONS = {
-    "self-moa": ("n", "aggregator", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
-    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
-    "moa": ("proposers", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction"),
+    "self-moa": ("n", "aggregator", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction", "layout"),
+    "self-moa-seq": ("n", "window", "carry", "aggregator", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction",
+                     "layout"),
+    "moa": ("proposers", "layers", "min_ok", *_ROLE_OPTIONS, "use_n", "instruction", "layout"),
 }
 # A client's standard sampling fields that apply to the final aggregation, as its temperature does (sent
 # upstream as given, over serve's --aggregator-field ones).
@@ -343,7 +346,7 @@ class ModelServer:
             print(server.base_url)      # http://127.0.0.1:PORT/v1, serving until the block ends
     """
 
-    def __init__(self, complete: Callable[[Request], Any], *, host: str = "127.0.0.1", port: int = 8000,
+    def __init__(self, complete: Callable[[Request], Any], *, host: str = "127.0.0.1", port: int = SERVE_PORT,
                  defaults: Mapping[str, Any] | None = None, server_key: str | None = None, concurrency: int = 8,
                  models: Sequence[str] = (), max_body: int = SERVE_MAX_BODY, drain_timeout: float = 30.0):
         _check(callable(complete), "complete", complete, "every upstream call goes through it",
@@ -355,14 +358,14 @@ class ModelServer:
                "serving beyond this machine without a server key would let anyone who can reach it spend your "
                "upstream keys", "pass a server key (--server-key or $SELFMOA_SERVER_KEY), or bind 127.0.0.1")
         _check(_is_int(port) and 0 <= port <= 65535, "port", port, "a TCP port is 0 to 65535",
-               "pass e.g. 8000, or 0 for a free port")
+               f"pass e.g. {SERVE_PORT}, or 0 for a free port")
         unknown = sorted(set(defaults or {}) - set(SERVE_DEFAULTS))
         _check(not unknown, "defaults", unknown, "these are not method defaults", f"use {', '.join(SERVE_DEFAULTS)}")
         self.defaults = {**SERVE_DEFAULTS, **(defaults or {})}
         d = self.defaults
         seq_rounds(d["n"], d["window"], d["carry"])  # checks n, window and carry
         _settings(complete=complete, proposing=_role(d), aggregating=_role(d, "aggregator_"), seed=d["seed"],
-                  concurrency=concurrency, instruction=d["instruction"], use_n=True, stream=None)
+                  concurrency=concurrency, instruction=d["instruction"], use_n=True, stream=None, layout=d["layout"])
         _check(_is_int(d["layers"]) and d["layers"] >= 2, "layers", d["layers"],
                "layers count the aggregator, so there are at least 2", "pass 2 for one proposer layer")
         _check(_is_int(d["min_ok"]) and 1 <= d["min_ok"] <= d["n"], "min_ok", d["min_ok"],
@@ -590,6 +593,9 @@ class ModelServer:
         d, extra = self.defaults, request["selfmoa"]
         options = {key: extra.get(key, d.get(key)) for key in SERVE_OPTIONS[method]
                    if key != "aggregator" and key not in _ROLE_OPTIONS}
+        if "layout" in extra and "instruction" not in extra and d["instruction"] in (DEFAULT_INSTRUCTION,
+                                                                                        REFERENCE_INSTRUCTION):
+            options["instruction"] = None  # serve's default instruction: the one of the layout asked for
         given = {**d, **{key: extra[key] for key in _ROLE_OPTIONS if key in extra}}
         if request["temperature"] is not None:
             given["aggregator_temperature"] = request["temperature"]
@@ -1103,7 +1109,7 @@ models (the "model" of POST /v1/chat/completions):
 per-request options:
   A "selfmoa" object in the body overrides the flags: n, window, carry, proposers, layers,
   min_ok, temperature, max_tokens, fields and models (the proposers'), aggregator_fields and
-  aggregator_models, aggregator, use_n, instruction. The request's own temperature, max_tokens
+  aggregator_models, aggregator, use_n, instruction, layout. The request's own temperature, max_tokens
   (or max_completion_tokens), seed, stop and standard fields (top_p, reasoning_effort,
   chat_template_kwargs, ...) apply to the answer (the aggregation); seed is also the base seed
   of the samples. The whole conversation is the prompt.
@@ -1144,7 +1150,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)")
-    add("--port", type=int, default=8000, help="the port to listen on; 0 picks a free one (default: 8000)")
+    add("--port", type=int, default=SERVE_PORT, help="the port to listen on; 0 picks a free one (default: "
+        f"{SERVE_PORT}, which vLLM's 8000 and llama.cpp's 8080 leave free)")
     add("--server-key", metavar="KEY", help="the key clients must send as a Bearer token "
         "(default: $SELFMOA_SERVER_KEY; none: no key asked, loopback only)")
     add("--drain-timeout", type=_finite, default=30.0, metavar="SECONDS",
@@ -1166,13 +1173,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser = build_serve_parser()
     args = parser.parse_args(argv)
     try:
-        instruction = _instruction_file(args.instruction_file) or DEFAULT_INSTRUCTION
+        instruction = _instruction_file(args.instruction_file) or (
+            REFERENCE_INSTRUCTION if args.layout == "reference" else DEFAULT_INSTRUCTION)
         proposing, aggregating = role_settings(args)
         defaults = {"n": args.samples, "window": args.window, "carry": args.carry, "proposers": args.proposer,
                     "layers": args.layers, "min_ok": args.min_ok, "temperature": args.temperature,
                     "max_tokens": args.max_tokens, "aggregator_temperature": args.aggregator_temperature,
                     "aggregator_max_tokens": args.aggregator_max_tokens, "seed": args.seed,
-                    "instruction": instruction, "use_n": args.use_n, "fields": proposing.fields,
+                    "instruction": instruction, "layout": args.layout, "use_n": args.use_n, "fields": proposing.fields,
                     "models": proposing.models, "aggregator_fields": aggregating.fields,
                     "aggregator_models": aggregating.models}
         defaults = {name: value for name, value in defaults.items() if value is not None}  # not given: the default

@@ -14,7 +14,8 @@ P1 batch fan-out      N prompts x Self-MoA n=6 at concurrency C: wall / max(crit
 P2 Seq on the fly     n=30, w=6, r=3, samples arriving at a steady rate: wall / pipelined ideal
 P3 client overhead    calls per second at zero latency: selfmoa.HTTPClient vs requests.Session vs urllib
 P4 n in one request   requests and prompt tokens for Self-MoA n=6, server honouring n vs ignoring it
-P5 memory             a 10,000-item batch: RSS growth from item 1,000 to item 10,000
+P5 memory             a 10,000-item batch: RSS growth from item 1,000 to item 10,000; the peak of a
+                      fresh run and of a resume of its finished file, at 5,000 and 50,000 items
 P6 mock capacity      requests per second the mock sustains at concurrency 32 with keep-alive
 """
 
@@ -239,9 +240,59 @@ def p5_memory(items: int = 10_000, concurrency: int = 32) -> str:
         wall = time.perf_counter() - started
     assert counts["done"] == items, counts
     first, last = marks.get(1_000), marks.get(items)
-    return table(f"P5 memory over a {items:,}-item Self-MoA batch (n=6, C={concurrency}, {wall:.0f} s)",
-                 ["RSS at item 1,000 (MiB)", f"RSS at item {items:,} (MiB)", "growth (MiB)"],
-                 [[f"{first:.1f}", f"{last:.1f}", f"**{last - first:+.1f}**"]])
+    growth = table(f"P5 memory over a {items:,}-item Self-MoA batch (n=6, C={concurrency}, {wall:.0f} s)",
+                   ["RSS at item 1,000 (MiB)", f"RSS at item {items:,} (MiB)", "growth (MiB)"],
+                   [[f"{first:.1f}", f"{last:.1f}", f"**{last - first:+.1f}**"]])
+    return growth + "\n" + p5_end_of_run_peaks()
+
+
+# The peak of one batch process (its whole life: the run, the final rewrite, or a resume), in its own process
+# so that no other benchmark's peak counts. The items run through a plain completion function (no HTTP):
+# the point is what the output file costs, read back and rewritten at the end of a run and on a resume.
+PEAK_RUN = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+import selfmoa_batch
+items, output = int(sys.argv[2]), sys.argv[3]
+batch = selfmoa_batch.check_items({"id": i, "prompt": f"Question number {i}: what is {i} + {i}?"}
+                                  for i in range(items))
+def complete(request):
+    return f"The answer is {len(request.messages[-1]['content'])}, as the references agree. " * 3
+if output == "-":  # the items alone, and their fingerprints: what any run holds
+    prints = [selfmoa_batch._fingerprint(item.messages, "self-moa", {"n": 2}) for item in batch]
+    print(0, 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    sys.exit()
+counts = selfmoa_batch.run_batch(batch, output, method="self-moa", complete=complete, concurrency=8,
+                                 model="generalist", n=2, seed=0)
+print(counts["done"], counts["skipped"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def p5_end_of_run_peaks(sizes: tuple[int, ...] = (5_000, 50_000)) -> str:
+    """Peak RSS of a fresh run (which ends by rewriting its output) and of a resume of the finished file
+    (nothing left to do: the output is read back and checked), at two item counts."""
+    import subprocess
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for items in sizes:
+            output = os.path.join(tmp, f"out-{items}.jsonl")
+            peaks = []
+            for expect, path in (("items", "-"), ("run", output), ("resume", output)):
+                started = time.perf_counter()
+                done, skipped, peak = subprocess.run(
+                    [sys.executable, "-c", PEAK_RUN, str(ROOT), str(items), path], check=True,
+                    capture_output=True, text=True).stdout.split()
+                assert (int(done), int(skipped)) == {"items": (0, 0), "run": (items, 0), "resume": (0, items)}[expect]
+                peaks.append((float(peak), time.perf_counter() - started))
+            size = os.path.getsize(output) / 2 ** 20
+            rows.append([f"{items:,}", f"{size:.0f}", f"{peaks[0][0]:.0f}",
+                         f"{peaks[1][0]:.0f} ({peaks[1][1]:.0f} s)", f"{peaks[2][0]:.0f} ({peaks[2][1]:.0f} s)",
+                         f"**{max(peaks[1][0], peaks[2][0]) - peaks[0][0]:+.0f}**"])
+    return table("P5 peak memory of a whole batch process: holding the items only, a fresh run (ending in the "
+                 "rewrite), and a resume of the finished file (Self-MoA n=2, no HTTP)",
+                 ["items", "output (MiB)", "items alone: peak RSS (MiB)", "run: peak RSS (MiB)",
+                  "resume of the finished file: peak RSS (MiB)", "most over the items alone (MiB)"], rows)
 
 
 # --- P6 -----------------------------------------------------------------------------------------------

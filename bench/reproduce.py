@@ -2,8 +2,10 @@
 
     python3 -m bench.reproduce [--out DIR] [--questions Q] [--compositions K] [--seed S] [--via-cli]
 
-It runs selfmoa's three methods on the mock task world (MATH, CRUX, MMLU with ground truth) and prints
-Markdown tables analogous to the paper's:
+It is ``selfmoa eval`` run on the mock task world: each domain (MATH, CRUX, MMLU, with ground truth) is
+exported as a dataset, and the evaluator samples the mock models once per question, aggregates every
+composition from that pool, grades, and fits; this module only chooses the experiments and lays the
+evaluators' results out as Markdown tables analogous to the paper's:
 
 1. Table 3: each model alone, mixed MoA compositions, Self-MoA of each model, Self-MoA with the best
    model per task; accuracy per domain and on average.
@@ -11,19 +13,21 @@ Markdown tables analogous to the paper's:
 3. Table 4: over random proposer compositions, the fit score = a * quality + b * diversity + c on
    standardised inputs, per domain (quality: the mean accuracy of the proposals; diversity: their mean
    Vendi score).
-4. Self-MoA-Seq (window 6, carry 3) against one-shot Self-MoA as the number of samples grows.
+4. Self-MoA-Seq (window 6, carry 3) against one-shot Self-MoA as the number of samples grows, with the
+   best model per domain (``--seq-model best``).
 
-Two ways to run, with identical results (tests/test_reproduce.py compares them record by record):
+Two ways to run, with identical results (tests/test_reproduce.py compares them):
 
-- by default, in this process: selfmoa's methods called as a library, with a completion function that
-  answers from the mock models directly (the mock server's reply rule without the HTTP), a few seconds;
-- with --via-cli, exactly as a user would: selfmoa's command line in batch mode, one batch per
-  configuration, against the mock server over HTTP, about a minute on 2 cores.
+- by default, in this process: ``selfmoa_eval.evaluate`` with a completion function that answers from the
+  mock models directly (the mock server's reply rule without the HTTP), a few seconds;
+- with --via-cli, exactly as a user would: ``selfmoa eval`` on the exported datasets against the mock
+  server over HTTP.
 
 These are simulations: the mock models' accuracies are calibrated on the paper's Table 3, but every
 outcome below comes out of the mechanism (correlated latent knowledge per model, a vote by the aggregator),
-not from numbers written in. With --out DIR the tables are also written as Markdown and JSON, and, when
-matplotlib is installed (pip install -e '.[bench]'), the figures as PNG and SVG (see bench/plots.py).
+not from numbers written in. With --out DIR the tables are also written as Markdown and JSON, each
+evaluation's own report (report.md, results.json) and dataset go to DIR/evals/, and, when matplotlib is
+installed (pip install -e '.[bench]'), the figures as PNG and SVG (see bench/plots.py).
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import functools
 import itertools
 import json
 import multiprocessing
@@ -47,48 +50,29 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import selfmoa  # noqa: E402
-from bench.regression import fit_quality_diversity  # noqa: E402
+import selfmoa_eval  # noqa: E402
 from mock_models import MockServer, models  # noqa: E402
 from mock_models.server import count_tokens, prompt_tokens  # noqa: E402
-from mock_models.tasks import is_correct, make_tasks  # noqa: E402
+from mock_models.tasks import make_tasks  # noqa: E402
 
 DOMAINS = ("MMLU", "CRUX", "MATH")
 LETTER = {"i": "generalist", "d": "coder", "m": "mathematician", "j": "generalist-2"}
-AGGREGATOR = "generalist"  # the paper's Table 3 aggregates with Qwen2-7B-Instruct, its "i"
+GRADER = {"MMLU": "choice", "CRUX": "crux", "MATH": "number"}
+AGGREGATOR = "i"  # the paper's Table 3 aggregates with Qwen2-7B-Instruct, its "i"
 WINDOW, CARRY = 6, 3
+TABLE3 = {"mixed iimmdd": "iimmdd", "mixed mmmddd": "mmmddd", "mixed iiiimd": "iiiimd", "mixed iiiddd": "iiiddd",
+          "Self-MoA iiiiii": "iiiiii", "Self-MoA dddddd": "dddddd", "Self-MoA mmmmmm": "mmmmmm"}
+TABLE7 = {"Self-MoA iiiiii": "iiiiii", "Self-MoA jjjjjj": "jjjjjj", "mixed iiijjj": "iiijjj"}
 FIGURES_HINT = "figures skipped: matplotlib is not installed; pip install -e '.[bench]' and run again to draw them"
 
-# === Configurations ===================================================================================
-# A configuration is (method, options): the keyword arguments of selfmoa's method, which are also its
-# command-line flags. Every run is seeded, so a configuration's records are fixed.
+
+# === The datasets and the runner =======================================================================
 
 
-def moa_config(letters: str, aggregator: str = AGGREGATOR) -> tuple[str, dict]:
-    """MoA with one proposer per letter: moa_config("iid") proposes with generalist, generalist, coder."""
-    return "moa", {"proposers": [LETTER[letter] for letter in letters], "aggregator": aggregator}
-
-
-def command_line(method: str, options: dict) -> list[str]:
-    """The selfmoa flags of a configuration: ("moa", {"proposers": ["coder"], ...}) -> --method moa -p coder ..."""
-    flags = ["--method", method]
-    names = {"aggregator": "-a", "model": "-m", "n": "-n", "window": "--window", "carry": "--carry"}
-    for key, value in options.items():
-        if key == "proposers":
-            for proposer in value:
-                flags += ["-p", proposer]
-        else:
-            flags += [names[key], str(value)]
-    return flags
-
-
-def score(task, answer: str, proposals: list[str], calls: int, diversity: float | None) -> dict:
-    """One record: was the final answer right, how good and how diverse were the proposals, how many calls."""
-    return {"id": task.id, "domain": task.domain, "correct": is_correct(answer, task),
-            "quality": sum(is_correct(p, task) for p in proposals) / len(proposals),
-            "diversity": diversity, "calls": calls}
-
-
-# === Two ways to run a configuration on a list of questions, both giving its records ===================
+def dataset(domain: str, questions: int, seed: int) -> list[dict]:
+    """A domain of the mock task world as a selfmoa eval dataset: id, prompt, answer, grader."""
+    return [{"id": task.id, "prompt": task.prompt, "answer": task.answer, "grader": GRADER[domain]}
+            for task in make_tasks(domain, questions, seed=seed)]
 
 
 def mock_complete(request: selfmoa.Request) -> selfmoa.Reply:
@@ -104,51 +88,43 @@ def mock_complete(request: selfmoa.Request) -> selfmoa.Reply:
     samples = ["greedy" if request.temperature == 0 else request.seed + j for j in range(request.n)]
     texts = [models.reply(request.model, messages, request.temperature, sample) for sample in samples]
     return selfmoa.Reply(texts, ["stop"] * len(texts), prompt_tokens=used,
-                         completion_tokens=sum(count_tokens(text) for text in texts))
+                         completion_tokens=sum(count_tokens(text) for text in texts), model=request.model)
 
 
-def run_in_process(seed: int, tasks, config: tuple[str, dict], diversity: bool = False) -> list[dict]:
-    """The records of one configuration, run in this process (a function, so a process pool can run it)."""
-    method, options = config
-    records = []
-    for task in tasks:
-        result = selfmoa.METHODS[method](task.prompt, complete=mock_complete, seed=seed, concurrency=1, **options)
-        proposals = result.proposals()[1]
-        records.append(score(task, result.answer, proposals, result.calls,
-                             selfmoa.vendi_score(proposals) if diversity else None))
-    return records
+def flags(letters: str, compositions: list[str], seed: int, seq: tuple[int, ...] = ()) -> list[str]:
+    """The selfmoa eval flags of one evaluation."""
+    out = [arg for letter in letters for arg in ("-M", f"{letter}={LETTER[letter]}")]
+    out += ["--compositions", ",".join(compositions), "-a", AGGREGATOR, "--seed", str(seed)]
+    if seq:
+        out += ["--seq", ",".join(map(str, seq)), "--seq-model", "best", "--window", str(WINDOW), "--carry", str(CARRY)]
+    return out
 
 
-class ViaCommandLine:
-    """Runs selfmoa's command line in batch mode (with --trace) against one mock server, one batch per call."""
+def run_eval(records: list[dict], argv: list[str], out: str, base_url: str | None = None) -> dict:
+    """One evaluation: the dataset written to out/dataset.jsonl, then ``selfmoa eval`` on it, in this process
+    against the mock models (``base_url`` None) or as a command against the mock server at ``base_url``.
+    Returns its results.json."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "dataset.jsonl")
+    with open(path, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(record) + "\n" for record in records)
+    if base_url is None:
+        args = selfmoa_eval.build_parser().parse_args([path, "--out", out, *argv])
+        experiment = selfmoa_eval._experiment(args)
+        return selfmoa_eval.evaluate(selfmoa_eval.read_dataset(path), experiment, complete=mock_complete, out=out,
+                                     concurrency=1, source="dataset.jsonl", figures=False)
+    command = [sys.executable, str(ROOT / "selfmoa.py"), "eval", path, "--out", out, "--base-url", base_url,
+               "--concurrency", "16", *argv]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"selfmoa eval failed ({done.returncode}): {' '.join(command)}\n{done.stderr}")
+    with open(os.path.join(out, selfmoa_eval.RESULTS_FILE), encoding="utf-8") as file:
+        return json.load(file)
 
-    def __init__(self, base_url: str, workdir: str, seed: int):
-        self.base_url, self.workdir, self.seed = base_url, workdir, seed
-        self._numbers = itertools.count(1)  # thread-safe: runs go in parallel
 
-    def run(self, tasks, config: tuple[str, dict], diversity: bool = False) -> list[dict]:
-        tag = f"run{next(self._numbers)}"
-        source = os.path.join(self.workdir, f"{tag}.in.jsonl")
-        target = os.path.join(self.workdir, f"{tag}.out.jsonl")
-        with open(source, "w", encoding="utf-8") as file:
-            for task in tasks:
-                file.write(json.dumps({"id": task.id, "prompt": task.prompt, "domain": task.domain}) + "\n")
-        argv = [sys.executable, str(ROOT / "selfmoa.py"), "--base-url", self.base_url, *command_line(*config),
-                "--seed", str(self.seed), "--concurrency", "16", "--trace", "--diversity", "-i",
-                source, "-o", target]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"selfmoa failed ({done.returncode}): {' '.join(argv)}\n{done.stderr}")
-        by_id = {task.id: task for task in tasks}
-        records = []
-        with open(target, encoding="utf-8") as file:
-            for line in file:
-                record = json.loads(line)
-                proposals = [output for call in record["trace"] if call["role"] == "proposer" and call["layer"] == 1
-                             for output in call["outputs"]]
-                records.append(score(by_id[record["id"]], record["answer"], proposals, record["calls"],
-                                     record["diversity"]["1"] if diversity else None))
-        return records
+def _run_job(job: tuple[str, list[dict], list[str], str, str | None]) -> tuple[str, dict]:
+    name, records, argv, out, base_url = job
+    return name, run_eval(records, argv, out, base_url)
 
 
 # === The experiment ===================================================================================
@@ -159,109 +135,88 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def by_domain(records: list[dict], key: str = "correct") -> dict[str, float]:
-    out = {d: 100 * mean(r[key] for r in records if r["domain"] == d) for d in DOMAINS}
-    out["avg"] = mean(out[d] for d in DOMAINS)
+def regression_mixes(compositions: int, seed: int) -> list[str]:
+    """``compositions`` distinct random compositions of six proposers over i, d, m, j (there are 84)."""
+    every = sorted({"".join(sorted(mix)) for mix in itertools.combinations_with_replacement("dijm", 6)})
+    if not 4 <= compositions <= len(every):
+        raise ValueError(f"compositions={compositions}: the fit needs 4 to {len(every)} distinct compositions")
+    return random.Random(seed).sample(every, compositions)
+
+
+def jobs(questions: int, compositions: int, sample_counts, seed: int) -> dict[str, tuple[list[dict], list[str]]]:
+    """Every evaluation of the reproduction: name -> (dataset records, selfmoa eval flags)."""
+    regression = list(dict.fromkeys(regression_mixes(compositions, seed) + [letter * 6 for letter in "idmj"]))
+    out = {}
+    for domain in DOMAINS:
+        out[f"{domain}-table3"] = (dataset(domain, questions, seed),
+                                   flags("idm", list(TABLE3.values()), seed, tuple(sample_counts)))
+        out[f"{domain}-table4"] = (dataset(domain, max(10, questions // 2), seed + 1), flags("idmj", regression, seed))
+    out["MMLU-table7"] = (dataset("MMLU", questions, seed), flags("ij", list(TABLE7.values()), seed))
     return out
 
 
 def reproduce(questions: int = 60, compositions: int = 50, sample_counts=(6, 12, 18, 24, 30), seed: int = 0,
-              via_cli: bool = False, parallel: int = 1) -> dict:
-    """Run every configuration and return the tables' data (see ``markdown``) as a dict.
+              via_cli: bool = False, parallel: int = 1, out: str | None = None) -> dict:
+    """Run every evaluation (see ``jobs``) and return the tables' data (see ``markdown``) as a dict.
 
-    ``parallel`` runs go at once: in-process runs then go to a pool of that many processes (started by
+    ``parallel`` evaluations go at once: in-process ones then go to a pool of that many processes (started by
     spawning, so a script that calls this with ``parallel > 1`` needs the ``if __name__ == "__main__":`` guard).
+    Each evaluation writes its dataset, pool and report to ``out/evals/<name>/`` (a temporary folder without
+    ``out``).
     """
-    tasks = [task for domain in DOMAINS for task in make_tasks(domain, questions, seed=seed)]
-    mmlu = [task for task in tasks if task.domain == "MMLU"]
-    results: dict = {"questions_per_domain": questions, "seed": seed}
+    planned = jobs(questions, compositions, sample_counts, seed)
     with contextlib.ExitStack() as stack:
-        if via_cli:
-            server = stack.enter_context(MockServer())
-            runner = ViaCommandLine(server.base_url, stack.enter_context(tempfile.TemporaryDirectory()), seed)
-            pool: concurrent.futures.Executor = concurrent.futures.ThreadPoolExecutor(parallel)
-            run = runner.run
-        else:  # the runs are CPU-bound here: one process per core
-            pool = concurrent.futures.ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) \
-                if parallel > 1 else concurrent.futures.ThreadPoolExecutor(1)
-            run = functools.partial(run_in_process, seed)
-        stack.enter_context(pool)
-        jobs: dict[tuple, concurrent.futures.Future] = {}
+        folder = os.path.join(out, "evals") if out else stack.enter_context(tempfile.TemporaryDirectory())
+        base_url = stack.enter_context(MockServer(max_concurrency=8)).base_url if via_cli else None
+        if via_cli or parallel <= 1:
+            pool: concurrent.futures.Executor = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
+        else:  # the in-process runs are CPU-bound: one process per core
+            pool = concurrent.futures.ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"))
+        with pool:
+            # The longest evaluations first, so that the processes finish together.
+            order = sorted(planned, key=lambda name: (not name.endswith("table3"), name))
+            evals = dict(pool.map(_run_job, [(name, *planned[name], os.path.join(folder, name), base_url)
+                                             for name in order]))
+    results: dict = {"questions_per_domain": questions, "seed": seed, "runs": len(evals),
+                     "calls": sum(e["manifest"]["spent"]["calls"] for e in evals.values())}
 
-        def submit(tasks_, config, diversity=False):
-            # A seeded configuration gives the same records on the same questions: run each one once.
-            key = (config[0], json.dumps(config[1], sort_keys=True), tuple(t.id for t in tasks_), diversity)
-            if key not in jobs:
-                jobs[key] = pool.submit(run, tasks_, config, diversity)
-            return jobs[key]
+    def cell(evaluation: dict, composition: str) -> dict:
+        return next(row for row in evaluation["cells"] if row.get("composition") == composition)
 
-        # Table 3: mixed compositions and Self-MoA of each model, all with the same aggregator.
-        table3_specs = {"mixed iimmdd": "iimmdd", "mixed mmmddd": "mmmddd", "mixed iiiimd": "iiiimd",
-                        "mixed iiiddd": "iiiddd", "Self-MoA iiiiii": "iiiiii", "Self-MoA dddddd": "dddddd",
-                        "Self-MoA mmmmmm": "mmmmmm"}
-        table3_jobs = {label: submit(tasks, moa_config(spec)) for label, spec in table3_specs.items()}
-        # Table 7: two generalists of similar quality, on MMLU.
-        table7_specs = {"Self-MoA iiiiii": "iiiiii", "Self-MoA jjjjjj": "jjjjjj", "mixed iiijjj": "iiijjj"}
-        table7_jobs = {label: submit(mmlu, moa_config(spec), True) for label, spec in table7_specs.items()}
-        # Table 4: random compositions of six proposers from the four models; and, outside the fit, Self-MoA
-        # of each model on the same questions, to mark in the quality/diversity figure.
-        rng = random.Random(seed)
-        regression_tasks = [t for d in DOMAINS for t in make_tasks(d, max(10, questions // 2), seed=seed + 1)]
-        mixes = ["".join(sorted(rng.choice("idmj") for _ in range(6))) for _ in range(compositions)]
-        regression_jobs = [(mix, submit(regression_tasks, moa_config(mix), True)) for mix in mixes]
-        self_moa_jobs = [(letter * 6, submit(regression_tasks, moa_config(letter * 6), True)) for letter in "idmj"]
-        table3 = {label: job.result() for label, job in table3_jobs.items()}
-        # Seq against one-shot Self-MoA, each domain with its best model (by single-sample accuracy).
-        alone = {letter: by_domain(table3[f"Self-MoA {letter * 6}"], "quality") for letter in "idm"}
-        best = {d: max("idm", key=lambda letter: alone[letter][d]) for d in DOMAINS}
-        seq_jobs = {}
-        for domain in DOMAINS:
-            model = LETTER[best[domain]]
-            subset = [task for task in tasks if task.domain == domain]
-            for n in sample_counts:
-                seq_jobs[(domain, "one-shot", n)] = submit(subset, ("self-moa", {"model": model, "n": n}))
-                seq_jobs[(domain, "seq", n)] = submit(subset, ("self-moa-seq", {"model": model, "n": n,
-                                                                                "window": WINDOW, "carry": CARRY}))
-        table7 = {label: job.result() for label, job in table7_jobs.items()}
-        regression = [(mix, job.result()) for mix, job in regression_jobs]
-        self_moa = [(mix, job.result()) for mix, job in self_moa_jobs]
-        seq = {key: job.result() for key, job in seq_jobs.items()}
-        results["runs"] = len(jobs)
-
-    # Table 3 rows.
-    rows3 = {f"{letter} alone": alone[letter] for letter in "idm"}
-    rows3.update({label: by_domain(records) for label, records in table3.items()})
-    best_row = {d: rows3[f"Self-MoA {best[d] * 6}"][d] for d in DOMAINS}
-    best_row["avg"] = mean(best_row[d] for d in DOMAINS)
-    rows3["Self-MoA, best model per task"] = best_row
+    # Table 3: each model alone, then the mixes and Self-MoA of each, all with the same aggregator (i).
+    rows3: dict[str, dict] = {f"{letter} alone": {} for letter in "idm"}
+    rows3.update({label: {} for label in TABLE3})
+    best = {}
+    for domain in DOMAINS:
+        evaluation = evals[f"{domain}-table3"]
+        for row in evaluation["cells"]:
+            if row["kind"] == "alone":
+                rows3[f"{row['model']} alone"][domain] = row["accuracy"]
+        for label, composition in TABLE3.items():
+            rows3[label][domain] = cell(evaluation, composition)["accuracy"]
+        best[domain] = evaluation["manifest"]["seq_model"]  # the model with the best single samples
+    rows3["Self-MoA, best model per task"] = {d: rows3[f"Self-MoA {best[d] * 6}"][d] for d in DOMAINS}
+    for row in rows3.values():
+        row["avg"] = mean(row[d] for d in DOMAINS)
     results["table3"] = rows3
     results["best_model_per_task"] = {d: LETTER[best[d]] for d in DOMAINS}
-    # Table 7.
-    results["table7"] = {label: {"MMLU": by_domain(records)["MMLU"],
-                                 "quality": 100 * mean(r["quality"] for r in records),
-                                 "diversity": mean(r["diversity"] for r in records)}
-                         for label, records in table7.items()}
-
-    # Table 4: one point per (composition, domain); the Self-MoA points are drawn, not fitted.
-    def points(runs):
-        out = {d: [] for d in DOMAINS}
-        for mix, records in runs:
-            for d in DOMAINS:
-                rs = [r for r in records if r["domain"] == d]
-                out[d].append({"mix": mix, "quality": 100 * mean(r["quality"] for r in rs),
-                               "diversity": mean(r["diversity"] for r in rs),
-                               "score": 100 * mean(r["correct"] for r in rs)})
-        return out
-
-    results["table4_points"] = points(regression)
-    results["self_moa_points"] = points(self_moa)
-    results["table4"] = {d: fit_quality_diversity([(p["quality"], p["diversity"], p["score"])
-                                                           for p in results["table4_points"][d]]) for d in DOMAINS}
-    # Seq vs one-shot.
-    results["seq"] = {d: {kind: {n: 100 * mean(r["correct"] for r in seq[(d, kind, n)]) for n in sample_counts}
+    # Table 7: two generalists of similar quality, on MMLU.
+    results["table7"] = {label: {"MMLU": cell(evals["MMLU-table7"], composition)["accuracy"],
+                                 "quality": cell(evals["MMLU-table7"], composition)["quality"],
+                                 "diversity": cell(evals["MMLU-table7"], composition)["diversity"]}
+                         for label, composition in TABLE7.items()}
+    # Table 4: one point per composition and domain, and each domain's fit over them.
+    points = {d: [{"mix": row["composition"], "quality": row["quality"], "diversity": row["diversity"],
+                   "score": row["accuracy"]} for row in evals[f"{d}-table4"]["cells"] if row["kind"] == "composition"]
+              for d in DOMAINS}
+    results["table4_points"] = points
+    results["self_moa_points"] = {d: [p for p in points[d] if len(set(p["mix"])) == 1] for d in DOMAINS}
+    results["table4"] = {d: evals[f"{d}-table4"]["fit"] for d in DOMAINS}
+    # Seq against one-shot Self-MoA, each domain with its best model.
+    results["seq"] = {d: {kind: {row["n"]: row[kind] for row in evals[f"{d}-table3"]["seq"]}
                           for kind in ("one-shot", "seq")} for d in DOMAINS}
-    results["seq_calls"] = {n: {kind: mean(r["calls"] for r in seq[(DOMAINS[0], kind, n)])
-                                for kind in ("one-shot", "seq")} for n in sample_counts}
+    results["seq_calls"] = {row["n"]: {kind: row[f"{kind}_calls_per_item"] for kind in ("one-shot", "seq")}
+                            for row in evals[f"{DOMAINS[0]}-table3"]["seq"]}
     return results
 
 
@@ -286,7 +241,9 @@ def markdown(results: dict) -> str:
         out.append(f"| {d} | {fit['a']:.2f} ± {fit['se_a']:.2f} | {fit['b']:.2f} ± {fit['se_b']:.2f} | "
                    f"{'yes' if fit['a'] > fit['b'] else 'no'} | {fit['r2']:.2f} |")
     out.append(f"\n### Self-MoA-Seq (window {WINDOW}, carry {CARRY}) vs one-shot Self-MoA, best model per task, "
-               "accuracy (%)\n")
+               "accuracy (%); aggregator: the best model itself\n")
+    out.append("Unlike Table 3, whose rows all aggregate with the generalist, each domain's best model aggregates "
+               "its own samples here, so one-shot at n=6 need not equal Table 3's best-model row.\n")
     counts = list(next(iter(results["seq"].values()))["seq"])
     out.append("| domain | method | " + " | ".join(f"n={n}" for n in counts) + " |\n|---|---|"
                + "---|" * len(counts))
@@ -328,14 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compositions", type=int, default=50, help="random compositions for the fit (default: 50)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--via-cli", action="store_true",
-                        help="run selfmoa's command line against the mock server over HTTP (same results, slower)")
+                        help="run selfmoa eval's command line against the mock server over HTTP (same results, slower)")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    results = reproduce(args.questions, args.compositions, seed=args.seed, via_cli=args.via_cli, parallel=2)
+    results = reproduce(args.questions, args.compositions, seed=args.seed, via_cli=args.via_cli, parallel=2,
+                        out=args.out)
     print(markdown(results))
-    how = "selfmoa batch runs" if args.via_cli else "configurations run in-process"
-    print(f"({results['runs']} {how} in {time.monotonic() - started:.0f} s; a simulation with mock "
-          f"models, not the paper's numbers)")
+    how = "selfmoa eval commands against the mock server" if args.via_cli else "evaluations run in-process"
+    print(f"({results['runs']} {how}, {results['calls']} calls, in {time.monotonic() - started:.0f} s; a simulation "
+          f"with mock models, not the paper's numbers)")
     if args.out:
         written = write_outputs(results, args.out)
         print(f"written to {args.out}: {', '.join(written)}")

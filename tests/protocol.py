@@ -38,6 +38,9 @@ FIELDS = ("role", "layer", "round", "model", "indices", "references", "carried",
           "max_tokens", "outputs", "error")  # spec/protocol.md, "Traces": what every trace entry holds
 
 
+REQUEST_FIELDS = {field.name for field in dataclasses.fields(selfmoa.Request)}
+
+
 class ProtocolError(AssertionError):
     """The implementation broke spec/protocol.md (or refused a param): the test fails, saying how."""
 
@@ -121,15 +124,15 @@ def call_of(entry: dict) -> Call:
 class Program:
     """One implementation process, started once and reused by every run of the session."""
 
-    def __init__(self, command: str):
-        self.command = command
+    def __init__(self, command: str, *, settle: float = SETTLE, limit: float = LIMIT):
+        self.command, self.settle, self.limit = command, settle, limit
         self.process = subprocess.Popen(shlex.split(command), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         encoding="utf-8", errors="strict", bufsize=1)
         self.lines: queue.Queue = queue.Queue()
         self.write_lock = threading.Lock()
         self.runs = itertools.count(1)
         threading.Thread(target=self._read, daemon=True).start()
-        hello = self.next(LIMIT)
+        hello = self.next(limit)
         if not isinstance(hello, dict) or hello.get("type") != "ready" or hello.get("protocol") != PROTOCOL:
             raise ProtocolError(f"{command!r} must first say {{\"type\": \"ready\", \"protocol\": {PROTOCOL}}}, "
                                 f"not {hello!r}")
@@ -166,6 +169,12 @@ class Program:
             raise message
         return message
 
+    def kill(self) -> None:
+        """End the program at once: a run broke off in the middle, so its lines must not reach the next."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
     def close(self) -> None:
         if self.process.poll() is None:
             try:
@@ -186,6 +195,7 @@ class _Run:
         self.samples = samples
         self.sample_requests: queue.Queue = queue.Queue()
         self.sample_thread: threading.Thread | None = None
+        self.finished = False  # the program ended the run with its result or error line
 
     def go(self, method: str, prompt: Any, params: dict) -> Result:
         message = {"type": "run", "run": self.number, "method": method, "prompt": prompt, "params": params,
@@ -194,10 +204,11 @@ class _Run:
         pending: list[dict] = []
         try:
             while True:
-                line = self.program.next(SETTLE if pending else LIMIT)
+                line = self.program.next(self.program.settle if pending else self.program.limit)
                 if line is queue.Empty:
                     if not pending:
-                        raise ProtocolError(f"run {self.number}: nothing for {LIMIT} s, and no request open")
+                        raise ProtocolError(f"run {self.number}: nothing for {self.program.limit} s, "
+                                            "and no request open")
                     for request in reversed(pending):  # newest first: out of order when several are open
                         self.answer(request)
                     pending = []
@@ -217,22 +228,25 @@ class _Run:
                     if pending:
                         raise ProtocolError(f"run {self.number} ended with {len(pending)} requests unanswered; "
                                             "a run waits for every request it sent (methods.md section 6)")
+                    self.finished = True
                     return self.outcome(line)
                 else:
                     raise ProtocolError(f"run {self.number}: unknown line type {kind!r}: {line}")
         finally:
             if self.sample_thread is not None:
                 self.sample_requests.put(None)
-                self.sample_thread.join(timeout=LIMIT)
+                self.sample_thread.join(timeout=self.program.limit)
 
     def answer(self, line: dict) -> None:
         pieces: list[str] = []
         try:
-            stop = line.get("stop")
+            stop, extra = line.get("stop"), dict[str, Any]()
+            if line.get("fields") and "fields" in REQUEST_FIELDS:
+                extra["fields"] = dict(line["fields"])
             request = selfmoa.Request(model=line["model"], messages=tuple(line["messages"]),
                                       temperature=line["temperature"], max_tokens=line["max_tokens"], n=line["n"],
                                       seed=line["seed"], stream=pieces.append if line.get("stream") else None,
-                                      stop=None if stop is None else tuple(stop))
+                                      stop=None if stop is None else tuple(stop), **extra)
         except (KeyError, TypeError) as exc:
             raise ProtocolError(f"run {self.number}: a malformed completion request ({exc!r}): {line}") from None
         reply: dict[str, Any] = {"type": "reply", "id": line.get("id")}
@@ -331,8 +345,8 @@ class Implementation:
     ConfigError, ModelError = ConfigError, ModelError
     NotEnoughProposals, SelfMoAError = NotEnoughProposals, SelfMoAError
 
-    def __init__(self, command: str):
-        self.command = command
+    def __init__(self, command: str, *, settle: float = SETTLE, limit: float = LIMIT):
+        self.command, self.settle, self.limit = command, settle, limit
         self.__name__ = f"cmd:{command}"
         self._program: Program | None = None
         self._lock = threading.Lock()
@@ -340,7 +354,7 @@ class Implementation:
     @property
     def program(self) -> Program:
         if self._program is None or self._program.process.poll() is not None:
-            self._program = Program(self.command)
+            self._program = Program(self.command, settle=self.settle, limit=self.limit)
         return self._program
 
     def close(self) -> None:
@@ -375,7 +389,13 @@ class Implementation:
             params["samples"] = list(samples)
         params = {name: value for name, value in params.items() if value is not None}
         with self._lock:  # one run at a time over the one process
-            return _Run(self.program, complete, stream, lazy).go(method, prompt, params)
+            run = _Run(self.program, complete, stream, lazy)
+            try:
+                return run.go(method, prompt, params)
+            finally:
+                if not run.finished:  # the next run starts a fresh program, not one still in this run
+                    run.program.kill()
+                    self._program = None
 
 
 _LOADED: dict[str, Implementation] = {}

@@ -13,6 +13,7 @@ and one the method does not take is refused loudly (an ``unsupported`` error), n
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -26,9 +27,6 @@ from typing import Any
 
 PROTOCOL = 1
 METHODS = ("moa", "self_moa", "self_moa_seq")
-TRACE_FIELDS = ("role", "layer", "round", "model", "indices", "references", "carried", "n", "seed", "temperature",
-                "max_tokens", "outputs", "error", "finish_reasons", "prompt_tokens", "completion_tokens", "retries",
-                "url")
 
 
 def load_module(argv: list[str]) -> Any:
@@ -135,17 +133,16 @@ class Adapter:
         return method, kwargs
 
     def params(self, method: Any, name: str, params: dict) -> dict:
-        """The protocol's snake_case params under the names of the method's signature (spec/protocol.md)."""
+        """The protocol's params (the spec's names, spec/protocol.md section 4) as keyword arguments of the
+        method: each under the name the method's signature has for it; one it does not take is refused
+        loudly, never dropped."""
         accepted = inspect.signature(method).parameters
         kwargs: dict[str, Any] = {}
         for key, value in params.items():
-            if key in ("complete", "stream", "prompt"):
-                raise Unsupported(f"param {key!r} is not a protocol param (it is the run's own field)")
-            if key in accepted:
-                kwargs[key] = value
-            else:
+            if key in ("complete", "stream", "prompt") or key not in accepted:
                 raise Unsupported(f"{name} takes no param {key!r} (selfmoa's {name} accepts "
-                                  f"{', '.join(p for p in accepted if p not in ('prompt', 'complete'))})")
+                                  f"{', '.join(p for p in accepted if p not in ('prompt', 'complete', 'stream'))})")
+            kwargs[key] = value
         return kwargs
 
     def completion(self, number: int):
@@ -158,7 +155,8 @@ class Adapter:
                 "messages": [dict(m) for m in request.messages], "temperature": request.temperature,
                 "max_tokens": request.max_tokens, "n": request.n, "seed": request.seed,
                 "stream": request.stream is not None,
-                "stop": None if request.stop is None else list(request.stop)})
+                "stop": None if request.stop is None else list(request.stop),
+                "fields": dict(getattr(request, "fields", None) or {})})
             if "error" in line:
                 error = line["error"]
                 raise module.module.ModelError(error.get("message", ""), model=request.model,
@@ -185,7 +183,8 @@ class Adapter:
 
     def trace(self, result: Any) -> dict:
         return {"calls": result.calls, "requests": result.requests,
-                "trace": [{name: getattr(call, name) for name in TRACE_FIELDS} for call in result.trace]}
+                "trace": [{field.name: getattr(call, field.name) for field in dataclasses.fields(call)}
+                          for call in result.trace]}
 
     def result(self, result: Any) -> dict:
         return {"answer": result.answer, "rounds": result.params.get("rounds"), **self.trace(result)}

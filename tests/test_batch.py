@@ -516,7 +516,7 @@ def test_a_crash_between_moving_lines_and_the_rewrite_moves_nothing_twice(tmp_pa
     run([{"id": k, "prompt": k} for k in "abc"], out)
     before = out.read_bytes()
     with monkeypatch.context() as patch:
-        patch.setattr(selfmoa_batch, "_write_atomically", lambda path, data: (_ for _ in ()).throw(
+        patch.setattr(selfmoa_batch, "_write_atomically", lambda path, data, **_: (_ for _ in ()).throw(
             OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
         with pytest.raises(selfmoa.SelfMoAError, match="cannot rewrite it .No space left on device"):
             run([{"id": "b", "prompt": "b"}], out)

@@ -184,3 +184,37 @@ def test_json_names_no_server_that_the_run_did_not_use(capsys):
                                     "-m", "generalist", "-n", "2", "--json", "hi"])
     assert code == 0 and json.loads(out)["servers"] == {server.base_url: {"requests": 2, "failed": 0},
                                                          other: {"requests": 0, "failed": 0}}
+
+
+@pytest.mark.parametrize("flags, environ, says", [
+    (["--base-url", "{url}"], {"OPENAI_API_KEY": "sk-withheld-0123"},
+     "selfmoa: $OPENAI_API_KEY was not sent to {url}, on purpose: it goes only to the OpenAI API or to "
+     "$OPENAI_BASE_URL, never to another --base-url. Give this server's key with --api-key KEY, or, if "
+     "$OPENAI_API_KEY is its key, export OPENAI_BASE_URL={url} instead of --base-url"),
+    (["--base-url", "{url}"], {}, "selfmoa: no key was sent to {url}: give this server's key with --api-key KEY"),
+    (["--endpoint", "generalist={url}"], {"OPENAI_API_KEY": "sk-withheld-0123"},
+     "selfmoa: model 'generalist' has its own --endpoint and was sent no key: the key of such a model comes from "
+     "$SELFMOA_API_KEY_GENERALIST alone; export SELFMOA_API_KEY_GENERALIST=..."),
+])
+def test_a_401_after_a_key_was_withheld_on_purpose_says_why_and_the_fix(capsys, flags, environ, says):
+    with MockServer(api_key="sk-the-right-one") as server:
+        argv = [flag.format(url=server.base_url) for flag in flags] + ["-m", "generalist", "hi"]
+        code, _, err = run(capsys, argv, environ=environ)
+    assert code == 1 and "HTTP 401" in err
+    assert says.format(url=server.base_url) in err.splitlines()
+    assert "sk-withheld" not in err
+
+
+@pytest.mark.parametrize("flags, environ", [
+    (["--api-key", "sk-wrong-key-0123"], {}),
+    ([], {"OPENAI_API_KEY": "sk-wrong-key-0123", "OPENAI_BASE_URL": "{url}"}),
+    (["--endpoint", "generalist={url}"], {"SELFMOA_API_KEY_GENERALIST": "sk-wrong-key-0123"}),
+])
+def test_a_401_for_a_key_that_was_sent_adds_no_explanation(capsys, flags, environ):
+    """Only a withheld key is explained: a wrong key that was sent is the server's message to give."""
+    with MockServer(api_key="sk-the-right-one") as server:
+        base = [] if environ.get("OPENAI_BASE_URL") or "--endpoint" in flags else ["--base-url", server.base_url]
+        argv = base + [flag.format(url=server.base_url) for flag in flags] + ["-m", "generalist", "hi"]
+        code, _, err = run(capsys, argv, environ={k: v.format(url=server.base_url) for k, v in environ.items()})
+    assert code == 1 and "HTTP 401" in err
+    assert "was not sent" not in err and "no key was sent" not in err and "was sent no key" not in err

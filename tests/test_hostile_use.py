@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import resource
 import socket
@@ -17,6 +18,8 @@ import time
 import pytest
 import requests
 
+import selfmoa
+import selfmoa_batch
 import selfmoa_serve
 from mock_models.server import MockServer
 
@@ -299,3 +302,81 @@ def test_at_the_drain_timeout_streams_end_with_an_error_and_done_and_waiting_req
     assert rest[-1] == b"data: [DONE]", rest[-3:]
     assert json.loads(rest[-2].removeprefix(b"data: "))["error"]["code"] == "shutting_down"
     assert waiting and waiting[0].status_code == 503 and waiting[0].json()["error"]["code"] == "shutting_down"
+
+
+# --- batch: another program empties or cuts the output mid-run ------------------------------------------------
+
+
+CUTS = {"emptied": lambda size: 0, "cut mid-line": lambda size: size - 7, "cut to a few bytes": lambda size: 5}
+
+
+def echo(request):
+    """Drafts, then an answer naming the prompt."""
+    prompt = request.messages[-1]["content"]
+    return f"the answer to {prompt}" if selfmoa.read_references(request.messages) else f"a draft of {prompt}"
+
+
+def cutting(output: pathlib.Path, at_call: int, how: str):
+    """A completion function that, at its call number ``at_call``, cuts the output as ``CUTS[how]`` says, as
+    another program might (the items run one at a time, so earlier items' lines are in the file by then)."""
+    calls = [0]
+
+    def complete(request):
+        calls[0] += 1
+        if calls[0] == at_call:
+            size = output.stat().st_size
+            assert size > 0, "no line was in the file yet to cut"
+            os.truncate(output, CUTS[how](size))
+        return echo(request)
+    return complete
+
+
+def assert_the_next_run_completes(output: pathlib.Path, records: list[dict]) -> None:
+    data = output.read_bytes()
+    assert data == b"" or data.endswith(b"\n"), data[-80:]  # nothing appended after the cut, no fragment left
+    counts = selfmoa_batch.run_batch(selfmoa_batch.check_items(records), str(output), complete=echo, model="m", n=2)
+    assert counts["done"] + counts["skipped"] == len(records) and counts["done"] >= 1
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [record["id"] for record in records]
+    assert all(line["answer"] == f"the answer to question {line['id']}" for line in lines)
+
+
+@pytest.mark.parametrize("how", sorted(CUTS))
+def test_an_output_cut_under_a_run_is_a_one_line_error_and_a_file_the_next_run_completes(tmp_path, how):
+    """Another program empties the output, or cuts it in the middle of a line, while a run appends to it:
+    the run ends with a one-line error, appends nothing after the cut and leaves no fragment of a line;
+    the next run reads the file, redoes what was lost, and leaves one line per item."""
+    records = [{"id": i, "prompt": f"question {i}"} for i in range(8)]
+    output = tmp_path / "out.jsonl"
+    with pytest.raises(selfmoa.SelfMoAError, match="was cut from .* by another program") as caught:
+        selfmoa_batch.run_batch(selfmoa_batch.check_items(records), str(output), model="m", n=2, concurrency=1,
+                                complete=cutting(output, 9, how))
+    assert "\n" not in str(caught.value) and not isinstance(caught.value, selfmoa.ConfigError)
+    assert_the_next_run_completes(output, records)
+
+
+CUT_RUN = """
+import os, pathlib, sys
+import selfmoa, selfmoa_batch
+output, calls = pathlib.Path(sys.argv[1]), [0]
+def complete(request):
+    calls[0] += 1
+    if calls[0] == 9:
+        os.truncate(output, 0)
+    return "the answer to " + request.messages[-1]["content"]
+try:
+    selfmoa_batch.run_batch(selfmoa_batch.check_items([{"id": i, "prompt": f"question {i}"} for i in range(8)]),
+                            str(output), model="m", n=2, concurrency=1, complete=complete)
+except selfmoa.SelfMoAError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_an_output_emptied_under_a_run_is_the_same_one_line_error_under_python_O(tmp_path):
+    """``python -O`` strips asserts: the check is no assert (it was, and became a KeyError)."""
+    result = subprocess.run([sys.executable, "-O", "-c", CUT_RUN, str(tmp_path / "out.jsonl")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "was cut from" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "out.jsonl").read_bytes() == b""

@@ -16,7 +16,6 @@ import pytest
 
 from bench import reproduce as experiment
 from mock_models import MockServer
-from mock_models.tasks import make_tasks
 
 SEQ_TOLERANCE = 5.0  # points: Self-MoA-Seq may trail one-shot Self-MoA by at most this much, averaged over n
 
@@ -47,10 +46,15 @@ def test_two_similar_models_mixed_beat_each_alone(results):
     assert table["mixed iiijjj"]["MMLU"] > max(table["Self-MoA iiiiii"]["MMLU"], table["Self-MoA jjjjjj"]["MMLU"])
 
 
-def test_quality_matters_more_than_diversity_in_every_domain(results):
-    for domain, fit in results["table4"].items():
-        assert fit["a"] > fit["b"], domain
-        assert fit["n"] >= 50
+@pytest.mark.parametrize("domain", ["CRUX", "MATH"])
+def test_quality_matters_more_than_diversity(results, domain):
+    """Where one model is clearly the strongest (CRUX: the coder, MATH: the mathematician). On MMLU, where the
+    four models are within 12 points, the fit over one shared pool of samples (the paper's protocol, which the
+    reproduction now follows) gives diversity a coefficient as large as quality's: README, "what does not come
+    out"."""
+    fit = results["table4"][domain]
+    assert fit["a"] > fit["b"] + fit["se_a"] + fit["se_b"]
+    assert fit["n"] >= 50
 
 
 def test_self_moa_seq_stays_within_tolerance_of_one_shot(results):
@@ -64,21 +68,21 @@ def test_seq_uses_n_plus_rounds_calls(results):
     assert {n: round(v["seq"]) for n, v in results["seq_calls"].items()} == {6: 7, 12: 15, 18: 23, 24: 31, 30: 39}
 
 
-@pytest.mark.parametrize("config, calls", [
-    (experiment.moa_config("iimmdd"), 7), (experiment.moa_config("jjjjjj"), 7),
-    (("self-moa", {"model": "coder", "n": 12}), 13),
-    (("self-moa-seq", {"model": "mathematician", "n": 20, "window": 6, "carry": 3}), 20 + 6)],
-    ids=["moa", "moa-of-one-model", "self-moa", "self-moa-seq"])
-def test_in_process_records_equal_the_command_line_records_over_http(config, calls, tmp_path):
-    """The fast in-process runner (selfmoa as a library, mock models without HTTP) gives the records of
-    selfmoa's command line in batch mode against the mock server, for each method: same answers, same
-    proposals, same Vendi scores, same call counts. n = 20 crosses MAX_N (two requests) and takes 6 Seq rounds."""
-    tasks = [task for domain in experiment.DOMAINS for task in make_tasks(domain, 2, seed=5)]
-    in_process = experiment.run_in_process(3, tasks, config, diversity=True)
+def test_the_reproduction_runs_selfmoa_eval_in_process_with_the_results_of_the_command_over_http(tmp_path):
+    """The fast in-process runner (selfmoa_eval.evaluate with the mock models without HTTP) gives the results of
+    ``selfmoa eval`` run as a command against the mock server: same answers, same proposals' quality and Vendi
+    scores, same call counts per cell. n = 20 crosses MAX_N (two requests) and takes 6 Seq rounds."""
+    records = [record for domain in experiment.DOMAINS for record in experiment.dataset(domain, 2, seed=5)]
+    argv = ["-M", "i=generalist", "-M", "m=mathematician", "-M", "d=coder", "-M", "j=generalist-2",
+            "--compositions", "iimmdd,jjjjjj", "--seq", "12,20", "--seq-model", "m", "--seed", "3"]
+    in_process = experiment.run_eval(records, argv, str(tmp_path / "in-process"))
     with MockServer() as server:
-        via_cli = experiment.ViaCommandLine(server.base_url, str(tmp_path), 3).run(tasks, config, diversity=True)
-    assert in_process == via_cli
-    assert [record["calls"] for record in in_process] == [calls] * len(tasks)
+        via_cli = experiment.run_eval(records, argv, str(tmp_path / "cli"), server.base_url)
+    for part in ("cells", "fit", "seq", "items"):
+        assert in_process[part] == via_cli[part], part
+    calls = {row.get("composition") or f"{row['kind']} {row['n']}": row["calls"] / row["items"]
+             for row in in_process["cells"] if row["kind"] != "alone"}
+    assert calls == {"iimmdd": 7, "jjjjjj": 7, "one-shot 12": 13, "seq 12": 15, "one-shot 20": 21, "seq 20": 26}
 
 
 def test_importing_the_reproduction_does_not_import_matplotlib():

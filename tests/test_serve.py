@@ -1006,3 +1006,21 @@ def test_one_model_is_retrieved_by_its_id_even_with_slashes(served):
         assert reply.status_code == 200 and reply.json()["id"] == name and reply.json()["object"] == "model"
     missing = SESSION.get(served.base_url + "/models/self-moa/nope%ff%00", timeout=10)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_llama_cpp_upstream_is_listed_by_its_model_file_name_not_its_path():
+    """llama.cpp's server lists the path of the file it loaded as the model's id (and answers to any name): serve
+    lists the file's name, so that "self-moa/qwen2-7b-q4_k_m.gguf" is a model and "self-moa//models/..." is not."""
+    listed = json.dumps({"object": "list", "data": [{"id": "/models/qwen2-7b-q4_k_m.gguf", "object": "model",
+                                                     "owned_by": "llamacpp"}]}).encode()
+    with HostileServer() as upstream, selfmoa_serve.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, timeout=2), port=0) as server:
+        upstream.plan = [response(b"200 OK", [(b"Content-Length", b"%d" % len(listed))], listed)]
+        names = {model["id"] for model in SESSION.get(server.base_url + "/models", timeout=10).json()["data"]}
+    assert {"qwen2-7b-q4_k_m.gguf", "self-moa/qwen2-7b-q4_k_m.gguf"} <= names
+    assert not any("/models/" in name for name in names)
+
+
+def test_serve_listens_by_default_where_neither_vllm_nor_llama_cpp_does():
+    assert selfmoa_serve.build_serve_parser().get_default("port") == selfmoa_serve.SERVE_PORT
+    assert selfmoa_serve.SERVE_PORT not in (8000, 8080)

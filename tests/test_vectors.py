@@ -12,6 +12,8 @@ implementation's parser.
 
 from __future__ import annotations
 
+import ast
+import builtins
 import importlib
 import importlib.util
 import json
@@ -81,12 +83,29 @@ class ScriptedModel:
                     self.problems.append(f"{asked[:3]}: temperature, max_tokens = "
                                          f"{(request.temperature, request.max_tokens)}, expected "
                                          f"{(entry['temperature'], entry['max_tokens'])}")
+                if (getattr(request, "stream", None) is not None) != entry["stream"]:
+                    self.problems.append(f"{asked[:3]}: {'no ' if entry['stream'] else ''}stream expected "
+                                         "(only the final aggregation is streamed, methods.md section 3)")
+                if getattr(request, "stop", None) != entry["stop"]:
+                    self.problems.append(f"{asked[:3]}: stop={request.stop!r}; the methods never set it")
                 if "replies" in entry:  # a later request may show a reply, without echoed marker lines
-                    self.shown_so_far.update(stripped(reply, messages) for reply in entry["replies"])
+                    self.shown_so_far.update(stripped(reply, messages) for reply in entry["replies"] if reply)
         assert entry is not None, f"unexpected request {asked}; the vector expects {list(self.script)}"
         if "error" in entry:
             raise self.impl.ModelError(entry["error"]["message"], model=request.model, status=entry["error"]["status"])
+        if "bug" in entry:
+            raise bug(entry["bug"])
+        for piece in entry.get("pieces", []) if request.stream is not None else []:
+            request.stream(piece)
         return list(entry["replies"])
+
+
+def bug(described: dict) -> Exception:
+    """The exception a vector's `bug` reply raises: of the type it names (a builtin, or one made up)."""
+    kind = getattr(builtins, described["type"], None)
+    if not (isinstance(kind, type) and issubclass(kind, Exception)):
+        kind = type(described["type"], (Exception,), {})
+    return kind(described["message"])
 
 
 def load(path: pathlib.Path) -> dict:
@@ -116,13 +135,19 @@ def replay(impl, path: pathlib.Path) -> None:
     fake = ScriptedModel(vector, impl)
     method = getattr(impl, vector["method"])
     expected = vector["expected"]
+    params, pieces = dict(vector["params"]), []
+    if params.pop("stream", False):  # the caller gives a stream function; what it receives is checked
+        params["stream"] = pieces.append
     if "error" in expected:
         with pytest.raises(Exception) as caught:
-            method(vector["prompt"], complete=fake, **vector["params"])
+            method(vector["prompt"], complete=fake, **params)
         error = caught.value
-        assert type(error).__name__ == expected["error"], f"raised {type(error).__name__}: {error}"
+        kind = expected["bug"]["type"] if expected["error"] == "bug" else expected["error"]
+        assert type(error).__name__ == kind, f"raised {type(error).__name__}: {error}"
         for text in expected["match"]:
             assert text in str(error), f"the message should contain {text!r}: {error}"
+        if "message" in expected:  # the whole message, where the spec fixes it (methods.md section 6)
+            assert str(error) == expected["message"]
         if expected["error"] == "ConfigError":  # methods.md section 4: the message starts `name=value: `
             assert str(error).startswith(expected["match"][0] + ": "), f"should start {expected['match'][0]!r}"
         if hasattr(error, "failures"):
@@ -131,7 +156,7 @@ def replay(impl, path: pathlib.Path) -> None:
             assert error.partial.requests == expected["requests"]
         trace = getattr(getattr(error, "partial", None), "trace", None)
     else:
-        result = method(vector["prompt"], complete=fake, **vector["params"])
+        result = method(vector["prompt"], complete=fake, **params)
         assert result.answer == expected["answer"]
         for count in ("calls", "requests"):
             if hasattr(result, count):
@@ -139,12 +164,18 @@ def replay(impl, path: pathlib.Path) -> None:
         if "rounds" in expected and isinstance(getattr(result, "params", None), dict) and "rounds" in result.params:
             assert result.params["rounds"] == expected["rounds"]
         trace = getattr(result, "trace", None)
+        if "streamed" in expected:
+            assert "".join(pieces) == expected["streamed"], "what the stream function received"
     assert not fake.problems, "\n".join(fake.problems)
     assert sorted(fake.seen, key=repr) == sorted(fake.script, key=repr), "every request once, and nothing else"
     if trace is not None:  # a trace, when the implementation keeps one, lists the requests in spec order
         fields = ("role", "layer", "round", "model", "n", "seed", "carried")
         assert [tuple(getattr(call, f) for f in fields) for call in trace] == \
                [tuple(r[f] for f in fields) for r in vector["requests"]]
+        recorded = ("indices", "references", "outputs", "error")  # methods.md section 7
+        for number, (call, entry) in enumerate(zip(trace, vector["requests"])):
+            got = {f: getattr(call, f) for f in recorded}
+            assert got == entry["trace"], f"trace entry {number}: {got} != the vector's {entry['trace']}"
 
 
 def test_there_are_vectors_for_every_required_case():
@@ -159,6 +190,16 @@ def make_vectors():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_generator_shares_no_code_with_selfmoa_or_the_tests():
+    """make_vectors.py is a second statement of the rules: it imports the standard library only."""
+    tree = ast.parse((ROOT / "spec" / "vectors" / "make_vectors.py").read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
 
 
 def test_the_vector_files_are_what_the_generator_writes():

@@ -93,6 +93,18 @@ def read_back(messages: list[dict]) -> list[str]:
     return out
 
 
+def block_key(messages: list[dict]) -> str | None:
+    """The key of the block that ends a request's system message, if it holds one (wire.md section 6)."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    found = LAST_LINE.search(system)
+    return found.group(2) if found else None
+
+
+def pieces_of(text: str, size: int = 7) -> list[str]:
+    """A streamed reply: the text in pieces of ``size`` characters (the last may be shorter)."""
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+
 # --- A scripted run: every request, in trace order, with its reply ---------------------------------------
 
 
@@ -105,64 +117,122 @@ class Script:
         self.aggregator = (agg_temperature, agg_max_tokens)
         self.requests: list[dict] = []
 
-    def ask(self, role, layer, round_, model, n, seed, references, carried, replies=None, error=None):
+    def ask(self, role, layer, round_, model, n, seed, references, carried, replies=None, error=None, *,
+            indices, positions, bug=None, stream=False, pieces=None):
+        """One request in trace order. ``indices`` are the positions it asks for, ``positions`` where the
+        references it shows stood (the trace's ``references``); the reply is texts, an error or a bug."""
         temperature, max_tokens = self.proposer if role == "proposer" else self.aggregator
         messages = inject(self.prompt, list(references), self.instruction)
         shown = read_back(messages)
         assert not references or shown == list(references), "a built prompt reads back what went in"
         entry = {"role": role, "layer": layer, "round": round_, "model": model, "n": n, "seed": seed,
-                 "temperature": temperature, "max_tokens": max_tokens, "references": shown,
-                 "carried": carried, "messages": messages}
+                 "temperature": temperature, "max_tokens": max_tokens, "stream": stream, "stop": None,
+                 "references": shown, "carried": carried, "messages": messages}
+        key = block_key(messages)
         if error is not None:
             entry["error"] = error
+            outputs, failure = [], f"model '{model}': HTTP {error['status']}: {error['message']}"
+        elif bug is not None:
+            entry["bug"] = bug
+            outputs, failure = [], f"{bug['type']}: {bug['message']}"
+        elif not replies or replies[0] is None and n == 1:  # no usable text at all: a failed request
+            entry["replies"] = list(replies)
+            outputs, failure = [], f"model '{model}': the reply holds no text"
         else:
             entry["replies"] = list(replies)
+            if pieces is not None:
+                assert stream, "a model streams only a request that asks for it"
+                entry["pieces"] = list(pieces)
+            outputs = [text if text is None or key is None else strip_markers(text, key) for text in replies[:n]]
+            failure = None
+        entry["trace"] = {"indices": list(indices), "references": list(positions), "outputs": outputs,
+                          "error": failure}
         self.requests.append(entry)
         return entry
 
-    def samples(self, layer, model, first, count, references, text, use_n, honour_n, fails, extra=False,
-                unusable=()):
+    def samples(self, layer, model, first, count, references, positions, text, use_n, honour_n, failure, bug,
+                extra=False, unusable=(), trailing=False, empty=False):
         """Samples first..first+count-1 of one prompt: one request with n (split at MAX_N) when use_n,
         else one request each; a server ignoring n gets one request per missing sample, seed S + i.
+        ``failure(model, position)`` and ``bug(model, position)`` give a request's error or bug, or None.
         With extra, the server returns one choice more than asked, which must be ignored. A position in
-        unusable gets a choice without usable text (null) in the grouped reply, and is asked for alone.
-        Returns position -> text, or None for a sample whose request failed."""
-        out = {}
+        unusable gets a choice without usable text (null) in the grouped reply, and is asked for alone; with
+        trailing, a reply to n > 1 holds its first text and then nulls, each asked for alone; with empty, the
+        reply holds no choice at all, which fails every position it asked for (none is asked again).
+        Returns position -> text as the next layer sees it, or None for a sample whose request failed."""
+        out: dict[int, str | None] = {}
         sizes = []
         if use_n:
             for start in range(first, first + count, MAX_N):
                 sizes.append((start, min(MAX_N, first + count - start)))
         else:
             sizes = [(i, 1) for i in range(first, first + count)]
+        key = block_key(inject(self.prompt, list(references), self.instruction))
+        seen = (lambda t: t) if key is None else (lambda t: strip_markers(t, key))  # noqa: E731
         for start, size in sizes:
             seed = None if self.seed is None else self.seed + start
-            if fails(model, start):
-                self.ask("proposer", layer, None, model, size, seed, references, 0,
-                         error={"status": 500, "message": f"scripted failure of {model} at position {start}"})
-                out.update({i: None for i in range(start, start + size)})
+            indices = list(range(start, start + size))
+            if failure(model, start) or bug(model, start):
+                self.ask("proposer", layer, None, model, size, seed, references, 0, error=failure(model, start),
+                         bug=bug(model, start), indices=indices, positions=positions)
+                out.update({i: None for i in indices})
+                continue
+            if empty:
+                self.ask("proposer", layer, None, model, size, seed, references, 0, replies=[], indices=indices,
+                         positions=positions)
+                out.update({i: None for i in indices})
                 continue
             returned = size if honour_n else 1
-            replies = [None if size > 1 and start + j in unusable else text(model, start + j)
+            replies = [None if size > 1 and (start + j in unusable or trailing and j > 0) else text(model, start + j)
                        for j in range(returned)]
             self.ask("proposer", layer, None, model, size, seed, references, 0,
-                     replies=replies + (["an extra choice nobody asked for"] if extra else []))
-            out.update({start + j: reply for j, reply in enumerate(replies) if reply is not None})
+                     replies=replies + (["an extra choice nobody asked for"] if extra else []),
+                     indices=indices, positions=positions)
+            out.update({start + j: seen(reply) for j, reply in enumerate(replies) if reply is not None})
             again = [start + j for j, reply in enumerate(replies) if reply is None]
             for missing in again + list(range(start + returned, start + size)):
                 seed = None if self.seed is None else self.seed + missing
-                out[missing] = text(model, missing)
-                self.ask("proposer", layer, None, model, 1, seed, references, 0, replies=[out[missing]])
+                self.ask("proposer", layer, None, model, 1, seed, references, 0, replies=[text(model, missing)],
+                         indices=[missing], positions=positions)
+                out[missing] = seen(text(model, missing))
         return out
+
+
+def failure_text(model: str, error: dict) -> str:
+    """A failed call as messages name it (methods.md section 6): model 'm': HTTP status: message."""
+    return f"model '{model}': HTTP {error['status']}: {error['message']}"
+
+
+def failures_text(failures: list[str]) -> str:
+    """The failures, in order, '; '-separated, identical ones once with a count (methods.md section 6)."""
+    counted: dict[str, int] = {}
+    for text in failures:
+        counted[text] = counted.get(text, 0) + 1
+    return "; ".join(text if count == 1 else f"{count} x {text}" for text, count in counted.items())
 
 
 def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(), min_ok=1,
             instruction=None, temperature=0.7, max_tokens=None, agg_temperature=0.7, agg_max_tokens=None,
-            sample_text=None, extra=False, unusable=()):
-    """MoA over ``plan`` (one list of proposer models per proposer layer): the requests and the outcome."""
+            sample_text=None, extra=False, unusable=(), trailing=False, fail_with=None, bugs=(), agg_error=None,
+            stream=False, streams=True, empty=False):
+    """MoA over ``plan`` (one list of proposer models per proposer layer): the requests and the outcome.
+    ``fail_with`` is the error of every failed request (by default one naming model and position); ``bugs``
+    the (model, position) pairs whose request raises a bug; ``agg_error`` fails the aggregation; with
+    ``stream`` the caller gives a stream function, and the model streams its answer unless ``streams`` is
+    false."""
     script = Script(prompt, instruction or default_instruction(), seed, temperature, max_tokens,
                     agg_temperature, agg_max_tokens)
-    fails = lambda model, position: model in fail or (model, position) in fail  # noqa: E731
+
+    def failure(model, position):
+        if model in fail or (model, position) in fail:
+            return fail_with or {"status": 500, "message": f"scripted failure of {model} at position {position}"}
+        return None
+
+    def bug(model, position):
+        return {"type": "RuntimeError", "message": f"bug at {model} {position}"} if (model, position) in bugs else None
+
     references: list[str] = []
+    positions: list[int] = []
     for number, layer in enumerate(plan, 1):
         outputs: dict[int, str | None] = {}
 
@@ -174,52 +244,82 @@ def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(
             model, size = layer[position], 1
             while use_n and position + size < len(layer) and layer[position + size] == model:
                 size += 1
-            outputs.update(script.samples(number, model, position, size, references, text, use_n, honour_n,
-                                          fails, extra, unusable))
+            outputs.update(script.samples(number, model, position, size, references, positions, text, use_n,
+                                          honour_n, failure, bug, extra, unusable, trailing, empty))
             position += size
+        raised = [bug(m, j) for j, m in enumerate(layer) if bug(m, j)]
+        if raised:  # a bug wins over a min_ok shortfall in the same layer: the first, in configuration order
+            return script.requests, {"error": "bug", "bug": raised[0], "match": [raised[0]["message"]],
+                                     "failures": 0, "requests": len(script.requests)}
         good = [outputs[j] for j in range(len(layer)) if outputs[j] is not None]
         if len(good) < min_ok:
-            failed = sum(1 for j in range(len(layer)) if outputs[j] is None)
-            return script.requests, {"error": "NotEnoughProposals", "match": [f"layer {number}", f"min_ok={min_ok}",
-                                                                               "scripted failure"],
-                                     "failures": failed, "requests": len(script.requests)}
+            failed = [f"model '{m}': the reply holds no text" if empty else failure_text(m, failure(m, j))
+                      for j, m in enumerate(layer) if outputs[j] is None]
+            message = (f"layer {number}: only {len(good)} of {len(layer)} proposers succeeded, fewer than "
+                       f"min_ok={min_ok}. Failures: {failures_text(failed)}")
+            return script.requests, {"error": "NotEnoughProposals", "message": message,
+                                     "match": [f"layer {number}", f"min_ok={min_ok}", failed[0]],
+                                     "failures": len(failed), "requests": len(script.requests)}
         references = good
+        positions = [j for j in range(len(layer)) if outputs[j] is not None]
     answer = f"{aggregator}: synthesis of {len(references)} responses"
-    script.ask("aggregator", len(plan) + 1, None, aggregator, 1, seed, references, 0, replies=[answer])
-    return script.requests, counts(script.requests, answer)
+    if agg_error is not None:
+        script.ask("aggregator", len(plan) + 1, None, aggregator, 1, seed, references, 0, error=agg_error,
+                   indices=[0], positions=positions, stream=stream)
+        message = failure_text(aggregator, agg_error)
+        return script.requests, {"error": "ModelError", "message": message, "match": [message], "failures": 0,
+                                 "requests": len(script.requests)}
+    script.ask("aggregator", len(plan) + 1, None, aggregator, 1, seed, references, 0, replies=[answer],
+               indices=[0], positions=positions, stream=stream,
+               pieces=pieces_of(answer) if stream and streams else None)
+    return script.requests, dict(counts(script.requests, answer), **streamed(stream, streams, answer))
+
+
+def streamed(stream: bool, streams: bool, answer: str) -> dict:
+    """What the caller's stream function receives, joined: the answer if the model streamed it, else nothing."""
+    return {"streamed": answer if streams else ""} if stream else {}
 
 
 def run_seq(*, prompt, window, carry, aggregator, seed, samples=None, model=None, n=None, use_n=True,
             honour_n=True, fail=(), min_ok=1, instruction=None, temperature=0.7, max_tokens=None,
-            agg_temperature=0.7, agg_max_tokens=None, echo=False):
-    """Self-MoA-Seq: samples given, or generated window by window; then the rounds."""
+            agg_temperature=0.7, agg_max_tokens=None, echo=False, stream=False):
+    """Self-MoA-Seq: samples given, or generated window by window; then the rounds. With ``stream`` the
+    caller gives a stream function: only the round known to be last carries it (methods.md section 3)."""
     script = Script(prompt, instruction or default_instruction(), seed, temperature, max_tokens,
                     agg_temperature, agg_max_tokens)
+    failed: dict[int, str] = {}
     if samples is None:
         # Every sample is requested at once: round 1's window in one request, then each round's new ones.
-        fails = lambda model_, position: position in fail  # noqa: E731
+        def failure(model_, position):
+            if position in fail:
+                return {"status": 500, "message": f"scripted failure of {model_} at position {position}"}
+            return None
+
         chunks = [(0, min(n, window))] + [(s, min(window - carry, n - s)) for s in range(window, n, window - carry)]
         outcomes: dict[int, str | None] = {}
         for start, size in chunks:
-            outcomes.update(script.samples(1, model, start, size, [], lambda m, i: f"{m} sample {i}", use_n,
-                                           honour_n, fails))
-        stream = [outcomes[i] for i in range(n)]
+            outcomes.update(script.samples(1, model, start, size, [], [], lambda m, i: f"{m} sample {i}", use_n,
+                                           honour_n, failure, lambda m, i: None))
+        stream_ = [outcomes[i] for i in range(n)]
+        failed = {i: failure_text(model, failure(model, i)) for i in range(n) if outcomes[i] is None}
     else:
-        stream = list(samples)
-    total = len(stream)
-    synthesis, round_number, position, failures = None, 0, 0, 0
+        stream_ = list(samples)
+    total = len(stream_)
+    synthesis, round_number, position, failures = None, 0, 0, []
     while True:
         wanted = window if synthesis is None else window - carry
         new = []
         while len(new) < wanted and position < total:  # failed samples are skipped, in order
-            if stream[position] is None:
-                failures += 1
-                if total - failures < min_ok:
-                    return script.requests, {"error": "NotEnoughProposals", "match": [f"min_ok={min_ok}",
-                                                                                      "scripted failure"],
-                                             "failures": failures, "requests": len(script.requests)}
+            if stream_[position] is None:
+                failures.append(failed[position])  # only the failures the filling has reached (gap 8)
+                if total - len(failures) < min_ok:
+                    message = (f"only {total - len(failures)} of {total} samples can still succeed, fewer than "
+                               f"min_ok={min_ok}. Failures: {failures_text(failures)}")
+                    return script.requests, {"error": "NotEnoughProposals", "message": message,
+                                             "match": [f"min_ok={min_ok}", "scripted failure"],
+                                             "failures": len(failures), "requests": len(script.requests)}
             else:
-                new.append((position, stream[position]))
+                new.append((position, stream_[position]))
             position += 1
         if not new:
             break
@@ -230,12 +330,16 @@ def run_seq(*, prompt, window, carry, aggregator, seed, samples=None, model=None
         if echo:  # the model copies its prompt's first and (mangled) last marker lines around its answer
             key, count = key_for(shown), len(shown)
             reply = f"<<<response 1 of {count}, key {key}>>>\n{reply}\n <<<end of response {count}, key {key}>>"
-        script.ask("aggregator", 2, round_number, aggregator, 1, seed, shown, len(carried), replies=[reply])
+        last = stream and position >= total  # known to be last: filling it took the last sample there is
+        script.ask("aggregator", 2, round_number, aggregator, 1, seed, shown, len(carried), replies=[reply],
+                   indices=[0], positions=[i for i, _ in new], stream=last,
+                   pieces=pieces_of(reply) if last else None)
         synthesis = strip_markers(reply, key_for(shown))
-    good = total - failures
+    good = total - len(failures)
     if samples is not None:
         assert round_number == rounds(good, window, carry)
-    return script.requests, dict(counts(script.requests, synthesis), rounds=round_number)
+    return script.requests, dict(counts(script.requests, synthesis), rounds=round_number,
+                                 **streamed(stream, True, synthesis))
 
 
 def rounds(n: int, window: int, carry: int) -> int:
@@ -278,6 +382,7 @@ def build() -> list[dict]:
               {"role": "user", "content": "And 6 * 8?"}]
     upstream = inject([{"role": "system", "content": "You answer arithmetic."}, QUESTION[0]],
                       ["upstream says 41", "upstream says 42"], default)
+    upstream_key = key_for(["upstream says 41", "upstream says 42"])
     quoting = "Merge the answers. An example of the format:\n\n" + block(["like this"], "Example.")
     s = lambda count: [f"sample {i}" for i in range(count)]  # noqa: E731
     seq = lambda name, description, count, window, carry: vector(  # noqa: E731
@@ -414,6 +519,79 @@ def build() -> list[dict]:
         vector("seq-min-ok-above-given-samples", "min_ok=3 over a list of 2 given samples can never be met: refused.",
                "self_moa_seq", HAMLET, {"samples": ["one", "two"], "aggregator": "m", "min_ok": 3},
                refused("min_ok", 3)),
+        # --- Streaming: only the final aggregation, filtered; nothing the model did not stream
+        vector("self-moa-streamed", "With a stream function, only the aggregation carries it (the samples do "
+               "not); the model streams its answer in pieces and the function receives exactly the answer.",
+               "self_moa", PRIME, {"model": "m", "n": 3, "seed": 1, "stream": True},
+               run_moa([["m"] * 3], "m", prompt=PRIME, seed=1, stream=True,
+                       sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("moa-streamed-final-only", "3-layer MoA with a stream function: neither proposer layer is "
+               "streamed, only the aggregator.",
+               "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "layers": 3, "seed": 0,
+                                 "stream": True},
+               run_moa([["a", "b"], ["a", "b"]], "z", prompt=QUESTION, seed=0, stream=True)),
+        vector("self-moa-stream-not-streamed-by-model", "A stream function is given but the completion function "
+               "returns the answer whole, streaming nothing: the stream function is never called (it receives "
+               "only what is streamed), and the answer is in the result.",
+               "self_moa", PRIME, {"model": "m", "n": 2, "seed": 0, "stream": True},
+               run_moa([["m"] * 2], "m", prompt=PRIME, seed=0, stream=True, streams=False,
+                       sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("seq-streams-only-the-last-round", "Self-MoA-Seq, n=8, w=6, r=3, generated, with a stream "
+               "function: round 1 is not streamed, round 2 (known last: it takes sample 7, the last) is.",
+               "self_moa_seq", PRIME, {"model": "m", "n": 8, "window": 6, "carry": 3, "seed": 0, "stream": True},
+               run_seq(prompt=PRIME, model="m", n=8, window=6, carry=3, aggregator="m", seed=0, stream=True)),
+        vector("seq-streamed-echoed-markers", "The last round streams an answer wrapped in its prompt's marker "
+               "lines, cut into pieces across the markers: the stream function receives the answer without them, "
+               "exactly the returned answer. w=2, r=1 over 3 given samples.",
+               "self_moa_seq", HAMLET, {"samples": s(3), "aggregator": "m", "window": 2, "carry": 1, "seed": 3,
+                                        "stream": True},
+               run_seq(prompt=HAMLET, samples=s(3), window=2, carry=1, aggregator="m", seed=3, echo=True,
+                       stream=True)),
+        # --- Errors: whole messages, partial traces, which error wins
+        vector("moa-identical-failures-counted", "Three proposers of a model the server does not know fail alike, "
+               "a fourth succeeds, min_ok=2: the message names the identical failures once, with a count, and "
+               "the partial trace holds every request with its error.",
+               "moa", QUESTION, {"proposers": ["x", "x", "x", "y"], "aggregator": "z", "min_ok": 2, "seed": 0,
+                                 "use_n": False},
+               run_moa([["x", "x", "x", "y"]], "z", prompt=QUESTION, seed=0, use_n=False, fail={"x"}, min_ok=2,
+                       fail_with={"status": 404, "message": "The model 'x' does not exist"})),
+        vector("self-moa-aggregation-fails", "The aggregation fails for good: its ModelError is raised, naming "
+               "the model and status, and the partial trace holds the samples and the failed aggregation.",
+               "self_moa", PRIME, {"model": "m", "n": 2, "seed": 0},
+               run_moa([["m"] * 2], "m", prompt=PRIME, seed=0, agg_error={"status": 503, "message": "overloaded"},
+                       sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("seq-failures-reached-only", "n=12, w=6, r=3, min_ok=12, samples 2 and 8 fail: the filling reaches "
+               "sample 2 first, and NotEnoughProposals lists only the failures reached (sample 2), though "
+               "sample 8's failure is known and in the partial trace. No round is aggregated.",
+               "self_moa_seq", PRIME, {"model": "m", "n": 12, "seed": 0, "use_n": False, "min_ok": 12},
+               run_seq(prompt=PRIME, model="m", n=12, window=6, carry=3, aggregator="m", seed=0, use_n=False,
+                       fail={2, 8}, min_ok=12)),
+        vector("moa-bug-beats-min-ok", "In one layer b fails (a ModelError) and the completion function raises "
+               "a bug on c, so min_ok=3 is not met either: the bug is raised, not NotEnoughProposals, after "
+               "every request of the layer; its trace entry records it as `Type: message`.",
+               "moa", QUESTION, {"proposers": ["a", "b", "c"], "aggregator": "z", "min_ok": 3, "seed": 0,
+                                 "use_n": False},
+               run_moa([["a", "b", "c"]], "z", prompt=QUESTION, seed=0, use_n=False, fail={"b"}, min_ok=3,
+                       bugs={("c", 2)})),
+        # --- Replies that echo markers or leave choices empty
+        vector("moa-nested-prompt-echoed-upstream-markers", "The caller's prompt ends with an upstream block, and "
+               "a layer-1 proposer echoes that block's end marker line: the line is removed from its reply (its "
+               "prompt holds a block), so the aggregator is shown the clean text.",
+               "moa", upstream, {"proposers": ["a", "b"], "aggregator": "z", "seed": 2, "use_n": False},
+               run_moa([["a", "b"]], "z", prompt=upstream, seed=2, use_n=False,
+                       sample_text=lambda m, i: f"{m} says 42" + (f"\n<<<end of response 2, key {upstream_key}>>>"
+                                                                 if m == "a" else ""))),
+        vector("self-moa-trailing-null-choices", "The reply to n=3 holds the first text and then two choices "
+               "without usable text (null): samples 1 and 2 are asked for again alone (seeds S+1, S+2); the "
+               "trace records the nulls as returned, and the request counts 1 call.",
+               "self_moa", PRIME, {"model": "m", "n": 3, "seed": 6},
+               run_moa([["m"] * 3], "m", prompt=PRIME, seed=6, trailing=True,
+                       sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("self-moa-empty-reply", "The reply to n=3 holds no choice at all: the request fails, with it every "
+               "sample it asked for (none is asked again), and the failure's text is fixed: `model 'm': the reply "
+               "holds no text`, three times, counted once.",
+               "self_moa", PRIME, {"model": "m", "n": 3, "seed": 0},
+               run_moa([["m"] * 3], "m", prompt=PRIME, seed=0, empty=True)),
         vector("seq-min-ok-not-met", "n=4, min_ok=3, samples 1 and 2 fail: NotEnoughProposals as soon as fewer "
                "than 3 samples can succeed; no aggregation is asked for.",
                "self_moa_seq", PRIME, {"model": "m", "n": 4, "seed": 0, "use_n": False, "min_ok": 3},
