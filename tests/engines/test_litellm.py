@@ -80,15 +80,11 @@ def chain(tmp_path_factory):
         serve_url = serve.stdout.readline().strip()
         assert serve_url.startswith("http://127.0.0.1:"), serve.stderr.read()
         front, back = readme_config("litellm-front.yaml"), readme_config("litellm-behind.yaml")
-        for entry in front["model_list"]:  # the mock's model in place of qwen, serve in place of localhost:8080
-            entry["model_name"] = entry["model_name"].replace("qwen", "generalist")
-            entry["litellm_params"]["model"] = entry["litellm_params"]["model"].replace("qwen", "generalist")
-            assert entry["litellm_params"]["api_base"] == "http://localhost:8080/v1"
+        for entry in front["model_list"]:  # this serve in place of localhost:8100
+            assert entry["litellm_params"]["api_base"] == "http://localhost:8100/v1"
             entry["litellm_params"]["api_base"] = serve_url
         assert len(back["model_list"]) == 3
-        for entry, server in zip(back["model_list"], behind):
-            entry["model_name"] = entry["model_name"].replace("qwen", "generalist")
-            entry["litellm_params"]["model"] = entry["litellm_params"]["model"].replace("qwen", "generalist")
+        for entry, server in zip(back["model_list"], behind):  # the three mocks in place of the GPUs
             entry["litellm_params"]["api_base"] = server.base_url
         assert front["general_settings"] == back["general_settings"]
         config = {"model_list": front["model_list"] + back["model_list"],
