@@ -191,6 +191,15 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "vendi_score",
 ]
 
+# The programs beside this file (selfmoa_batch.py, selfmoa_serve.py) also use these internal names: argument
+# checks, the shared call pool, the command line's flag readers and reports, and the reading and redacting of
+# server text. They are kept working for those files (tests/test_smoke.py checks that they use no others),
+# but are no public API: code outside this project should use __all__ only.
+_FOR_SIBLINGS = frozenset({
+    "_check", "_is_int", "_key_problem", "_Pool", "_on_shared_pool", "_start", "_sampling", "_clean", "_redact",
+    "_read_capped", "_endpoints_of", "_servers_of", "_reason", "_finite", "_instruction_file", "_refuse",
+    "_method_arguments", "_method_options"})
+
 
 # ======================================================================================================
 # Errors
@@ -572,6 +581,19 @@ def _as_reply(value: Any, request: Request) -> Reply:
     value.texts = [text if text is None else _clean(text) for text in value.texts[:request.n]]
     value.finish_reasons = (list(value.finish_reasons) + [None] * request.n)[:len(value.texts)]
     return value
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")  # unpaired halves (json.loads joins the pairs)
+
+
+def _clean(text: str) -> str:
+    """Text with lone surrogates (which no encoder accepts) replaced by U+FFFD: what crosses the seam, both
+    ways (a reply's texts, a request's JSON), and any server text shown.
+
+    >>> _clean("ok \\ud83d!")
+    'ok \\ufffd!'
+    """
+    return _SURROGATES.sub("\ufffd", text) if _SURROGATES.search(text) else text
 
 
 # ======================================================================================================
@@ -1639,17 +1661,7 @@ MAX_ERROR_BYTES = 2**16  # how much of an error reply is read; the rest is dropp
 LIST_WITHIN = 5.0  # seconds a server may take to list its models (GET /models) before it counts as listing none
 SHOWN_MESSAGE, SHOWN_BODY = 600, 500  # characters of server text kept in a ModelError's message and body
 
-_SURROGATES = re.compile("[\ud800-\udfff]")  # unpaired halves (json.loads joins the pairs)
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f]")  # shown to a terminal, they could rewrite what it shows
-
-
-def _clean(text: str) -> str:
-    """Text from a server with lone surrogates (which no encoder accepts) replaced by U+FFFD.
-
-    >>> _clean("ok \\ud83d!")
-    'ok \\ufffd!'
-    """
-    return _SURROGATES.sub("\ufffd", text) if _SURROGATES.search(text) else text
 
 
 def _printable_ascii(text: str) -> bool:
@@ -3166,7 +3178,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             if os.path.abspath(args.input) == os.path.abspath(args.output):
                 raise ConfigError("--output is the --input file; pass another path, so that the input is kept")
             batch = _sibling("selfmoa_batch", "batch mode (-i/-o)")
-            return batch.batch_command(args, options, make_client(args, environ)) if batch else 2
+            return batch.batch_command(args, options, make_client(args, environ), environ) if batch else 2
         prompt = args.prompt
         if prompt is None:
             if sys.stdin is None or sys.stdin.isatty():

@@ -85,6 +85,7 @@ from selfmoa import (
     _servers_of,
     _start,
     as_messages,
+    key_report,
     missing_models_report,
 )
 
@@ -620,33 +621,14 @@ def _lock(output: str) -> Callable[[], None]:
     """
     lock_path = _through_links(output) + ".lock"
     fcntl = _fcntl()
-    for _ in range(10):  # bounded: only a holder removing the file between our open and flock repeats this
-        if fcntl is None:
-            try:
-                descriptor = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
-            except FileExistsError:
-                try:
-                    with open(lock_path, encoding="ascii", errors="replace") as file:
-                        pid_text = file.read().strip()
-                except OSError:
-                    continue
-                is_pid = re.fullmatch(r"[0-9]{1,10}", pid_text) is not None  # not "²", not 5000 digits
-                if not is_pid or _pid_alive(int(pid_text)):
-                    raise _busy(output, lock_path, f"pid {pid_text}; if no such run exists, delete the lock file"
-                                if is_pid else "") from None
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock_path)  # its owner died without removing it: a stale lock
-                continue
-            except OSError as exc:
-                raise _cannot_write(output, exc) from None
-            with contextlib.suppress(OSError):  # without it, others see "pid unknown" and wait
-                _write_all(descriptor, f"{os.getpid()}\n".encode())
-            os.close(descriptor)
+    if fcntl is None:
+        return _lock_by_pid_file(output, lock_path)
+    return _lock_by_flock(output, lock_path, fcntl)
 
-            def release_file() -> None:
-                with contextlib.suppress(OSError):
-                    os.unlink(lock_path)
-            return release_file
+
+def _lock_by_flock(output: str, lock_path: str, fcntl: Any) -> Callable[[], None]:
+    """``_lock`` with fcntl: an flock held on the lock file, which also names the holder's pid."""
+    for _ in range(10):  # bounded: only a holder removing the file between our open and flock repeats this
         try:
             descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
         except OSError as exc:
@@ -677,11 +659,43 @@ def _lock(output: str) -> Callable[[], None]:
             os.lseek(descriptor, 0, os.SEEK_SET)  # the check above read to the end
             _write_all(descriptor, f"{os.getpid()}\n".encode())
 
-        def release_flock(held: int = descriptor) -> None:
+        def release(held: int = descriptor) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(lock_path)  # removed while still held, so no one can lock a file about to vanish
             os.close(held)
-        return release_flock
+        return release
+    raise _busy(output, lock_path, "")
+
+
+def _lock_by_pid_file(output: str, lock_path: str) -> Callable[[], None]:
+    """``_lock`` without fcntl: the lock file created exclusively, holding the owner's pid; a file whose pid
+    is no longer running is a stale lock, and is taken over."""
+    for _ in range(10):  # bounded: only a stale lock removed, or a holder leaving meanwhile, repeats this
+        try:
+            descriptor = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+        except FileExistsError:
+            try:
+                with open(lock_path, encoding="ascii", errors="replace") as file:
+                    pid_text = file.read().strip()
+            except OSError:
+                continue
+            is_pid = re.fullmatch(r"[0-9]{1,10}", pid_text) is not None  # not "²", not 5000 digits
+            if not is_pid or _pid_alive(int(pid_text)):
+                raise _busy(output, lock_path, f"pid {pid_text}; if no such run exists, delete the lock file"
+                            if is_pid else "") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_path)  # its owner died without removing it: a stale lock
+            continue
+        except OSError as exc:
+            raise _cannot_write(output, exc) from None
+        with contextlib.suppress(OSError):  # without it, others see "pid unknown" and wait
+            _write_all(descriptor, f"{os.getpid()}\n".encode())
+        os.close(descriptor)
+
+        def release() -> None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
+        return release
     raise _busy(output, lock_path, "")
 
 
@@ -1214,9 +1228,11 @@ def _check_alpaca_target(path: str, records_path: str, items: Sequence[Item]) ->
                           f"left untouched; pass another --output, or move this file away")
 
 
-def batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient) -> int:
+def batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient,
+                  environ: Mapping[str, str] | None = None) -> int:
     """The ``-i FILE -o FILE`` command of ``selfmoa``: run the batch the flags describe, print a summary on stderr;
-    returns the exit status. ``selfmoa.main`` parses and checks the flags and builds ``options`` and ``client``."""
+    returns the exit status. ``selfmoa.main`` parses and checks the flags and builds ``options`` and ``client``;
+    ``environ`` (the environment the keys came from) lets the summary explain a key that was held back."""
     if args.generator is not None and (args.format != "alpaca_eval" or not args.generator.strip()):
         raise ConfigError(f"--generator {args.generator!r}: names the AlpacaEval generator, so it goes with "
                           f"--format alpaca_eval and is not empty; add --format alpaca_eval, or drop --generator")
@@ -1237,7 +1253,7 @@ def batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTT
         with _output_lock(records_path):  # held until outputs.json is written, too
             if args.format == "alpaca_eval":
                 _check_alpaca_target(args.output, records_path, items)
-            return _run_batch_command(args, options, client, items, records_path)
+            return _run_batch_command(args, options, client, items, records_path, environ or {})
     except ConfigError:
         raise
     except (SelfMoAError, OSError) as exc:  # a failed read or write: what was finished is kept
@@ -1263,17 +1279,17 @@ class _FailedCalls:
                 self.causes[cause] = self.causes.get(cause, 0) + 1
             raise
 
-    def report(self) -> list[str]:
+    def report(self, args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
         lines = [f"{count} call{'s' if count != 1 else ''} failed for good: {reason}"
                  for (_, reason), count in sorted(self.causes.items(), key=lambda item: -item[1])]
         if lines:
             lines.append("(an item goes on without a failed proposer or sample while at least --min-ok of its layer "
                          "succeed, and fails otherwise; --trace records every call in the item's line)")
-        return lines + missing_models_report(self.causes, self.client)
+        return lines + missing_models_report(self.causes, self.client) + key_report(self.causes, args, environ)
 
 
 def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client: HTTPClient, items: list[Item],
-                       records_path: str) -> int:
+                       records_path: str, environ: Mapping[str, str]) -> int:
     show_progress = sys.stderr.isatty()
 
     def progress(finished: int, failed: int, total: int, elapsed: float) -> None:
@@ -1308,7 +1324,7 @@ def _run_batch_command(args: argparse.Namespace, options: dict[str, Any], client
     if counts["moved"]:
         say(f"selfmoa: moved {counts['moved']} line(s) of items no longer in the input, or of answers replaced "
             f"by a rerun, to {_removed_path(records_path)}")
-    for line in failures.report():
+    for line in failures.report(args, environ):
         say(f"selfmoa: {line}")
     say(f"selfmoa: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already done "
         f"(of {counts['total']}); results in {records_path}")

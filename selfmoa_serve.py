@@ -90,7 +90,6 @@ from selfmoa import (
     _read_capped,
     _redact,
     _refuse,
-    _settings,
     build_parser,
     make_client,
     role_settings,
@@ -362,18 +361,10 @@ class ModelServer:
         unknown = sorted(set(defaults or {}) - set(SERVE_DEFAULTS))
         _check(not unknown, "defaults", unknown, "these are not method defaults", f"use {', '.join(SERVE_DEFAULTS)}")
         self.defaults = {**SERVE_DEFAULTS, **(defaults or {})}
-        d = self.defaults
-        seq_rounds(d["n"], d["window"], d["carry"])  # checks n, window and carry
-        _settings(complete=complete, proposing=_role(d), aggregating=_role(d, "aggregator_"), seed=d["seed"],
-                  concurrency=concurrency, instruction=d["instruction"], use_n=True, stream=None, layout=d["layout"])
-        _check(_is_int(d["layers"]) and d["layers"] >= 2, "layers", d["layers"],
-               "layers count the aggregator, so there are at least 2", "pass 2 for one proposer layer")
-        _check(_is_int(d["min_ok"]) and 1 <= d["min_ok"] <= d["n"], "min_ok", d["min_ok"],
-               "it is the fewest proposers that must succeed", f"pass min_ok between 1 and {d['n']}")
-        _check(d["proposers"] is None or (isinstance(d["proposers"], list) and len(d["proposers"]) > 0),
-               "proposers", d["proposers"], "MoA proposers are a non-empty list", "pass a list of model names")
         _check(_is_int(concurrency) and concurrency >= 1, "concurrency", concurrency,
                "it bounds the upstream calls of all runs at once", "pass an integer >= 1")
+        self.concurrency = concurrency
+        self._check_defaults()
         _check(isinstance(drain_timeout, (int, float)) and not isinstance(drain_timeout, bool)
                and math.isfinite(drain_timeout) and drain_timeout >= 0, "drain_timeout", drain_timeout,
                "it is how long the runs in flight may take to finish on a stop", "pass a number of seconds >= 0")
@@ -587,6 +578,21 @@ class ModelServer:
             self._run(handler, model, method, upstream, _chat_request(body, method))
 
     # --- the methods -----------------------------------------------------------------------------------
+
+    def _check_defaults(self) -> None:
+        """Check the defaults by each method's own checks: a run of the method on the arguments a request that
+        sets nothing gets, stopped at its first call (a method checks every argument before its first call)."""
+        request: dict[str, Any] = {"selfmoa": {}, "temperature": None, "max_tokens": None, "fields": {}, "seed": None}
+        for method in SERVE_OPTIONS:
+            try:
+                arguments = self._arguments(method, "m", request)
+            except _ServeError:
+                continue  # moa without default proposers, or over the call cap: a request's own values may do
+            try:
+                METHODS[method]([{"role": "user", "content": "?"}], complete=_stop_at_first_call,
+                                **{**arguments, "concurrency": 1})  # one thread: it stops at once
+            except _Checked:
+                pass
 
     def _arguments(self, method: str, upstream: str, request: dict) -> dict[str, Any]:
         """The method's keyword arguments: serve's defaults, then the request's ``selfmoa`` and own fields."""
@@ -807,6 +813,14 @@ class ModelServer:
             handler.end_chunked()
         except (OSError, http.client.HTTPException):
             handler.close_connection = True  # the upstream broke off mid-reply: so does this reply
+
+
+class _Checked(Exception):
+    """The arguments passed a method's checks: its first call was reached (see ``ModelServer._check_defaults``)."""
+
+
+def _stop_at_first_call(request: Request) -> Any:
+    raise _Checked
 
 
 class _Client:

@@ -218,3 +218,16 @@ def test_a_401_for_a_key_that_was_sent_adds_no_explanation(capsys, flags, enviro
         code, _, err = run(capsys, argv, environ={k: v.format(url=server.base_url) for k, v in environ.items()})
     assert code == 1 and "HTTP 401" in err
     assert "was not sent" not in err and "no key was sent" not in err and "was sent no key" not in err
+
+
+def test_a_batch_explains_a_withheld_key_once(capsys, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"question {i}"}) + "\n" for i in range(3)))
+    with MockServer(api_key="sk-the-right-one") as server:
+        code, _, err = run(capsys, ["--base-url", server.base_url, "-m", "generalist", "-n", "2", "-i", str(prompts),
+                                    "-o", str(tmp_path / "answers.jsonl")], environ={"OPENAI_API_KEY": "sk-withheld-0"})
+    assert code == 1
+    assert sum(line.startswith("selfmoa: $OPENAI_API_KEY was not sent to") for line in err.splitlines()) == 1
+    assert [line for line in err.splitlines() if "failed for good" in line] == [
+        f"selfmoa: 3 calls failed for good: model 'generalist' at {server.base_url}/chat/completions: HTTP 401: "
+        f"Incorrect API key provided"]

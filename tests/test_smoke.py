@@ -81,3 +81,41 @@ def test_the_siblings_import_selfmoa_and_never_each_other():
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and node.module}
         assert imported - set(sys.stdlib_module_names) - {"__future__"} == allowed, name
+
+
+def test_the_siblings_use_only_the_internal_names_selfmoa_keeps_for_them():
+    """Of selfmoa's internal names, selfmoa_batch.py and selfmoa_serve.py use only those listed in
+    selfmoa._FOR_SIBLINGS (each of which exists), so that the coupling stays known and small."""
+    import ast
+    assert all(hasattr(selfmoa, name) for name in selfmoa._FOR_SIBLINGS)
+    for name in ("selfmoa_batch.py", "selfmoa_serve.py"):
+        tree = ast.parse((ROOT / name).read_text(encoding="utf-8"))
+        used = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "selfmoa"
+                for alias in node.names}
+        used |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                 and isinstance(node.value, ast.Name) and node.value.id == "selfmoa"}
+        internal = {n for n in used if n.startswith("_") and not n.startswith("__")}
+        assert internal <= selfmoa._FOR_SIBLINGS, (name, sorted(internal - selfmoa._FOR_SIBLINGS))
+
+
+def test_selfmoa_py_alone_runs_the_methods_and_the_one_prompt_command_against_a_server(tmp_path):
+    """What a project that only calls the methods copies: selfmoa.py alone, in an empty folder, in isolated mode,
+    runs each method and the one-prompt command against a real (loopback) server."""
+    from mock_models.server import MockServer
+
+    shutil.copy(ROOT / "selfmoa.py", tmp_path / "selfmoa.py")
+    with MockServer() as server:
+        code = ("import sys; sys.path.insert(0, '.'); import selfmoa; "
+                f"client = selfmoa.HTTPClient({server.base_url!r}); "
+                "print(bool(selfmoa.self_moa('What is 2+2?', 'generalist', n=2, complete=client).answer), "
+                "selfmoa.self_moa_seq('What is 2+2?', 'generalist', n=3, window=2, carry=1, complete=client).calls, "
+                "selfmoa.moa('What is 2+2?', ['coder', 'generalist'], 'generalist', complete=client).calls)")
+        ran = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60)
+        assert ran.returncode == 0 and ran.stdout.split() == ["True", "5", "3"], ran.stderr
+        asked = subprocess.run([sys.executable, "-I", "-S", "selfmoa.py", "--base-url", server.base_url, "-m",
+                                "generalist", "-n", "2", "--json", "What is 2+2?"], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=60)
+    assert asked.returncode == 0, asked.stderr
+    assert '"method": "self-moa"' in asked.stdout and '"answer": ' in asked.stdout
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name != "__pycache__") == ["selfmoa.py"]

@@ -220,3 +220,14 @@ def test_each_vector_states_the_papers_counts():
     assert by_name["self-moa-n6"]["expected"]["calls"] == 7
     worked = by_name["seq-worked-example"]
     assert worked["expected"]["calls"] == 10 + 3 and worked["expected"]["rounds"] == 3
+
+
+def test_every_vector_is_a_step_of_the_course_and_the_course_names_no_other():
+    """spec/exercises.md names each vector in the step that teaches it, and only vectors that exist; so does
+    the table of spec/vectors.md."""
+    names = {p.stem for p in VECTORS}
+    for page in ("exercises.md", "vectors.md"):
+        text = (ROOT / "spec" / page).read_text(encoding="utf-8")
+        named = set(re.findall(r"`((?:moa|self-moa|seq)-[a-z0-9-]+)`", text))
+        assert names <= named, f"spec/{page} never names {sorted(names - named)}"
+        assert named <= names, f"spec/{page} names vectors that do not exist: {sorted(named - names)}"
