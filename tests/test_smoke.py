@@ -44,12 +44,16 @@ def test_the_manual_names_every_public_name():
     assert missing == [], f"the module docstring does not mention {missing}"
 
 
-@pytest.mark.parametrize("argv, sibling", [(["serve", "--port", "0"], "selfmoa_serve.py"),
-                                           (["-m", "a", "-i", "in.jsonl", "-o", "out.jsonl"], "selfmoa_batch.py"),
-                                           (["merge", "-m", "a", "-i", "in.jsonl", "-o", "out.jsonl", "in.jsonl"],
-                                            "selfmoa_batch.py")])
-def test_a_lone_copy_of_selfmoa_py_names_the_sibling_file_to_add(tmp_path, argv, sibling):
-    shutil.copy(ROOT / "selfmoa.py", tmp_path / "selfmoa.py")
+@pytest.mark.parametrize("argv, sibling, beside", [
+    (["serve", "--port", "0"], "selfmoa_serve.py", []),
+    (["-m", "a", "-i", "in.jsonl", "-o", "out.jsonl"], "selfmoa_batch.py", []),
+    (["merge", "-m", "a", "-i", "in.jsonl", "-o", "out.jsonl", "in.jsonl"], "selfmoa_batch.py", []),
+    (["eval", "--help"], "selfmoa_batch.py and selfmoa_eval.py", []),
+    (["eval", "--help"], "selfmoa_batch.py", ["selfmoa_eval.py"]),  # eval imports batch: both are needed
+])
+def test_a_lone_copy_of_selfmoa_py_names_the_sibling_file_to_add(tmp_path, argv, sibling, beside):
+    for name in ["selfmoa.py", *beside]:
+        shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
     done = subprocess.run([sys.executable, "-I", "-S", "selfmoa.py", *argv], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
