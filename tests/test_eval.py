@@ -395,7 +395,12 @@ def test_selfmoa_eval_is_a_subcommand_and_a_lone_copy_names_the_file_to_add(tmp_
     shutil.copy(os.path.join(ROOT, "selfmoa.py"), tmp_path / "selfmoa.py")
     done = subprocess.run([sys.executable, "-I", "-S", "selfmoa.py", "eval", "data.jsonl"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "copy selfmoa_eval.py next to it" in done.stderr
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "selfmoa eval needs selfmoa_batch.py and selfmoa_eval.py" in done.stderr
+    shutil.copy(os.path.join(ROOT, "selfmoa_batch.py"), tmp_path / "selfmoa_batch.py")
+    done = subprocess.run([sys.executable, "-I", "-S", "selfmoa.py", "eval", "data.jsonl"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "selfmoa eval needs selfmoa_eval.py, not beside" in done.stderr
 
 
 def test_importing_selfmoa_eval_imports_no_optional_package():
