@@ -96,7 +96,7 @@ from selfmoa import (
     seq_rounds,
 )
 
-__all__ = ["SERVE_METHODS", "ModelServer", "main"]
+__all__ = ["ModelServer", "SERVE_METHODS", "main"]  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
 
 
 # ======================================================================================================

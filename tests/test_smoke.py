@@ -123,3 +123,16 @@ def test_selfmoa_py_alone_runs_the_methods_and_the_one_prompt_command_against_a_
     assert asked.returncode == 0, asked.stderr
     assert '"method": "self-moa"' in asked.stdout and '"answer": ' in asked.stdout
     assert sorted(path.name for path in tmp_path.iterdir() if path.name != "__pycache__") == ["selfmoa.py"]
+
+
+@pytest.mark.parametrize("name, spec", [("selfmoa_batch", "spec/batch.md"), ("selfmoa_serve", "spec/serve.md")])
+def test_each_sibling_opens_with_its_manual_and_a_sorted_all(name, spec):
+    """Each program beside selfmoa.py opens with its own manual: what it is, every public name of its sorted
+    __all__, a runnable example (a doctest), and the spec file it implements."""
+    import doctest
+    import importlib
+
+    module = importlib.import_module(name)
+    assert module.__all__ == sorted(module.__all__) and all(hasattr(module, n) for n in module.__all__)
+    assert [n for n in module.__all__ if f"``{n}``" not in module.__doc__] == []
+    assert spec in module.__doc__ and doctest.DocTestParser().get_examples(module.__doc__)
