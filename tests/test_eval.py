@@ -572,3 +572,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
     test_readme.README.write_text(EVAL_HELP.sub(lambda m: m.group(1) + eval_help() + m.group(3), text),
                                   encoding="utf-8")
     print("README.md updated")
+
+
+def test_all_is_sorted_and_the_manual_names_every_public_name():
+    assert ev.__all__ == sorted(ev.__all__) and all(hasattr(ev, name) for name in ev.__all__)
+    assert [name for name in ev.__all__ if f"``{name}``" not in ev.__doc__] == []
