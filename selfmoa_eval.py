@@ -372,7 +372,7 @@ MATH_VERIFY_HINT = "the math grader needs the optional package math-verify: pip 
 def _math_verify() -> Any:
     """The math_verify module; ConfigError naming the package when it is not installed."""
     try:
-        import math_verify  # type: ignore[import-not-found]
+        import math_verify  # type: ignore[import-not-found,import-untyped,unused-ignore]
     except ImportError:
         raise ConfigError(MATH_VERIFY_HINT) from None
     return math_verify
