@@ -148,6 +148,7 @@ import hashlib
 import http.client
 import importlib
 import importlib.util
+import ipaddress
 import itertools
 import json
 import math
@@ -1658,6 +1659,7 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_REPLY_BYTES = 32 * 2**20  # the largest reply body read (HTTPClient's max_reply_bytes); a stream counts whole
 MAX_EVENT_LINE = 2**20  # the longest line of a streamed reply (one event)
 MAX_ERROR_BYTES = 2**16  # how much of an error reply is read; the rest is dropped with its connection
+MAX_INTERIM = 32  # interim (1xx) responses skipped before a reply at most (a server may send any number)
 LIST_WITHIN = 5.0  # seconds a server may take to list its models (GET /models) before it counts as listing none
 SHOWN_MESSAGE, SHOWN_BODY = 600, 500  # characters of server text kept in a ModelError's message and body
 
@@ -1779,9 +1781,26 @@ def _public_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """A reply read past every interim response: HTTP lets a server send any number of 1xx responses (102
+    Processing, 103 Early Hints, each with headers of its own) before the final one, and a client must skip
+    them. http.client skips only 100 Continue. 101 (a protocol switch, never asked for) is left as it is."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        for _ in range(MAX_INTERIM):
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 100 <= status < 200 or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim response's headers, skipped (each bounded)
+        raise http.client.HTTPException(f"more than {MAX_INTERIM} interim (1xx) responses before the reply")
+
+
 class _NoDelay:
     """http.client sends a request's headers and body in two writes; with Nagle's algorithm on, the second
-    can wait for the server's delayed ACK (tens of milliseconds). TCP_NODELAY sends both at once."""
+    can wait for the server's delayed ACK (tens of milliseconds). TCP_NODELAY sends both at once. Replies
+    are read past interim (1xx) responses."""
+
+    response_class: type[http.client.HTTPResponse] = _FinalResponse
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
@@ -1796,6 +1815,100 @@ class _HTTPConnection(_NoDelay, http.client.HTTPConnection):
 
 class _HTTPSConnection(_NoDelay, http.client.HTTPSConnection):
     pass
+
+
+# --- proxies, as the environment asks for them (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY) -------------
+
+
+class _ForwardedHTTPConnection(_HTTPConnection):
+    """A plain-HTTP request sent through an HTTP proxy: the request line names the whole URL."""
+
+    def __init__(self, proxy: urllib.parse.SplitResult, target: str, authorization: str | None, timeout: float):
+        super().__init__(proxy.hostname or "", proxy.port or 80, timeout=timeout)
+        self.target, self.authorization = target, authorization
+
+    def putrequest(self, method: str, url: str, *args: Any, **kwargs: Any) -> None:
+        super().putrequest(method, self.target + url if url.startswith("/") else url, *args, **kwargs)
+        if self.authorization:
+            self.putheader("Proxy-Authorization", self.authorization)
+
+
+def _environment_proxies() -> dict[str, str]:
+    """The proxy settings of the environment, read as httpx and requests read them: ``HTTP_PROXY`` for http
+    URLs, ``HTTPS_PROXY`` for https, ``ALL_PROXY`` for both, ``NO_PROXY`` for the hosts that bypass them
+    (names in either case, the lower-case one first). Keys: ``http``, ``https``, ``all``, ``no``.
+
+    Raises ConfigError for a proxy selfmoa cannot use (only ``http://`` proxies: https through them by
+    CONNECT), naming the variable; the URL is shown without its password."""
+    import urllib.request
+
+    proxies = {scheme: url for scheme, url in urllib.request.getproxies_environment().items()
+               if scheme in ("http", "https", "all", "no") and url.strip()}
+    for scheme in ("http", "https", "all"):
+        url = proxies.get(scheme)
+        if url is None:
+            continue
+        if "://" not in url:
+            url = proxies[scheme] = "http://" + url  # a bare host:port, as curl and requests read it
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port  # noqa: B018 (a port that is not a number raises)
+        except ValueError:
+            parts = parts._replace(netloc="?")
+        if parts.scheme.lower() != "http" or not parts.hostname:
+            raise ConfigError(f"{scheme.upper()}_PROXY={_public_url(url)}: selfmoa goes through http:// proxies "
+                              f"only (https URLs by CONNECT through them), not {parts.scheme or 'this'}; point it "
+                              f"at an http:// proxy, or unset it to connect directly")
+    return proxies
+
+
+def _proxy_for(proxies: Mapping[str, str], scheme: str, host: str) -> str | None:
+    """The proxy URL for a server, or None to connect directly: loopback never goes through a proxy, and
+    ``NO_PROXY`` (host names, domain suffixes, ``*``) lists more hosts that do not.
+
+    >>> _proxy_for({"https": "http://proxy:3128", "no": "internal.example"}, "https", "api.openai.com")
+    'http://proxy:3128'
+    >>> _proxy_for({"https": "http://proxy:3128", "no": "internal.example"}, "https", "gpu.internal.example")
+    >>> _proxy_for({"all": "http://proxy:3128"}, "http", "127.0.0.1")
+    """
+    import urllib.request
+
+    url = proxies.get(scheme) or proxies.get("all")
+    if url is None or host == "localhost" or host.endswith(".localhost"):
+        return None
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    if proxies.get("no") and urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
+            host, {"no": proxies["no"]}):
+        return None
+    return url
+
+
+def _connection(parts: urllib.parse.SplitResult, timeout: float,
+                proxies: Mapping[str, str]) -> http.client.HTTPConnection:
+    """A new (unconnected) connection to the server of ``parts``: direct, or through the proxy the
+    environment names for it (CONNECT for https, so that TLS runs end to end with the server itself)."""
+    https = parts.scheme == "https"
+    proxy = _proxy_for(proxies, parts.scheme, parts.hostname or "")
+    if proxy is None:
+        return (_HTTPSConnection if https else _HTTPConnection)(parts.hostname or "", parts.port, timeout=timeout)
+    proxy_parts = urllib.parse.urlsplit(proxy)
+    authorization = None
+    if proxy_parts.username is not None:
+        import base64
+
+        credentials = (urllib.parse.unquote(proxy_parts.username) + ":"
+                       + urllib.parse.unquote(proxy_parts.password or ""))
+        authorization = "Basic " + base64.b64encode(credentials.encode("utf-8")).decode("ascii")
+    host = parts.hostname or ""
+    if not https:
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+        return _ForwardedHTTPConnection(proxy_parts, f"http://{netloc}", authorization, timeout)
+    connection = _HTTPSConnection(proxy_parts.hostname or "", proxy_parts.port or 80, timeout=timeout)
+    connection.set_tunnel(host, parts.port or 443, headers={"Proxy-Authorization": authorization}
+                          if authorization else None)
+    return connection
 
 
 def _shut(connection: http.client.HTTPConnection) -> None:
@@ -2008,6 +2121,7 @@ class HTTPClient:
         self.max_in_flight, self.cooldown = max_in_flight, cooldown
         self._replicas = _Replicas(self.default + [e for group in self.endpoints.values() for e in group],
                                    max_in_flight=max_in_flight, cooldown=cooldown, aborted=self._aborted)
+        self._proxies = _environment_proxies()  # as httpx: HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY
 
     def __repr__(self) -> str:
         return f"HTTPClient(default={self.default!r}, endpoints={self.endpoints!r})"
@@ -2205,8 +2319,7 @@ class HTTPClient:
             idle = self._idle.get((parts.scheme, parts.hostname, parts.port))
             if idle:
                 return idle.pop(), True
-        kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-        return kind(parts.hostname or "", parts.port, timeout=min(self.timeout, self.deadline)), False
+        return _connection(parts, min(self.timeout, self.deadline), self._proxies), False
 
     def _release(self, endpoint: Endpoint, connection: http.client.HTTPConnection) -> None:
         """Put a connection whose reply was read in full back for reuse."""
@@ -2500,8 +2613,7 @@ class HTTPClient:
         if self._aborted.is_set():
             return None
         parts = endpoint._parts
-        kind = _HTTPSConnection if parts.scheme == "https" else _HTTPConnection
-        connection = kind(parts.hostname or "", parts.port, timeout=min(LIST_WITHIN, self.timeout, self.deadline))
+        connection = _connection(parts, min(LIST_WITHIN, self.timeout, self.deadline), self._proxies)
         flight = self._begin(connection, min(LIST_WITHIN, self.deadline))
         path = parts.path.rstrip("/") + "/models" + (f"?{parts.query}" if parts.query else "")
         headers = {"User-Agent": f"selfmoa/{__version__}", "Accept": "application/json"}
@@ -3243,27 +3355,34 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return 0
 
 
+# The programs beside this file, each with the other ones it imports.
+_SIBLINGS = {"selfmoa_batch": (), "selfmoa_serve": (), "selfmoa_eval": ("selfmoa_batch",)}
+
+
 def _sibling(name: str, what: str) -> Any:
-    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve, selfmoa_eval), imported only when its command runs;
-    None, with
-    a line on stderr naming the file to add, where this selfmoa.py was copied alone."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-    if os.path.isfile(beside):  # beside this file, though not on sys.path (python3 -I path/to/selfmoa.py)
-        spec = importlib.util.spec_from_file_location(name, beside)
-        if spec and spec.loader:
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-            return module
-    print(f"selfmoa: error: {what} lives in {name}.py, which is not beside this selfmoa.py; copy {name}.py "
-          f"next to it (it imports selfmoa.py and nothing else), or install the package: pip install selfmoa",
-          file=sys.stderr)
-    return None
+    """The sibling module ``name`` (selfmoa_batch, selfmoa_serve, selfmoa_eval), imported only when its command
+    runs; None, with a line on stderr naming the files to add, where this selfmoa.py was copied without them."""
+    chain = [*_SIBLINGS[name], name]  # what ``name`` imports first
+    beside = {module: os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py") for module in chain}
+    missing = [module for module in chain if importlib.util.find_spec(module) is None
+               and not os.path.isfile(beside[module])]
+    if missing:
+        files = " and ".join(f"{module}.py" for module in missing)
+        imports = " and ".join(f"{module}.py" for module in ["selfmoa", *_SIBLINGS[name]])
+        print(f"selfmoa: error: {what} needs {files}, not beside this selfmoa.py; copy {files} next to it "
+              f"({name}.py imports {imports} and nothing else), or install the package: pip install selfmoa",
+              file=sys.stderr)
+        return None
+    for module in chain:
+        if module in sys.modules or importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+            continue
+        # beside this file, though not on sys.path (python3 -I path/to/selfmoa.py)
+        spec = importlib.util.spec_from_file_location(module, beside[module])
+        assert spec is not None and spec.loader is not None
+        sys.modules[module] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module])
+    return sys.modules[name]
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ Public API
 ``merge_outputs``         join the shards' outputs: every item exactly once, in input order
 ``merge_command``         ``selfmoa merge -i in.jsonl -o all.jsonl out.0.jsonl out.1.jsonl ...``
 ``answer_item``           one item's output record, for engines that schedule items themselves
-``output_line``           the output line of a record
+``output_line``           the output line of a record; ``fingerprint``, the fingerprint it carries
 ========================  ===================================================================
 
 Usage, with a toy model (anything that takes a ``selfmoa.Request`` and returns text):
@@ -89,7 +89,7 @@ from selfmoa import (
     missing_models_report,
 )
 
-__all__ = ["BATCH_FORMAT", "Item", "alpaca_eval_outputs", "answer_item", "batch_command", "check_items",
+__all__ = ["BATCH_FORMAT", "Item", "alpaca_eval_outputs", "answer_item", "batch_command", "check_items", "fingerprint",
            "merge_command", "merge_outputs", "output_line", "parse_shard", "read_items", "run_batch", "shard_items",
            "shard_of"]
 
@@ -1038,6 +1038,16 @@ def answer_item(item: Item, *, method: str = "self-moa", complete: Callable[[Req
     return _answer(item, method, complete, options, fingerprint, trace=trace, diversity=diversity)
 
 
+def fingerprint(item: Item, *, method: str = "self-moa", **options: Any) -> str:
+    """The fingerprint of an item's output line under ``method`` and ``options`` (spec/batch.md, section 4).
+
+    Options that only say how calls run (``concurrency``, ``use_n``) may be given; they change nothing.
+    """
+    _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")
+    options = {name: value for name, value in options.items() if name not in ("concurrency", "use_n")}
+    return _fingerprint(item.messages, method, _batch_parameters(method, options))
+
+
 def output_line(record: Mapping[str, Any]) -> bytes:
     """The output line of a record (UTF-8 JSON ending in ``\\n``), as ``run_batch`` writes it."""
     return _dump_line(dict(record))
@@ -1457,13 +1467,15 @@ def _listed(entries: Sequence[str], separator: str, limit: int = 10) -> str:
 
 
 def merge_outputs(items: Sequence[Item], sources: Sequence[str], output: str, *, method: str = "self-moa",
-                  **options: Any) -> dict[str, int]:
+                  keep_failed: bool = False, **options: Any) -> dict[str, int]:
     """Join the outputs of a run in shards (``sources``) into ``output``: one line per item, in input order.
 
     ``method`` and ``options`` are the method's, as the shards ran with (they make the fingerprints; the
     options that only say how calls run, such as ``concurrency`` and ``use_n``, may be left out). Every item
     must have exactly one line across the sources, status "ok", for its current fingerprint. Otherwise
     SelfMoAError names every missing, duplicated, failed, stale and foreign line, and nothing is written.
+    ``keep_failed=True`` accepts an item's one "error" line and writes it, as a batch run does (a batch rerun
+    on ``output`` then retries only those items).
     ConfigError when a source is not a selfmoa output file (or ends in a cut-off line), or ``output`` is a
     source, the input, or a file that is not a selfmoa output file. Lines of an existing ``output`` that the
     merge replaces are kept in its ``.removed`` sibling, as a batch run keeps them. Returns the counts
@@ -1503,7 +1515,7 @@ def merge_outputs(items: Sequence[Item], sources: Sequence[str], output: str, *,
             duplicated.append(f"id {shown} in {where}")
         elif not lines[0].current:
             stale.append(f"id {shown} in {where}")
-        elif lines[0].status != "ok":
+        elif lines[0].status != "ok" and not keep_failed:
             failed.append(f"id {shown} in {where}")
     problems = [
         (missing, "item(s) of the input have no line in any shard output (is a shard's output missing, or "

@@ -96,7 +96,7 @@ from selfmoa import (
     seq_rounds,
 )
 
-__all__ = ["SERVE_METHODS", "ModelServer", "main"]
+__all__ = ["ModelServer", "SERVE_METHODS", "main"]  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
 
 
 # ======================================================================================================
@@ -692,11 +692,15 @@ class ModelServer:
                                                        stream=upstream_request.stream if streaming else None)
             return complete(upstream_request)
 
+        def piece(text: str) -> None:
+            if cancel.is_set():  # nobody listens: end the upstream call (its connection closes, generation stops)
+                raise _Abandoned("the client went away")
+            events.put(("piece", text))
+
         def run() -> None:
             try:
                 with _on_shared_pool(self.pool, (next(self._order),), oldest_first=True):
-                    result = METHODS[method](request["messages"], complete=call,
-                                             stream=lambda piece: events.put(("piece", piece)), **arguments)
+                    result = METHODS[method](request["messages"], complete=call, stream=piece, **arguments)
                 events.put(("done", result))
             except BaseException as exc:  # handed to the request's thread, which answers with it
                 events.put(("error", exc))
@@ -813,6 +817,11 @@ class ModelServer:
             handler.end_chunked()
         except (OSError, http.client.HTTPException):
             handler.close_connection = True  # the upstream broke off mid-reply: so does this reply
+
+
+class _Abandoned(Exception):
+    """Raised from a run's stream callback once its client has gone: the completion function's read of the
+    upstream stream ends there, and with it the upstream call (its connection is closed, not kept)."""
 
 
 class _Checked(Exception):

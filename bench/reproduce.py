@@ -234,8 +234,8 @@ def markdown(results: dict) -> str:
     for label, row in results["table7"].items():
         out.append(f"| {label} | {row['MMLU']:.1f} | {row['quality']:.1f} | {row['diversity']:.2f} |")
     n_mix = len(next(iter(results["table4_points"].values())))
-    out.append(f"\n### Table 4 analogue: score = a * quality + b * diversity + c over {n_mix} random compositions "
-               "(standardised inputs)\n")
+    out.append(f"\n### Table 4 analogue: score = a * quality + b * diversity + c over {n_mix} compositions (random "
+               "mixes and each model's Self-MoA; standardised inputs)\n")
     out.append("| domain | a (quality) | b (diversity) | a > b | R^2 |\n|---|---|---|---|---|")
     for d, fit in results["table4"].items():
         out.append(f"| {d} | {fit['a']:.2f} ± {fit['se_a']:.2f} | {fit['b']:.2f} ± {fit['se_b']:.2f} | "

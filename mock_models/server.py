@@ -365,7 +365,7 @@ def _make_handler(server: MockServer, client_timeout: float):
                 body, choices = server.complete(request)
                 entry["status"] = 200
                 if request["stream"]:
-                    return self._stream(request, body, choices)
+                    return self._stream(request, body, choices, entry)
                 time.sleep(server.latency + server.latency_per_token * body["usage"]["completion_tokens"])
                 if fault == "truncate":
                     data = json.dumps(body).encode()
@@ -402,7 +402,7 @@ def _make_handler(server: MockServer, client_timeout: float):
                 raise BadRequest(413, f"the body is over the limit of {server.max_body_bytes} bytes")
             return self.rfile.read(int(digits))
 
-        def _stream(self, request: dict, body: dict, choices: list[tuple[str, str]]) -> None:
+        def _stream(self, request: dict, body: dict, choices: list[tuple[str, str]], entry: dict) -> None:
             base = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"],
                     "model": body["model"]}
             events = []
@@ -422,9 +422,11 @@ def _make_handler(server: MockServer, client_timeout: float):
             self.send_header("Content-Length", str(sum(map(len, chunks))))
             self.end_headers()
             time.sleep(server.latency)
+            entry["events_sent"], entry["events"] = 0, len(chunks)  # how far the stream got (a client may leave)
             for chunk in chunks:
                 self.wfile.write(chunk)
                 self.wfile.flush()
+                entry["events_sent"] += 1
                 if server.latency_per_token:
                     time.sleep(server.latency_per_token)
 

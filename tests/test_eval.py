@@ -393,7 +393,8 @@ def test_selfmoa_eval_is_a_subcommand_and_a_lone_copy_names_the_file_to_add(tmp_
     shutil.copy(os.path.join(ROOT, "selfmoa.py"), tmp_path / "selfmoa.py")
     done = subprocess.run([sys.executable, "-I", "-S", "selfmoa.py", "eval", "data.jsonl"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "copy selfmoa_eval.py next to it" in done.stderr
+    assert done.returncode == 2 and "copy selfmoa_batch.py and selfmoa_eval.py next to it" in done.stderr  # eval
+    # imports batch: both files are named
 
 
 def test_importing_selfmoa_eval_imports_no_optional_package():

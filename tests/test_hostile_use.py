@@ -4,16 +4,19 @@ batch's output, interim responses, abandoned streams and proxies. Every test use
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import pathlib
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import pytest
 import requests
@@ -380,3 +383,257 @@ def test_an_output_emptied_under_a_run_is_the_same_one_line_error_under_python_O
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "was cut from" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "out.jsonl").read_bytes() == b""
+
+
+# --- the client: interim responses ----------------------------------------------------------------------------
+
+REPLY = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "the final answer"},
+                                 "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 3}})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_client_skips_any_number_of_interim_responses_with_headers_before_the_reply(stream):
+    """HTTP allows any number of 1xx responses before the final one; a server sends 102 Processing and two
+    103 Early Hints, each with headers, and the call gets the 200 that follows, the first time."""
+    from tests.hostile_server import HostileServer, response
+
+    interim = (b"HTTP/1.1 102 Processing\r\n\r\n" + b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
+               b"Link: </b.js>; rel=preload\r\n\r\n" + b"HTTP/1.1 103 Early Hints\r\nX-Note: again\r\n\r\n")
+    if stream:
+        events = b"".join(b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": piece},
+                                                                "finish_reason": None}]}).encode() + b"\n\n"
+                          for piece in ("the final ", "answer")) + b"data: [DONE]\n\n"
+        final = response(b"200 OK", [(b"Content-Type", b"text/event-stream"),
+                                     (b"Content-Length", str(len(events)).encode())], events)
+    else:
+        final = response(b"200 OK", [(b"Content-Type", b"application/json"),
+                                     (b"Content-Length", str(len(REPLY)).encode())], REPLY.encode())
+    pieces: list[str] = []
+    with HostileServer(interim + final) as server:
+        client = selfmoa.HTTPClient(server.base_url, retries=0, timeout=5)
+        reply = client(selfmoa.Request("m", ({"role": "user", "content": "hi"},),
+                                       stream=pieces.append if stream else None))
+        assert len(server.log) == 1
+    assert reply.texts == ["the final answer"] and reply.retries == 0
+    assert "".join(pieces) == ("the final answer" if stream else "")
+
+
+def test_endless_interim_responses_are_a_failure_not_a_hang():
+    from tests.hostile_server import HostileServer
+
+    with HostileServer(("repeat", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", 100_000)) as server:
+        client = selfmoa.HTTPClient(server.base_url, retries=0, timeout=5)
+        with pytest.raises(selfmoa.ModelError, match="interim"):
+            client(selfmoa.Request("m", ({"role": "user", "content": "hi"},)))
+
+
+# --- an abandoned streamed method request ---------------------------------------------------------------------
+
+
+def test_an_abandoned_streamed_method_request_stops_its_upstream_call_within_a_second():
+    """A client reads the first pieces of a streamed Self-MoA answer and goes away. The final aggregation,
+    which the mock streams a token every 20 ms, is cut off: the mock sends at most a second's worth of
+    tokens after the disconnect, and never the whole answer."""
+    with MockServer(latency_per_token=0.02) as mock, selfmoa_serve.ModelServer(
+            selfmoa.HTTPClient(mock.base_url, retries=0), port=0) as server:
+        body = json.dumps({"model": "self-moa/echo", "stream": True, "messages": [
+            {"role": "user", "content": " ".join(f"word{i}" for i in range(40))}], "selfmoa": {"n": 1}}).encode()
+        with socket.create_connection((server.host, server.port), timeout=10) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(body), body))
+            seen = b""
+            while seen.count(b'"content"') < 5:
+                seen += connection.recv(65536)
+        left = time.monotonic()
+        aggregation = next(entry for entry in mock.requests if entry["body"].get("stream"))
+        sent_at_disconnect = aggregation["events_sent"]
+        time.sleep(1.5)
+        sent_after_a_second = aggregation["events_sent"]
+        time.sleep(0.5)
+    assert aggregation["events"] > 150, "the answer must take far longer than a second to stream"
+    assert sent_after_a_second == aggregation["events_sent"], "the upstream kept streaming after 1.5 s"
+    assert sent_after_a_second - sent_at_disconnect <= 1.0 / 0.02, (sent_at_disconnect, sent_after_a_second)
+    assert aggregation["events_sent"] < aggregation["events"]
+    assert time.monotonic() - left < 5
+
+
+# --- proxies: HTTP_PROXY, HTTPS_PROXY, NO_PROXY as httpx reads them ------------------------------------------
+
+TLS = ROOT / "tests" / "tls"  # a test CA and a certificate of model.test that it signed (tests only)
+
+
+class LoopbackProxy:
+    """An HTTP proxy on loopback: CONNECT opens a tunnel, an absolute-form request is forwarded (its request
+    line rewritten); host names are resolved through ``names`` (model.test -> 127.0.0.1), never by DNS.
+    ``heads`` records each request head it got, ``relayed`` every byte it passed on, either way."""
+
+    def __init__(self, names: dict[str, str]):
+        self.names, self.heads, self.relayed = names, [], bytearray()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+    def serve(self, client: socket.socket):
+        client.settimeout(10)
+        with client:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            self.heads.append(head.decode("latin-1"))
+            method, target, version = head.split(b"\r\n")[0].split(b" ")
+            if method == b"CONNECT":
+                host, port = target.decode().rsplit(":", 1)
+                upstream = socket.create_connection((self.names[host], int(port)), timeout=10)
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                url = urllib.parse.urlsplit(target.decode())
+                upstream = socket.create_connection((self.names[url.hostname], url.port), timeout=10)
+                line = b" ".join([method, url.path.encode(), version])
+                upstream.sendall(line + b"\r\n" + head.partition(b"\r\n")[2] + b"\r\n\r\n" + rest)
+            with upstream:
+                self.pipe(client, upstream)
+
+    def pipe(self, one: socket.socket, other: socket.socket):
+        def copy(source, sink):
+            with contextlib.suppress(OSError):
+                while chunk := source.recv(65536):
+                    self.relayed.extend(chunk)
+                    sink.sendall(chunk)
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+        back = threading.Thread(target=copy, args=(other, one), daemon=True)
+        back.start()
+        copy(one, other)
+        back.join(10)
+
+
+def tls_server(heads: list[bytes]):
+    """A TLS server of model.test on loopback answering one chat completion per connection; yields its port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(TLS / "server.pem", TLS / "server.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError, ssl.SSLError), context.wrap_socket(raw, server_side=True) as tls:
+                tls.settimeout(10)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += tls.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:")))
+                while len(body) < length:  # all of it: a close with unread bytes would reset the connection
+                    body += tls.recv(65536)
+                heads.append(head)
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(REPLY), REPLY.encode()))
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+def test_https_goes_through_the_https_proxy_by_connect_with_tls_to_the_server_itself(monkeypatch):
+    """HTTPS_PROXY (with a user and password): the client asks the proxy for a CONNECT tunnel to model.test,
+    authenticates to the proxy, and speaks TLS through it to the server, whose certificate a private CA
+    (SSL_CERT_FILE) vouches for. The proxy sees the CONNECT and encrypted bytes only: never the key."""
+    heads: list[bytes] = []
+    listener = tls_server(heads)
+    proxy = LoopbackProxy({"model.test": "127.0.0.1"})
+    try:
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "https_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://someone:pa%20ss@127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("SSL_CERT_FILE", str(TLS / "ca.pem"))
+        port = listener.getsockname()[1]
+        client = selfmoa.HTTPClient(f"https://model.test:{port}/v1", api_key="sk-the-upstream-key", retries=0,
+                                    timeout=10)
+        reply = client(selfmoa.Request("m", ({"role": "user", "content": "hi"},)))
+    finally:
+        proxy.close()
+        listener.close()
+    assert reply.texts == ["the final answer"]
+    [connect] = proxy.heads
+    assert connect.startswith(f"CONNECT model.test:{port} HTTP/1.")
+    assert f"Proxy-Authorization: Basic {base64.b64encode(b'someone:pa ss').decode()}" in connect
+    assert b"sk-the-upstream-key" not in bytes(proxy.relayed) and "sk-the-upstream-key" not in connect
+    assert b"Authorization: Bearer sk-the-upstream-key" in heads[0] and b"Host: model.test:" in heads[0]
+
+
+def test_http_goes_through_the_http_proxy_and_loopback_never_does(monkeypatch):
+    """HTTP_PROXY: a request to http://model.test is sent to the proxy with the whole URL in its request line;
+    a server on loopback is reached directly, as NO_PROXY would say, without being listed there."""
+    proxy = LoopbackProxy({"model.test": "127.0.0.1"})
+    try:
+        with MockServer() as mock:
+            for name in ("http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            question = selfmoa.Request("echo", ({"role": "user", "content": "through the proxy"},))
+            proxied = selfmoa.HTTPClient(f"http://model.test:{mock.port}/v1", retries=0, timeout=10)(question)
+            assert [head.split("\r\n")[0] for head in proxy.heads] == [
+                f"POST http://model.test:{mock.port}/v1/chat/completions HTTP/1.1"]
+            direct = selfmoa.HTTPClient(mock.base_url, retries=0, timeout=10)(question)
+            assert len(proxy.heads) == 1, "a loopback server went through the proxy"
+    finally:
+        proxy.close()
+    assert proxied.texts == direct.texts and "through the proxy" in proxied.texts[0]
+
+
+@pytest.mark.parametrize("environ, scheme, host, proxied", [
+    ({"HTTPS_PROXY": "http://p:3128"}, "https", "api.openai.com", "http://p:3128"),
+    ({"HTTPS_PROXY": "http://p:3128"}, "http", "api.openai.com", None),
+    ({"HTTP_PROXY": "p:3128"}, "http", "gpu.example", "http://p:3128"),  # no scheme: http://, as curl reads it
+    ({"ALL_PROXY": "http://p:3128"}, "https", "api.openai.com", "http://p:3128"),
+    ({"https_proxy": "http://lower:1", "HTTPS_PROXY": "http://upper:2"}, "https", "a.example", "http://lower:1"),
+    ({"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "internal.example, .corp"}, "https", "gpu.internal.example", None),
+    ({"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "internal.example,.corp"}, "https", "x.corp", None),
+    ({"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "internal.example"}, "https", "api.openai.com", "http://p:3128"),
+    ({"HTTPS_PROXY": "http://p:3128", "no_proxy": "*"}, "https", "api.openai.com", None),
+    ({"ALL_PROXY": "http://p:3128"}, "http", "localhost", None),
+    ({"ALL_PROXY": "http://p:3128"}, "http", "127.0.0.5", None),
+    ({"ALL_PROXY": "http://p:3128"}, "http", "::1", None),
+])
+def test_proxy_choice_follows_the_environment_as_httpx_does(monkeypatch, environ, scheme, host, proxied):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    client = selfmoa.HTTPClient("http://127.0.0.1:9/v1")
+    assert selfmoa._proxy_for(client._proxies, scheme, host) == proxied
+
+
+@pytest.mark.parametrize("value", ["socks5://user:secret@127.0.0.1:1080", "https://user:secret@proxy:3128"])
+def test_a_proxy_selfmoa_cannot_use_is_refused_naming_the_variable_never_ignored(monkeypatch, value):
+    for name in ("HTTP_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "all_proxy", "no_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", value)
+    with pytest.raises(selfmoa.ConfigError, match=r"HTTPS_PROXY=\S+: selfmoa goes through http:// proxies") as caught:
+        selfmoa.HTTPClient("https://api.example/v1")
+    assert "secret" not in str(caught.value)
+    result = subprocess.run([sys.executable, "selfmoa.py", "--base-url", "https://api.example/v1", "-m", "m", "hi"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "HTTPS_PROXY=" in result.stderr and "secret" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -44,12 +44,16 @@ def test_the_manual_names_every_public_name():
     assert missing == [], f"the module docstring does not mention {missing}"
 
 
-@pytest.mark.parametrize("argv, sibling", [(["serve", "--port", "0"], "selfmoa_serve.py"),
-                                           (["-m", "a", "-i", "in.jsonl", "-o", "out.jsonl"], "selfmoa_batch.py"),
-                                           (["merge", "-m", "a", "-i", "in.jsonl", "-o", "out.jsonl", "in.jsonl"],
-                                            "selfmoa_batch.py")])
-def test_a_lone_copy_of_selfmoa_py_names_the_sibling_file_to_add(tmp_path, argv, sibling):
-    shutil.copy(ROOT / "selfmoa.py", tmp_path / "selfmoa.py")
+@pytest.mark.parametrize("argv, sibling, beside", [
+    (["serve", "--port", "0"], "selfmoa_serve.py", []),
+    (["-m", "a", "-i", "in.jsonl", "-o", "out.jsonl"], "selfmoa_batch.py", []),
+    (["merge", "-m", "a", "-i", "in.jsonl", "-o", "out.jsonl", "in.jsonl"], "selfmoa_batch.py", []),
+    (["eval", "--help"], "selfmoa_batch.py and selfmoa_eval.py", []),
+    (["eval", "--help"], "selfmoa_batch.py", ["selfmoa_eval.py"]),  # eval imports batch: both are needed
+])
+def test_a_lone_copy_of_selfmoa_py_names_the_sibling_file_to_add(tmp_path, argv, sibling, beside):
+    for name in ["selfmoa.py", *beside]:
+        shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
     done = subprocess.run([sys.executable, "-I", "-S", "selfmoa.py", *argv], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
@@ -119,3 +123,16 @@ def test_selfmoa_py_alone_runs_the_methods_and_the_one_prompt_command_against_a_
     assert asked.returncode == 0, asked.stderr
     assert '"method": "self-moa"' in asked.stdout and '"answer": ' in asked.stdout
     assert sorted(path.name for path in tmp_path.iterdir() if path.name != "__pycache__") == ["selfmoa.py"]
+
+
+@pytest.mark.parametrize("name, spec", [("selfmoa_batch", "spec/batch.md"), ("selfmoa_serve", "spec/serve.md")])
+def test_each_sibling_opens_with_its_manual_and_a_sorted_all(name, spec):
+    """Each program beside selfmoa.py opens with its own manual: what it is, every public name of its sorted
+    __all__, a runnable example (a doctest), and the spec file it implements."""
+    import doctest
+    import importlib
+
+    module = importlib.import_module(name)
+    assert module.__all__ == sorted(module.__all__) and all(hasattr(module, n) for n in module.__all__)
+    assert [n for n in module.__all__ if f"``{n}``" not in module.__doc__] == []
+    assert spec in module.__doc__ and doctest.DocTestParser().get_examples(module.__doc__)
