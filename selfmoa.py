@@ -2804,7 +2804,9 @@ endpoints and keys:
   was given for. The default endpoint's key is --api-key, else $OPENAI_API_KEY, which is used
   only when the URL is the OpenAI API or came from $OPENAI_BASE_URL. The key of a model with
   its own endpoint comes from $SELFMOA_API_KEY_<MODEL> (the name in capitals, other characters
-  as _), else none.
+  as _), else none. $HTTPS_PROXY, $HTTP_PROXY, $ALL_PROXY and $NO_PROXY are honoured as other
+  HTTP clients honour them (http:// proxies only; loopback is always reached directly), and
+  $SSL_CERT_FILE names the certificates of the CAs to trust (a private CA).
 
 batch mode:
   -i FILE reads JSONL or a JSON list of objects with "prompt", "instruction" or "messages"
