@@ -1931,13 +1931,20 @@ class _Retry(Exception):
 
 
 class _Attempt:
-    """Internal: one attempt in flight, which the deadline watchdog or ``abort()`` may cut off."""
+    """Internal: one attempt in flight, which the deadline watchdog, ``abort()`` or ``_cut_off`` may cut off."""
 
-    __slots__ = ("connection", "deadline", "expired", "shown")
+    __slots__ = ("connection", "deadline", "expired", "shown", "owner", "cancelled")
 
     def __init__(self, connection: http.client.HTTPConnection, deadline: float):
         self.connection, self.deadline, self.expired = connection, deadline, False
         self.shown = False  # whether streamed text was passed on (then the attempt cannot be retried)
+        self.owner = getattr(_CALLER, "owner", None)  # whose call it is (see _cut_off), if the caller said
+        self.cancelled = False
+
+
+# Internal: a program that runs calls for several owners (serve: one per client request) names the owner of
+# the calls a thread makes in ``_CALLER.owner``, so that ``HTTPClient._cut_off(owner)`` can end them.
+_CALLER = threading.local()
 
 
 class _Tally:
@@ -2380,6 +2387,15 @@ class HTTPClient:
         self._replicas.wake()  # calls waiting for a free slot
         self.close()
 
+    def _cut_off(self, owner: object) -> None:
+        """End now the attempts in flight of the calls ``owner`` made (see ``_CALLER``), and fail those calls
+        without a retry: nobody waits for their answers (serve: the client went away)."""
+        with self._watch:
+            for attempt in self._in_flight:
+                if attempt.owner is owner:
+                    attempt.cancelled = True
+                    _shut(attempt.connection)
+
     # --- one attempt ---------------------------------------------------------------------------------------
 
     def _send(self, endpoint: Endpoint, payload: bytes, request: Request) -> Reply:
@@ -2441,6 +2457,9 @@ class HTTPClient:
         flight.connection.close()
         if self._aborted.is_set():
             return self._error(endpoint, request, "interrupted: the client was aborted", None, 1, retryable=False)
+        if flight.cancelled:
+            return self._error(endpoint, request, "cancelled: nobody waits for this call any more", None, 1,
+                               retryable=False)
         if not flight.expired:
             return failure
         message = f"no complete reply within deadline={self.deadline:g} s"
