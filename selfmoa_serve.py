@@ -308,6 +308,16 @@ def _redact_all(text: str, secrets: Iterable[str | None]) -> str:
     return text
 
 
+def _usage(result: Result) -> dict[str, Any]:
+    """A reply's ``usage``: the run's token totals, with the reasoning tokens where the upstreams reported them
+    (``completion_tokens_details.reasoning_tokens``, as OpenAI reports them)."""
+    totals = result.usage
+    usage: dict[str, Any] = {key: totals[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    if "reasoning_tokens" in totals:
+        usage["completion_tokens_details"] = {"reasoning_tokens": totals["reasoning_tokens"]}
+    return usage
+
+
 def _run_report(result: Result, secrets: Iterable[str | None] = ()) -> dict[str, Any]:
     """The ``selfmoa`` field of a reply: calls, requests, retries and each request's latency. No keys."""
     secrets = list(secrets)
@@ -316,6 +326,7 @@ def _run_report(result: Result, secrets: Iterable[str | None] = ()) -> dict[str,
             "trace": [{"role": call.role, "model": call.model, "layer": call.layer, "round": call.round,
                        "n": call.n, "latency": call.latency, "retries": call.retries,
                        "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+                       "reasoning_tokens": call.reasoning_tokens, "adapted": call.adapted,
                        "error": call.error and _redact_all(call.error, secrets)} for call in result.trace]}
 
 
@@ -761,7 +772,7 @@ class ModelServer:
                 result = value
                 final = [c for c in result.trace if c.role == "aggregator"][-1]
                 reason = (final.finish_reasons or ["stop"])[0] or "stop"
-                usage = {key: result.usage[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+                usage = _usage(result)
                 if stream is not None:
                     stream.finish(result.answer, reason, usage, _run_report(result, self._secrets()))
                     return
