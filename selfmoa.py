@@ -193,13 +193,14 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
 ]
 
 # The programs beside this file (selfmoa_batch.py, selfmoa_serve.py) also use these internal names: argument
-# checks, the shared call pool, the command line's flag readers and reports, and the reading and redacting of
-# server text. They are kept working for those files (tests/test_smoke.py checks that they use no others),
-# but are no public API: code outside this project should use __all__ only.
+# checks, the shared call pool, the command line's flag readers and reports, the reading and redacting of
+# server text, and the owner of a thread's calls (_CALLER, which serve sets to cut a run's calls off). They are
+# kept working for those files (tests/test_smoke.py checks that they use no others), but are no public API:
+# code outside this project should use __all__ only.
 _FOR_SIBLINGS = frozenset({
     "_check", "_is_int", "_key_problem", "_Pool", "_on_shared_pool", "_start", "_sampling", "_clean", "_redact",
     "_read_capped", "_endpoints_of", "_servers_of", "_reason", "_finite", "_instruction_file", "_refuse",
-    "_method_arguments", "_method_options"})
+    "_method_arguments", "_method_options", "_CALLER"})
 
 
 # ======================================================================================================
@@ -225,14 +226,18 @@ class ModelError(SelfMoAError):
     """A model call that failed for good (retries, if any, are spent).
 
     Carries ``model``, ``url`` (the endpoint, without credentials), ``status`` (the HTTP status, or
-    ``None`` when no response came), ``body`` (the start of the server's reply), ``attempts`` and
-    ``retryable`` (whether the last failure was of a kind worth retrying later).
+    ``None`` when no response came), ``body`` (the start of the server's reply), ``attempts``,
+    ``retryable`` (whether the last failure was of a kind worth retrying later) and ``kind``: ``"context"``
+    (the prompt exceeds the model's context window), ``"thinking"`` (the token limit was spent thinking),
+    ``"refused"`` (the server refused a field the caller set: ``field`` names it), or ``""``.
     """
 
     def __init__(self, message: str, *, model: str = "", url: str = "", status: int | None = None,
-                 body: str = "", attempts: int = 1, retryable: bool = False):
+                 body: str = "", attempts: int = 1, retryable: bool = False, kind: str = "",
+                 field: str | None = None):
         self.message, self.model, self.url, self.status = message, model, url, status
         self.body, self.attempts, self.retryable = body, attempts, retryable
+        self.kind, self.field = kind, field
         super().__init__(message)
 
     def __str__(self) -> str:
@@ -463,6 +468,41 @@ def _strip_markers(text: str, key: str) -> str:
 
 
 # ======================================================================================================
+# Thoughts are never references
+# ======================================================================================================
+#
+# A thinking model served without a reasoning parser (Qwen3 on vLLM by default, many llama.cpp and Ollama
+# setups) opens its reply with its thoughts, in <think> ... </think>, then answers. The thoughts (often
+# thousands of tokens) are not the answer: they are removed from every reply before it becomes a reference
+# or the final answer. spec/wire.md section 2 fixes the rule; _ThoughtFilter applies it to a stream.
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_thoughts(text: str) -> tuple[str, bool]:
+    """The answer of a reply without the thoughts that open it, and whether it had any.
+
+    While the reply, leading whitespace aside, starts with ``<think>``, everything up to and including the
+    next ``</think>`` is removed, and the whitespace after it; a ``<think>`` never closed makes the rest
+    thought (the token limit ran out while thinking), leaving no answer. A reply that does not open with
+    ``<think>`` is returned unchanged, whatever tags it holds further on.
+
+    >>> split_thoughts("<think>\\nIs 7 prime? Yes.\\n</think>\\n\\n7 is prime.")
+    ('7 is prime.', True)
+    >>> split_thoughts("<think>\\nStill thinking when the limit"), split_thoughts("A <think> tag.")
+    (('', True), ('A <think> tag.', False))
+    """
+    rest, thought = text.lstrip(), False
+    while rest.startswith(THINK_OPEN):
+        thought = True
+        end = rest.find(THINK_CLOSE, len(THINK_OPEN))
+        if end < 0:
+            return "", True
+        rest = rest[end + len(THINK_CLOSE):].lstrip()
+    return (rest, True) if thought else (text, False)
+
+
+# ======================================================================================================
 # The seam: every model call goes through one completion function
 # ======================================================================================================
 #
@@ -555,7 +595,12 @@ class Reply:
     """What a completion function returns: one text per choice, with what the server reported.
 
     ``texts[i]`` is the text of sample ``i`` of the request, or ``None`` where the server gave no usable
-    text for that position (the methods then ask for it again on its own, as for a missing one).
+    text for that position (the methods then ask for it again on its own, as for a missing one, unless its
+    ``finish_reason`` is ``"length"``: the token limit was spent thinking, and asking again with the same
+    limit would spend it again). ``reasoning_tokens`` counts the tokens spent thinking, where the server
+    says (``usage.completion_tokens_details.reasoning_tokens``); ``adapted`` holds what the client changed
+    in the request to suit the server (``{"max_tokens": None, "max_completion_tokens": 512}``: a field with
+    the value sent instead, None for one not sent).
     """
 
     texts: list[str | None]
@@ -565,6 +610,8 @@ class Reply:
     retries: int = 0
     url: str | None = None
     model: str | None = None  # the model id the server reported answering with, where it said
+    reasoning_tokens: int | None = None
+    adapted: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _as_reply(value: Any, request: Request) -> Reply:
@@ -577,10 +624,10 @@ def _as_reply(value: Any, request: Request) -> Reply:
         raise TypeError(f"a completion function must return a Reply, a str or a list of str (None where a "
                         f"choice has no usable text), "
                         f"not {type(value).__name__} (model {request.model!r})")
-    if not value.texts or value.texts[0] is None and request.n == 1:
-        raise ModelError("the reply holds no text", model=request.model, url=value.url or "")
     value.texts = [text if text is None else _clean(text) for text in value.texts[:request.n]]
     value.finish_reasons = (list(value.finish_reasons) + [None] * request.n)[:len(value.texts)]
+    if not value.texts or value.texts[0] is None and request.n == 1 and value.finish_reasons[0] != "length":
+        raise ModelError("the reply holds no text", model=request.model, url=value.url or "")
     return value
 
 
@@ -629,10 +676,12 @@ class Call:
     finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    reasoning_tokens: int | None = None
     latency: float = 0.0
     retries: int = 0
     url: str | None = None
     error: str | None = None
+    adapted: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def sort_key(self) -> tuple:
         """Trace order: by layer, round, proposers before the aggregator, position; never by timing."""
@@ -667,8 +716,11 @@ class Result:
         prompt = sum(call.prompt_tokens or 0 for call in self.trace)
         completion = sum(call.completion_tokens or 0 for call in self.trace)
         unreported = sum(call.prompt_tokens is None and call.error is None for call in self.trace)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion, "unreported": unreported}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                 "unreported": unreported}
+        if any(call.reasoning_tokens is not None for call in self.trace):  # thinking, counted in completion_tokens
+            usage["reasoning_tokens"] = sum(call.reasoning_tokens or 0 for call in self.trace)
+        return usage
 
     def proposals(self) -> dict[int, list[str]]:
         """The outputs of each proposer layer, by layer number, in configuration (sample) order."""
@@ -1216,19 +1268,78 @@ class _Run:
             call.error = f"{type(exc).__name__}: {exc}"
             self._record(call, started)
             raise
-        if isinstance(outcome, ModelError):
-            call.error, call.url = str(outcome), outcome.url or None
-            call.retries = max(0, outcome.attempts - 1)
-        else:
-            block = _block_key(request.messages[0]["content"]) if request.messages[0]["role"] == "system" else None
-            if block is not None:  # a model may echo the markers of the prompt it answers: they are no answer
-                outcome.texts = [_strip_markers(text, block[1]) if isinstance(text, str) else text
-                                 for text in outcome.texts]
-            call.outputs, call.finish_reasons = outcome.texts, outcome.finish_reasons
+        if isinstance(outcome, Reply):
             call.prompt_tokens, call.completion_tokens = outcome.prompt_tokens, outcome.completion_tokens
-            call.retries, call.url = outcome.retries, outcome.url
+            call.reasoning_tokens, call.retries, call.url = outcome.reasoning_tokens, outcome.retries, outcome.url
+            _sent_as(call, outcome.adapted)
+            outcome = self._answers(call, request, outcome)
+        if isinstance(outcome, ModelError):
+            outcome = self._in_context(call, outcome)
+            call.error, call.url = str(outcome), outcome.url or call.url
+            call.retries = max(call.retries, outcome.attempts - 1)
         self._record(call, started)
         return outcome
+
+    def _answers(self, call: Call, request: Request, reply: Reply) -> Reply | ModelError:
+        """The reply's answers: each text without the thoughts that open it (``split_thoughts``) and without
+        the marker lines of its prompt's block (a model may echo them). A position left with no answer and
+        ``finish_reason`` ``"length"`` (content null, or an unclosed thought) spent its token limit thinking: it
+        fails for good, as asking again with the same limit would spend it again; with ``n = 1`` the call fails."""
+        block = _block_key(request.messages[0]["content"]) if request.messages[0]["role"] == "system" else None
+        texts: list[str | None] = []
+        for text in reply.texts:
+            if text is not None:
+                text, thought = split_thoughts(text)  # the thoughts that open it are no answer
+                if block is not None:  # a model may echo the markers of the prompt it answers: they are no answer
+                    text = _strip_markers(text, block[1])
+                text = None if thought and not text.strip() else text
+            texts.append(text)
+        reply.texts = texts
+        call.outputs, call.finish_reasons = texts, reply.finish_reasons
+        if request.n == 1 and texts[0] is None:
+            return self._spent(call, request, reply.url)
+        return reply
+
+    def _in_context(self, call: Call, error: ModelError) -> ModelError:
+        """A failure that the caller can fix, said in the caller's words: a context window exceeded (which call,
+        and what shortens its prompt), or a value the caller set that the server refused (which setting)."""
+        aggregator = call.role == "aggregator"
+        where = (f"the aggregator's prompt of round {call.round}" if call.round else
+                 f"the aggregator's prompt (layer {call.layer})" if aggregator else
+                 f"the prompt of a proposer of layer {call.layer}")
+        if error.kind == "context":
+            fix = ("show fewer or shorter references: a smaller window= or n=, a lower max_tokens= for the "
+                   "proposers (--window, -n, --max-tokens)" if aggregator or call.layer > 1 else
+                   "shorten the prompt, or lower the token limit (max_tokens=, --max-tokens)")
+            message = (f"{where} exceeds the model's context window (not retried): {error.message}; {fix}, or use "
+                       f"a model with a longer context")
+        elif error.kind == "refused" and error.field:
+            field = error.field
+            if field in ("temperature", "max_tokens"):
+                name = ("aggregator_" if aggregator else "") + field
+                setting = f"{name}= (--{name.replace('_', '-')} on the command line)"
+            elif field == "seed":
+                setting = "seed= (--seed)"
+            else:
+                role = "aggregator" if aggregator else "proposer"
+                setting = (f"{'aggregating' if aggregator else 'proposing'}'s fields[{field!r}] (--field or "
+                           f"--{role}-field {field}=... on the command line)")
+            message = (f"{error.message}; {field} was set explicitly, as {setting}, so it is never dropped: leave "
+                       f"it out or change it")
+        else:
+            return error
+        return ModelError(message, model=error.model, url=error.url, status=error.status, body=error.body,
+                          attempts=error.attempts, retryable=False, kind=error.kind, field=error.field)
+
+    def _spent(self, call: Call, request: Request, url: str | None) -> ModelError:
+        """The failure of a sample (or aggregation) whose token limit was spent thinking, naming the setting."""
+        name = "max_tokens" if call.role == "proposer" else "aggregator_max_tokens"
+        flag = "--max-tokens" if call.role == "proposer" else "--aggregator-max-tokens"
+        limit = (f"the token limit ({name}={request.max_tokens})" if request.max_tokens is not None else
+                 "the server's default token limit")
+        return ModelError(f"{limit} was spent thinking: the reply holds no answer, only thoughts (finish_reason "
+                          f"'length'); raise {name} ({flag} on the command line), or ask for less reasoning",
+                          model=request.model, url=url or "", status=200, kind="thinking")
 
     @property
     def complete(self) -> Callable[[Request], Any]:
@@ -1269,15 +1380,17 @@ class _Run:
                 for slot in slots[start:start + size]:
                     slot.set_exception(exc)
                 raise
-            deliver(start, size, outcome)
+            deliver(start, size, outcome, call, request)
 
-        def deliver(start: int, size: int, outcome: Reply | ModelError) -> None:
+        def deliver(start: int, size: int, outcome: Reply | ModelError, call: Call, request: Request) -> None:
             if isinstance(outcome, ModelError):
                 for slot in slots[start:start + size]:
                     slot.set_result(outcome)
                 return
-            for offset, text in enumerate(outcome.texts):
-                if text is None:
+            for offset, (text, reason) in enumerate(zip(outcome.texts, outcome.finish_reasons)):
+                if text is None and reason == "length":  # spent thinking: the same limit would spend it again
+                    slots[start + offset].set_result(self._spent(call, request, outcome.url))
+                elif text is None:
                     ask(start + offset, 1)  # no usable text at this position: asked for on its own
                 else:
                     slots[start + offset].set_result(text)
@@ -1320,7 +1433,9 @@ class _Run:
         stream = self.settings.stream if final else None
         block = _block_key(messages[0]["content"]) if self.settings.layout == "keyed" else None
         assert block is not None or self.settings.layout != "keyed", "an aggregation always shows references"
-        shown = stream if stream is None or block is None else _MarkerFilter(stream, block[1])
+        markers = None if stream is None or block is None else _MarkerFilter(stream, block[1])
+        inner = stream if markers is None else markers
+        shown = None if inner is None else _ThoughtFilter(inner)  # thoughts first, then echoed markers
         request = self.settings.request("aggregator", call.model, tuple(messages), n=1, seed=self.settings.seed,
                                         stream=shown)
         call.seed, call.temperature, call.max_tokens = request.seed, request.temperature, request.max_tokens
@@ -1328,8 +1443,11 @@ class _Run:
         outcome = self._submit(call, remaining, self._call, call, request).result()
         if isinstance(outcome, ModelError):
             raise outcome
-        if isinstance(shown, _MarkerFilter):
+        if shown is not None:
             shown.close()
+        if markers is not None:
+            markers.close()
+        assert outcome.texts[0] is not None, "a reply to n = 1 without an answer is a ModelError"
         return outcome.texts[0]
 
 
@@ -1353,6 +1471,22 @@ def _failures_text(failures: Sequence[ModelError]) -> str:
     for failure in failures:
         counts[str(failure)] = counts.get(str(failure), 0) + 1
     return "; ".join(text if count == 1 else f"{count} x {text}" for text, count in counts.items())
+
+
+def _sent_as(call: Call, adapted: Mapping[str, Any]) -> None:
+    """Record in a trace what the client actually sent, where it adapted the request to the server."""
+    if not adapted:
+        return
+    call.adapted = dict(adapted)
+    fields = dict(call.fields)
+    for name, value in adapted.items():
+        if name == "temperature":
+            call.temperature = value
+        elif name == "max_tokens":
+            call.max_tokens = value
+        elif name != "n":
+            fields[name] = value
+    call.fields = {name: value for name, value in fields.items() if value is not None}
 
 
 class _Generated:
@@ -1424,6 +1558,45 @@ class _Given:
             raise NotEnoughProposals(f"only {self.consumed} samples succeeded, fewer than min_ok={self.min_ok}"
                                      + ("; no samples were given" if self.consumed == 0 else ""))
         return new
+
+
+class _ThoughtFilter:
+    """Passes a streamed answer on without the thoughts that ``split_thoughts`` removes from the text: what
+    could still be (or is) a thought is held back, so no piece of a thought is ever passed on, and what is
+    passed joins to exactly the answer returned."""
+
+    def __init__(self, stream: Callable[[str], None]):
+        self.stream, self.held, self.deciding, self.thought = stream, "", True, False
+
+    def __call__(self, piece: str) -> None:
+        if not self.deciding:
+            if piece:
+                self.stream(piece)
+            return
+        self.held += piece
+        while True:
+            rest = self.held.lstrip()
+            if rest.startswith(THINK_OPEN):  # a thought: wait for its end, then drop it and the space after
+                end = rest.find(THINK_CLOSE, len(THINK_OPEN))
+                if end < 0:
+                    return
+                self.held, self.thought = rest[end + len(THINK_CLOSE):], True
+                continue
+            if THINK_OPEN.startswith(rest):  # "", or "<thi": may still open a thought
+                return
+            text = rest if self.thought else self.held  # decided: an answer
+            self.held, self.deciding = "", False
+            self.stream(text)
+            return
+
+    def close(self) -> None:
+        """The stream ended: what was held is the answer, unless it is (the start of) a thought."""
+        rest = self.held.lstrip()
+        if self.deciding and not rest.startswith(THINK_OPEN) and rest:
+            self.stream(rest if self.thought else self.held)
+        elif self.deciding and not self.thought and self.held and not rest:
+            self.stream(self.held)  # only whitespace: the answer is that
+        self.held, self.deciding = "", False
 
 
 class _MarkerFilter:
@@ -1931,13 +2104,20 @@ class _Retry(Exception):
 
 
 class _Attempt:
-    """Internal: one attempt in flight, which the deadline watchdog or ``abort()`` may cut off."""
+    """Internal: one attempt in flight, which the deadline watchdog, ``abort()`` or ``_cut_off`` may cut off."""
 
-    __slots__ = ("connection", "deadline", "expired", "shown")
+    __slots__ = ("connection", "deadline", "expired", "shown", "owner", "cancelled")
 
     def __init__(self, connection: http.client.HTTPConnection, deadline: float):
         self.connection, self.deadline, self.expired = connection, deadline, False
         self.shown = False  # whether streamed text was passed on (then the attempt cannot be retried)
+        self.owner = getattr(_CALLER, "owner", None)  # whose call it is (see _cut_off), if the caller said
+        self.cancelled = False
+
+
+# Internal: a program that runs calls for several owners (serve: one per client request) names the owner of
+# the calls a thread makes in ``_CALLER.owner``, so that ``HTTPClient._cut_off(owner)`` can end them.
+_CALLER = threading.local()
 
 
 class _Tally:
@@ -1948,6 +2128,61 @@ class _Tally:
 
     def __init__(self) -> None:
         self.attempts, self.extra, self.reconnected = 0, 0, False
+
+
+_SAFE_FIELDS = frozenset({"model", "messages", "stream", "stream_options"})  # fields no server refuses
+PROBE_WAIT = 2.0  # seconds the calls behind a server's first request wait for it (a refusal comes back at once)
+
+
+class _Learned:
+    """Internal: what one server refuses and accepts for one model, learned from its replies (wire.md section 8).
+    ``probe`` is held by the one request that tries fields not yet ``accepted``."""
+
+    __slots__ = ("renamed", "single", "dropped", "refused", "accepted", "probe")
+
+    def __init__(self) -> None:
+        self.renamed, self.single = False, False  # max_tokens sent as max_completion_tokens; n sent as 1
+        self.dropped: set[str] = set()  # optional fields not sent (the default temperature)
+        self.refused: dict[str, str] = {}  # fields refused that the caller chose: the server's reason
+        self.accepted: frozenset[str] = frozenset()  # fields a 200 reply accepted
+        self.probe = threading.Lock()
+
+
+_CONTEXT = re.compile(r"context[ _-]?(length|window|size)|maximum context|too many tokens|prompt is too long|"
+                      r"exceeds? (the )?(model'?s? )?(max(imum)? )?(context|token limit)", re.IGNORECASE)
+
+
+def _refusal(text: str, body: Mapping[str, Any]) -> str | None:
+    """What a 4xx error body says the server refuses in ``body``: ``"context"`` (the prompt exceeds the
+    context window, in OpenAI's, vLLM's, llama.cpp's or another wording), the name of a request field (the
+    error's ``param``, else a field of the body named in its message), or None.
+
+    >>> _refusal('{"error": {"message": "Unsupported parameter", "param": "max_tokens"}}', {"max_tokens": 9})
+    'max_tokens'
+    >>> _refusal('{"object": "error", "message": "This model\\'s maximum context length is 4096 tokens."}', {})
+    'context'
+    """
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    error = error if isinstance(error, dict) else data if isinstance(data, dict) else {}
+    given = error.get("message")
+    message: str = given if isinstance(given, str) else text
+    code, kind, param = (str(error.get(key) or "") for key in ("code", "type", "param"))
+    if code == "context_length_exceeded" or kind == "exceed_context_size_error" or _CONTEXT.search(message):
+        return "context"
+    if param in body and param not in _SAFE_FIELDS:
+        return param
+    for name in sorted(set(body) - _SAFE_FIELDS, key=len, reverse=True):  # max_completion_tokens before max_tokens
+        if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message):
+            return name
+    return None
+
+
+def _to_stderr(line: str) -> None:
+    print(f"selfmoa: {line}", file=sys.stderr, flush=True)
 
 
 COOL_AFTER = 3  # failures in a row that take a replica out for HTTPClient's cooldown (a refusal: at once)
@@ -2062,6 +2297,14 @@ class HTTPClient:
       ask for that sample again on its own. Lone surrogates in a text become U+FFFD.
     - With ``request.stream`` set, the reply is streamed (server-sent events) and each text piece is
       passed to ``request.stream`` as it arrives.
+    - Today's servers (spec/wire.md section 8): a refusal that can be met without changing what was asked
+      is met, once per server and model for the life of the client, and announced once (``announce``, by
+      default a line on stderr): ``max_tokens`` refused -> ``max_completion_tokens``; a 400 or 422 to a
+      request with ``n > 1`` -> ``n = 1``; a refused temperature named in ``request.optional`` -> none sent.
+      The first request to a server and model with fields not yet accepted goes alone, so each adaptation
+      costs one refused request. A refused field the caller chose is a ModelError with ``kind="refused"``;
+      a prompt beyond the context window (each server's way of saying so) one with ``kind="context"``.
+      ``adaptations()`` lists what was adapted; each Reply's ``adapted`` what its request was sent as.
     - ``abort()`` ends every call in flight at once and makes later calls fail (the command line's Ctrl-C).
     - For a proxy: ``relay(model, body)`` sends a request as a client wrote it and yields the server's reply
       unread, after the same replica choice, failover, retries and deadline as a call; ``models()`` lists the
@@ -2075,7 +2318,8 @@ class HTTPClient:
                  deadline: float = 600.0, retries: int = 4, backoff: float = 0.5, max_backoff: float = 30.0,
                  max_retry_after: float = 120.0, max_idle: int = 64, max_reply_bytes: int = MAX_REPLY_BYTES,
                  max_in_flight: int | None = None, cooldown: float = 5.0,
-                 sleep: Callable[[float], None] | None = None, rng: random.Random | None = None):
+                 sleep: Callable[[float], None] | None = None, rng: random.Random | None = None,
+                 announce: Callable[[str], None] | None = None):
         _check(api_key is None or base_url is not None, "api_key", "***",
                "a key needs the endpoint it belongs to", "pass base_url too")
         urls = [base_url] if isinstance(base_url, (str, Endpoint)) or base_url is None else list(base_url)
@@ -2121,6 +2365,9 @@ class HTTPClient:
         self.max_in_flight, self.cooldown = max_in_flight, cooldown
         self._replicas = _Replicas(self.default + [e for group in self.endpoints.values() for e in group],
                                    max_in_flight=max_in_flight, cooldown=cooldown, aborted=self._aborted)
+        self.announce = announce if announce is not None else _to_stderr
+        self._learned: dict[tuple[str, str], _Learned] = {}  # by (server, model): what it refuses, accepts
+        self._adaptations: list[dict[str, str]] = []
         self._proxies = _environment_proxies()  # as httpx: HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY
 
     def __repr__(self) -> str:
@@ -2143,22 +2390,29 @@ class HTTPClient:
         """By server URL (without credentials): the requests sent to it so far, and how many of them failed."""
         return self._replicas.counts()
 
+    def adaptations(self) -> list[dict[str, str]]:
+        """What this client adapted to which server and model so far: ``{"server", "model", "field",
+        "change"}`` each, in the order learned (``--json`` shows them)."""
+        with self._lock:
+            return [dict(adaptation) for adaptation in self._adaptations]
+
     def __call__(self, request: Request) -> Reply:
         replicas = self.replicas(request.model)
-        payload = self._body(request)
         tally = _Tally()
-        endpoint, reply = self._retrying(replicas, request, tally,
-                                         lambda endpoint: self._send(endpoint, payload, request))
+        endpoint, reply = self._retrying(replicas, request, tally, lambda endpoint: self._adapting(endpoint, request))
         self._replicas.settle(endpoint, "ok")
         reply.retries = tally.extra
         return reply
 
-    # --- a call in layers: the body; retries; the replica of each attempt; one attempt ---------------------
+    # --- a call in layers: the body; retries; the replica of each attempt; adapting to it; one attempt ------
 
     @staticmethod
-    def _body(request: Request) -> bytes:
-        """The request as JSON, the fields the server needs and no others (wire.md section 1)."""
+    def _body(request: Request, learned: _Learned | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The request's JSON body, the fields the server needs and no others (wire.md section 1), as adapted
+        to what the server is known to refuse (section 8); and the adaptations made (a field with the value
+        sent instead, None for one not sent)."""
         body: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
+        adapted: dict[str, Any] = {}
         if request.temperature is not None:
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
@@ -2173,7 +2427,97 @@ class HTTPClient:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         body.update((name, value) for name, value in request.fields.items() if name not in body)
-        return _clean(json.dumps(body, ensure_ascii=False)).encode("utf-8")  # no lone surrogate can be sent
+        if learned is not None:
+            if learned.single and body.get("n", 1) > 1:
+                body["n"] = adapted["n"] = 1
+            if learned.renamed and "max_tokens" in body and "max_completion_tokens" not in body:
+                body["max_completion_tokens"] = adapted["max_completion_tokens"] = body.pop("max_tokens")
+                adapted["max_tokens"] = None
+            for name in learned.dropped & request.optional & set(body):
+                del body[name]
+                adapted[name] = None
+        return body, adapted
+
+    def _adapting(self, endpoint: Endpoint, request: Request) -> Reply:
+        """One attempt on ``endpoint``, adapted to what the server refuses for this model: the body with what
+        is known (``_body``); a refusal learned from the reply is met by sending again at once, adapted. The
+        first body with fields the server has not yet accepted for the model is sent alone (the others wait),
+        so a refusal is paid for once, not by every call in flight."""
+        with self._lock:
+            learned = self._learned.setdefault((endpoint.base_url, request.model), _Learned())
+        while True:
+            body, adapted = self._body(request, learned)
+            refused = [name for name in learned.refused if name in body]
+            if refused:  # a value the caller chose, which the server is known to refuse: never dropped
+                raise self._refused(endpoint, request, refused[0], learned.refused[refused[0]])
+            risky = frozenset(body) - _SAFE_FIELDS
+            # Fields not yet accepted: this request goes alone, the others wait for its answer, or for as long
+            # as a refusal takes to come back (a request still running after PROBE_WAIT was not refused).
+            probing = not risky <= learned.accepted and learned.probe.acquire(timeout=PROBE_WAIT)
+            try:
+                body, adapted = self._body(request, learned)  # what others learned meanwhile
+                sent = dataclasses.replace(request, n=body.get("n", 1)) if "n" in adapted else request
+                payload = _clean(json.dumps(body, ensure_ascii=False)).encode("utf-8")  # no lone surrogate sent
+                try:
+                    reply = self._send(endpoint, payload, sent)
+                except ModelError as error:
+                    if not self._learn(endpoint, request, body, error, learned):
+                        raise
+                    continue  # adapted: send again at once (no retry spent)
+                with self._lock:
+                    learned.accepted |= frozenset(body) - _SAFE_FIELDS
+            finally:
+                if probing:
+                    learned.probe.release()
+            reply.adapted = adapted
+            return reply
+
+    def _learn(self, endpoint: Endpoint, request: Request, body: dict[str, Any], error: ModelError,
+               learned: _Learned) -> bool:
+        """Whether a refusal can be met by sending the request again, adapted; if so, remember and announce
+        it. Raises the refusal in the caller's terms where it cannot be met (a context window exceeded, a value
+        the caller chose); returns False for any other failure."""
+        if error.status not in (400, 413, 422):
+            return False
+        problem = _refusal(error.body or error.message, body)
+        if problem == "context":
+            raise ModelError(f"the prompt exceeds the model's context window: {error.message}", model=error.model,
+                             url=error.url, status=error.status, body=error.body, kind="context")
+        if problem == "max_tokens" and "max_completion_tokens" not in body:
+            change = "sent as max_completion_tokens (the same limit)"
+            with self._lock:
+                learned.renamed = True
+        elif problem in request.optional and problem in body:
+            change = "not sent (the server refuses it; the model samples at its own default)"
+            with self._lock:
+                learned.dropped.add(problem)
+        elif (problem == "n" or problem is None) and body.get("n", 1) > 1 and error.status in (400, 422):
+            change = "refused above 1: one request per sample"
+            problem = "n"
+            with self._lock:
+                learned.single = True
+        elif problem is not None and problem in body:
+            with self._lock:
+                learned.refused[problem] = error.message
+            raise self._refused(endpoint, request, problem, error.message)
+        else:
+            return False
+        self._announce(endpoint, request.model, problem, change)
+        return True
+
+    def _refused(self, endpoint: Endpoint, request: Request, field: str, reason: str) -> ModelError:
+        return self._error(endpoint, request, f"the server refuses {field} for this model: {reason}", None, 1,
+                           status=400, retryable=False, kind="refused", field=field)
+
+    def _announce(self, endpoint: Endpoint, model: str, field: str, change: str) -> None:
+        adaptation = {"server": endpoint.url.rsplit("/chat/completions", 1)[0], "model": model, "field": field,
+                      "change": change}
+        with self._lock:
+            if adaptation in self._adaptations:
+                return
+            self._adaptations.append(adaptation)
+        self.announce(f"{adaptation['server']} refuses {field} for model {model!r}: {change}, for the rest of this "
+                      f"run")
 
     def _retrying(self, replicas: list[Endpoint], request: Request, tally: _Tally,
                   attempt: Callable[[Endpoint], _T]) -> tuple[Endpoint, _T]:
@@ -2304,13 +2648,14 @@ class HTTPClient:
             flight.connection.close()
 
     def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None,
-               attempts: int, status: int | None = None, body: str = "", retryable: bool = True) -> ModelError:
+               attempts: int, status: int | None = None, body: str = "", retryable: bool = True, kind: str = "",
+               field: str | None = None) -> ModelError:
         if failure is not None:
             status, body = failure.status, failure.body
         # Servers may echo the key back ("Incorrect API key provided: sk-..."): blank it out, then cut.
         return ModelError(_shown(message, endpoint.secrets, SHOWN_MESSAGE), model=request.model, url=endpoint.url,
                           status=status, body=_shown(body, endpoint.secrets, SHOWN_BODY), attempts=attempts,
-                          retryable=retryable)
+                          retryable=retryable, kind=kind, field=field)
 
     def _acquire(self, endpoint: Endpoint) -> tuple[http.client.HTTPConnection, bool]:
         """An idle kept-alive connection to the endpoint's host if there is one (True), else a new one."""
@@ -2380,6 +2725,15 @@ class HTTPClient:
         self._replicas.wake()  # calls waiting for a free slot
         self.close()
 
+    def _cut_off(self, owner: object) -> None:
+        """End now the attempts in flight of the calls ``owner`` made (see ``_CALLER``), and fail those calls
+        without a retry: nobody waits for their answers (serve: the client went away)."""
+        with self._watch:
+            for attempt in self._in_flight:
+                if attempt.owner is owner:
+                    attempt.cancelled = True
+                    _shut(attempt.connection)
+
     # --- one attempt ---------------------------------------------------------------------------------------
 
     def _send(self, endpoint: Endpoint, payload: bytes, request: Request) -> Reply:
@@ -2441,6 +2795,9 @@ class HTTPClient:
         flight.connection.close()
         if self._aborted.is_set():
             return self._error(endpoint, request, "interrupted: the client was aborted", None, 1, retryable=False)
+        if flight.cancelled:
+            return self._error(endpoint, request, "cancelled: nobody waits for this call any more", None, 1,
+                               retryable=False)
         if not flight.expired:
             return failure
         message = f"no complete reply within deadline={self.deadline:g} s"
@@ -2512,21 +2869,22 @@ class HTTPClient:
             elif problem is None:
                 problem = (f"choice {index} has no string 'message.content'"
                            + (f" (finish_reason {reasons[index]!r})" if reasons[index] else ""))
-        if texts[0] is None and request.n == 1:
+        if texts[0] is None and request.n == 1 and reasons[0] != "length":  # "length": spent thinking
             raise bad(problem or "it has no choice with index 0")
         filled = max((i + 1 for i in range(request.n) if taken[i]), default=1)  # the rest: missing, asked for
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         reported = data.get("model")
         return Reply(texts[:filled], reasons[:filled], _int_or_none(usage.get("prompt_tokens")),
                      _int_or_none(usage.get("completion_tokens")), url=endpoint.url,
-                     model=_CONTROLS.sub("\ufffd", _clean(reported[:200])) if isinstance(reported, str) else None)
+                     model=_CONTROLS.sub("\ufffd", _clean(reported[:200])) if isinstance(reported, str) else None,
+                     reasoning_tokens=_reasoning_tokens(usage))
 
     def _read_stream(self, response: http.client.HTTPResponse, endpoint: Endpoint, request: Request,
                      flight: _Attempt) -> tuple[Reply, bool]:
         """Read server-sent events, passing each text piece on as it arrives."""
         assert request.stream is not None
         pieces: list[str] = []
-        reason, usage, size = None, {}, 0
+        reason, usage, size, choices_seen, thought = None, {}, 0, False, False
 
         def broke(why: str) -> Exception:
             message = f"the stream broke ({why})"
@@ -2577,6 +2935,9 @@ class HTTPClient:
                     raise bad("a choice is not an object with a 'delta' object", data)
                 if choice.get("index", 0) != 0:
                     continue  # a stream asks for one choice
+                choices_seen = True
+                thought = thought or any(isinstance((delta or {}).get(name), str)
+                                         for name in ("reasoning_content", "reasoning"))  # never passed on
                 piece = (delta or {}).get("content")
                 if isinstance(piece, str) and piece:
                     pieces.append(_clean(piece))
@@ -2588,8 +2949,16 @@ class HTTPClient:
             _, whole = _read_capped(response, MAX_ERROR_BYTES)
         except (OSError, http.client.HTTPException, ValueError):
             whole = False
-        reply = Reply(["".join(pieces)], [reason], _int_or_none(usage.get("prompt_tokens")),
-                      _int_or_none(usage.get("completion_tokens")), url=endpoint.url)
+        if not choices_seen:  # 200, then [DONE] and nothing else: llama-cpp-python's sign of an overflow
+            raise self._error(endpoint, request, "the server answered with an empty stream (no choice at all), "
+                              "which is how some servers say that the prompt exceeds the model's context window",
+                              None, 1, status=200, retryable=False, kind="context")
+        text: str | None = "".join(pieces)
+        if not pieces and reason == "length" and thought:
+            text = None  # the whole limit went on thinking
+        reply = Reply([text], [reason], _int_or_none(usage.get("prompt_tokens")),
+                      _int_or_none(usage.get("completion_tokens")), url=endpoint.url,
+                      reasoning_tokens=_reasoning_tokens(usage))
         return reply, whole and not response.will_close
 
     # --- the models a server offers, for messages -----------------------------------------------------------
@@ -2698,6 +3067,12 @@ def _int_or_none(value: Any) -> int | None:
     return value if _is_int(value) and value >= 0 else None
 
 
+def _reasoning_tokens(usage: Mapping[str, Any]) -> int | None:
+    """``usage.completion_tokens_details.reasoning_tokens``, where the server reports it."""
+    details = usage.get("completion_tokens_details")
+    return _int_or_none(details.get("reasoning_tokens")) if isinstance(details, dict) else None
+
+
 def _key_forms(secret: str) -> list[str]:
     """The ways a server may echo a key: as is, JSON-escaped, and percent-encoded (either case of hex)."""
     quoted = urllib.parse.quote(secret, safe="")
@@ -2760,6 +3135,9 @@ def _error_message(body: str) -> str:
             return error["message"]
         if isinstance(error, str):
             return error
+        message = json.loads(body).get("message")  # vLLM's {"object": "error", "message": ...}
+        if isinstance(message, str):
+            return message
     except (ValueError, AttributeError, RecursionError):
         pass
     return body.strip() or "(empty body)"
@@ -2804,7 +3182,9 @@ endpoints and keys:
   was given for. The default endpoint's key is --api-key, else $OPENAI_API_KEY, which is used
   only when the URL is the OpenAI API or came from $OPENAI_BASE_URL. The key of a model with
   its own endpoint comes from $SELFMOA_API_KEY_<MODEL> (the name in capitals, other characters
-  as _), else none.
+  as _), else none. $HTTPS_PROXY, $HTTP_PROXY, $ALL_PROXY and $NO_PROXY are honoured as other
+  HTTP clients honour them (http:// proxies only; loopback is always reached directly), and
+  $SSL_CERT_FILE names the certificates of the CAs to trust (a private CA).
 
 batch mode:
   -i FILE reads JSONL or a JSON list of objects with "prompt", "instruction" or "messages"
@@ -2940,7 +3320,8 @@ def _cli_endpoint(url: str, key: str | None, url_source: str, key_source: str) -
 
 
 def _servers_of(client: Any) -> dict[str, Any]:
-    """``{"servers": ...}``, the requests each server got (HTTPClient.servers()), for --json; {} for other clients.
+    """``{"servers": ...}``, the requests each server got (HTTPClient.servers()), and ``{"adaptations": ...}``,
+    what the client adapted to them (HTTPClient.adaptations(), when any), for --json; {} for other clients.
     The default endpoint (the OpenAI API when no --base-url is given) is left out when no model of the run used
     it, so that a run over --endpoint servers alone does not seem to involve it."""
     servers = getattr(client, "servers", None)
@@ -2951,7 +3332,9 @@ def _servers_of(client: Any) -> dict[str, Any]:
     own = {_public_url(e.base_url) for group in getattr(client, "endpoints", {}).values() for e in group}
     if not any(counts.get(url, {}).get("requests") for url in default):
         counts = {url: count for url, count in counts.items() if url not in default or url in own}
-    return {"servers": counts}
+    adaptations = getattr(client, "adaptations", None)
+    adapted = adaptations() if callable(adaptations) else []
+    return {"servers": counts, **({"adaptations": adapted} if adapted else {})}
 
 
 def _reason(error: str) -> str:

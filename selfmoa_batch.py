@@ -430,6 +430,17 @@ def _batch_parameters(method: str, options: Mapping[str, Any]) -> dict[str, Any]
     return parameters
 
 
+def _adapted(trace: Sequence[Any]) -> list[dict[str, Any]]:
+    """How the client adapted this item's requests to its servers (what was sent instead), once per role and
+    model: ``[{"role": "aggregator", "model": "o4-mini", "sent": {"temperature": None, ...}}]``."""
+    seen: list[dict[str, Any]] = []
+    for call in trace:
+        entry = {"role": call.role, "model": call.model, "sent": call.adapted}
+        if call.adapted and entry not in seen:
+            seen.append(entry)
+    return seen
+
+
 def _fingerprint(messages: list[Message], method: str, parameters: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of what produces an item's answer: its messages, the method, parameters.
 
@@ -1013,6 +1024,9 @@ def _answer(item: Item, method: str, complete: Callable[[Request], Any], options
         summary = done_so_far.to_dict(trace=trace, diversity=diversity)
         record.update({key: summary[key] for key in ("usage", "calls", "requests", "retries", "diversity")
                        if key in summary})
+        adapted = _adapted(done_so_far.trace)
+        if adapted:
+            record["adapted"] = adapted
         if trace:
             record["trace"] = summary["trace"]
     record["input"] = item.record

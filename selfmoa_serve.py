@@ -66,6 +66,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from selfmoa import (
+    _CALLER,
     DEFAULT_INSTRUCTION,
     METHODS,
     REFERENCE_INSTRUCTION,
@@ -307,6 +308,16 @@ def _redact_all(text: str, secrets: Iterable[str | None]) -> str:
     return text
 
 
+def _usage(result: Result) -> dict[str, Any]:
+    """A reply's ``usage``: the run's token totals, with the reasoning tokens where the upstreams reported them
+    (``completion_tokens_details.reasoning_tokens``, as OpenAI reports them)."""
+    totals = result.usage
+    usage: dict[str, Any] = {key: totals[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    if "reasoning_tokens" in totals:
+        usage["completion_tokens_details"] = {"reasoning_tokens": totals["reasoning_tokens"]}
+    return usage
+
+
 def _run_report(result: Result, secrets: Iterable[str | None] = ()) -> dict[str, Any]:
     """The ``selfmoa`` field of a reply: calls, requests, retries and each request's latency. No keys."""
     secrets = list(secrets)
@@ -315,6 +326,7 @@ def _run_report(result: Result, secrets: Iterable[str | None] = ()) -> dict[str,
             "trace": [{"role": call.role, "model": call.model, "layer": call.layer, "round": call.round,
                        "n": call.n, "latency": call.latency, "retries": call.retries,
                        "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+                       "reasoning_tokens": call.reasoning_tokens, "adapted": call.adapted,
                        "error": call.error and _redact_all(call.error, secrets)} for call in result.trace]}
 
 
@@ -407,7 +419,11 @@ class ModelServer:
 
     def close(self, drain_timeout: float | None = None) -> int:
         """Stop accepting, let the runs in flight finish (at most ``drain_timeout`` seconds), cancel the
-        rest, and release everything. Returns how many runs were still in flight when the wait ended."""
+        rest, and release everything. Returns how many runs were still in flight when the wait ended.
+
+        Each request still in flight then is answered before close() returns (within SERVE_DRAIN_GRACE
+        seconds): a stream with an error event and ``[DONE]``, any other with a 503; the HTTPClient is then
+        aborted (``abort()``: its calls in flight end, and it makes no more), as the server is done with it."""
         wait = self.drain_timeout if drain_timeout is None else drain_timeout
         self._stopping = True
         if self._serving:
@@ -423,6 +439,8 @@ class ModelServer:
             # Cut off: each request still in flight now writes its last words (a stream: an error event and
             # [DONE]; a request still waiting: its 503), and only then does close() return.
             self._cut.set()
+            if left and self._client is not None:
+                self._client.abort()  # the upstream calls still in flight end now (the client is done with)
             grace = time.monotonic() + SERVE_DRAIN_GRACE
             while self._active and time.monotonic() < grace:
                 self._changed.wait(max(0.0, grace - time.monotonic()))
@@ -676,6 +694,14 @@ class ModelServer:
         return _ServeError(500, f"internal error ({type(exc).__name__}); the server log has the details", None,
                            "internal_error", "server_error")
 
+    def _cancel(self, cancel: threading.Event) -> None:
+        """Cancel a run: its queued calls fail when they reach the pool, and its calls in flight end now
+        (their upstream connections close, which stops the generation)."""
+        cancel.set()
+        cut_off = getattr(self.complete, "_cut_off", None)
+        if cut_off is not None:
+            cut_off(cancel)
+
     def _run(self, handler: _ServeHandler, model: str, method: str, upstream: str, request: dict) -> None:
         """Run one method request on the shared pool, streaming or not, cancelling it if the client goes."""
         arguments = self._arguments(method, upstream, request)
@@ -690,7 +716,11 @@ class ModelServer:
             if upstream_request.stream is not None:  # the final aggregation: it writes the answer
                 upstream_request = dataclasses.replace(upstream_request, stop=stop,
                                                        stream=upstream_request.stream if streaming else None)
-            return complete(upstream_request)
+            _CALLER.owner = cancel  # this run's calls: cut off at once when it is cancelled (_cancel)
+            try:
+                return complete(upstream_request)
+            finally:
+                _CALLER.owner = None
 
         def piece(text: str) -> None:
             if cancel.is_set():  # nobody listens: end the upstream call (its connection closes, generation stops)
@@ -713,8 +743,7 @@ class ModelServer:
             while True:
                 if self._cut.is_set():  # the drain timeout ended: answer now, as the process is about to exit
                     cancel.set()
-                    failure = _ServeError(503, "the server stopped before this run finished (its drain timeout "
-                                          "ended)", None, "shutting_down", "server_error")
+                    failure = _drain_cut()
                     handler.close_connection = True
                     if stream is not None and stream.started:
                         stream.send_error(failure)
@@ -724,13 +753,13 @@ class ModelServer:
                     kind, value = events.get(timeout=0.05)
                 except queue.Empty:
                     if _client_gone(handler.connection):
-                        cancel.set()
+                        self._cancel(cancel)
                         handler.close_connection = True
                         return
                     continue
                 if kind == "piece":
                     if stream is not None and not stream.send_piece(value):
-                        cancel.set()
+                        self._cancel(cancel)
                         return
                     continue
                 if kind == "error":
@@ -743,7 +772,7 @@ class ModelServer:
                 result = value
                 final = [c for c in result.trace if c.role == "aggregator"][-1]
                 reason = (final.finish_reasons or ["stop"])[0] or "stop"
-                usage = {key: result.usage[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+                usage = _usage(result)
                 if stream is not None:
                     stream.finish(result.answer, reason, usage, _run_report(result, self._secrets()))
                     return
@@ -786,8 +815,10 @@ class ModelServer:
         except ConfigError:
             raise _ServeError(404, f"The model '{model[:200]}' does not exist: no upstream serves it", "model",
                               "model_not_found") from None
-        except ModelError as exc:  # no upstream answered, after retries
-            raise self._failure(exc) from None
+        except (ModelError, _ServeError) as exc:  # no upstream answered, after retries
+            if self._cut.is_set():  # or the drain timeout cut the call off
+                raise _drain_cut() from None
+            raise exc if isinstance(exc, _ServeError) else self._failure(exc) from None
         # Sent once the upstream connection is back in the client's pool, for the client's next request.
         handler.send_bytes(response.status, _redact_bytes(data, key), content_type,
                            {"Retry-After": retry_after} if retry_after else {})
@@ -814,9 +845,20 @@ class ModelServer:
             if pending and not handler.send_chunk(_redact_bytes(pending, key)):
                 return
             response.read()  # the end of the body (nothing left to relay), so that the connection can be kept
+            if self._cut.is_set():
+                raise OSError("cut off by the drain timeout")
             handler.end_chunked()
         except (OSError, http.client.HTTPException):
             handler.close_connection = True  # the upstream broke off mid-reply: so does this reply
+            if self._cut.is_set():  # the drain timeout cut it off: the stream ends with an error and [DONE]
+                event = json.dumps(_drain_cut().body()).encode()
+                if handler.send_chunk(b"\n\ndata: " + event + b"\n\n") and handler.send_chunk(b"data: [DONE]\n\n"):
+                    handler.end_chunked()
+
+
+def _drain_cut() -> _ServeError:
+    return _ServeError(503, "the server stopped before this request finished (its drain timeout ended)", None,
+                       "shutting_down", "server_error")
 
 
 class _Abandoned(Exception):

@@ -7,7 +7,7 @@ import math
 import sys
 
 from mock_models.models import MODELS
-from mock_models.server import FAULTS, MockServer
+from mock_models.server import FAULTS, OVERFLOWS, THINKING, MockServer
 
 PROG = "python3 -m mock_models"
 USAGE = f"""{PROG} [serve] [-h] [--host HOST] [--port PORT] [--latency S] [--latency-per-token S]
@@ -67,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api-key", metavar="KEY", help="require this bearer key (default: none)")
     add("--max-concurrency", type=int, metavar="K",
         help="work on at most K requests at once and queue the rest (default: no limit)")
+    add("--openai-reasoning", action="store_true",
+        help="behave like OpenAI's reasoning models: refuse a temperature other than 1 and max_tokens (take "
+             "max_completion_tokens), with OpenAI's error bodies; report reasoning tokens")
+    add("--refuse-n", action="store_true", help="answer n > 1 with a 400 (like Anthropic's compatible endpoint)")
+    add("--thinking", choices=THINKING, metavar="WHERE",
+        help="think before answering, the thoughts in the content (<think>...</think>, as without a reasoning "
+             "parser), in reasoning_content or in reasoning, with reasoning-token usage; chat_template_kwargs "
+             '{"enable_thinking": false} turns it off (default: no thinking)')
+    add("--thought-tokens", type=int, default=40, metavar="K",
+        help="tokens of thought per answer at reasoning_effort medium (default: 40)")
+    add("--context-length", type=int, metavar="TOKENS",
+        help="every model's context window (default: each model's own, 4096 to 32768)")
+    add("--overflow", choices=OVERFLOWS, default="openai",
+        help="how a prompt beyond the context window is refused: OpenAI's 400 context_length_exceeded, vLLM's "
+             "400, llama.cpp's 400 exceed_context_size_error, or a 200 with an empty stream (llama-cpp-python; "
+             "a 400 when not streamed) (default: openai)")
     return parser
 
 
@@ -87,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                             fault_rate=args.fault_rate, faults=[f for f in args.faults.split(",") if f],
                             fault_seed=args.fault_seed, retry_after=args.retry_after,
                             stall_seconds=args.stall_seconds, honour_n=not args.ignore_n, api_key=args.api_key,
-                            max_concurrency=args.max_concurrency)
+                            max_concurrency=args.max_concurrency, openai_reasoning=args.openai_reasoning,
+                            refuse_n=args.refuse_n, thinking=args.thinking, thought_tokens=args.thought_tokens,
+                            context_length=args.context_length, overflow=args.overflow)
     except (ValueError, OSError) as exc:
         print(f"mock_models: {exc}", file=sys.stderr)
         return 2

@@ -56,9 +56,19 @@ def prompt_tokens(messages: list[dict]) -> int:
 
 class BadRequest(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", payload: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.payload = payload  # a whole error body in another server's shape (vLLM's, llama.cpp's)
+
+    def body(self) -> dict:
+        return self.payload if self.payload is not None else _error(self.message, self.kind, self.param, self.code)
+
+
+THINKING = ("content", "reasoning_content", "reasoning")  # where a thinking model's thoughts go
+OVERFLOWS = ("openai", "vllm", "llama.cpp", "empty-stream")  # how a server says the context window is exceeded
+THOUGHT_OPENER = "Thinking (mock):"  # every thought starts so, and no answer holds it: tests look for it
+_EFFORT = {"minimal": 0.25, "low": 0.5, "medium": 1.0, "high": 2.0}
 
 
 def _check_body(body: object) -> dict:
@@ -80,7 +90,8 @@ def _check_body(body: object) -> dict:
                              f"messages[{i}]")
     checks: list[tuple[str, Any, int, int, float | None]] = [  # name, JSON types, low, high, default
         ("temperature", (int, float), 0, 2, 1.0), ("top_p", (int, float), 0, 1, 1.0),
-        ("n", int, 1, 128, 1), ("max_tokens", int, 1, 1_000_000, None), ("seed", int, -2**63, 2**63 - 1, None)]
+        ("n", int, 1, 128, 1), ("max_tokens", int, 1, 1_000_000, None),
+        ("max_completion_tokens", int, 1, 1_000_000, None), ("seed", int, -2**63, 2**63 - 1, None)]
     out: dict[str, Any] = {"model": model, "messages": messages}
     for name, kinds, low, high, default in checks:
         value = body.get(name, default)
@@ -100,7 +111,55 @@ def _check_body(body: object) -> dict:
     out["stream"] = stream
     options = body.get("stream_options") or {}
     out["include_usage"] = bool(isinstance(options, dict) and options.get("include_usage"))
+    out["limit"] = out["max_completion_tokens"] if out["max_completion_tokens"] is not None else out["max_tokens"]
+    kwargs = body.get("chat_template_kwargs")
+    out["thinking"] = not (isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False)
+    effort = body.get("reasoning_effort", "medium")
+    if effort not in _EFFORT:
+        raise BadRequest(400, f"'reasoning_effort' must be one of {', '.join(_EFFORT)}", "reasoning_effort")
+    out["effort"] = _EFFORT[effort]
     return out
+
+
+def _openai_reasoning(body: dict) -> None:
+    """The restrictions of OpenAI's reasoning models (o-series, gpt-5), with their error bodies."""
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        raise BadRequest(400, f"Unsupported value: 'temperature' does not support {temperature} with this model. "
+                         f"Only the default (1) value is supported.", "temperature", "unsupported_value")
+    if "max_tokens" in body:
+        raise BadRequest(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                         "'max_completion_tokens' instead.", "max_tokens", "unsupported_parameter")
+
+
+def _overflow(shape: str, limit: int, used: int, wanted: int, stream: bool) -> BadRequest | None:
+    """The context-window error of one kind of server (None: answer 200 with an empty stream)."""
+    if shape == "vllm":
+        message = (f"This model's maximum context length is {limit} tokens. However, you requested {used + wanted} "
+                   f"tokens ({used} in the messages, {wanted} in the completion). Please reduce the length of the "
+                   f"messages or completion.")
+        return BadRequest(400, message, payload={"object": "error", "message": message, "type": "BadRequestError",
+                                                 "param": None, "code": 400})
+    if shape == "llama.cpp":
+        message = "the request exceeds the available context size, try increasing it"
+        return BadRequest(400, message, payload={"error": {"code": 400, "message": message,
+                                                           "type": "exceed_context_size_error",
+                                                           "n_prompt_tokens": used, "n_ctx": limit}})
+    if shape == "empty-stream" and stream:
+        return None  # llama-cpp-python: the stream starts (200), then ends with no text
+    if shape == "empty-stream":
+        return BadRequest(400, f"Requested tokens ({used + wanted}) exceed context window of {limit}", None, None)
+    return BadRequest(400, f"This model's maximum context length is {limit} tokens. However, your messages resulted "
+                      f"in {used + wanted} tokens. Please reduce the length of the messages.", "messages",
+                      "context_length_exceeded")
+
+
+def _thought(model: str, messages: list[dict], sample: object, tokens: int) -> str:
+    """A thinking model's thoughts: ``tokens`` tokens that start with THOUGHT_OPENER (deterministic)."""
+    words = ["Hmm", ",", "the", "user", "asks", "something", ";", "let", "me", "weigh", "the", "options", "."]
+    start = int(models.unit("thought", model, json.dumps(messages), sample) * len(words))
+    body = [words[(start + i) % len(words)] for i in range(max(0, tokens - count_tokens(THOUGHT_OPENER)))]
+    return " ".join([THOUGHT_OPENER, *body])
 
 
 def _limit(text: str, max_tokens: int | None, stop: list[str]) -> tuple[str, str]:
@@ -128,7 +187,8 @@ class MockServer:
                  latency_per_token: float = 0.0, fault_rate: float = 0.0, faults=None, fault_seed: int = 0,
                  retry_after: float = 1, stall_seconds: float = 30.0, honour_n: bool = True, api_key: str | None = None,
                  max_body_bytes: int = 1_000_000, context_length: int | None = None, client_timeout: float = 30.0,
-                 max_concurrency: int | None = None):
+                 max_concurrency: int | None = None, openai_reasoning: bool = False, refuse_n: bool = False,
+                 thinking: str | None = None, thought_tokens: int = 40, overflow: str = "openai"):
         faults = tuple(faults) if faults is not None else FAULTS
         unknown = [f for f in faults if f not in FAULTS]
         if unknown or not 0 <= fault_rate <= 1:
@@ -137,6 +197,16 @@ class MockServer:
         self.fault_rate, self.faults, self.fault_seed = fault_rate, faults, fault_seed
         self.retry_after, self.stall_seconds, self.honour_n = retry_after, stall_seconds, honour_n
         self.api_key, self.max_body_bytes, self.context_length = api_key, max_body_bytes, context_length
+        if thinking not in (None, *THINKING) or overflow not in OVERFLOWS:
+            raise ValueError(f"thinking must be among {THINKING} (or None) and overflow among {OVERFLOWS} "
+                             f"(got {thinking!r}, {overflow!r})")
+        if isinstance(thought_tokens, bool) or not isinstance(thought_tokens, int) or thought_tokens < 6:
+            raise ValueError(f"thought_tokens must be an integer >= 6 (got {thought_tokens!r})")
+        # Today's servers: OpenAI's reasoning models refuse temperature and max_tokens; Anthropic's compatible
+        # endpoint refuses n > 1; thinking models put thoughts in content (<think>...</think>, no reasoning
+        # parser) or in reasoning_content / reasoning (with one); each server reports overflow its own way.
+        self.openai_reasoning, self.refuse_n, self.thinking = openai_reasoning, refuse_n, thinking
+        self.thought_tokens, self.overflow = thought_tokens, overflow
         if max_concurrency is not None and (isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int)
                                             or max_concurrency < 1):
             raise ValueError(f"max_concurrency must be an integer >= 1 or None (got {max_concurrency!r})")
@@ -190,18 +260,35 @@ class MockServer:
         with self._lock:
             self.requests.append(entry)
 
-    def complete(self, request: dict) -> tuple[dict, list[tuple[str, str]]]:
-        """The chat completion for a checked request, and each choice's (text, finish_reason)."""
-        model, messages = request["model"], request["messages"]
+    def refusal(self, body: dict, request: dict) -> BadRequest | None:
+        """What a restricted server refuses in a checked request, before any work (None: nothing)."""
+        if self.openai_reasoning:
+            try:
+                _openai_reasoning(body)
+            except BadRequest as refused:
+                return refused
+        if self.refuse_n and request["n"] > 1:  # Anthropic's compatible endpoint, and other gateways
+            return BadRequest(400, f"n: only n=1 is supported (got {request['n']})", None, None)
+        return None
+
+    def complete(self, request: dict) -> tuple[dict, list[tuple[str | None, str, str | None]]]:
+        """The chat completion for a checked request, and each choice's (content, finish_reason, reasoning):
+        content None when the thoughts used up the token limit; reasoning None without a reasoning field.
+        Raises BadRequest for a prompt beyond the context window, except an ``empty-stream`` overflow of a
+        streamed request, whose body then has ``"overflow": True`` and no choices."""
+        model, messages, limit = request["model"], request["messages"], request["limit"]
         used = prompt_tokens(messages)
-        limit = self.context_length or models.CONTEXT_LENGTH[model]
-        if used + (request["max_tokens"] or 0) > limit:
-            raise BadRequest(400, f"This model's maximum context length is {limit} tokens; the messages use "
-                             f"{used} and max_tokens asks for {request['max_tokens'] or 0}", "messages",
-                             "context_length_exceeded")
+        window = self.context_length or models.CONTEXT_LENGTH[model]
+        if used + (limit or 0) > window:
+            refused = _overflow(self.overflow, window, used, limit or 0, request["stream"])
+            if refused is not None:
+                raise refused
+            return {"id": "chatcmpl-overflow", "created": 1_700_000_000, "model": model, "overflow": True}, []
         temperature = request["temperature"]
         n = request["n"] if self.honour_n else 1
-        choices = []
+        choices: list[tuple[str | None, str, str | None]] = []
+        thinking = self.thinking if request["thinking"] else None
+        reasoning_tokens = 0
         salt = os.urandom(8).hex()
         for j in range(n):
             if temperature == 0:
@@ -211,16 +298,37 @@ class MockServer:
             else:
                 sample = f"{salt}-{j}"
             text = models.reply(model, messages, temperature, sample)
-            choices.append(_limit(text, request["max_tokens"], request["stop"]))
-        completion_tokens = sum(count_tokens(text) for text, _ in choices)
+            if thinking is None:
+                choices.append((*_limit(text, limit, request["stop"]), None))
+                continue
+            thought = _thought(model, messages, sample, max(6, round(self.thought_tokens * request["effort"])))
+            if thinking == "content":  # no reasoning parser: the thoughts open the content, in <think> tags
+                content, reason = _limit(f"<think>\n{thought}\n</think>\n\n{text}", limit, request["stop"])
+                choices.append((content, reason, None))
+                continue
+            spent = count_tokens(thought)
+            if limit is not None and spent >= limit:  # the whole limit went on thinking: no content at all
+                cut, _ = _limit(thought, limit, [])
+                reasoning_tokens += limit
+                choices.append((None, "length", cut))
+                continue
+            reasoning_tokens += spent
+            content, reason = _limit(text, None if limit is None else limit - spent, request["stop"])
+            choices.append((content, reason, thought))
+        completion_tokens = sum(count_tokens(text or "") for text, _, _ in choices) + reasoning_tokens
         created = 1_700_000_000
         ident = "chatcmpl-" + hashlib.sha256(json.dumps([request["model"], messages, temperature, request["seed"],
                                                           choices]).encode()).hexdigest()[:24]
-        body = {"id": ident, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": j, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                            for j, (text, reason) in enumerate(choices)],
-                "usage": {"prompt_tokens": used, "completion_tokens": completion_tokens,
-                          "total_tokens": used + completion_tokens}}
+        field = thinking if thinking in ("reasoning_content", "reasoning") else None
+        body: dict[str, Any] = {
+            "id": ident, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": j, "message": {"role": "assistant", "content": text,
+                                                 **({field: thought} if field else {})}, "finish_reason": reason}
+                        for j, (text, reason, thought) in enumerate(choices)],
+            "usage": {"prompt_tokens": used, "completion_tokens": completion_tokens,
+                      "total_tokens": used + completion_tokens}}
+        if field or self.openai_reasoning:  # a server with a reasoning parser (or OpenAI's) counts the thoughts
+            body["usage"]["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
         return body, choices
 
 
@@ -347,6 +455,9 @@ def _make_handler(server: MockServer, client_timeout: float):
                 if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     raise BadRequest(401, "Incorrect API key provided", None, "invalid_api_key")
                 request = _check_body(entry["body"])
+                refused = server.refusal(entry["body"], request)
+                if refused is not None:
+                    raise refused
                 fault = server.draw_fault(raw)
                 entry["fault"] = fault
                 if fault in ("429", "500", "503"):
@@ -379,7 +490,7 @@ def _make_handler(server: MockServer, client_timeout: float):
                 self._json(200, body)
             except BadRequest as bad:
                 entry["status"] = bad.status
-                self._json(bad.status, _error(bad.message, bad.kind, bad.param, bad.code))
+                self._json(bad.status, bad.body())
             except OSError:  # the client went away
                 self.close_connection = True
             except Exception as exc:  # a bug of the mock: say so in the API's shape, and keep serving
@@ -402,18 +513,23 @@ def _make_handler(server: MockServer, client_timeout: float):
                 raise BadRequest(413, f"the body is over the limit of {server.max_body_bytes} bytes")
             return self.rfile.read(int(digits))
 
-        def _stream(self, request: dict, body: dict, choices: list[tuple[str, str]], entry: dict) -> None:
+        def _stream(self, request: dict, body: dict, choices: list[tuple[str | None, str, str | None]],
+                    entry: dict) -> None:
             base = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"],
                     "model": body["model"]}
             events = []
-            for j, (text, reason) in enumerate(choices):
+            field = server.thinking if server.thinking in ("reasoning_content", "reasoning") else "reasoning"
+            for j, (text, reason, thought) in enumerate(choices):
                 events.append({**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
                                                     "finish_reason": None}]})
-                for piece in re.findall(r"\S+\s*|\s+", text):
+                for piece in re.findall(r"\S+\s*|\s+", thought or ""):
+                    events.append({**base, "choices": [{"index": j, "delta": {field: piece},
+                                                        "finish_reason": None}]})
+                for piece in re.findall(r"\S+\s*|\s+", text or ""):
                     events.append({**base, "choices": [{"index": j, "delta": {"content": piece},
                                                         "finish_reason": None}]})
                 events.append({**base, "choices": [{"index": j, "delta": {}, "finish_reason": reason}]})
-            if request["include_usage"]:
+            if request["include_usage"] and "usage" in body:
                 events.append({**base, "choices": [], "usage": body["usage"]})
             chunks = [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
             self.send_response(200)

@@ -131,6 +131,7 @@ class Program:
         self.lines: queue.Queue = queue.Queue()
         self.write_lock = threading.Lock()
         self.runs = itertools.count(1)
+        self.ids: set[int] = set()  # every request id the program has used
         threading.Thread(target=self._read, daemon=True).start()
         hello = self.next(limit)
         if not isinstance(hello, dict) or hello.get("type") != "ready" or hello.get("protocol") != PROTOCOL:
@@ -217,6 +218,11 @@ class _Run:
                     raise ProtocolError(f"run {self.number}: a line not of this run: {line!r}")
                 kind = line.get("type")
                 if kind == "complete":
+                    ident = line.get("id")
+                    if not isinstance(ident, int) or isinstance(ident, bool) or ident in self.program.ids:
+                        raise ProtocolError(f"run {self.number}: a request's id must be an integer unique in the "
+                                            f"session (spec/protocol.md section 5): {line}")
+                    self.program.ids.add(ident)
                     pending.append(line)
                 elif kind == "piece":
                     if self.stream is None or not isinstance(line.get("text"), str):

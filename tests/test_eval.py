@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import selfmoa
 import selfmoa_eval as ev
 from bench.reproduce import dataset, mock_complete
 from mock_models import MockServer
+from tests import test_readme
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREE = ["-M", "i=generalist", "-M", "m=mathematician", "-M", "d=coder"]
@@ -393,8 +395,12 @@ def test_selfmoa_eval_is_a_subcommand_and_a_lone_copy_names_the_file_to_add(tmp_
     shutil.copy(os.path.join(ROOT, "selfmoa.py"), tmp_path / "selfmoa.py")
     done = subprocess.run([sys.executable, "-I", "-S", "selfmoa.py", "eval", "data.jsonl"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "copy selfmoa_batch.py and selfmoa_eval.py next to it" in done.stderr  # eval
-    # imports batch: both files are named
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "selfmoa eval needs selfmoa_batch.py and selfmoa_eval.py" in done.stderr
+    shutil.copy(os.path.join(ROOT, "selfmoa_batch.py"), tmp_path / "selfmoa_batch.py")
+    done = subprocess.run([sys.executable, "-I", "-S", "selfmoa.py", "eval", "data.jsonl"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "selfmoa eval needs selfmoa_eval.py, not beside" in done.stderr
 
 
 def test_importing_selfmoa_eval_imports_no_optional_package():
@@ -512,3 +518,57 @@ def test_serve_sends_the_layout_a_request_or_its_flags_ask_for():
             system = upstream.requests[-1]["body"]["messages"][0]["content"]
             assert system.startswith(selfmoa.REFERENCE_INSTRUCTION + "\n\nResponses from models:\n1. ")
             assert "\n2. " in system and "<<<" not in system
+
+
+EVAL_HELP = re.compile(r"(<!-- eval-help:start -->\n```\n)(.*?)(```\n<!-- eval-help:end -->)", re.DOTALL)
+
+
+def eval_help() -> str:
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal width
+    return ev.build_parser().format_help()
+
+
+def test_readme_shows_exactly_eval_help(monkeypatch):
+    """The README's `selfmoa eval --help` block is the parser's help: character for character on Python
+    3.10-3.12, word for word on 3.13+ (whose argparse words the options' metavars differently)."""
+    monkeypatch.setenv("COLUMNS", "100")
+    found = EVAL_HELP.search(test_readme.README.read_text(encoding="utf-8"))
+    assert found, "README.md lost its <!-- eval-help:start --> ... <!-- eval-help:end --> block"
+    stale = "README.md's eval help is stale: run python3 -m tests.test_eval --update (with Python 3.10-3.12)"
+    if sys.version_info < test_readme.HELP_FORMAT_CHANGED:
+        assert found.group(2) == eval_help(), stale
+    else:
+        assert test_readme.metavar_once(found.group(2)) == test_readme.metavar_once(eval_help()), stale
+
+
+def test_failed_calls_leave_a_complete_report_exit_1_and_are_retried_by_a_rerun(tmp_path, capsys):
+    """A model no server has: its samples fail, the cells that need them are reported unanswered, the other
+    cells are complete, the exit status is 1; a rerun asks for the failed samples again (and only them)."""
+    data = write_dataset(tmp_path, count=1)
+    out = tmp_path / "out"
+    argv = [data, "--out", str(out), "-M", "i=generalist", "-M", "x=no-such-model", "--compositions", "iiiiii,iixx",
+            "--seed", "0", "--retries", "0"]
+    with MockServer() as server:
+        assert ev.main([*argv, "--base-url", server.base_url], environ={}) == 1
+        first = len(server.requests)
+    err = capsys.readouterr().err
+    assert "failed; run the same command again to retry them" in err
+    results = json.loads((out / "results.json").read_text())
+    rows = {row.get("composition") or f"{row['model']} alone": row for row in results["cells"]}
+    assert rows["iiiiii"]["items"] == 2 and rows["iiiiii"]["unanswered"] == 0
+    assert rows["x alone"]["items"] == 0 and rows["x alone"]["accuracy"] is None
+    assert rows["iixx"]["items"] == 2  # the x samples failed: aggregated from the two of i
+    assert "| x alone | single sample | - |" in (out / "report.md").read_text()
+    with MockServer() as server:
+        assert ev.main([*argv, "--base-url", server.base_url], environ={}) == 1
+        asked = {entry["body"]["model"] for entry in server.requests}
+    assert asked == {"no-such-model"} and first > 0
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
+    if sys.version_info >= test_readme.HELP_FORMAT_CHANGED:
+        sys.exit("update the README with Python 3.10-3.12: their argparse prints the help the README shows")
+    text = test_readme.README.read_text(encoding="utf-8")
+    test_readme.README.write_text(EVAL_HELP.sub(lambda m: m.group(1) + eval_help() + m.group(3), text),
+                                  encoding="utf-8")
+    print("README.md updated")

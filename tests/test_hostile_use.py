@@ -637,3 +637,58 @@ def test_a_proxy_selfmoa_cannot_use_is_refused_naming_the_variable_never_ignored
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "HTTPS_PROXY=" in result.stderr and "secret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_at_the_drain_timeout_pass_through_streams_and_waiting_pass_through_requests_are_answered_too():
+    """The same for requests passed through to an upstream: a relayed stream cut off mid-answer ends with an
+    error event and [DONE]; a request still waiting for its upstream's reply gets its 503."""
+    with MockServer(latency_per_token=0.05) as mock:
+        server = selfmoa_serve.ModelServer(selfmoa.HTTPClient(mock.base_url, retries=0), port=0).start()
+        long_question = [{"role": "user", "content": " ".join(f"word{i}" for i in range(100))}]
+        streamed = requests.post(server.base_url + "/chat/completions", stream=True, timeout=10,
+                                 json={"model": "echo", "messages": long_question, "stream": True})
+        lines = streamed.iter_lines()
+        assert next(line for line in lines if line).startswith(b"data: ")
+        waiting: list = []
+        asker = threading.Thread(target=lambda: waiting.append(requests.post(
+            server.base_url + "/chat/completions", json={"model": "echo", "messages": long_question}, timeout=10)))
+        asker.start()
+        deadline = time.monotonic() + 5
+        while len(mock.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        left = server.close(drain_timeout=0.2)
+        took = time.monotonic() - started
+        rest = [line for line in lines if line]
+        asker.join(5)
+    assert left == 2 and took < 3.0, (left, took)
+    assert rest[-1] == b"data: [DONE]", rest[-3:]
+    assert json.loads(rest[-2].removeprefix(b"data: "))["error"]["code"] == "shutting_down"
+    assert waiting and waiting[0].status_code == 503 and waiting[0].json()["error"]["code"] == "shutting_down"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_leaving_while_its_run_waits_on_a_silent_upstream_closes_that_upstream_call_within_a_second(
+        stream):
+    """Before any token (a long prefill, a model that thinks without streaming text), there is no piece to
+    stop at: the run's calls in flight are cut off as soon as serve sees the client gone."""
+    from tests.hostile_server import HostileServer
+
+    with HostileServer(("hold",)) as upstream, selfmoa_serve.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, retries=0, timeout=30), port=0) as server:
+        body = json.dumps({"model": "self-moa/m", "messages": QUESTION, "stream": stream,
+                           "selfmoa": {"n": 2, "use_n": False}}).encode()
+        with socket.create_connection((server.host, server.port), timeout=10) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(body), body))
+            deadline = time.monotonic() + 5
+            while len(upstream.log) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(upstream.log) == 2, "both samples are in flight"
+        left = time.monotonic()
+        while len(upstream.closed_by_client) < 2 and time.monotonic() - left < 3:
+            time.sleep(0.01)
+        took = time.monotonic() - left
+        assert len(upstream.closed_by_client) == 2 and took < 1.0, took
+        time.sleep(0.2)
+        assert len(upstream.log) == 2, "a cut-off call was retried, or the aggregation was sent"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -453,3 +454,99 @@ def test_retry_after_takes_fractions_of_a_second_and_sends_them():
     for bad in ("soon", "-1", "nan"):
         done = run_mock("--retry-after", bad)
         assert done.returncode == 2 and "--retry-after" in done.stderr and "seconds" in done.stderr
+
+
+# --- Today's servers (issue 22): reasoning models' restrictions, n refused, thoughts, context windows ---------
+
+
+def stream_events(reply) -> list:
+    return [json.loads(line[5:]) for line in reply.text.splitlines()
+            if line.startswith("data:") and line[5:].strip() != "[DONE]"]
+
+
+def test_openai_reasoning_refuses_temperature_and_max_tokens_with_openais_bodies():
+    with MockServer(openai_reasoning=True) as running:
+        refused = chat(running, temperature=0.7).json()["error"]
+        assert refused == {"message": "Unsupported value: 'temperature' does not support 0.7 with this model. Only the "
+                           "default (1) value is supported.", "type": "invalid_request_error",
+                           "param": "temperature", "code": "unsupported_value"}
+        refused = chat(running, max_tokens=50).json()["error"]
+        assert refused == {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                           "'max_completion_tokens' instead.", "type": "invalid_request_error",
+                           "param": "max_tokens", "code": "unsupported_parameter"}
+        for accepted in ({"temperature": 1}, {}, {"max_completion_tokens": 5}):
+            reply = chat(running, **accepted)
+            assert reply.status_code == 200
+            assert reply.json()["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+        assert chat(running, max_completion_tokens=5).json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_refuse_n_answers_n_above_one_with_a_400():
+    with MockServer(refuse_n=True) as running:
+        assert chat(running, n=2).status_code == 400
+        assert chat(running, n=1).status_code == 200 and chat(running).status_code == 200
+
+
+@pytest.mark.parametrize("where", ["content", "reasoning_content", "reasoning"])
+def test_thinking_puts_thoughts_where_asked_and_counts_them(where):
+    with MockServer(thinking=where, thought_tokens=20) as running:
+        plain = MockServer()  # the same model's answer without thinking: what must remain once thoughts are removed
+        with plain:
+            answer = chat(plain, seed=4).json()["choices"][0]["message"]["content"]
+        data = chat(running, seed=4).json()
+        message, usage = data["choices"][0]["message"], data["usage"]
+        if where == "content":
+            assert message["content"].startswith("<think>\nThinking (mock):")
+            assert message["content"].endswith("\n</think>\n\n" + answer) and "completion_tokens_details" not in usage
+        else:
+            assert message["content"] == answer and message[where].startswith("Thinking (mock):")
+            assert usage["completion_tokens_details"]["reasoning_tokens"] == 20
+            assert usage["completion_tokens"] == 20 + len(re.findall(r"\w+|[^\w\s]", answer))
+        off = chat(running, seed=4, chat_template_kwargs={"enable_thinking": False}).json()
+        assert off["choices"][0]["message"]["content"] == answer and where not in (
+            off["choices"][0]["message"].keys() - {"content"})
+        assert len(chat(running, seed=4, reasoning_effort="high").text) > len(chat(running, seed=4).text)
+        events = stream_events(chat(running, seed=4, stream=True, stream_options={"include_usage": True}))
+        pieces = [e["choices"][0]["delta"] for e in events if e["choices"]]
+        assert "".join(d.get("content") or "" for d in pieces) == message["content"]
+        if where != "content":
+            assert "".join(d.get(where) or "" for d in pieces) == message[where]
+
+
+def test_thinking_that_spends_the_whole_limit_leaves_no_answer():
+    with MockServer(thinking="reasoning_content", thought_tokens=30) as running:
+        choice = chat(running, seed=1, max_tokens=10).json()["choices"][0]
+        assert choice["message"]["content"] is None and choice["finish_reason"] == "length"
+    with MockServer(thinking="content", thought_tokens=30) as running:
+        choice = chat(running, seed=1, max_tokens=10).json()["choices"][0]
+        assert choice["message"]["content"].startswith("<think>") and "</think>" not in choice["message"]["content"]
+        assert choice["finish_reason"] == "length"
+
+
+def test_each_overflow_shape():
+    long = [{"role": "user", "content": "word " * 40}]
+    shapes = {"openai": lambda d: d["error"]["code"] == "context_length_exceeded",
+              "vllm": lambda d: d["object"] == "error" and "maximum context length is 30" in d["message"],
+              "llama.cpp": lambda d: d["error"]["type"] == "exceed_context_size_error" and d["error"]["n_ctx"] == 30,
+              "empty-stream": lambda d: "exceed context window of 30" in d["error"]["message"]}
+    for shape, check in shapes.items():
+        with MockServer(context_length=30, overflow=shape) as running:
+            reply = chat(running, messages=long)
+            assert reply.status_code == 400 and check(reply.json()), shape
+            streamed = chat(running, messages=long, stream=True)
+            if shape == "empty-stream":
+                assert streamed.status_code == 200 and streamed.text == "data: [DONE]\n\n"
+            else:
+                assert streamed.status_code == 400 and check(streamed.json()), shape
+            assert chat(running).status_code == 200  # a short prompt fits
+
+
+def test_new_flags_on_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "mock_models", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=30)
+    for flag in ("--openai-reasoning", "--refuse-n", "--thinking", "--thought-tokens", "--context-length",
+                 "--overflow"):
+        assert flag in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "mock_models", "--thinking", "brain"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=30)
+    assert bad.returncode == 2 and "--thinking" in bad.stderr

@@ -101,6 +101,27 @@ def test_a_program_that_does_not_speak_the_protocol_is_a_clear_failure_not_a_han
             "Q", ["a"], "z", complete=lambda request: "x")
 
 
+def test_a_request_id_used_twice_is_a_clear_failure(tmp_path):
+    """Request ids are unique in the session (protocol.md section 5): a program that reuses one fails."""
+    script = tmp_path / "twice.py"
+    script.write_text(
+        "import json, sys\n"
+        "print(json.dumps({'type': 'ready', 'protocol': 1}), flush=True)\n"
+        "run = json.loads(sys.stdin.readline())['run']\n"
+        "ask = {'type': 'complete', 'run': run, 'id': 7, 'model': 'a', 'messages': [{'role': 'user', 'content': 'Q'}],"
+        " 'temperature': 0.7, 'max_tokens': None, 'n': 1, 'seed': None, 'stream': False, 'stop': None}\n"
+        "print(json.dumps(ask), flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print(json.dumps(ask), flush=True)\n"
+        "sys.stdin.readline()\n", encoding="utf-8")
+    program = protocol.Implementation(f"{sys.executable} {script}", limit=10)
+    try:
+        with pytest.raises(protocol.ProtocolError, match="unique"):
+            program.moa("Q", ["a"], "z", complete=lambda request: "x")
+    finally:
+        program.close()
+
+
 def test_requests_open_together_are_answered_out_of_order():
     """The harness answers the requests an implementation has open at once newest first, so a port that
     relies on arrival order fails; selfmoa, sending six proposals at once, still passes (M2, T1)."""
