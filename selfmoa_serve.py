@@ -66,6 +66,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from selfmoa import (
+    _CALLER,
     DEFAULT_INSTRUCTION,
     METHODS,
     REFERENCE_INSTRUCTION,
@@ -695,6 +696,14 @@ class ModelServer:
         return _ServeError(500, f"internal error ({type(exc).__name__}); the server log has the details", None,
                            "internal_error", "server_error")
 
+    def _cancel(self, cancel: threading.Event) -> None:
+        """Cancel a run: its queued calls fail when they reach the pool, and its calls in flight end now
+        (their upstream connections close, which stops the generation)."""
+        cancel.set()
+        cut_off = getattr(self.complete, "_cut_off", None)
+        if cut_off is not None:
+            cut_off(cancel)
+
     def _run(self, handler: _ServeHandler, model: str, method: str, upstream: str, request: dict) -> None:
         """Run one method request on the shared pool, streaming or not, cancelling it if the client goes."""
         arguments = self._arguments(method, upstream, request)
@@ -709,7 +718,11 @@ class ModelServer:
             if upstream_request.stream is not None:  # the final aggregation: it writes the answer
                 upstream_request = dataclasses.replace(upstream_request, stop=stop,
                                                        stream=upstream_request.stream if streaming else None)
-            return complete(upstream_request)
+            _CALLER.owner = cancel  # this run's calls: cut off at once when it is cancelled (_cancel)
+            try:
+                return complete(upstream_request)
+            finally:
+                _CALLER.owner = None
 
         def piece(text: str) -> None:
             if cancel.is_set():  # nobody listens: end the upstream call (its connection closes, generation stops)
@@ -742,13 +755,13 @@ class ModelServer:
                     kind, value = events.get(timeout=0.05)
                 except queue.Empty:
                     if _client_gone(handler.connection):
-                        cancel.set()
+                        self._cancel(cancel)
                         handler.close_connection = True
                         return
                     continue
                 if kind == "piece":
                     if stream is not None and not stream.send_piece(value):
-                        cancel.set()
+                        self._cancel(cancel)
                         return
                     continue
                 if kind == "error":
