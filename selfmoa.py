@@ -193,13 +193,14 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
 ]
 
 # The programs beside this file (selfmoa_batch.py, selfmoa_serve.py) also use these internal names: argument
-# checks, the shared call pool, the command line's flag readers and reports, and the reading and redacting of
-# server text. They are kept working for those files (tests/test_smoke.py checks that they use no others),
-# but are no public API: code outside this project should use __all__ only.
+# checks, the shared call pool, the command line's flag readers and reports, the reading and redacting of
+# server text, and the owner of a thread's calls (_CALLER, which serve sets to cut a run's calls off). They are
+# kept working for those files (tests/test_smoke.py checks that they use no others), but are no public API:
+# code outside this project should use __all__ only.
 _FOR_SIBLINGS = frozenset({
     "_check", "_is_int", "_key_problem", "_Pool", "_on_shared_pool", "_start", "_sampling", "_clean", "_redact",
     "_read_capped", "_endpoints_of", "_servers_of", "_reason", "_finite", "_instruction_file", "_refuse",
-    "_method_arguments", "_method_options"})
+    "_method_arguments", "_method_options", "_CALLER"})
 
 
 # ======================================================================================================
@@ -2107,13 +2108,20 @@ class _Retry(Exception):
 
 
 class _Attempt:
-    """Internal: one attempt in flight, which the deadline watchdog or ``abort()`` may cut off."""
+    """Internal: one attempt in flight, which the deadline watchdog, ``abort()`` or ``_cut_off`` may cut off."""
 
-    __slots__ = ("connection", "deadline", "expired", "shown")
+    __slots__ = ("connection", "deadline", "expired", "shown", "owner", "cancelled")
 
     def __init__(self, connection: http.client.HTTPConnection, deadline: float):
         self.connection, self.deadline, self.expired = connection, deadline, False
         self.shown = False  # whether streamed text was passed on (then the attempt cannot be retried)
+        self.owner = getattr(_CALLER, "owner", None)  # whose call it is (see _cut_off), if the caller said
+        self.cancelled = False
+
+
+# Internal: a program that runs calls for several owners (serve: one per client request) names the owner of
+# the calls a thread makes in ``_CALLER.owner``, so that ``HTTPClient._cut_off(owner)`` can end them.
+_CALLER = threading.local()
 
 
 class _Tally:
@@ -2608,7 +2616,7 @@ class HTTPClient:
             status = response.status
             if 200 <= status and status != 404 and status not in RETRY_STATUSES:
                 return flight, response
-            if status < 200:  # http.client hands back a 1xx (but 100) as if it were final: it is not a reply
+            if status < 200:  # a 101 (interim replies are skipped): a protocol switch never asked for, no reply
                 self._end(flight)
                 flight.connection.close()
                 raise _Retry(f"HTTP {status}: an interim reply where the final one was due")
@@ -2626,6 +2634,9 @@ class HTTPClient:
                 self._let_go(held)
                 raise
             (endpoint, flight, response), settled = held.pop(), True  # counted as failed when it was held
+        except BaseException:  # Ctrl-C in a wait between retries: the held reply is not yielded
+            self._let_go(held)
+            raise
         try:
             yield endpoint, response
         finally:
@@ -2638,6 +2649,7 @@ class HTTPClient:
                 self._replicas.settle(endpoint, "ok" if response.status < 400 else "answered")
 
     def _let_go(self, held: list[tuple[Endpoint, _Attempt, http.client.HTTPResponse]]) -> None:
+        """Close the replies a relay held and will not yield (their attempts were already counted)."""
         while held:
             _, flight, _ = held.pop()
             self._end(flight)
@@ -2721,6 +2733,15 @@ class HTTPClient:
         self._replicas.wake()  # calls waiting for a free slot
         self.close()
 
+    def _cut_off(self, owner: object) -> None:
+        """End now the attempts in flight of the calls ``owner`` made (see ``_CALLER``), and fail those calls
+        without a retry: nobody waits for their answers (serve: the client went away)."""
+        with self._watch:
+            for attempt in self._in_flight:
+                if attempt.owner is owner:
+                    attempt.cancelled = True
+                    _shut(attempt.connection)
+
     # --- one attempt ---------------------------------------------------------------------------------------
 
     def _send(self, endpoint: Endpoint, payload: bytes, request: Request) -> Reply:
@@ -2782,6 +2803,9 @@ class HTTPClient:
         flight.connection.close()
         if self._aborted.is_set():
             return self._error(endpoint, request, "interrupted: the client was aborted", None, 1, retryable=False)
+        if flight.cancelled:
+            return self._error(endpoint, request, "cancelled: nobody waits for this call any more", None, 1,
+                               retryable=False)
         if not flight.expired:
             return failure
         message = f"no complete reply within deadline={self.deadline:g} s"
@@ -3166,7 +3190,9 @@ endpoints and keys:
   was given for. The default endpoint's key is --api-key, else $OPENAI_API_KEY, which is used
   only when the URL is the OpenAI API or came from $OPENAI_BASE_URL. The key of a model with
   its own endpoint comes from $SELFMOA_API_KEY_<MODEL> (the name in capitals, other characters
-  as _), else none.
+  as _), else none. $HTTPS_PROXY, $HTTP_PROXY, $ALL_PROXY and $NO_PROXY are honoured as other
+  HTTP clients honour them (http:// proxies only; loopback is always reached directly), and
+  $SSL_CERT_FILE names the certificates of the CAs to trust (a private CA).
 
 batch mode:
   -i FILE reads JSONL or a JSON list of objects with "prompt", "instruction" or "messages"

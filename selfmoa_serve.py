@@ -66,6 +66,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from selfmoa import (
+    _CALLER,
     DEFAULT_INSTRUCTION,
     METHODS,
     REFERENCE_INSTRUCTION,
@@ -106,7 +107,9 @@ __all__ = ["ModelServer", "SERVE_METHODS", "main"]  # noqa: RUF022 (plain sorted
 # `selfmoa serve` answers POST /v1/chat/completions like any OpenAI-compatible server, so every client of
 # one (the SDKs, AlpacaEval, lm-evaluation-harness, chat front-ends) uses a method by changing a model name:
 # "self-moa/M", "self-moa-seq/M" and "moa/A" run a method on upstream models (M may itself contain "/");
-# any other name is passed through to its upstream unchanged. All runs share one bounded call pool.
+# any other name is passed through to its upstream unchanged. All runs share one bounded call pool. Every
+# upstream request goes through the one HTTPClient: a method's calls as calls, a pass-through by its relay
+# (the same replicas, retries, deadline and connections); serve itself only relays the bytes, keys blanked.
 #
 # A method hands its `stream` callback to its final aggregation, and to no other call. Serve always passes
 # one, and so recognises the call that writes the answer: the request's `stop` goes to that call only, and
@@ -693,6 +696,14 @@ class ModelServer:
         return _ServeError(500, f"internal error ({type(exc).__name__}); the server log has the details", None,
                            "internal_error", "server_error")
 
+    def _cancel(self, cancel: threading.Event) -> None:
+        """Cancel a run: its queued calls fail when they reach the pool, and its calls in flight end now
+        (their upstream connections close, which stops the generation)."""
+        cancel.set()
+        cut_off = getattr(self.complete, "_cut_off", None)
+        if cut_off is not None:
+            cut_off(cancel)
+
     def _run(self, handler: _ServeHandler, model: str, method: str, upstream: str, request: dict) -> None:
         """Run one method request on the shared pool, streaming or not, cancelling it if the client goes."""
         arguments = self._arguments(method, upstream, request)
@@ -707,7 +718,11 @@ class ModelServer:
             if upstream_request.stream is not None:  # the final aggregation: it writes the answer
                 upstream_request = dataclasses.replace(upstream_request, stop=stop,
                                                        stream=upstream_request.stream if streaming else None)
-            return complete(upstream_request)
+            _CALLER.owner = cancel  # this run's calls: cut off at once when it is cancelled (_cancel)
+            try:
+                return complete(upstream_request)
+            finally:
+                _CALLER.owner = None
 
         def piece(text: str) -> None:
             if cancel.is_set():  # nobody listens: end the upstream call (its connection closes, generation stops)
@@ -740,13 +755,13 @@ class ModelServer:
                     kind, value = events.get(timeout=0.05)
                 except queue.Empty:
                     if _client_gone(handler.connection):
-                        cancel.set()
+                        self._cancel(cancel)
                         handler.close_connection = True
                         return
                     continue
                 if kind == "piece":
                     if stream is not None and not stream.send_piece(value):
-                        cancel.set()
+                        self._cancel(cancel)
                         return
                     continue
                 if kind == "error":

@@ -665,3 +665,30 @@ def test_at_the_drain_timeout_pass_through_streams_and_waiting_pass_through_requ
     assert rest[-1] == b"data: [DONE]", rest[-3:]
     assert json.loads(rest[-2].removeprefix(b"data: "))["error"]["code"] == "shutting_down"
     assert waiting and waiting[0].status_code == 503 and waiting[0].json()["error"]["code"] == "shutting_down"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_leaving_while_its_run_waits_on_a_silent_upstream_closes_that_upstream_call_within_a_second(
+        stream):
+    """Before any token (a long prefill, a model that thinks without streaming text), there is no piece to
+    stop at: the run's calls in flight are cut off as soon as serve sees the client gone."""
+    from tests.hostile_server import HostileServer
+
+    with HostileServer(("hold",)) as upstream, selfmoa_serve.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url, retries=0, timeout=30), port=0) as server:
+        body = json.dumps({"model": "self-moa/m", "messages": QUESTION, "stream": stream,
+                           "selfmoa": {"n": 2, "use_n": False}}).encode()
+        with socket.create_connection((server.host, server.port), timeout=10) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(body), body))
+            deadline = time.monotonic() + 5
+            while len(upstream.log) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(upstream.log) == 2, "both samples are in flight"
+        left = time.monotonic()
+        while len(upstream.closed_by_client) < 2 and time.monotonic() - left < 3:
+            time.sleep(0.01)
+        took = time.monotonic() - left
+        assert len(upstream.closed_by_client) == 2 and took < 1.0, took
+        time.sleep(0.2)
+        assert len(upstream.log) == 2, "a cut-off call was retried, or the aggregation was sent"
