@@ -44,6 +44,9 @@ MUTANTS = {
     "echoed markers kept": [
         (r"if block is not None:  # a model may echo", "if False:  # a model may echo"),
     ],
+    "thoughts kept": [
+        (r"text, thought = split_thoughts\(text\)  #", "thought = False  #"),
+    ],
 }
 
 

@@ -37,8 +37,21 @@ LAST = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
 
 
 
+def without_thoughts(text: str) -> str:
+    """A reply without the <think>...</think> thoughts that open it (wire.md section 2), written from the spec."""
+    rest = text.lstrip(" \t\r\n")
+    if not rest.startswith("<think>"):
+        return text
+    while rest.startswith("<think>"):
+        end = rest.find("</think>", len("<think>"))
+        rest = "" if end < 0 else rest[end + len("</think>"):].lstrip(" \t\r\n")
+    return rest
+
+
 def stripped(text: str, messages) -> str:
-    """A reply without the marker lines of the block its request showed (wire.md section 6)."""
+    """A reply without its opening thoughts and the marker lines of the block its request showed (wire.md
+    sections 2 and 6)."""
+    text = without_thoughts(text)
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     found = LAST.search(system)
     if not found:

@@ -72,6 +72,26 @@ def strip_markers(text: str, key: str) -> str:
     return "\n".join(line for line in text.split("\n") if not marker.fullmatch(line))
 
 
+def remove_thoughts(text: str) -> str:
+    """A reply without the thoughts that open it (wire.md section 2): while it starts, blanks aside, with
+    <think>, everything through the next </think> goes, and the blanks after it; an unclosed one takes the rest."""
+    blanks = " \t\r\n"
+    rest = text.lstrip(blanks)
+    if not rest.startswith("<think>"):
+        return text
+    while rest.startswith("<think>"):
+        end = rest.find("</think>", len("<think>"))
+        if end < 0:
+            return ""
+        rest = rest[end + len("</think>"):].lstrip(blanks)
+    return rest
+
+
+def thinking(text: str, who: str) -> str:
+    """``text`` as a thinking model served without a reasoning parser writes it: its thoughts first."""
+    return f"<think>\nLet me think about {who}. <think> is a tag.\n</think>\n\n{text}"
+
+
 LAST_LINE = re.compile(r"\n<<<end of response (\d+), key ([0-9a-f]{8})>>>\s*\Z")
 
 
@@ -143,7 +163,8 @@ class Script:
             if pieces is not None:
                 assert stream, "a model streams only a request that asks for it"
                 entry["pieces"] = list(pieces)
-            outputs = [text if text is None or key is None else strip_markers(text, key) for text in replies[:n]]
+            outputs = [text if text is None else remove_thoughts(text) for text in replies[:n]]
+            outputs = [text if text is None or key is None else strip_markers(text, key) for text in outputs]
             failure = None
         entry["trace"] = {"indices": list(indices), "references": list(positions), "outputs": outputs,
                           "error": failure}
@@ -168,7 +189,8 @@ class Script:
         else:
             sizes = [(i, 1) for i in range(first, first + count)]
         key = block_key(inject(self.prompt, list(references), self.instruction))
-        seen = (lambda t: t) if key is None else (lambda t: strip_markers(t, key))  # noqa: E731
+        seen = ((lambda t: remove_thoughts(t)) if key is None  # noqa: E731
+                else (lambda t: strip_markers(remove_thoughts(t), key)))
         for start, size in sizes:
             seed = None if self.seed is None else self.seed + start
             indices = list(range(start, start + size))
@@ -214,7 +236,7 @@ def failures_text(failures: list[str]) -> str:
 def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(), min_ok=1,
             instruction=None, temperature=0.7, max_tokens=None, agg_temperature=0.7, agg_max_tokens=None,
             sample_text=None, extra=False, unusable=(), trailing=False, fail_with=None, bugs=(), agg_error=None,
-            stream=False, streams=True, empty=False):
+            stream=False, streams=True, empty=False, think=False):
     """MoA over ``plan`` (one list of proposer models per proposer layer): the requests and the outcome.
     ``fail_with`` is the error of every failed request (by default one naming model and position); ``bugs``
     the (model, position) pairs whose request raises a bug; ``agg_error`` fails the aggregation; with
@@ -237,7 +259,8 @@ def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(
         outputs: dict[int, str | None] = {}
 
         def text(model, position, number=number):
-            return sample_text(model, position) if sample_text else f"{model}: answer {position} of layer {number}"
+            plain = sample_text(model, position) if sample_text else f"{model}: answer {position} of layer {number}"
+            return thinking(plain, f"{model} {position}") if think else plain
 
         position = 0
         while position < len(layer):  # consecutive proposers of one model share a request when use_n
@@ -269,9 +292,10 @@ def run_moa(plan, aggregator, *, prompt, seed, use_n=True, honour_n=True, fail=(
         message = failure_text(aggregator, agg_error)
         return script.requests, {"error": "ModelError", "message": message, "match": [message], "failures": 0,
                                  "requests": len(script.requests)}
-    script.ask("aggregator", len(plan) + 1, None, aggregator, 1, seed, references, 0, replies=[answer],
+    written = thinking(answer, aggregator) if think else answer  # what the model sends: its thoughts first
+    script.ask("aggregator", len(plan) + 1, None, aggregator, 1, seed, references, 0, replies=[written],
                indices=[0], positions=positions, stream=stream,
-               pieces=pieces_of(answer) if stream and streams else None)
+               pieces=pieces_of(written, 5 if think else 7) if stream and streams else None)
     return script.requests, dict(counts(script.requests, answer), **streamed(stream, streams, answer))
 
 
@@ -479,6 +503,17 @@ def build() -> list[dict]:
                "(seed S+16).",
                "self_moa", PRIME, {"model": "m", "n": 20, "seed": 0, "aggregator": "judge"},
                run_moa([["m"] * 20], "judge", prompt=PRIME, seed=0, sample_text=lambda m, i: f"{m} sample {i}")),
+        vector("self-moa-thoughts-removed", "A thinking model served without a reasoning parser: every reply "
+               "opens with <think>...</think>. The thoughts (and the blank lines after them) are removed from "
+               "each sample before it is a reference, and from the final answer (wire.md section 2).",
+               "self_moa", PRIME, {"model": "m", "n": 3, "seed": 5},
+               run_moa([["m"] * 3], "m", prompt=PRIME, seed=5, think=True)),
+        vector("moa-thoughts-streamed", "Thinking proposers and a thinking aggregator whose answer is streamed in "
+               "pieces of 5 characters that cut the tags: the stream shows exactly the answer, no piece of a "
+               "thought.",
+               "moa", QUESTION, {"proposers": ["a", "b"], "aggregator": "z", "seed": 2, "use_n": False,
+                                 "stream": True},
+               run_moa([["a", "b"]], "z", prompt=QUESTION, seed=2, use_n=False, think=True, stream=True)),
         # --- Self-MoA-Seq, samples given
         seq("seq-n-below-window", "n=4 <= w=6: one aggregation over the 4 samples, exactly Self-MoA's.", 4, 6, 3),
         seq("seq-n-equals-window", "n=6 = w: still one round, no carry.", 6, 6, 3),
