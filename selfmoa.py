@@ -2612,7 +2612,7 @@ class HTTPClient:
             status = response.status
             if 200 <= status and status != 404 and status not in RETRY_STATUSES:
                 return flight, response
-            if status < 200:  # http.client hands back a 1xx (but 100) as if it were final: it is not a reply
+            if status < 200:  # a 101 (interim replies are skipped): a protocol switch never asked for, no reply
                 self._end(flight)
                 flight.connection.close()
                 raise _Retry(f"HTTP {status}: an interim reply where the final one was due")
@@ -2630,6 +2630,9 @@ class HTTPClient:
                 self._let_go(held)
                 raise
             (endpoint, flight, response), settled = held.pop(), True  # counted as failed when it was held
+        except BaseException:  # Ctrl-C in a wait between retries: the held reply is not yielded
+            self._let_go(held)
+            raise
         try:
             yield endpoint, response
         finally:
@@ -2642,6 +2645,7 @@ class HTTPClient:
                 self._replicas.settle(endpoint, "ok" if response.status < 400 else "answered")
 
     def _let_go(self, held: list[tuple[Endpoint, _Attempt, http.client.HTTPResponse]]) -> None:
+        """Close the replies a relay held and will not yield (their attempts were already counted)."""
         while held:
             _, flight, _ = held.pop()
             self._end(flight)

@@ -15,6 +15,7 @@ Public API
 ----------
 ==========================  ===================================================================
 ``read_dataset``            read and check a JSONL dataset: ``prompt`` or ``messages``, ``answer``
+``questions_from``          the same for records given as Python objects
 ``Question``                one dataset item: id, messages, reference answer, grader
 ``grade``                   grade one response: ``(extracted answer, correct)``
 ``GRADERS``                 the graders by name: choice, number, exact, crux, math
@@ -23,6 +24,7 @@ Public API
 ``plan``                    the calls an experiment still needs, with token and cost estimates
 ``fit_quality_diversity``   the Table 4 fit: accuracy = a * quality + b * diversity + c
 ``main``                    the command line (``selfmoa eval --help``)
+``EVAL_FORMAT``             the version of ``results.json`` (1)
 ==========================  ===================================================================
 
 >>> grade("So the total is 1,234.", "1234", "number")
@@ -68,8 +70,8 @@ import selfmoa
 import selfmoa_batch
 from selfmoa import ConfigError, Message, Reply, Request, SelfMoAError, _check
 
-__all__ = ["EVAL_FORMAT", "GRADERS", "Experiment", "Question", "evaluate", "fit_quality_diversity", "grade", "main",
-           "plan", "read_dataset"]
+__all__ = ["EVAL_FORMAT", "Experiment", "GRADERS", "Question", "evaluate", "fit_quality_diversity", "grade", "main",
+           "plan", "questions_from", "read_dataset"]
 
 EVAL_FORMAT = 1  # the version of results.json
 POOL_FILE, REPORT_FILE, RESULTS_FILE = "pool.jsonl", "report.md", "results.json"
@@ -370,7 +372,7 @@ MATH_VERIFY_HINT = "the math grader needs the optional package math-verify: pip 
 def _math_verify() -> Any:
     """The math_verify module; ConfigError naming the package when it is not installed."""
     try:
-        import math_verify  # type: ignore[import-not-found]
+        import math_verify  # type: ignore[import-not-found,import-untyped,unused-ignore]
     except ImportError:
         raise ConfigError(MATH_VERIFY_HINT) from None
     return math_verify

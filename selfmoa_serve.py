@@ -107,7 +107,9 @@ __all__ = ["ModelServer", "SERVE_METHODS", "main"]  # noqa: RUF022 (plain sorted
 # `selfmoa serve` answers POST /v1/chat/completions like any OpenAI-compatible server, so every client of
 # one (the SDKs, AlpacaEval, lm-evaluation-harness, chat front-ends) uses a method by changing a model name:
 # "self-moa/M", "self-moa-seq/M" and "moa/A" run a method on upstream models (M may itself contain "/");
-# any other name is passed through to its upstream unchanged. All runs share one bounded call pool.
+# any other name is passed through to its upstream unchanged. All runs share one bounded call pool. Every
+# upstream request goes through the one HTTPClient: a method's calls as calls, a pass-through by its relay
+# (the same replicas, retries, deadline and connections); serve itself only relays the bytes, keys blanked.
 #
 # A method hands its `stream` callback to its final aggregation, and to no other call. Serve always passes
 # one, and so recognises the call that writes the answer: the request's `stop` goes to that call only, and

@@ -134,9 +134,13 @@ def test_the_math_grader_says_how_to_install_math_verify_when_it_is_missing(monk
         ev.read_dataset(str(path))
 
 
-def test_the_math_grader_uses_math_verify_where_installed():
+@pytest.mark.parametrize("response, correct", [
+    (r"The answer is $\frac{3}{4}$", True), (r"so \boxed{0.75}", True), (r"\boxed{\frac{6}{8}}", True),
+    ("The answer is 3/5", False), ("garbage {{{", False), ("", False), ("\\boxed{" * 500, False),
+])
+def test_the_math_grader_uses_math_verify_where_installed(response, correct):
     pytest.importorskip("math_verify")
-    assert ev.grade(r"The answer is $\frac{1}{2}$", "0.5", "math")[1] is True
+    assert ev.grade(response, r"\frac{3}{4}", "math")[1] is correct
 
 
 # === The dataset =======================================================================================
@@ -572,3 +576,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
     test_readme.README.write_text(EVAL_HELP.sub(lambda m: m.group(1) + eval_help() + m.group(3), text),
                                   encoding="utf-8")
     print("README.md updated")
+
+
+def test_all_is_sorted_and_the_manual_names_every_public_name():
+    assert ev.__all__ == sorted(ev.__all__) and all(hasattr(ev, name) for name in ev.__all__)
+    assert [name for name in ev.__all__ if f"``{name}``" not in ev.__doc__] == []

@@ -231,3 +231,14 @@ def test_a_batch_explains_a_withheld_key_once(capsys, tmp_path):
     assert [line for line in err.splitlines() if "failed for good" in line] == [
         f"selfmoa: 3 calls failed for good: model 'generalist' at {server.base_url}/chat/completions: HTTP 401: "
         f"Incorrect API key provided"]
+
+
+def test_self_moa_seq_counts_its_dropped_samples_over_all_rounds():
+    def complete(request):
+        if request.seed in (3, 7) and not selfmoa.read_references(request.messages):
+            raise selfmoa.ModelError("boom", model=request.model, status=500)
+        return f"x {request.seed}"
+
+    result = selfmoa.self_moa_seq("hi", "q", n=12, complete=complete, seed=0, use_n=False)
+    assert selfmoa.dropped_report(result) == [
+        "samples 4, 8 (q) failed and were dropped: model 'q': HTTP 500: boom; continuing with 10 of 12 samples"]
