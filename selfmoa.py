@@ -477,28 +477,29 @@ def _strip_markers(text: str, key: str) -> str:
 # or the final answer. spec/wire.md section 2 fixes the rule; _ThoughtFilter applies it to a stream.
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_BLANK = " \t\r\n"  # what may stand before a thought, and is dropped after one
 
 
 def split_thoughts(text: str) -> tuple[str, bool]:
     """The answer of a reply without the thoughts that open it, and whether it had any.
 
-    While the reply, leading whitespace aside, starts with ``<think>``, everything up to and including the
-    next ``</think>`` is removed, and the whitespace after it; a ``<think>`` never closed makes the rest
-    thought (the token limit ran out while thinking), leaving no answer. A reply that does not open with
-    ``<think>`` is returned unchanged, whatever tags it holds further on.
+    While the reply, leading blanks (spaces, tabs, ``\\r``, ``\\n``) aside, starts with ``<think>``, everything up
+    to and including the next ``</think>`` is removed, and the blanks after it; a ``<think>`` never closed
+    makes the rest thought (the token limit ran out while thinking), leaving no answer. A reply that does not
+    open with ``<think>`` is returned unchanged, whatever tags it holds further on.
 
     >>> split_thoughts("<think>\\nIs 7 prime? Yes.\\n</think>\\n\\n7 is prime.")
     ('7 is prime.', True)
     >>> split_thoughts("<think>\\nStill thinking when the limit"), split_thoughts("A <think> tag.")
     (('', True), ('A <think> tag.', False))
     """
-    rest, thought = text.lstrip(), False
+    rest, thought = text.lstrip(_BLANK), False
     while rest.startswith(THINK_OPEN):
         thought = True
         end = rest.find(THINK_CLOSE, len(THINK_OPEN))
         if end < 0:
             return "", True
-        rest = rest[end + len(THINK_CLOSE):].lstrip()
+        rest = rest[end + len(THINK_CLOSE):].lstrip(_BLANK)
     return (rest, True) if thought else (text, False)
 
 
@@ -1297,7 +1298,10 @@ class _Run:
         reply.texts = texts
         call.outputs, call.finish_reasons = texts, reply.finish_reasons
         if request.n == 1 and texts[0] is None:
-            return self._spent(call, request, reply.url)
+            if reply.finish_reasons[0] == "length":
+                return self._spent(call, request, reply.url)
+            return ModelError("the reply holds no answer, only thoughts", model=request.model, url=reply.url or "",
+                              status=200)
         return reply
 
     def _in_context(self, call: Call, error: ModelError) -> ModelError:
@@ -1575,7 +1579,7 @@ class _ThoughtFilter:
             return
         self.held += piece
         while True:
-            rest = self.held.lstrip()
+            rest = self.held.lstrip(_BLANK)
             if rest.startswith(THINK_OPEN):  # a thought: wait for its end, then drop it and the space after
                 end = rest.find(THINK_CLOSE, len(THINK_OPEN))
                 if end < 0:
@@ -1591,7 +1595,7 @@ class _ThoughtFilter:
 
     def close(self) -> None:
         """The stream ended: what was held is the answer, unless it is (the start of) a thought."""
-        rest = self.held.lstrip()
+        rest = self.held.lstrip(_BLANK)
         if self.deciding and not rest.startswith(THINK_OPEN) and rest:
             self.stream(rest if self.thought else self.held)
         elif self.deciding and not self.thought and self.held and not rest:

@@ -13,7 +13,8 @@ flags (spec/batch.md), so a batch rerun on it makes no call and ``selfmoa merge`
         --workers 4 --concurrency 16
     python3 examples/ray_data.py --address auto ...   # on a running Ray cluster (shared storage for -i and -o)
 
-It takes the main command's method and endpoint flags (``selfmoa --help``) plus ``--workers`` (Ray actors),
+It takes the main command's method and endpoint flags (``selfmoa --help``; ``--concurrency C`` is the items
+each worker runs at once, and each item's calls at once) plus ``--workers`` (Ray actors),
 ``--batch-size`` (rows per task), ``--worker-cpus`` (CPUs Ray reserves per worker: they wait on HTTP, so a
 fraction), ``--address`` and ``--num-cpus`` (for a local Ray). Keys come from the flags and environment
 variables as for ``selfmoa`` and are handed to the workers in their constructor arguments.
@@ -97,8 +98,11 @@ def _parts_done(parts: str, prints: dict[tuple, str]) -> tuple[dict[tuple, bytes
         for line in file:
             if not line.endswith(b"\n"):
                 break  # a torn last line: that item runs again
-            record = json.loads(line)
-            key = (type(record["id"]).__name__, record["id"])
+            try:
+                record = json.loads(line)
+                key = (type(record["id"]).__name__, record["id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not a record: its item, if any, runs again
             if record.get("status") == "ok" and prints.get(key) == record.get("fingerprint"):
                 done.setdefault(key, line)
     return done, len(done)

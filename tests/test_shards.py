@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import random
+import re
 import subprocess
 import sys
 
@@ -17,6 +19,7 @@ from hypothesis import strategies as st
 import selfmoa
 import selfmoa_batch
 from mock_models import MockServer
+from tests import test_readme
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FLAGS = ["-m", "generalist", "-n", "2", "--seed", "7", "--concurrency", "4"]
@@ -291,3 +294,34 @@ def test_merge_outputs_is_the_library_form_of_the_merge(tmp_path):
     assert selfmoa_batch.output_line(record) == (tmp_path / "all.jsonl").read_bytes().split(b"\n")[3] + b"\n"
     with pytest.raises(selfmoa.SelfMoAError, match="have no line in any shard output"):
         selfmoa_batch.merge_outputs(items, [str(tmp_path / "o0.jsonl")], str(tmp_path / "x.jsonl"), model="a", n=2)
+
+
+# --- README -------------------------------------------------------------------------------------------------
+
+MERGE_HELP = re.compile(r"(<!-- merge-help:start -->\n```\n)(.*?)(```\n<!-- merge-help:end -->)", re.DOTALL)
+
+
+def merge_help() -> str:
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal width
+    return selfmoa_batch.build_merge_parser().format_help()
+
+
+def test_readme_shows_exactly_merge_help(monkeypatch):
+    """The README's `selfmoa merge --help` block is the parser's help (word for word on Python 3.13+)."""
+    monkeypatch.setenv("COLUMNS", "100")
+    found = MERGE_HELP.search(test_readme.README.read_text(encoding="utf-8"))
+    assert found, "README.md lost its <!-- merge-help:start --> ... <!-- merge-help:end --> block"
+    stale = "README.md's merge help is stale: run python3 -m tests.test_shards --update (with Python 3.10-3.12)"
+    if sys.version_info < test_readme.HELP_FORMAT_CHANGED:
+        assert found.group(2) == merge_help(), stale
+    else:
+        assert test_readme.metavar_once(found.group(2)) == test_readme.metavar_once(merge_help()), stale
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
+    if sys.version_info >= test_readme.HELP_FORMAT_CHANGED:
+        sys.exit("update the README with Python 3.10-3.12: their argparse prints the help the README shows")
+    text = test_readme.README.read_text(encoding="utf-8")
+    test_readme.README.write_text(MERGE_HELP.sub(lambda m: m.group(1) + merge_help() + m.group(3), text),
+                                  encoding="utf-8")
+    print("README.md updated")

@@ -133,3 +133,28 @@ def test_the_pipeline_refuses_bad_flags_before_starting_ray(tmp_path):
         assert done.returncode == 2 and complaint in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
     assert selfmoa.__version__ and selfmoa_batch.BATCH_FORMAT == 1
+
+
+def test_items_without_ids_or_with_line_separators_in_their_text_and_a_crashed_drivers_parts(tmp_path):
+    """An input that ray.data.read_text would split wrongly (a raw U+2028 inside a string; items without an id,
+    whose id is their position) is handed to Ray by the driver instead; a parts file a crashed driver left is
+    resumed: its answered items make no call. The output is still exactly the batch's."""
+    prompts = [f"Question {i}:\u2028what is {i} times 3?" if i % 5 == 0 else f"Question {i}?" for i in range(20)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts),
+                                       encoding="utf-8")
+    assert "\u2028" in (tmp_path / "in.jsonl").read_text(encoding="utf-8")
+    with MockServer() as server:
+        batch = answered_by_one_batch(tmp_path, server.base_url)
+        left = [json.dumps(record) + "\n" for record in batch[:6]]
+        (tmp_path / "out.parts.jsonl").write_text("".join(left) + left[6 - 1][:30], encoding="utf-8")  # torn tail
+        before = len(server.requests)
+        run = pipeline(tmp_path, server.base_url)
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-3000:]
+        assert "the driver reads it and hands Ray its records" in err
+        assert "6 items already answered" in err
+        assert len(server.requests) - before == 2 * 14  # the 14 others only: one sample request, one aggregation
+    got = records(tmp_path / "out.jsonl")
+    assert [record["id"] for record in got] == list(range(20))
+    assert [(r["answer"], r["fingerprint"], r["input"]) for r in got] == \
+        [(r["answer"], r["fingerprint"], r["input"]) for r in batch]
