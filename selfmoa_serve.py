@@ -1287,8 +1287,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         for number, handler in previous.items():
             signal.signal(number, handler)
     if left:
-        print(f"selfmoa serve: {left} runs were still in flight after --drain-timeout and were cancelled",
-              file=sys.stderr)
+        print(f"selfmoa serve: {left} runs were still in flight after --drain-timeout; each was answered "
+              f"(a stream: an error event and [DONE]; else 503 shutting_down) and cancelled", file=sys.stderr)
     return 0
 
 

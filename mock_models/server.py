@@ -215,6 +215,8 @@ class MockServer:
         self.max_concurrency = max_concurrency
         self._slots = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
         self.in_progress = self.peak_concurrency = 0
+        # Every request, as it arrives: method, path, headers, body, status, fault; a streamed reply's entry
+        # also counts its events and, live, how many were sent (a client that leaves stops it short).
         self.requests: list[dict] = []
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()

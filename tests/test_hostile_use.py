@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import resource
+import signal
 import socket
 import ssl
 import subprocess
@@ -692,3 +693,32 @@ def test_a_client_leaving_while_its_run_waits_on_a_silent_upstream_closes_that_u
         assert len(upstream.closed_by_client) == 2 and took < 1.0, took
         time.sleep(0.2)
         assert len(upstream.log) == 2, "a cut-off call was retried, or the aggregation was sent"
+
+
+def test_sigterm_with_a_run_still_streaming_at_the_drain_timeout_ends_it_properly_and_exits_0():
+    """`selfmoa serve --drain-timeout 0.3`, SIGTERM while a stream is mid-answer: the stream ends with an error
+    event and [DONE] before the process exits, with status 0, and standard error counts the run cut off."""
+    with MockServer(latency_per_token=0.05) as mock:
+        environ = {key: value for key, value in os.environ.items() if not key.startswith(("OPENAI_", "SELFMOA_"))}
+        process = subprocess.Popen([sys.executable, "selfmoa.py", "serve", "--port", "0", "--base-url",
+                                    mock.base_url, "--retries", "0", "--drain-timeout", "0.3"], cwd=ROOT,
+                                   env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            base_url = process.stdout.readline().strip()
+            streamed = requests.post(base_url + "/chat/completions", stream=True, timeout=10, json={
+                "model": "self-moa/echo", "stream": True, "selfmoa": {"n": 1},
+                "messages": [{"role": "user", "content": " ".join(f"word{i}" for i in range(30))}]})
+            lines = streamed.iter_lines()
+            assert next(line for line in lines if line).startswith(b"data: ")
+            process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+            assert process.wait(timeout=10) == 0
+            err = process.stderr.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+            process.stderr.close()
+    assert rest[-1] == b"data: [DONE]" and b'"shutting_down"' in rest[-2], rest[-3:]
+    assert "1 runs were still in flight after --drain-timeout" in err, err
