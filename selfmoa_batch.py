@@ -749,9 +749,12 @@ def run_batch(items: Sequence[Item], output: str, *, method: str = "self-moa",
 
     Raises ConfigError, before any call and with every file left as it was, when ``output`` is not a selfmoa
     output file or another run holds its lock; SelfMoAError when a write fails (the lines finished before
-    are kept; the next run does the rest). Returns the counts ``total``, ``skipped`` (answered before),
-    ``done``, ``failed``, ``changed_prompt`` and ``changed_parameters`` (run again because their line's
-    fingerprint no longer matched), ``moved`` (lines moved out) and ``torn_bytes`` (a torn tail cut off), and
+    are kept; the next run does the rest), or when another program replaced, emptied or cut ``output``
+    during the run (nothing more is written to it; the next run does what was lost). The output is read back
+    and rewritten line by line: memory does not grow with its size. Returns the counts ``total``,
+    ``skipped`` (answered before), ``done``, ``failed``, ``changed_prompt`` and ``changed_parameters`` (run
+    again because their line's fingerprint no longer matched), ``moved`` (lines moved out) and
+    ``torn_bytes`` (a torn tail cut off), and
     ``failed_ids``: the ids of the items whose line is an error, in input order (a rerun retries them).
     """
     _check(method in METHODS, "method", method, "unknown method", f"pass one of {', '.join(METHODS)}")

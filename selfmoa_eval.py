@@ -690,15 +690,25 @@ class _Counter:
             with self.lock:
                 self.models.setdefault(model, set()).add(reported)
 
-    def show(self, phase: str, done: int, total: int, force: bool = False) -> None:
+    def show(self, phase: str, done: int, total: int, items: tuple[int, int], force: bool = False) -> None:
+        """A progress line (at most one every 2 s unless ``force``): the phase's work and items done, calls,
+        tokens, time so far and an estimate of the time left."""
         now = time.monotonic()
         if self.progress is None or (not force and now - self.shown < 2.0):
             return
         self.shown = now
         elapsed = now - self.started
         eta = f", about {elapsed / done * (total - done):.0f} s left" if 0 < done < total else ""
-        self.progress(f"{phase}: {done}/{total}; {self.calls} calls, {self.prompt_tokens + self.completion_tokens} "
-                      f"tokens, {elapsed:.0f} s{eta}")
+        self.progress(f"{phase}: {done}/{total}, items {items[0]}/{items[1]} done; {self.calls} calls, "
+                      f"{self.prompt_tokens + self.completion_tokens} tokens, {elapsed:.0f} s{eta}")
+
+
+def _items_left(positions: Iterable[int], count: int) -> tuple[dict[int, int], Callable[[], tuple[int, int]]]:
+    """Per question position, the pieces of work still to do; and a function giving (items done, items)."""
+    left: dict[int, int] = {}
+    for position in positions:
+        left[position] = left.get(position, 0) + 1
+    return left, lambda: (count - sum(1 for value in left.values() if value > 0), count)
 
 
 class _PoolRun(selfmoa._Run):
@@ -736,10 +746,12 @@ def _samples(store: _Store, questions: Sequence[Question], experiment: Experimen
     total, done = sum(len(run_of) for *_, run_of in jobs), [0]
     if not jobs:
         return
+    left, items = _items_left((position for position, *_, run_of in jobs for _ in run_of), len(questions))
     run = _PoolRun(settings, method="sample", params={})
 
     def on_call(call: selfmoa.Call) -> None:
         question, model = lookup[(call.model, call.layer)]
+        position = call.layer - 1
         outputs = call.outputs or [None] * len(call.indices)
         counter.add(sum(text is not None for text in outputs), call.prompt_tokens, call.completion_tokens)
         share = _shares(call.completion_tokens, len(call.indices))
@@ -752,8 +764,10 @@ def _samples(store: _Store, questions: Sequence[Question], experiment: Experimen
                               error=call.error, about={"item": question.id, "model": model, "sample": number,
                                                        "reported": sorted(counter.models.get(model, ()))},
                               calls=int(text is not None), usage=usage))
-            done[0] += 1
-        counter.show("samples", done[0], total)
+            with counter.lock:
+                done[0] += 1
+                left[position] -= 1
+        counter.show("samples", done[0], total, items())
 
     # Requests are told apart by (model, layer): each question's samples run as "layer" = its position + 1.
     lookup = {(experiment.models[letter], position + 1): (question, experiment.models[letter])
@@ -767,7 +781,7 @@ def _samples(store: _Store, questions: Sequence[Question], experiment: Experimen
         for future in futures:
             with contextlib.suppress(concurrent.futures.CancelledError):
                 future.result()
-    counter.show("samples", done[0], total, force=True)
+    counter.show("samples", done[0], total, items(), force=True)
 
 
 def _runs(numbers: list[int]) -> list[tuple[int, list[int]]]:
@@ -845,6 +859,7 @@ def _aggregations(store: _Store, questions: Sequence[Question], experiment: Expe
         return
     pool = selfmoa._Pool(concurrency)
     done = [0]
+    left, items = _items_left((job[0] for job in todo.values()), len(questions))
 
     def solve(key: str, position: int, question: Question, cell: _Aggregation, proposals: list[tuple[str, str]],
               fingerprint: str) -> None:
@@ -865,7 +880,8 @@ def _aggregations(store: _Store, questions: Sequence[Question], experiment: Expe
                                               "completion_tokens": usage.get("completion_tokens", 0)}))
         with counter.lock:
             done[0] += 1
-        counter.show("aggregations", done[0], len(todo))
+            left[position] -= 1
+        counter.show("aggregations", done[0], len(todo), items())
 
     runners = concurrent.futures.ThreadPoolExecutor(max_workers=2 * concurrency, thread_name_prefix="eval")
     try:
@@ -875,7 +891,7 @@ def _aggregations(store: _Store, questions: Sequence[Question], experiment: Expe
     finally:
         runners.shutdown(wait=True, cancel_futures=True)
         pool.shutdown()
-    counter.show("aggregations", done[0], len(todo), force=True)
+    counter.show("aggregations", done[0], len(todo), items(), force=True)
 
 
 # ======================================================================================================

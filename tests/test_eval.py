@@ -492,7 +492,8 @@ def test_progress_reports_calls_and_tokens_on_stderr(tmp_path):
                                "--base-url", server.base_url, "--seed", "0"], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "samples: 36/36;" in done.stderr and "calls" in done.stderr and "tokens" in done.stderr
+    assert "samples: 36/36, items 2/2 done; 36 calls, " in done.stderr
+    assert "aggregations: 14/14, items 2/2 done; 50 calls, " in done.stderr and " tokens, " in done.stderr
     assert done.stdout == ""
 
 
