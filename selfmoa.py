@@ -1971,6 +1971,26 @@ class _FinalResponse(http.client.HTTPResponse):
             http.client.parse_headers(self.fp)  # the interim response's headers, skipped (each bounded)
         raise http.client.HTTPException(f"more than {MAX_INTERIM} interim (1xx) responses before the reply")
 
+    # A reply cut off by its attempt's deadline (the watchdog shuts the socket) must never read as whole: a
+    # body that runs to the connection's close (no Content-Length, not chunked) would end there looking
+    # complete. Its end is checked so (the other bodies know their end: cut short, they raise IncompleteRead).
+    attempt: _Attempt | None = None  # set by HTTPClient: the attempt whose deadline bounds this reply
+
+    def _ended(self, data: bytes, amount: int | None) -> bytes:
+        if (self.attempt is not None and self.attempt.expired and self.length is None and not self.chunked
+                and amount != 0 and (not data or self.isclosed())):
+            raise TimeoutError("the reply was cut off at the deadline")
+        return data
+
+    def read(self, amt: int | None = None) -> bytes:
+        return self._ended(super().read(amt), amt)
+
+    def read1(self, n: int = -1) -> bytes:
+        return self._ended(super().read1(n), n)
+
+    def readline(self, limit: int | None = -1) -> bytes:
+        return self._ended(super().readline(-1 if limit is None else limit), limit)
+
 
 class _NoDelay:
     """http.client sends a request's headers and body in two writes; with Nagle's algorithm on, the second
@@ -2779,7 +2799,12 @@ class HTTPClient:
         try:
             try:
                 connection.request("POST", path, body=payload, headers=headers)
-                return flight, connection.getresponse()
+                response = connection.getresponse()
+                if isinstance(response, _FinalResponse):
+                    response.attempt = flight
+                if flight.expired:  # the head was cut off (http.client ends the headers at the close)
+                    raise _Retry("the reply's head was cut off")
+                return flight, response
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 raise _Retry(f"connection dropped before a reply ({type(exc).__name__})", stale=reused) from None
             except TimeoutError:

@@ -106,9 +106,10 @@ def test_relay_without_any_answer_raises_model_error_after_retries_and_an_unknow
 
 
 def test_relay_is_bounded_by_the_deadline_before_and_after_the_headers():
-    """``deadline`` bounds each relay attempt as it bounds a call's: an upstream that never answers is retried
-    and then a ModelError; one that drips its body is cut off while the proxy reads it."""
-    with HostileServer(("sleep", 10)) as silent:
+    """``deadline`` bounds each relay attempt as it bounds a call's: an upstream that drips its status line (each
+    byte well within the socket's timeout) is cut off, retried, and then a ModelError; one that drips its body
+    is cut off while the proxy reads it."""
+    with HostileServer(("drip", b"HTTP/1.1 200 OK\r\n" * 10, 0.02)) as silent:
         client = selfmoa.HTTPClient(silent.base_url, timeout=5, deadline=0.3, retries=1, sleep=lambda s: None)
         started = time.monotonic()
         with pytest.raises(selfmoa.ModelError, match="deadline=0.3") as caught:
@@ -118,7 +119,9 @@ def test_relay_is_bounded_by_the_deadline_before_and_after_the_headers():
     with HostileServer(*dripping) as upstream:
         client = selfmoa.HTTPClient(upstream.base_url, timeout=5, deadline=0.3, retries=0)
         started = time.monotonic()
-        with pytest.raises((OSError, http.client.HTTPException)), client.relay("m", BODY) as (_, reply):
+        # Cut while reading it, or (on a busy machine) before its head was in: never read as a whole reply.
+        with pytest.raises((OSError, http.client.HTTPException, selfmoa.ModelError)), \
+                client.relay("m", BODY) as (_, reply):
             reply.read()
         assert time.monotonic() - started < 3
 
@@ -180,3 +183,29 @@ def test_pass_through_goes_through_the_clients_pool_retries_and_waits():
         # After the 429 (whose connection closes, as a call's does), one connection serves the passed-through
         # request and the method's calls.
         assert len(upstream.log) == 4 and len({entry["client_port"] for entry in upstream.log[1:]}) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_that_runs_to_the_close_cut_at_the_deadline_never_passes_for_a_whole_one(stream):
+    """A reply without Content-Length or chunks ends when its connection closes, and the deadline ends an attempt
+    by shutting that connection: such a cut reply must not read as complete. Through the relay, reading its end
+    raises; through serve, a non-streamed pass-through is a 502 (never a 200 with half a body), a streamed one
+    breaks off."""
+    head = [(b"Content-Type", b"text/event-stream" if stream else b"application/json"), (b"Connection", b"close")]
+    plan = (response(b"200 OK", head, b""), ("drip", b"x" * 400, 0.02))
+    with HostileServer(*plan) as upstream:
+        client = selfmoa.HTTPClient(upstream.base_url, timeout=5, deadline=0.3, retries=0)
+        # Cut while reading it, or (on a busy machine) before its head was in: never read as a whole reply.
+        with pytest.raises((OSError, http.client.HTTPException, selfmoa.ModelError)), \
+                client.relay("m", BODY) as (_, reply):
+            reply.read()
+        with selfmoa_serve.ModelServer(client, port=0) as server:
+            started = time.monotonic()
+            try:
+                reply = requests.post(server.base_url + "/chat/completions",
+                                      json={"model": "m", "messages": QUESTION, "stream": stream}, timeout=10)
+                assert reply.status_code == (200 if stream else 502), reply.text
+                assert not stream or "[DONE]" not in reply.text
+            except requests.exceptions.ChunkedEncodingError:
+                assert stream  # the relayed stream broke off: the client sees it end early
+            assert time.monotonic() - started < 3
