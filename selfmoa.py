@@ -3582,7 +3582,7 @@ def _field_flag(flag: str, text: str) -> tuple[str | None, str, Any]:
         raise ConfigError(f"{flag} {key}: selfmoa sets {key} itself; drop it")
     if key in ("temperature", "max_tokens") and value is not None:
         role = "--aggregator-" if flag == "--aggregator-field" else "--"
-        raise ConfigError(f"{flag} {key}: the {key} has its own flag; pass {role}{key.replace('_', '-')} "
+        raise ConfigError(f"{flag} {key}: {key} has a flag of its own; pass {role}{key.replace('_', '-')} "
                           f"(or {key}=null to send none)")
     return model or None, key, value
 

@@ -329,3 +329,27 @@ def test_H5_the_stream_shows_exactly_the_answer_without_thoughts_whatever_the_pi
     flt.close()
     answer, _ = selfmoa.split_thoughts(text)
     assert "".join(out) == answer
+
+
+def test_H4_serve_takes_fields_in_its_selfmoa_object_and_its_flags():
+    with MockServer() as upstream, selfmoa_serve.ModelServer(
+            selfmoa.HTTPClient(upstream.base_url), port=0,
+            defaults={"aggregator_fields": {"top_k": 4}, "fields": {"min_p": 0.1}}) as server:
+        reply = requests.post(server.base_url + "/chat/completions", timeout=30, json={
+            "model": "moa/mathematician", "messages": [{"role": "user", "content": PROMPT}], "top_p": 0.9,
+            "selfmoa": {"proposers": ["generalist", "coder"], "fields": {"presence_penalty": 0.5},
+                        "models": {"coder": {"top_k": 2}}, "aggregator_models": {"mathematician": {"min_p": 0.2}}}})
+        assert reply.status_code == 200, reply.text
+        sent = {b["model"]: b for b in bodies(upstream, 200)}
+        assert sent["generalist"].get("presence_penalty") == 0.5 and "min_p" not in sent["generalist"]
+        assert sent["coder"]["top_k"] == 2 and "top_p" not in sent["coder"]  # the request's own: the answer's
+        assert sent["mathematician"]["top_p"] == 0.9 and sent["mathematician"]["top_k"] == 4
+        assert sent["mathematician"]["min_p"] == 0.2 and "presence_penalty" not in sent["mathematician"]
+        bad = requests.post(server.base_url + "/chat/completions", timeout=30, json={
+            "model": "self-moa/generalist", "messages": [{"role": "user", "content": PROMPT}],
+            "selfmoa": {"fields": {"n": 3}}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("selfmoa.fields")
+    args = selfmoa_serve.build_serve_parser().parse_args(["--aggregator-field", "reasoning_effort=low",
+                                                           "--field", "coder:top_k=3"])
+    proposing, aggregating = selfmoa.role_settings(args)
+    assert aggregating.fields == {"reasoning_effort": "low"} and proposing.models == {"coder": {"top_k": 3}}
