@@ -2478,6 +2478,9 @@ class HTTPClient:
             # Fields not yet accepted: this request goes alone, the others wait for its answer, or for as long
             # as a refusal takes to come back (a request still running after PROBE_WAIT was not refused).
             probing = not risky <= learned.accepted and learned.probe.acquire(timeout=PROBE_WAIT)
+            if probing and risky <= learned.accepted:  # the request ahead was accepted meanwhile: go together
+                learned.probe.release()
+                probing = False
             try:
                 body, adapted = self._body(request, learned)  # what others learned meanwhile
                 sent = dataclasses.replace(request, n=body.get("n", 1)) if "n" in adapted else request
