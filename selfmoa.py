@@ -2478,8 +2478,8 @@ class HTTPClient:
             # Fields not yet accepted: this request goes alone, the others wait for its answer, or for as long
             # as a refusal takes to come back (a request still running after PROBE_WAIT was not refused).
             probing = not risky <= learned.accepted and learned.probe.acquire(timeout=PROBE_WAIT)
-            if probing and frozenset(self._body(request, learned)[0]) - _SAFE_FIELDS <= learned.accepted:
-                learned.probe.release()  # accepted while this request waited: it need not go alone
+            if probing and risky <= learned.accepted:  # the request ahead was accepted meanwhile: go together
+                learned.probe.release()
                 probing = False
             try:
                 body, adapted = self._body(request, learned)  # what others learned meanwhile
