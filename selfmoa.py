@@ -194,13 +194,13 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
 
 # The programs beside this file (selfmoa_batch.py, selfmoa_serve.py) also use these internal names: argument
 # checks, the shared call pool, the command line's flag readers and reports, the reading and redacting of
-# server text, and the owner of a thread's calls (_CALLER, which serve sets to cut a run's calls off). They are
+# server text. They are
 # kept working for those files (tests/test_smoke.py checks that they use no others), but are no public API:
 # code outside this project should use __all__ only.
 _FOR_SIBLINGS = frozenset({
     "_check", "_is_int", "_key_problem", "_Pool", "_on_shared_pool", "_start", "_sampling", "_clean", "_redact",
     "_read_capped", "_endpoints_of", "_servers_of", "_reason", "_finite", "_instruction_file", "_refuse",
-    "_method_arguments", "_method_options", "_CALLER"})
+    "_method_arguments", "_method_options"})
 
 
 # ======================================================================================================
@@ -2128,19 +2128,19 @@ class _Retry(Exception):
 
 
 class _Attempt:
-    """Internal: one attempt in flight, which the deadline watchdog, ``abort()`` or ``_cut_off`` may cut off."""
+    """Internal: one attempt in flight, which the deadline watchdog, ``abort()`` or ``cancel()`` may cut off."""
 
     __slots__ = ("connection", "deadline", "expired", "shown", "owner", "cancelled")
 
     def __init__(self, connection: http.client.HTTPConnection, deadline: float):
         self.connection, self.deadline, self.expired = connection, deadline, False
         self.shown = False  # whether streamed text was passed on (then the attempt cannot be retried)
-        self.owner = getattr(_CALLER, "owner", None)  # whose call it is (see _cut_off), if the caller said
+        self.owner = getattr(_CALLER, "owner", None)  # whose call it is (HTTPClient.on_behalf_of), if said
         self.cancelled = False
 
 
-# Internal: a program that runs calls for several owners (serve: one per client request) names the owner of
-# the calls a thread makes in ``_CALLER.owner``, so that ``HTTPClient._cut_off(owner)`` can end them.
+# Internal: the owner of the calls a thread makes, set by ``HTTPClient.on_behalf_of`` for a program that runs
+# calls for several owners (serve: one per client request), so that ``HTTPClient.cancel(owner)`` can end them.
 _CALLER = threading.local()
 
 
@@ -2756,9 +2756,20 @@ class HTTPClient:
         self._replicas.wake()  # calls waiting for a free slot
         self.close()
 
-    def _cut_off(self, owner: object) -> None:
-        """End now the attempts in flight of the calls ``owner`` made (see ``_CALLER``), and fail those calls
-        without a retry: nobody waits for their answers (serve: the client went away)."""
+    @contextlib.contextmanager
+    def on_behalf_of(self, owner: object) -> Iterator[None]:
+        """The calls this thread makes inside the block belong to ``owner``, so that ``cancel(owner)`` ends
+        them (serve: one owner per client request, cancelled when that client goes away)."""
+        previous = getattr(_CALLER, "owner", None)
+        _CALLER.owner = owner
+        try:
+            yield
+        finally:
+            _CALLER.owner = previous
+
+    def cancel(self, owner: object) -> None:
+        """End now the attempts in flight of the calls made ``on_behalf_of(owner)``, and fail those calls
+        without a retry (``ModelError``): nobody waits for their answers. Other calls go on."""
         with self._watch:
             for attempt in self._in_flight:
                 if attempt.owner is owner:

@@ -66,7 +66,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from selfmoa import (
-    _CALLER,
     DEFAULT_INSTRUCTION,
     METHODS,
     REFERENCE_INSTRUCTION,
@@ -700,9 +699,8 @@ class ModelServer:
         """Cancel a run: its queued calls fail when they reach the pool, and its calls in flight end now
         (their upstream connections close, which stops the generation)."""
         cancel.set()
-        cut_off = getattr(self.complete, "_cut_off", None)
-        if cut_off is not None:
-            cut_off(cancel)
+        if isinstance(self.complete, HTTPClient):
+            self.complete.cancel(cancel)
 
     def _run(self, handler: _ServeHandler, model: str, method: str, upstream: str, request: dict) -> None:
         """Run one method request on the shared pool, streaming or not, cancelling it if the client goes."""
@@ -718,11 +716,10 @@ class ModelServer:
             if upstream_request.stream is not None:  # the final aggregation: it writes the answer
                 upstream_request = dataclasses.replace(upstream_request, stop=stop,
                                                        stream=upstream_request.stream if streaming else None)
-            _CALLER.owner = cancel  # this run's calls: cut off at once when it is cancelled (_cancel)
-            try:
+            if not isinstance(complete, HTTPClient):
                 return complete(upstream_request)
-            finally:
-                _CALLER.owner = None
+            with complete.on_behalf_of(cancel):  # this run's calls: cut off at once when it is cancelled (_cancel)
+                return complete(upstream_request)
 
         def piece(text: str) -> None:
             if cancel.is_set():  # nobody listens: end the upstream call (its connection closes, generation stops)

@@ -209,3 +209,20 @@ def test_a_reply_that_runs_to_the_close_cut_at_the_deadline_never_passes_for_a_w
             except requests.exceptions.ChunkedEncodingError:
                 assert stream  # the relayed stream broke off: the client sees it end early
             assert time.monotonic() - started < 3
+
+
+def test_serve_reaches_the_client_only_through_its_public_methods():
+    """One HTTP client (issue 21): serve asks nothing of the completion function by attribute lookup, holds no pool
+    of its own, and calls no private method of HTTPClient."""
+    import ast
+    import pathlib
+
+    source = (pathlib.Path(__file__).resolve().parent.parent / "selfmoa_serve.py").read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    lookups = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", None)
+               == "getattr" and ast.unparse(node.args[0]) in ("self.complete", "complete", "client")]
+    assert not lookups, [ast.unparse(node) for node in lookups]
+    private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+               and ast.unparse(node.value) in ("self.complete", "complete", "client") and node.attr.startswith("_")}
+    assert not private, private
+    assert "_idle" not in source and "http.client.HTTPConnection(" not in source
