@@ -272,10 +272,16 @@ def stalling_server():
     httpd.server_close()
 
 
+# Ctrl-C at a terminal: SIGINT at its default, whatever the test runner inherited (a shell that starts a job
+# in the background with "&" ignores SIGINT in it, and Python leaves an ignored SIGINT ignored).
+AS_AT_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def interrupt(command, wait_for, timeout=10.0):
     """Start selfmoa, wait until ``wait_for()`` holds, send SIGINT; the seconds it took to exit, and its output."""
-    process = subprocess.Popen([sys.executable, str(ROOT / "selfmoa.py"), *command], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-c", AS_AT_A_TERMINAL, str(ROOT / "selfmoa.py"), *command],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout
         while not wait_for() and time.monotonic() < deadline:
