@@ -282,26 +282,32 @@ def test_at_the_drain_timeout_streams_end_with_an_error_and_done_and_waiting_req
     server = selfmoa_serve.ModelServer(slow, port=0, concurrency=4).start()
     try:
         body = {"model": "self-moa/m", "messages": QUESTION, "selfmoa": {"n": 1}}
-        streamed = requests.post(server.base_url + "/chat/completions", json={**body, "stream": True},
-                                 stream=True, timeout=10)
-        lines = streamed.iter_lines()
-        first = next(line for line in lines if line)
-        assert first.startswith(b"data: ")
-        waiting: list = []
-        asker = threading.Thread(target=lambda: waiting.append(requests.post(
-            server.base_url + "/chat/completions", json={**body, "messages": [{"role": "user", "content": "2?"}]},
-            timeout=10)))
-        asker.start()
-        deadline = time.monotonic() + 5
-        while len(server._runs) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        started = time.monotonic()
-        left = server.close(drain_timeout=0.2)
-        took = time.monotonic() - started
-        rest = [line for line in lines if line]
-        asker.join(5)
+        drain_cutting_off_a_stream_and_a_waiting_request(
+            server, {**body, "stream": True}, {**body, "messages": [{"role": "user", "content": "2?"}]},
+            lambda: len(server._runs) >= 2)
     finally:
         release.set()
+
+
+def drain_cutting_off_a_stream_and_a_waiting_request(server, streamed_body, waiting_body, both_running):
+    """Start a stream (read until its first piece) and a request that waits, close ``server`` with a 0.2 s drain
+    timeout once ``both_running()``, and check what both clients got: the stream an error event and [DONE], the
+    waiting request its 503, and close() back within 3 s having cut off the two."""
+    streamed = requests.post(server.base_url + "/chat/completions", json=streamed_body, stream=True, timeout=10)
+    lines = streamed.iter_lines()
+    assert next(line for line in lines if line).startswith(b"data: ")
+    waiting: list = []
+    asker = threading.Thread(target=lambda: waiting.append(requests.post(
+        server.base_url + "/chat/completions", json=waiting_body, timeout=10)))
+    asker.start()
+    deadline = time.monotonic() + 5
+    while not both_running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    left = server.close(drain_timeout=0.2)
+    took = time.monotonic() - started
+    rest = [line for line in lines if line]
+    asker.join(5)
     assert left == 2 and took < 3.0, (left, took)
     assert rest[-1] == b"data: [DONE]", rest[-3:]
     assert json.loads(rest[-2].removeprefix(b"data: "))["error"]["code"] == "shutting_down"
@@ -646,26 +652,9 @@ def test_at_the_drain_timeout_pass_through_streams_and_waiting_pass_through_requ
     with MockServer(latency_per_token=0.05) as mock:
         server = selfmoa_serve.ModelServer(selfmoa.HTTPClient(mock.base_url, retries=0), port=0).start()
         long_question = [{"role": "user", "content": " ".join(f"word{i}" for i in range(100))}]
-        streamed = requests.post(server.base_url + "/chat/completions", stream=True, timeout=10,
-                                 json={"model": "echo", "messages": long_question, "stream": True})
-        lines = streamed.iter_lines()
-        assert next(line for line in lines if line).startswith(b"data: ")
-        waiting: list = []
-        asker = threading.Thread(target=lambda: waiting.append(requests.post(
-            server.base_url + "/chat/completions", json={"model": "echo", "messages": long_question}, timeout=10)))
-        asker.start()
-        deadline = time.monotonic() + 5
-        while len(mock.requests) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        started = time.monotonic()
-        left = server.close(drain_timeout=0.2)
-        took = time.monotonic() - started
-        rest = [line for line in lines if line]
-        asker.join(5)
-    assert left == 2 and took < 3.0, (left, took)
-    assert rest[-1] == b"data: [DONE]", rest[-3:]
-    assert json.loads(rest[-2].removeprefix(b"data: "))["error"]["code"] == "shutting_down"
-    assert waiting and waiting[0].status_code == 503 and waiting[0].json()["error"]["code"] == "shutting_down"
+        body = {"model": "echo", "messages": long_question}
+        drain_cutting_off_a_stream_and_a_waiting_request(server, {**body, "stream": True}, body,
+                                                         lambda: len(mock.requests) >= 2)
 
 
 @pytest.mark.parametrize("stream", [False, True])
