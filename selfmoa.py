@@ -192,15 +192,14 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
     "vendi_score",
 ]
 
-# The programs beside this file (selfmoa_batch.py, selfmoa_serve.py) also use these internal names: argument
-# checks, the shared call pool, the command line's flag readers and reports, the reading and redacting of
-# server text. They are
-# kept working for those files (tests/test_smoke.py checks that they use no others), but are no public API:
-# code outside this project should use __all__ only.
+# The programs beside this file (selfmoa_batch.py, selfmoa_serve.py, selfmoa_eval.py, examples/) also use these
+# internal names: argument checks, the shared call pool and run, the command line's flag readers and reports, the
+# reading and redacting of server text. They are kept working for those files (tests/test_smoke.py checks that
+# they use no others), but are no public API: code outside this project should use __all__ only.
 _FOR_SIBLINGS = frozenset({
     "_check", "_is_int", "_key_problem", "_Pool", "_on_shared_pool", "_start", "_sampling", "_clean", "_redact",
     "_read_capped", "_endpoints_of", "_servers_of", "_reason", "_finite", "_instruction_file", "_refuse",
-    "_method_arguments", "_method_options"})
+    "_method_arguments", "_method_options", "_Run", "_settings", "_check_model", "_check_window"})
 
 
 # ======================================================================================================

@@ -93,6 +93,11 @@ __all__ = ["BATCH_FORMAT", "Item", "alpaca_eval_outputs", "answer_item", "batch_
            "merge_command", "merge_outputs", "output_line", "parse_shard", "read_items", "run_batch", "shard_items",
            "shard_of"]
 
+# selfmoa_eval.py keeps its sample pool in this file's resumable output format, and so also uses these internal
+# names (tests/test_smoke.py checks that it uses no others); they are no public API.
+_FOR_EVAL = frozenset({"_dump_line", "_open_output", "_output_lock", "_parse_output", "_read_descriptor",
+                       "_read_file", "_write_all", "_write_atomically"})
+
 
 # ======================================================================================================
 # Batch runs: many prompts, concurrently, one output line per finished item, resumable

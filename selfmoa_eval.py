@@ -49,6 +49,7 @@ import argparse
 import ast
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import datetime
 import fractions
@@ -1475,10 +1476,30 @@ def _csv(text: str) -> list[str]:
     return values
 
 
+# The flags selfmoa eval shares with the one-prompt command: the same actions (type, default, checks), with the
+# help in eval's words where they differ.
+_EVAL_HELP = {
+    "temperature": "the samples' temperature (default: 0.7, dropped where a server refuses it)",
+    "max_tokens": "the samples' token limit (default: the server's)",
+    "proposer_field": "the same, for the samples only",
+    "aggregator_field": "the same, for the aggregations only",
+    "api_key": "the default endpoint's key (default: as for selfmoa)",
+    "endpoint": "serve MODEL (a letter or a name) from its own endpoint (repeatable; again for replicas)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``selfmoa eval`` parser."""
+    """The ``selfmoa eval`` parser: its own flags, and the one-prompt command's that it shares (the same actions)."""
     parser = argparse.ArgumentParser(prog="selfmoa eval", description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared = {action.dest: action for action in selfmoa.build_parser()._actions}
+
+    def share(*dests: str) -> None:
+        for dest in dests:
+            action = copy.copy(shared[dest])
+            action.help = _EVAL_HELP.get(dest, action.help)
+            parser._add_action(action)
+
     add = parser.add_argument
     add("dataset", metavar="DATASET", help="the JSONL dataset")
     add("--out", metavar="DIR", help="where the pool, report.md, results.json and the figures go (required)")
@@ -1495,42 +1516,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--window", type=int, default=6, metavar="W", help="Seq: responses per round (default: 6)")
     add("--carry", type=int, default=3, metavar="R",
         help="Seq: copies of the previous synthesis per round (default: 3)")
-    add("--seed", type=int, metavar="S", help="sample k gets seed S+k; aggregations get S")
+    share("seed")
     add("--grader", default="auto", choices=["auto", *GRADERS], help="the grader of items without one (default: "
         "auto: choice for a letter, number for a number, else exact)")
-    add("--temperature", type=selfmoa._finite, metavar="T",
-        help="the samples' temperature (default: 0.7, dropped where a server refuses it)")
-    add("--max-tokens", type=int, metavar="K", help="the samples' token limit (default: the server's)")
-    add("--aggregator-temperature", type=selfmoa._finite, metavar="T",
-        help="the aggregator's temperature (default: 0.7, dropped where a server refuses it)")
-    add("--aggregator-max-tokens", type=int, metavar="K", help="the aggregator's token limit (default: the server's)")
-    add("--field", action="append", metavar="[MODEL:]KEY=VALUE",
-        help="send the request field KEY with every request (with MODEL:, every request to MODEL); VALUE is "
-             "JSON, else a string; null sends no KEY (repeatable)")
-    add("--proposer-field", action="append", metavar="[MODEL:]KEY=VALUE", help="the same, for the samples only")
-    add("--aggregator-field", action="append", metavar="[MODEL:]KEY=VALUE",
-        help="the same, for the aggregations only")
-    add("--instruction-file", metavar="FILE", help="replace the aggregator instruction with this file's text")
-    add("--layout", choices=selfmoa.LAYOUTS, default="keyed", help="how the aggregator prompt lists the responses: "
-        "keyed blocks, or numbered as in the original MoA code (reference) (default: keyed)")
-    add("--concurrency", type=int, default=8, metavar="C", help="calls at once (default: 8)")
-    add("--no-n", dest="use_n", action="store_false", help="one request per sample (never n > 1 in a request)")
+    share("temperature", "max_tokens", "aggregator_temperature", "aggregator_max_tokens", "field", "proposer_field",
+          "aggregator_field", "instruction_file", "layout", "concurrency", "use_n")
     add("--dry-run", action="store_true",
         help="print the calls still to make and an estimate of their tokens and cost, and send nothing")
     add("--price", action="append", metavar="MODEL=IN,OUT", help="--dry-run: prices per million prompt and "
         "completion tokens of a model (a letter or a name), e.g. i=0.15,0.60")
     add("--expect-tokens", type=int, metavar="K", help="--dry-run: tokens per reply (default: --max-tokens, else 300)")
-    add("--base-url", action="append", metavar="URL",
-        help="the default endpoint (default: $OPENAI_BASE_URL, else the OpenAI API); repeat it for replicas")
-    add("--api-key", metavar="KEY", help="the default endpoint's key (default: as for selfmoa)")
-    add("--endpoint", action="append", metavar="MODEL=URL",
-        help="serve MODEL (a letter or a name) from its own endpoint (repeatable; again for replicas)")
-    add("--max-in-flight", type=int, metavar="K", help="calls in flight per server at most (default: no cap)")
-    add("--timeout", type=selfmoa._finite, default=120.0, metavar="SECONDS",
-        help="how long to wait to connect, and for each piece of a reply (default: 120)")
-    add("--deadline", type=selfmoa._finite, default=600.0, metavar="SECONDS",
-        help="the most one attempt of a call may take (default: 600)")
-    add("--retries", type=int, default=4, metavar="N", help="retries of a failed call (default: 4)")
+    share("base_url", "api_key", "endpoint", "max_in_flight", "timeout", "deadline", "retries")
     add("--version", action="version", version=f"selfmoa eval {selfmoa.__version__}")
     return parser
 

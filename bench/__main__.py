@@ -112,11 +112,17 @@ def p1_batch_fanout(items: int = 64, concurrency: int = 32, latency: float = 0.2
         ideal = max(2 * latency, 2 * items * latency / concurrency)
         rows.append(["bare http.client threads (no orchestration)", items, concurrency, 2 * items, f"{bare:.2f}",
                      f"{ideal:.2f}", f"{bare / ideal:.3f}"])
-    for use_n, flags in ((True, ()), (False, ())):
-        with mock_server("--latency", str(latency), *flags) as url, tempfile.TemporaryDirectory() as tmp:
+    # Cold: a new client, whose first request to the server and model goes alone (the probe of spec/wire.md
+    # section 8, one call's latency once per process); warm: a client that has already had one item answered.
+    for use_n, warm in ((True, False), (True, True), (False, False), (False, True)):
+        with mock_server("--latency", str(latency)) as url, tempfile.TemporaryDirectory() as tmp:
             batch = selfmoa_batch.check_items([{"id": i, "prompt": f"{MESSAGES[0]['content']} #{i}"}
                                                for i in range(items)])
             client = selfmoa.HTTPClient(url)
+            if warm:
+                selfmoa_batch.run_batch(selfmoa_batch.check_items([{"id": "warm", "prompt": "Warm up."}]),
+                                        os.path.join(tmp, "warm.jsonl"), method="self-moa", complete=client,
+                                        concurrency=concurrency, model="generalist", n=6, seed=0, use_n=use_n)
             started = time.perf_counter()
             counts = selfmoa_batch.run_batch(batch, os.path.join(tmp, "out.jsonl"), method="self-moa", complete=client,
                                        concurrency=concurrency, model="generalist", n=6, seed=0, use_n=use_n)
@@ -126,7 +132,8 @@ def p1_batch_fanout(items: int = 64, concurrency: int = 32, latency: float = 0.2
             assert counts["done"] == items, counts
             critical = max(r["requests"] for r in records) if use_n else 2  # calls one after another per item
             ideal = max(critical * latency, requests * latency / concurrency)
-            rows.append([f"selfmoa run_batch, n in one request: {use_n}", items, concurrency, requests, f"{wall:.2f}",
+            rows.append([f"selfmoa run_batch, n in one request: {use_n}, {'warm' if warm else 'cold'} client", items,
+                         concurrency, requests, f"{wall:.2f}",
                          f"{ideal:.2f}", f"**{wall / ideal:.3f}**"])
     return table(f"P1 batch fan-out ({latency:g} s per call; target wall/ideal <= 1.05)",
                  ["variant", "items", "C", "requests", "wall s", "ideal s", "wall / ideal"], rows)

@@ -88,18 +88,27 @@ def test_the_siblings_import_selfmoa_and_never_each_other():
 
 
 def test_the_siblings_use_only_the_internal_names_selfmoa_keeps_for_them():
-    """Of selfmoa's internal names, selfmoa_batch.py and selfmoa_serve.py use only those listed in
-    selfmoa._FOR_SIBLINGS (each of which exists), so that the coupling stays known and small."""
+    """Of selfmoa's internal names, the programs beside it (selfmoa_batch.py, selfmoa_serve.py, selfmoa_eval.py,
+    examples/) use only those listed in selfmoa._FOR_SIBLINGS, and of selfmoa_batch's only those it lists in
+    selfmoa_batch._FOR_EVAL (each of which exists), so that the coupling stays known and small."""
     import ast
+
+    import selfmoa_batch
+    kept = {"selfmoa": selfmoa._FOR_SIBLINGS, "selfmoa_batch": selfmoa_batch._FOR_EVAL}
     assert all(hasattr(selfmoa, name) for name in selfmoa._FOR_SIBLINGS)
-    for name in ("selfmoa_batch.py", "selfmoa_serve.py"):
+    assert all(hasattr(selfmoa_batch, name) for name in selfmoa_batch._FOR_EVAL)
+    programs = ["selfmoa_batch.py", "selfmoa_serve.py", "selfmoa_eval.py", *sorted(
+        str(path.relative_to(ROOT)) for path in (ROOT / "examples").glob("*.py"))]
+    assert len(programs) > 3, programs
+    for name in programs:
         tree = ast.parse((ROOT / name).read_text(encoding="utf-8"))
-        used = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "selfmoa"
-                for alias in node.names}
-        used |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-                 and isinstance(node.value, ast.Name) and node.value.id == "selfmoa"}
-        internal = {n for n in used if n.startswith("_") and not n.startswith("__")}
-        assert internal <= selfmoa._FOR_SIBLINGS, (name, sorted(internal - selfmoa._FOR_SIBLINGS))
+        for module, allowed in kept.items():
+            used = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and node.module == module for alias in node.names}
+            used |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                     and isinstance(node.value, ast.Name) and node.value.id == module}
+            internal = {n for n in used if n.startswith("_") and not n.startswith("__")}
+            assert internal <= allowed, (name, module, sorted(internal - allowed))
 
 
 def test_selfmoa_py_alone_runs_the_methods_and_the_one_prompt_command_against_a_server(tmp_path):
