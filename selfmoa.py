@@ -166,30 +166,10 @@ from typing import Any, TypeVar
 
 __version__ = "0.2.0"
 __all__ = [  # noqa: RUF022 (plain sorted(), as tests/test_smoke.py checks)
-    "Call",
-    "ConfigError",
-    "DEFAULT_INSTRUCTION",
-    "Endpoint",
-    "HTTPClient",
-    "MAX_N",
-    "METHODS",
-    "ModelError",
-    "NotEnoughProposals",
-    "REFERENCE_INSTRUCTION",
-    "Reply",
-    "Request",
-    "Result",
-    "Sampling",
-    "SelfMoAError",
-    "inject_references",
-    "main",
-    "moa",
-    "read_references",
-    "self_moa",
-    "self_moa_seq",
-    "seq_plan",
-    "seq_rounds",
-    "vendi_score",
+    "Call", "ConfigError", "DEFAULT_INSTRUCTION", "Endpoint", "HTTPClient", "MAX_N", "METHODS", "ModelError",
+    "NotEnoughProposals", "REFERENCE_INSTRUCTION", "Reply", "Request", "Result", "Sampling", "SelfMoAError",
+    "inject_references", "main", "moa", "read_references", "self_moa", "self_moa_seq", "seq_plan",
+    "seq_rounds", "vendi_score",
 ]
 
 # The programs beside this file (selfmoa_batch.py, selfmoa_serve.py, selfmoa_eval.py, examples/) also use these
@@ -299,6 +279,11 @@ REFERENCE_INSTRUCTION = (
 )
 LAYOUTS = ("keyed", "reference")  # how the references are laid out in the aggregator prompt (spec/wire.md 6)
 
+
+def _check_layout(layout: Any) -> None:
+    _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
+           "MoA code", 'pass layout="keyed" (the default) or layout="reference"')
+
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Prompt = str | Sequence[Message]
 Proposers = Sequence[str] | Sequence[Sequence[str]]  # MoA's: one list of models, or one list per proposer layer
@@ -369,8 +354,7 @@ def format_references(references: Sequence[str], instruction: str | None = None,
     Lyon.
     <<<end of response 2, key 29d190ab>>>
     """
-    _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
-           "MoA code", 'pass layout="keyed" (the default) or layout="reference"')
+    _check_layout(layout)
     if layout == "reference":
         instruction = REFERENCE_INSTRUCTION if instruction is None else instruction
         numbered = "".join(f"\n{i}. {text}" for i, text in enumerate(references, 1))
@@ -907,8 +891,7 @@ def seq_plan(n: int, window: int = 6, carry: int = 3) -> list[tuple[int, range]]
     2 s1 s1 s1 x6 x7 x8
     3 s2 s2 s2 x9
     """
-    _check_window(window, carry)
-    _check(_is_int(n) and n >= 1, "n", n, "there must be at least one sample", "pass n >= 1")
+    _check_window(window, carry, n)
     plan = [(0, range(min(n, window)))]
     for start in range(window, n, window - carry):
         plan.append((carry, range(start, min(n, start + window - carry))))
@@ -921,8 +904,7 @@ def seq_rounds(n: int, window: int = 6, carry: int = 3) -> int:
     >>> [seq_rounds(n) for n in (1, 6, 7, 9, 10, 30)]
     [1, 1, 2, 2, 3, 9]
     """
-    _check_window(window, carry)
-    _check(_is_int(n) and n >= 1, "n", n, "there must be at least one sample", "pass n >= 1")
+    _check_window(window, carry, n)
     return 1 if n <= window else 1 + math.ceil((n - window) / (window - carry))
 
 
@@ -1263,9 +1245,11 @@ class _Run:
 
     def _call(self, call: Call, request: Request) -> Reply | ModelError:
         """Send one request and record it in the trace, whatever happens."""
+        call.n, call.seed, call.fields = request.n, request.seed, dict(request.fields)  # as sent, unless adapted
+        call.temperature, call.max_tokens = request.temperature, request.max_tokens
         started = time.perf_counter()
         try:
-            outcome: Reply | ModelError = _as_reply(self.complete(request), request)
+            outcome: Reply | ModelError = _as_reply(self.settings.complete(request), request)
         except ModelError as exc:
             outcome = exc
         except Exception as exc:  # a bug in the completion function: recorded, then it propagates
@@ -1348,10 +1332,6 @@ class _Run:
                           f"'length'); raise {name} ({flag} on the command line), or ask for less reasoning",
                           model=request.model, url=url or "", status=200, kind="thinking")
 
-    @property
-    def complete(self) -> Callable[[Request], Any]:
-        return self.settings.complete
-
     def _record(self, call: Call, started: float) -> None:
         call.latency = round(time.perf_counter() - started, 6)
         with self._lock:
@@ -1375,8 +1355,7 @@ class _Run:
             seed = None if base is None else base + first + start
             request = self.settings.request("proposer", model, frozen, n=size, seed=seed)
             call = Call("proposer", layer=layer, model=model, indices=list(range(first + start, first + start + size)),
-                        references=list(references), n=size, seed=seed, temperature=request.temperature,
-                        max_tokens=request.max_tokens, fields=dict(request.fields))
+                        references=list(references))
             future = self._submit(call, remaining, answer, start, size, call, request)
             future.add_done_callback(lambda done: never_sent(start, size) if done.cancelled() else None)
 
@@ -1387,9 +1366,6 @@ class _Run:
                 for slot in slots[start:start + size]:
                     slot.set_exception(exc)
                 raise
-            deliver(start, size, outcome, call, request)
-
-        def deliver(start: int, size: int, outcome: Reply | ModelError, call: Call, request: Request) -> None:
             if isinstance(outcome, ModelError):
                 for slot in slots[start:start + size]:
                     slot.set_result(outcome)
@@ -1445,8 +1421,6 @@ class _Run:
         shown = None if inner is None else _ThoughtFilter(inner)  # thoughts first, then echoed markers
         request = self.settings.request("aggregator", call.model, tuple(messages), n=1, seed=self.settings.seed,
                                         stream=shown)
-        call.seed, call.temperature, call.max_tokens = request.seed, request.temperature, request.max_tokens
-        call.fields = dict(request.fields)
         outcome = self._submit(call, remaining, self._call, call, request).result()
         if isinstance(outcome, ModelError):
             raise outcome
@@ -1746,8 +1720,7 @@ def _settings(*, complete: Any, proposing: Any, aggregating: Any, seed: Any, con
     proposing, aggregating = _sampling("proposing", proposing), _sampling("aggregating", aggregating)
     _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
            "pass an integer, or None")
-    _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
-           "MoA code", 'pass layout="keyed" (the default) or layout="reference"')
+    _check_layout(layout)
     instruction = (REFERENCE_INSTRUCTION if layout == "reference" else DEFAULT_INSTRUCTION) if instruction is None \
         else instruction
     _check(isinstance(instruction, str) and instruction.strip() != "", "instruction", instruction,
@@ -1798,12 +1771,13 @@ def _check_sampled(*, model: Any, n: Any, temperature: Any, method: str) -> None
            "pass a temperature above 0 (the paper samples at 0.7)")
 
 
-def _check_window(window: Any, carry: Any) -> None:
+def _check_window(window: Any, carry: Any, n: Any = 1) -> None:
     _check(_is_int(window) and window >= 2, "window", window,
            "each round must hold the carried synthesis and at least one new sample", "pass window >= 2 (default 6)")
     _check(_is_int(carry) and 1 <= carry < window, "carry", carry,
            f"carry copies of the synthesis plus at least one new sample must fit in window={window}",
            f"pass carry between 1 and {window - 1} (default 3)")
+    _check(_is_int(n) and n >= 1, "n", n, "there must be at least one sample", "pass n >= 1")
 
 
 def _check_given(*, samples: Any, n: Any) -> None:
@@ -1836,6 +1810,7 @@ def _check_min_ok_samples(min_ok: Any, known: int | None) -> None:
 # ======================================================================================================
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+_INTERRUPTED = "interrupted: the client was aborted"
 MAX_REPLY_BYTES = 32 * 2**20  # the largest reply body read (HTTPClient's max_reply_bytes); a stream counts whole
 MAX_EVENT_LINE = 2**20  # the longest line of a streamed reply (one event)
 MAX_ERROR_BYTES = 2**16  # how much of an error reply is read; the rest is dropped with its connection
@@ -2364,11 +2339,8 @@ class HTTPClient:
             self.endpoints[model] = [e if isinstance(e, Endpoint) else Endpoint(e) for e in replicas]
         _check(max_in_flight is None or (_is_int(max_in_flight) and max_in_flight >= 1), "max_in_flight",
                max_in_flight, "it caps the calls in flight per server", "pass an integer >= 1, or None for no cap")
-        _check(isinstance(cooldown, (int, float)) and not isinstance(cooldown, bool) and math.isfinite(cooldown)
-               and cooldown >= 0, "cooldown", cooldown, "it is how long a failing replica is left alone",
-               "pass a number of seconds >= 0")
         for name, value in (("timeout", timeout), ("deadline", deadline), ("backoff", backoff),
-                            ("max_backoff", max_backoff), ("max_retry_after", max_retry_after)):
+                            ("max_backoff", max_backoff), ("max_retry_after", max_retry_after), ("cooldown", cooldown)):
             positive = name in ("timeout", "deadline")
             _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                    and (value > 0 if positive else value >= 0), name, value,
@@ -2587,8 +2559,7 @@ class HTTPClient:
         while True:
             endpoint = self._replicas.pick(replicas, failed_here)
             if endpoint is None:
-                raise self._error(replicas[0], request, "interrupted: the client was aborted", None, 1,
-                                  retryable=False)
+                raise self._error(replicas[0], request, _INTERRUPTED)
             tally.attempts += 1
             try:
                 return endpoint, attempt(endpoint)
@@ -2643,13 +2614,11 @@ class HTTPClient:
             if 200 <= status and status != 404 and status not in RETRY_STATUSES:
                 return flight, response
             if status < 200:  # a 101 (interim replies are skipped): a protocol switch never asked for, no reply
-                self._end(flight)
-                flight.connection.close()
+                self._finish(flight)
                 raise _Retry(f"HTTP {status}: an interim reply where the final one was due")
             held.append((endpoint, flight, response))
             if status == 404:
-                raise self._error(endpoint, request, "the server does not serve this model", None, 1, status=404,
-                                  retryable=False)
+                raise self._error(endpoint, request, "the server does not serve this model", status=404)
             raise _Retry(f"HTTP {status}", status=status, retry_after=_retry_after(response.getheader("Retry-After")))
 
         try:
@@ -2666,26 +2635,20 @@ class HTTPClient:
         try:
             yield endpoint, response
         finally:
-            self._end(flight)
-            if response.isclosed() and not response.will_close and not flight.expired:
-                self._release(endpoint, flight.connection)
-            else:
-                flight.connection.close()
+            self._finish(flight, endpoint if response.isclosed() and not response.will_close else None)
             if not settled:
                 self._replicas.settle(endpoint, "ok" if response.status < 400 else "answered")
 
     def _let_go(self, held: list[tuple[Endpoint, _Attempt, http.client.HTTPResponse]]) -> None:
         """Close the replies a relay held and will not yield (their attempts were already counted)."""
         while held:
-            _, flight, _ = held.pop()
-            self._end(flight)
-            flight.connection.close()
+            self._finish(held.pop()[1])
 
-    def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None,
-               attempts: int, status: int | None = None, body: str = "", retryable: bool = True, kind: str = "",
-               field: str | None = None) -> ModelError:
-        if failure is not None:
-            status, body = failure.status, failure.body
+    def _error(self, endpoint: Endpoint, request: Request, message: str, failure: _Retry | None = None,
+               attempts: int = 1, status: int | None = None, body: str = "", retryable: bool = False,
+               kind: str = "", field: str | None = None) -> ModelError:
+        if failure is not None:  # the retries are spent: a later call may still succeed
+            status, body, retryable = failure.status, failure.body, True
         # Servers may echo the key back ("Incorrect API key provided: sk-..."): blank it out, then cut.
         return ModelError(_shown(message, endpoint.secrets, SHOWN_MESSAGE), model=request.model, url=endpoint.url,
                           status=status, body=_shown(body, endpoint.secrets, SHOWN_BODY), attempts=attempts,
@@ -2700,15 +2663,18 @@ class HTTPClient:
                 return idle.pop(), True
         return _connection(parts, min(self.timeout, self.deadline), self._proxies), False
 
-    def _release(self, endpoint: Endpoint, connection: http.client.HTTPConnection) -> None:
-        """Put a connection whose reply was read in full back for reuse."""
-        parts = endpoint._parts
-        with self._lock:
-            idle = self._idle.setdefault((parts.scheme, parts.hostname, parts.port), [])
-            if len(idle) < self.max_idle:
-                idle.append(connection)
-                return
-        connection.close()
+    def _finish(self, flight: _Attempt, reuse_for: Endpoint | None = None) -> None:
+        """Stop watching an attempt and close its connection, or keep it idle for ``reuse_for`` when the reply
+        was read to its end within the deadline."""
+        self._end(flight)
+        if reuse_for is not None and not flight.expired:
+            parts = reuse_for._parts
+            with self._lock:
+                idle = self._idle.setdefault((parts.scheme, parts.hostname, parts.port), [])
+                if len(idle) < self.max_idle:
+                    idle.append(flight.connection)
+                    return
+        flight.connection.close()
 
     # --- the deadline watchdog: one thread per client, alive while attempts are in flight ------------------
 
@@ -2789,14 +2755,9 @@ class HTTPClient:
         except (_Retry, ModelError) as failure:
             raise self._failed(flight, endpoint, request, failure) from None
         except BaseException:
-            self._end(flight)
-            flight.connection.close()
+            self._finish(flight)
             raise
-        self._end(flight)
-        if reusable and not flight.expired:
-            self._release(endpoint, flight.connection)
-        else:
-            flight.connection.close()
+        self._finish(flight, endpoint if reusable else None)
         return reply
 
     def _open(self, endpoint: Endpoint, payload: bytes, request: Request, *,
@@ -2804,7 +2765,7 @@ class HTTPClient:
         """Send ``payload`` on an idle kept-alive connection or a new one, under the deadline, and read the
         status line and headers of the reply (``stream``: ask for server-sent events)."""
         if self._aborted.is_set():
-            raise self._error(endpoint, request, "interrupted: the client was aborted", None, 1, retryable=False)
+            raise self._error(endpoint, request, _INTERRUPTED)
         connection, reused = self._acquire(endpoint)
         flight = self._begin(connection)
         parts = endpoint._parts
@@ -2833,27 +2794,23 @@ class HTTPClient:
         except _Retry as failure:
             raise self._failed(flight, endpoint, request, failure) from None
         except BaseException:
-            self._end(flight)
-            connection.close()
+            self._finish(flight)
             raise
 
     def _failed(self, flight: _Attempt, endpoint: Endpoint, request: Request,
                 failure: _Retry | ModelError) -> _Retry | ModelError:
         """What to raise for an attempt that failed, once its connection is closed: ``failure`` itself, unless
         ``abort()`` or the deadline cut the attempt off (then a retry, unless streamed text was already shown)."""
-        self._end(flight)
-        flight.connection.close()
+        self._finish(flight)
         if self._aborted.is_set():
-            return self._error(endpoint, request, "interrupted: the client was aborted", None, 1, retryable=False)
+            return self._error(endpoint, request, _INTERRUPTED)
         if flight.cancelled:
-            return self._error(endpoint, request, "cancelled: nobody waits for this call any more", None, 1,
-                               retryable=False)
+            return self._error(endpoint, request, "cancelled: nobody waits for this call any more")
         if not flight.expired:
             return failure
         message = f"no complete reply within deadline={self.deadline:g} s"
         if flight.shown:  # text was shown: retrying would show it twice
-            return self._error(endpoint, request, f"{message} ({failure.message})", None, 1, status=200,
-                               retryable=False)
+            return self._error(endpoint, request, f"{message} ({failure.message})", status=200)
         return _Retry(message)
 
     def _read(self, response: http.client.HTTPResponse, endpoint: Endpoint, request: Request,
@@ -2874,11 +2831,10 @@ class HTTPClient:
             retry_after = _retry_after(response.getheader("Retry-After"))
             if response.status in RETRY_STATUSES:
                 raise _Retry(detail, status=response.status, body=text, retry_after=retry_after)
-            raise self._error(endpoint, request, detail, None, 1, status=response.status, body=text,
-                              retryable=False)
+            raise self._error(endpoint, request, detail, status=response.status, body=text)
         if not whole:
-            raise self._error(endpoint, request, f"the reply is larger than max_reply_bytes="
-                              f"{self.max_reply_bytes}", None, 1, status=200, body=text, retryable=False)
+            raise self._error(endpoint, request, f"the reply is larger than max_reply_bytes={self.max_reply_bytes}",
+                              status=200, body=text)
         reply = self._parse(text, endpoint, request)
         if request.stream is not None and isinstance(reply.texts[0], str):  # a server that does not stream
             request.stream(reply.texts[0])  # sent a whole completion: it is the one piece of the stream
@@ -2892,8 +2848,7 @@ class HTTPClient:
         is ``None``. With ``n == 1`` that is an error; with more, the methods ask for those samples again.
         """
         def bad(what: str) -> ModelError:
-            return self._error(endpoint, request, f"the reply is not a chat completion: {what}", None, 1,
-                               status=200, body=text, retryable=False)
+            return self._error(endpoint, request, f"the reply is not a chat completion: {what}", status=200, body=text)
         try:
             data = json.loads(text)
         except (ValueError, RecursionError):
@@ -2941,11 +2896,11 @@ class HTTPClient:
             if not pieces:
                 return _Retry(message)
             return self._error(endpoint, request, f"{message} after {sum(map(len, pieces))} characters had been "
-                               f"streamed", None, 1, status=200, retryable=False)
+                               f"streamed", status=200)
 
         def bad(what: str, data: str = "") -> ModelError:
-            return self._error(endpoint, request, f"the stream is not chat-completion events: {what}", None, 1,
-                               status=200, body=data, retryable=False)
+            return self._error(endpoint, request, f"the stream is not chat-completion events: {what}", status=200,
+                               body=data)
         while True:
             try:
                 raw = response.readline(MAX_EVENT_LINE + 1)
@@ -3002,7 +2957,7 @@ class HTTPClient:
         if not choices_seen:  # 200, then [DONE] and nothing else: llama-cpp-python's sign of an overflow
             raise self._error(endpoint, request, "the server answered with an empty stream (no choice at all), "
                               "which is how some servers say that the prompt exceeds the model's context window",
-                              None, 1, status=200, retryable=False, kind="context")
+                              status=200, kind="context")
         text: str | None = "".join(pieces)
         if not pieces and reason == "length" and thought:
             text = None  # the whole limit went on thinking
@@ -3045,8 +3000,7 @@ class HTTPClient:
         except (OSError, http.client.HTTPException, ValueError):
             return None
         finally:
-            self._end(flight)
-            connection.close()
+            self._finish(flight)
         if response.status != 200 or not whole or flight.expired:
             return None
         try:
@@ -3131,8 +3085,8 @@ def _key_forms(secret: str) -> list[str]:
     return sorted(dict.fromkeys(forms), key=len, reverse=True)  # longest first: an escaped echo goes whole
 
 
-def _redact(text: str, secret: str | None, run: int = 8) -> str:
-    """``text`` with the key blanked out: every stretch of ``run`` or more characters of it (the whole key,
+def _redact(text: str, secret: str | None) -> str:
+    """``text`` with the key blanked out: every stretch of 8 or more characters of it (the whole key,
     a cut-off part, or the same in one of the forms servers echo it in) becomes ``***``.
 
     >>> _redact("bad key sk-abcdef123456; you sent sk-abcdef12; ok", "sk-abcdef123456")
@@ -3142,7 +3096,7 @@ def _redact(text: str, secret: str | None, run: int = 8) -> str:
     """
     if not secret:
         return text
-    forms = _key_forms(secret)
+    run, forms = 8, _key_forms(secret)
     for form in forms:  # whole echoes first, each as one ***
         text = text.replace(form, "***")
     for form in forms:  # then any cut-off part of one
@@ -3430,9 +3384,7 @@ def dropped_report(result: Result) -> list[str]:
                 positions.update(call.indices)
                 models.add(call.model)
         lost = {i for positions, _ in causes.values() for i in positions}
-        went_on = any(call.layer > layer or (call.role == "aggregator" and call.layer == layer)
-                      for call in result.trace if call not in calls)
-        if not lost or not went_on:
+        if not lost or not any(call.layer > layer for call in result.trace):  # the run went on past this layer
             continue
         where = f"layer {layer}: " if len(layers) > 1 else ""
         for reason, (positions, models) in causes.items():
@@ -3702,15 +3654,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the command line; returns the exit status (0 ok, 1 a model failed, 2 a usage error)."""
     environ = os.environ if environ is None else environ
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:  # a subcommand only as the first word: "selfmoa -- serve" asks the prompt "serve"
-        serve = _sibling("selfmoa_serve", "selfmoa serve")
-        return serve.main(argv[1:], environ) if serve else 2
-    if argv[:1] == ["merge"]:
-        batch = _sibling("selfmoa_batch", "selfmoa merge")
-        return batch.merge_command(argv[1:], environ) if batch else 2
-    if argv[:1] == ["eval"]:
-        evaluation = _sibling("selfmoa_eval", "selfmoa eval")
-        return evaluation.main(argv[1:], environ) if evaluation else 2
+    if argv[:1] and argv[0] in _SUBCOMMANDS:  # only as the first word: "selfmoa -- serve" asks the prompt "serve"
+        name, entry = _SUBCOMMANDS[argv[0]]
+        sibling = _sibling(name, f"selfmoa {argv[0]}")
+        return getattr(sibling, entry)(argv[1:], environ) if sibling else 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -3744,38 +3691,34 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
     try:
         with client:
-            result = METHODS[args.method](prompt, complete=client,
-                                          stream=show if stream and not args.json else None, **options)
+            result = METHODS[args.method](prompt, complete=client, stream=show if stream else None, **options)
     except ConfigError as exc:
         return _refuse(parser, exc)
     except SelfMoAError as exc:
         if streamed:
             print(file=sys.stdout)
         message = str(exc).replace(" min_ok=", " --min-ok ", 1) if isinstance(exc, NotEnoughProposals) else str(exc)
-        for line in dropped_report(exc.partial) if exc.partial is not None else []:
+        partial = exc.partial
+        for line in [*(dropped_report(partial) if partial is not None else []), message]:
             print(f"selfmoa: {line}", file=sys.stderr)
-        print(f"selfmoa: {message}", file=sys.stderr)
-        errors = [(call.model, call.error) for call in exc.partial.trace if call.error] if exc.partial else []
+        errors = [(call.model, call.error) for call in partial.trace if call.error] if partial else []
         if isinstance(exc, ModelError):
             errors.append((exc.model, str(exc)))
         for line in missing_models_report(errors, client) + key_report(errors, args, environ):
             print(f"selfmoa: {line}", file=sys.stderr)
-        if args.json and exc.partial is not None:
-            print(json.dumps({**exc.partial.to_dict(diversity=args.diversity), "error": message,
-                              **_servers_of(client)}, indent=2,
-                             ensure_ascii=False))
-        elif exc.partial is not None and exc.partial.trace:
-            made = exc.partial.requests
-            print(f"selfmoa: {made} request{'s' if made != 1 else ''} had been made; --json shows them",
-                  file=sys.stderr)
+        if args.json and partial is not None:
+            print(json.dumps({**partial.to_dict(diversity=args.diversity), "error": message, **_servers_of(client)},
+                             indent=2, ensure_ascii=False))
+        elif partial is not None and partial.trace:
+            print(f"selfmoa: {partial.requests} request{'s' if partial.requests != 1 else ''} had been made; --json "
+                  f"shows them", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         client.abort()  # calls still in flight end now: their sockets are shut down
         print("\nselfmoa: interrupted", file=sys.stderr)
         return 130
-    for line in dropped_report(result):
-        print(f"selfmoa: {line}", file=sys.stderr)
-    for line in missing_models_report([(call.model, call.error) for call in result.trace if call.error], client):
+    errors = [(call.model, call.error) for call in result.trace if call.error]
+    for line in dropped_report(result) + missing_models_report(errors, client):
         print(f"selfmoa: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps({**result.to_dict(diversity=args.diversity), **_servers_of(client)}, indent=2,
@@ -3788,8 +3731,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return 0
 
 
-# The programs beside this file, each with the other ones it imports.
+# The programs beside this file, each with the other ones it imports; and the subcommands they run.
 _SIBLINGS = {"selfmoa_batch": (), "selfmoa_serve": (), "selfmoa_eval": ("selfmoa_batch",)}
+_SUBCOMMANDS = {"serve": ("selfmoa_serve", "main"), "merge": ("selfmoa_batch", "merge_command"),
+                "eval": ("selfmoa_eval", "main")}
 
 
 def _sibling(name: str, what: str) -> Any:
