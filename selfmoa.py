@@ -435,9 +435,14 @@ def read_references(prompt: str | Sequence[Message]) -> list[str]:
     return references
 
 
-def _marker(key: str) -> re.Pattern:
-    """A marker line of the block with ``key``, also as a model echoes it (fewer angle brackets, spaces)."""
-    return re.compile(rf"[ \t]*<{{0,3}}[ \t]*(?:end of )?response \d+(?: of \d+)?, key {key}[ \t]*>{{0,3}}[ \t\r]*")
+_MARKER = re.compile(r"[ \t]*<{0,3}[ \t]*(?:end of )?response \d+(?: of \d+)?, key ([0-9a-f]{8})[ \t]*>{0,3}[ \t\r]*")
+
+
+def _is_marker(line: str, key: str) -> bool:
+    """Whether ``line`` is a marker line of the block with ``key``, also as a model echoes it (fewer angle
+    brackets, spaces). One pattern for every key: compiling one per block cost more than the rest of a call."""
+    found = _MARKER.fullmatch(line)
+    return found is not None and found.group(1) == key
 
 
 def _strip_markers(text: str, key: str) -> str:
@@ -446,8 +451,7 @@ def _strip_markers(text: str, key: str) -> str:
     >>> _strip_markers("Paris.\\n<<<end of response 2, key 29d190ab>>", "29d190ab")
     'Paris.'
     """
-    marker = _marker(key)
-    return "\n".join(line for line in text.split("\n") if not marker.fullmatch(line))
+    return "\n".join(line for line in text.split("\n") if not _is_marker(line, key))
 
 
 # ======================================================================================================
@@ -1611,7 +1615,7 @@ class _MarkerFilter:
         return text
 
     def _end_line(self) -> str:
-        text = "" if self.passing or _marker(self.key).fullmatch(self.line) else self._pass_line()
+        text = "" if self.passing or _is_marker(self.line, self.key) else self._pass_line()
         self.passing, self.line = False, ""
         return text
 
