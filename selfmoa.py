@@ -435,9 +435,14 @@ def read_references(prompt: str | Sequence[Message]) -> list[str]:
     return references
 
 
-def _marker(key: str) -> re.Pattern:
-    """A marker line of the block with ``key``, also as a model echoes it (fewer angle brackets, spaces)."""
-    return re.compile(rf"[ \t]*<{{0,3}}[ \t]*(?:end of )?response \d+(?: of \d+)?, key {key}[ \t]*>{{0,3}}[ \t\r]*")
+_MARKER = re.compile(r"[ \t]*<{0,3}[ \t]*(?:end of )?response \d+(?: of \d+)?, key ([0-9a-f]{8})[ \t]*>{0,3}[ \t\r]*")
+
+
+def _is_marker(line: str, key: str) -> bool:
+    """Whether ``line`` is a marker line of the block with ``key``, also as a model echoes it (fewer angle
+    brackets, spaces). One pattern for every key: compiling one per block cost more than the rest of a call."""
+    found = _MARKER.fullmatch(line)
+    return found is not None and found.group(1) == key
 
 
 def _strip_markers(text: str, key: str) -> str:
@@ -446,8 +451,7 @@ def _strip_markers(text: str, key: str) -> str:
     >>> _strip_markers("Paris.\\n<<<end of response 2, key 29d190ab>>", "29d190ab")
     'Paris.'
     """
-    marker = _marker(key)
-    return "\n".join(line for line in text.split("\n") if not marker.fullmatch(line))
+    return "\n".join(line for line in text.split("\n") if not _is_marker(line, key))
 
 
 # ======================================================================================================
@@ -1611,7 +1615,7 @@ class _MarkerFilter:
         return text
 
     def _end_line(self) -> str:
-        text = "" if self.passing or _marker(self.key).fullmatch(self.line) else self._pass_line()
+        text = "" if self.passing or _is_marker(self.line, self.key) else self._pass_line()
         self.passing, self.line = False, ""
         return text
 
@@ -1717,8 +1721,8 @@ def _settings(*, complete: Any, proposing: Any, aggregating: Any, seed: Any, con
     _check(seed is None or _is_int(seed), "seed", seed, "sample i is drawn with seed + i",
            "pass an integer, or None")
     _check_layout(layout)
-    instruction = (REFERENCE_INSTRUCTION if layout == "reference" else DEFAULT_INSTRUCTION) if instruction is None \
-        else instruction
+    if instruction is None:
+        instruction = REFERENCE_INSTRUCTION if layout == "reference" else DEFAULT_INSTRUCTION
     _check(isinstance(instruction, str) and instruction.strip() != "", "instruction", instruction,
            "it tells the aggregator what to do with the references", "pass a non-empty string, or None")
     _check(stream is None or callable(stream), "stream", stream, "it receives the final answer's text pieces",
@@ -1762,7 +1766,7 @@ def _check_sampled(*, model: Any, n: Any, temperature: Any, method: str) -> None
     """Self-MoA and a generated Self-MoA-Seq: one model, sampled n >= 1 times above temperature 0."""
     _check_model("model", model)
     _check(_is_int(n) and n >= 1, "n", n, f"{method} aggregates n samples", "pass n >= 1 (the paper uses 4 to 6)")
-    _check(not (isinstance(temperature, (int, float)) and temperature <= 0),  # other bad values: _check_sampling
+    _check(not (isinstance(temperature, (int, float)) and temperature <= 0),  # other bad values: _sampling
            "temperature", temperature, f"{method}'s diversity comes from sampling; at 0 every sample is the same",
            "pass a temperature above 0 (the paper samples at 0.7)")
 
@@ -2082,6 +2086,18 @@ def _connection(parts: urllib.parse.SplitResult, timeout: float,
     return connection
 
 
+def _send_request(connection: http.client.HTTPConnection, endpoint: Endpoint, tail: str, payload: bytes | None,
+                  accept: str) -> None:
+    """POST ``payload`` (JSON), or GET without one, to ``{base_url}{tail}`` with its query string and its key."""
+    parts = endpoint._parts
+    headers = {"Content-Type": "application/json"} if payload is not None else {}
+    headers |= {"User-Agent": f"selfmoa/{__version__}", "Accept": accept}
+    if endpoint.api_key:
+        headers["Authorization"] = f"Bearer {endpoint.api_key}"
+    connection.request("GET" if payload is None else "POST", parts.path.rstrip("/") + tail
+                       + (f"?{parts.query}" if parts.query else ""), body=payload, headers=headers)
+
+
 def _shut(connection: http.client.HTTPConnection) -> None:
     """Wake whatever thread is blocked reading ``connection``: its read ends at once (the socket is dead)."""
     sock = getattr(connection, "socket", None)
@@ -2312,10 +2328,9 @@ class HTTPClient:
     def __init__(self, base_url: str | Endpoint | Sequence[str | Endpoint] | None = None,
                  api_key: str | None = None, *,
                  endpoints: Mapping[str, Endpoint | str | Sequence[Endpoint | str]] | None = None,
-                 timeout: float = 120.0,
-                 deadline: float = 600.0, retries: int = 4, backoff: float = 0.5, max_backoff: float = 30.0,
-                 max_retry_after: float = 120.0, max_idle: int = 64, max_reply_bytes: int = MAX_REPLY_BYTES,
-                 max_in_flight: int | None = None, cooldown: float = 5.0,
+                 timeout: float = 120.0, deadline: float = 600.0, retries: int = 4, backoff: float = 0.5,
+                 max_backoff: float = 30.0, max_retry_after: float = 120.0, max_idle: int = 64,
+                 max_reply_bytes: int = MAX_REPLY_BYTES, max_in_flight: int | None = None, cooldown: float = 5.0,
                  sleep: Callable[[float], None] | None = None, rng: random.Random | None = None,
                  announce: Callable[[str], None] | None = None):
         _check(api_key is None or base_url is not None, "api_key", "***",
@@ -2348,16 +2363,15 @@ class HTTPClient:
                "it caps the size of a reply", "pass a number of bytes >= 1024")
         self.timeout, self.deadline, self.retries = timeout, deadline, retries
         self.backoff, self.max_backoff, self.max_retry_after = backoff, max_backoff, max_retry_after
-        self.max_reply_bytes, self.sleep = max_reply_bytes, sleep
-        self.rng = rng or random.Random()
-        self.max_idle = max_idle
+        self.max_reply_bytes, self.max_idle = max_reply_bytes, max_idle
+        self.max_in_flight, self.cooldown = max_in_flight, cooldown
+        self.sleep, self.rng = sleep, rng or random.Random()
         self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._in_flight: set[_Attempt] = set()
         self._watch = threading.Condition(threading.Lock())
         self._watching, self._wakes_at = False, math.inf
         self._aborted = threading.Event()
-        self.max_in_flight, self.cooldown = max_in_flight, cooldown
         self._replicas = _Replicas(self.default + [e for group in self.endpoints.values() for e in group],
                                    max_in_flight=max_in_flight, cooldown=cooldown, aborted=self._aborted)
         self.announce = announce if announce is not None else _to_stderr
@@ -2539,10 +2553,7 @@ class HTTPClient:
                     raise self._error(endpoint, request, failure.message, failure, tally.attempts) from None
                 retries += 1
                 tally.extra += 1
-                if self.sleep is not None:
-                    self.sleep(wait)
-                else:
-                    self._aborted.wait(wait)  # abort() cuts the wait short
+                (self.sleep or self._aborted.wait)(wait)  # abort() cuts a wait short
 
     def _failing_over(self, replicas: list[Endpoint], request: Request, tally: _Tally,
                       attempt: Callable[[Endpoint], _T]) -> tuple[Endpoint, _T]:
@@ -2764,34 +2775,27 @@ class HTTPClient:
             raise self._error(endpoint, request, _INTERRUPTED)
         connection, reused = self._acquire(endpoint)
         flight = self._begin(connection)
-        parts = endpoint._parts
-        path = (parts.path.rstrip("/") + "/chat/completions") + (f"?{parts.query}" if parts.query else "")
-        headers = {"Content-Type": "application/json", "User-Agent": f"selfmoa/{__version__}",
-                   "Accept": "text/event-stream" if stream else "application/json"}
-        if endpoint.api_key:
-            headers["Authorization"] = f"Bearer {endpoint.api_key}"
         try:
-            try:
-                connection.request("POST", path, body=payload, headers=headers)
-                response = connection.getresponse()
-                if isinstance(response, _FinalResponse):
-                    response.attempt = flight
-                if flight.expired:  # the head was cut off (http.client ends the headers at the close)
-                    raise _Retry("the reply's head was cut off")
-                return flight, response
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                raise _Retry(f"connection dropped before a reply ({type(exc).__name__})", stale=reused) from None
-            except TimeoutError:
-                raise _Retry(f"no reply within timeout={self.timeout:g} s") from None
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                raise _Retry(f"could not reach the server, or its reply is not HTTP ({type(exc).__name__}: "
-                             f"{str(exc)[:200]})", down=isinstance(exc, (ConnectionRefusedError, socket.gaierror))) \
-                    from None
-        except _Retry as failure:
-            raise self._failed(flight, endpoint, request, failure) from None
+            _send_request(connection, endpoint, "/chat/completions", payload,
+                          "text/event-stream" if stream else "application/json")
+            response = connection.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+            failure = _Retry(f"connection dropped before a reply ({type(exc).__name__})", stale=reused)
+        except TimeoutError:
+            failure = _Retry(f"no reply within timeout={self.timeout:g} s")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            failure = _Retry(f"could not reach the server, or its reply is not HTTP ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})", down=isinstance(exc, (ConnectionRefusedError, socket.gaierror)))
         except BaseException:
             self._finish(flight)
             raise
+        else:
+            if isinstance(response, _FinalResponse):
+                response.attempt = flight
+            if not flight.expired:
+                return flight, response
+            failure = _Retry("the reply's head was cut off")  # http.client ends the headers at the close
+        raise self._failed(flight, endpoint, request, failure)
 
     def _failed(self, flight: _Attempt, endpoint: Endpoint, request: Request,
                 failure: _Retry | ModelError) -> _Retry | ModelError:
@@ -2824,9 +2828,9 @@ class HTTPClient:
         text = raw.decode("utf-8", errors="replace")
         if response.status != 200:
             detail = _error_message(text)
-            retry_after = _retry_after(response.getheader("Retry-After"))
             if response.status in RETRY_STATUSES:
-                raise _Retry(detail, status=response.status, body=text, retry_after=retry_after)
+                raise _Retry(detail, status=response.status, body=text,
+                             retry_after=_retry_after(response.getheader("Retry-After")))
             raise self._error(endpoint, request, detail, status=response.status, body=text)
         if not whole:
             raise self._error(endpoint, request, f"the reply is larger than max_reply_bytes={self.max_reply_bytes}",
@@ -2856,14 +2860,13 @@ class HTTPClient:
         reasons: list[str | None] = [None] * request.n
         taken, problem = [False] * request.n, None
         for place, choice in enumerate(choices):
-            given = choice.get("index") if isinstance(choice, dict) else None
-            index = given if isinstance(given, int) and not isinstance(given, bool) else place
+            choice = choice if isinstance(choice, dict) else {}
+            index = choice["index"] if _is_int(choice.get("index")) else place
             if not 0 <= index < request.n or taken[index]:
                 continue  # more choices than asked for, or a repeated index: the first one counts
             taken[index] = True
-            message = choice.get("message") if isinstance(choice, dict) else None
+            message, reason = choice.get("message"), choice.get("finish_reason")
             content = message.get("content") if isinstance(message, dict) else None
-            reason = choice.get("finish_reason") if isinstance(choice, dict) else None
             reasons[index] = _clean(reason[:100]) if isinstance(reason, str) else None
             if isinstance(content, str):
                 texts[index] = _clean(content)
@@ -2931,15 +2934,14 @@ class HTTPClient:
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"]
             for choice in choices or []:
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                if not isinstance(choice, dict) or not isinstance(delta, (dict, type(None))):
+                if not isinstance(choice, dict) or not isinstance(choice.get("delta"), (dict, type(None))):
                     raise bad("a choice is not an object with a 'delta' object", data)
                 if choice.get("index", 0) != 0:
                     continue  # a stream asks for one choice
-                choices_seen = True
-                thought = thought or any(isinstance((delta or {}).get(name), str)
+                choices_seen, delta = True, choice.get("delta") or {}
+                thought = thought or any(isinstance(delta.get(name), str)
                                          for name in ("reasoning_content", "reasoning"))  # never passed on
-                piece = (delta or {}).get("content")
+                piece = delta.get("content")
                 if isinstance(piece, str) and piece:
                     pieces.append(_clean(piece))
                     flight.shown = True
@@ -2954,10 +2956,8 @@ class HTTPClient:
             raise self._error(endpoint, request, "the server answered with an empty stream (no choice at all), "
                               "which is how some servers say that the prompt exceeds the model's context window",
                               status=200, kind="context")
-        text: str | None = "".join(pieces)
-        if not pieces and reason == "length" and thought:
-            text = None  # the whole limit went on thinking
-        reply = Reply([text], [reason], _int_or_none(usage.get("prompt_tokens")),
+        spent = not pieces and reason == "length" and thought  # the whole limit went on thinking
+        reply = Reply([None if spent else "".join(pieces)], [reason], _int_or_none(usage.get("prompt_tokens")),
                       _int_or_none(usage.get("completion_tokens")), url=endpoint.url,
                       reasoning_tokens=_reasoning_tokens(usage))
         return reply, whole and not response.will_close
@@ -2970,27 +2970,17 @@ class HTTPClient:
         shorter), never retried; sorted and without repeats. None when none of them answers with a list. For
         messages such as "the server offers ...": what a 404 meant; and for serve's ``GET /v1/models``.
         Names are cleaned like any server text (keys blanked out, control characters replaced, cut short)."""
-        names: set[str] = set()
-        listed = False
-        for endpoint in self.replicas(model) if model is not None else _endpoints_of(self):
-            found = self._list_models(endpoint)
-            if found is not None:
-                listed = True
-                names.update(found)
-        return sorted(names) if listed else None
+        found = [self._list_models(e) for e in (self.replicas(model) if model is not None else _endpoints_of(self))]
+        listed = [names for names in found if names is not None]
+        return sorted(set().union(*listed)) if listed else None
 
     def _list_models(self, endpoint: Endpoint) -> list[str] | None:
         if self._aborted.is_set():
             return None
-        parts = endpoint._parts
-        connection = _connection(parts, min(LIST_WITHIN, self.timeout, self.deadline), self._proxies)
+        connection = _connection(endpoint._parts, min(LIST_WITHIN, self.timeout, self.deadline), self._proxies)
         flight = self._begin(connection, min(LIST_WITHIN, self.deadline))
-        path = parts.path.rstrip("/") + "/models" + (f"?{parts.query}" if parts.query else "")
-        headers = {"User-Agent": f"selfmoa/{__version__}", "Accept": "application/json"}
-        if endpoint.api_key:
-            headers["Authorization"] = f"Bearer {endpoint.api_key}"
         try:
-            connection.request("GET", path, headers=headers)
+            _send_request(connection, endpoint, "/models", None, "application/json")
             response = connection.getresponse()
             raw, whole = _read_capped(response, 16 * MAX_ERROR_BYTES)
         except (OSError, http.client.HTTPException, ValueError):
@@ -3418,6 +3408,16 @@ def missing_models_report(errors: Iterable[tuple[str, str]], client: Any) -> lis
 _HTTP_DENIED = re.compile(r": HTTP 40[13]: ")
 
 
+def _default_urls(args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
+    """The default endpoint's replicas: each --base-url, else $OPENAI_BASE_URL, else the OpenAI API."""
+    return args.base_url or [environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL]
+
+
+def _takes_openai_key(url: str, environ: Mapping[str, str]) -> bool:
+    """Whether $OPENAI_API_KEY may go to ``url``: only to the OpenAI API, or to $OPENAI_BASE_URL."""
+    return url.rstrip("/") == OPENAI_BASE_URL or url == (environ.get("OPENAI_BASE_URL") or None)
+
+
 def key_report(errors: Iterable[tuple[str, str]], args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
     """For a model refused with 401 or 403 (``errors``: pairs of model and error text) that was sent no key: why
     none was sent, by the rule of "endpoints and keys", and how to give it one. Nothing when a key was sent."""
@@ -3432,9 +3432,7 @@ def key_report(errors: Iterable[tuple[str, str]], args: argparse.Namespace, envi
             continue
         if args.api_key is not None:
             continue
-        env_url = environ.get("OPENAI_BASE_URL") or None
-        urls = args.base_url or [env_url or OPENAI_BASE_URL]
-        withheld = [url for url in urls if url.rstrip("/") != OPENAI_BASE_URL and url != env_url]
+        withheld = [url for url in _default_urls(args, environ) if not _takes_openai_key(url, environ)]
         if not withheld:
             continue
         shown = _public_url(withheld[0])
@@ -3452,11 +3450,10 @@ def make_client(args: argparse.Namespace, environ: Mapping[str, str]) -> HTTPCli
 
     Each --base-url is a replica of the default endpoint, each --endpoint MODEL=URL a replica of MODEL's.
     """
-    env_url = environ.get("OPENAI_BASE_URL") or None
     default = []
-    for base_url in args.base_url or [env_url or OPENAI_BASE_URL]:
+    for base_url in _default_urls(args, environ):
         key, key_source = args.api_key, "--api-key"
-        if key is None and (base_url.rstrip("/") == OPENAI_BASE_URL or (env_url and base_url == env_url)):
+        if key is None and _takes_openai_key(base_url, environ):
             key, key_source = environ.get("OPENAI_API_KEY") or None, "$OPENAI_API_KEY"
         default.append(_cli_endpoint(base_url, key, "--base-url " if args.base_url else "$OPENAI_BASE_URL ",
                                      key_source))

@@ -615,11 +615,14 @@ def _hash(value: Any) -> str:
 
 
 class _Store:
-    def __init__(self, path: str):
-        self.path = path
+    """pool.jsonl of one evaluation (one experiment): its records by key, and its appending writer."""
+
+    def __init__(self, path: str, experiment: Experiment):
+        self.path, self.experiment = path, experiment
         self.lock = threading.Lock()
         self.records: dict[str, dict] = {}
         self.descriptor: int | None = None
+        self._sample_ids: dict[tuple[type, str | int, str, int], tuple[str, str]] = {}
 
     def open(self) -> None:
         descriptor, _ = selfmoa_batch._open_output(self.path)
@@ -641,6 +644,20 @@ class _Store:
     def done(self, key: str, fingerprint: str) -> dict | None:
         record = self.records.get(key)
         return record if record and record["status"] == "ok" and record["fingerprint"] == fingerprint else None
+
+    def sample_id(self, question: Question, model: str, number: int) -> tuple[str, str]:
+        """The key and fingerprint of a sample's line, computed once per sample: the cells and the grading
+        look each sample up many times."""
+        memo = (type(question.id), question.id, model, number)
+        found = self._sample_ids.get(memo)
+        if found is None:
+            found = self._sample_ids[memo] = (_key("sample", question.id, model, number),
+                                              _sample_fingerprint(question, model, number, self.experiment))
+        return found
+
+    def sample(self, question: Question, model: str, number: int) -> dict | None:
+        """The line of a sample drawn with this experiment's settings, if it holds one that is ok."""
+        return self.done(*self.sample_id(question, model, number))
 
     def write(self, record: dict) -> None:
         line = selfmoa_batch._dump_line(record)
@@ -740,8 +757,7 @@ def _samples(store: _Store, questions: Sequence[Question], experiment: Experimen
     for position, question in enumerate(questions):
         for letter, count in needs.items():
             model = experiment.models[letter]
-            missing = [k for k in range(count) if not store.done(_key("sample", question.id, model, k),
-                                                                _sample_fingerprint(question, model, k, experiment))]
+            missing = [k for k in range(count) if not store.sample(question, model, k)]
             for _, run_of in _runs(missing):
                 jobs.append((position, question, model, run_of))
     total, done = sum(len(run_of) for *_, run_of in jobs), [0]
@@ -760,8 +776,8 @@ def _samples(store: _Store, questions: Sequence[Question], experiment: Experimen
             if text is None and call.error is None:
                 continue  # the server gave no text here: asked for again on its own
             usage = {"prompt_tokens": (call.prompt_tokens or 0) if place == 0 else 0, "completion_tokens": share[place]}
-            store.write(_line(_key("sample", question.id, model, number), method="sample",
-                              fingerprint=_sample_fingerprint(question, model, number, experiment), answer=text,
+            key, fingerprint = store.sample_id(question, model, number)
+            store.write(_line(key, method="sample", fingerprint=fingerprint, answer=text,
                               error=call.error, about={"item": question.id, "model": model, "sample": number,
                                                        "reported": sorted(counter.models.get(model, ()))},
                               calls=int(text is not None), usage=usage))
@@ -808,10 +824,8 @@ def _sample_texts(store: _Store, question: Question, experiment: Experiment, pic
     out = []
     for letter, number in picks:
         model = experiment.models[letter]
-        record = store.records.get(_key("sample", question.id, model, number))
-        ok = record is not None and record["status"] == "ok" and \
-            record["fingerprint"] == _sample_fingerprint(question, model, number, experiment)
-        out.append((model, record["answer"] if ok and record is not None else None))
+        record = store.sample(question, model, number)
+        out.append((model, record["answer"] if record is not None else None))
     return out
 
 
@@ -983,10 +997,8 @@ def _results(questions: Sequence[Question], experiment: Experiment, store: _Stor
             marks: list[dict[str, Any]] = []
             count = max([experiment.n] + [len(cell.picks) for cell in cells if cell.picks[0][0] == letter])
             for number in range(count):
-                key = _key("sample", question.id, model, number)
-                record = store.records.get(key)
-                if record is None or record["status"] != "ok" or \
-                        record["fingerprint"] != _sample_fingerprint(question, model, number, experiment):
+                record = store.sample(question, model, number)
+                if record is None:
                     continue
                 extracted, correct = grade(record["answer"], question.answer, question.grader)
                 graded[(letter, number)] = correct
@@ -1011,8 +1023,8 @@ def _results(questions: Sequence[Question], experiment: Experiment, store: _Stor
                     else None
                 sample_tokens = [0, 0]
                 for letter, number in cell.picks:
-                    prompt, completion = _usage(store.records.get(_key("sample", question.id,
-                                                                       experiment.models[letter], number)))
+                    key, _ = store.sample_id(question, experiment.models[letter], number)
+                    prompt, completion = _usage(store.records.get(key))
                     sample_tokens[0] += prompt
                     sample_tokens[1] += completion
                 if record is not None:
@@ -1266,7 +1278,7 @@ def evaluate(questions: Sequence[Question], experiment: Experiment, *, complete:
         return reply
 
     path = os.path.join(out, POOL_FILE)
-    store = _Store(path)
+    store = _Store(path, experiment)
     with selfmoa_batch._output_lock(path):
         store.open()
         try:
