@@ -229,7 +229,7 @@ class MockServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> MockServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.01,), daemon=True)
         self._thread.start()
         return self
 

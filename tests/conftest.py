@@ -14,3 +14,8 @@ settings.register_profile("explore", max_examples=500, deadline=None, suppress_h
 settings.register_profile("explore-short", max_examples=60, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The suite starts selfmoa, mock_models and the benchmarks as processes some 170 times. Where the environment
+# sets PYTHONDONTWRITEBYTECODE, each start compiled them from source again (selfmoa.py alone takes about 0.06 s
+# of CPU); these processes write and reuse __pycache__ as Python does by default (git ignores it).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
