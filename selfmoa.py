@@ -3118,19 +3118,14 @@ def _shown(text: str, secrets: Iterable[str], limit: int) -> str:
 
 
 def _error_message(body: str) -> str:
-    """The message of an OpenAI-shaped error body, or whatever the body is."""
+    """The message of an OpenAI-shaped error body (or vLLM's ``{"message": ...}``), or whatever the body is."""
     try:
-        error = json.loads(body).get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
-        if isinstance(error, str):
-            return error
-        message = json.loads(body).get("message")  # vLLM's {"object": "error", "message": ...}
-        if isinstance(message, str):
-            return message
+        data = json.loads(body)
+        error, message = data.get("error"), data.get("message")
     except (ValueError, AttributeError, RecursionError):
-        pass
-    return body.strip() or "(empty body)"
+        error = message = None
+    error = error.get("message") if isinstance(error, dict) else error
+    return next((text for text in (error, message) if isinstance(text, str)), body.strip() or "(empty body)")
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -216,7 +216,8 @@ class MockServer:
         self._slots = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
         self.in_progress = self.peak_concurrency = 0
         # Every request, as it arrives: method, path, headers, body, status, fault; a streamed reply's entry
-        # also counts its events and, live, how many were sent (a client that leaves stops it short).
+        # also counts its events and, live, how many were sent (a client that leaves stops it short), and
+        # says when it is over ("stream_over").
         self.requests: list[dict] = []
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -541,12 +542,15 @@ def _make_handler(server: MockServer, client_timeout: float):
             self.end_headers()
             time.sleep(server.latency)
             entry["events_sent"], entry["events"] = 0, len(chunks)  # how far the stream got (a client may leave)
-            for chunk in chunks:
-                self.wfile.write(chunk)
-                self.wfile.flush()
-                entry["events_sent"] += 1
-                if server.latency_per_token:
-                    time.sleep(server.latency_per_token)
+            try:
+                for chunk in chunks:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                    entry["events_sent"] += 1
+                    if server.latency_per_token:
+                        time.sleep(server.latency_per_token)
+            finally:
+                entry["stream_over"] = True  # whole, or cut short by a client that left: no more events
 
     return Handler
 

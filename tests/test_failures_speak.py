@@ -151,7 +151,7 @@ def test_models_lists_what_the_server_offers_safely(listing, expected):
     is sent, to the endpoint it belongs to) never shown; None for anything that is not a model list."""
     Lister.listing, Lister.seen = listing, []
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Lister)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True).start()  # shutdown() waits a poll
     try:
         client = selfmoa.HTTPClient(selfmoa.Endpoint(f"http://127.0.0.1:{httpd.server_port}/v1",
                                                      api_key="sk-0123456789abcdef"), timeout=5)

@@ -198,8 +198,9 @@ def test_a_dripping_stream_that_showed_text_is_cut_at_the_deadline_and_not_retri
         assert not caught.value.retryable
 
 
-def test_abort_ends_stalled_calls_at_once_and_closes_their_sockets():
+def test_abort_ends_stalled_calls_at_once_and_closes_their_sockets(monkeypatch):
     """abort() (what Ctrl-C calls) ends every call in flight with ModelError and shuts their sockets."""
+    monkeypatch.setattr(selfmoa, "PROBE_WAIT", 0.05)  # the calls behind the first (never answered) go soon
     with HostileServer(("hold",)) as server:
         client = selfmoa.HTTPClient(server.base_url, timeout=30, deadline=60)
         errors: list[BaseException] = []

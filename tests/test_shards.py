@@ -3,7 +3,9 @@ outputs only when every input item is answered exactly once, for the input's fin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -33,6 +35,23 @@ def write_input(path: pathlib.Path, count: int, start: int = 0) -> list[str]:
 
 
 def cli(*argv: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
+    """selfmoa's command line run in this process with ``cwd`` as the working folder: its exit status and what it
+    printed, as running ``selfmoa.py`` gives them (``process`` runs it as a process of its own)."""
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = selfmoa.main(list(argv), environ=os.environ)
+            except SystemExit as exit:  # argparse's usage errors
+                code = exit.code
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
+
+
+def process(*argv: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "selfmoa.py"), *argv], cwd=cwd, capture_output=True, text=True,
                           timeout=120, stdin=subprocess.DEVNULL)
 
@@ -71,7 +90,8 @@ def test_B10_three_shard_processes_merge_into_exactly_the_300_answers_in_input_o
     assert sorted(sum(per_shard, [])) == sorted(ids)
     for k, shard in enumerate(per_shard):
         assert shard and all(selfmoa_batch.shard_of(item_id, 3) == k for item_id in shard)
-    merged = cli("merge", *FLAGS, "-i", "in.jsonl", "-o", str(tmp_path / "all.jsonl"), *shard_files(folder), cwd=folder)
+    merged = process("merge", *FLAGS, "-i", "in.jsonl", "-o", str(tmp_path / "all.jsonl"), *shard_files(folder),
+                     cwd=folder)
     assert merged.returncode == 0, merged.stderr
     assert "merged 300 items from 3 shard outputs" in merged.stderr
     records = lines(tmp_path / "all.jsonl")
