@@ -659,12 +659,15 @@ class _Store:
         """The line of a sample drawn with this experiment's settings, if it holds one that is ok."""
         return self.done(*self.sample_id(question, model, number))
 
-    def write(self, record: dict) -> None:
-        line = selfmoa_batch._dump_line(record)
+    def write(self, *records: dict) -> None:
+        """Append the lines in one write: the samples of one request are kept all or none by a killed run, so
+        a rerun asks for them in one request again, and what they cost is the same as in an uninterrupted run."""
+        data = b"".join(selfmoa_batch._dump_line(record) for record in records)
         with self.lock:
             assert self.descriptor is not None
-            selfmoa_batch._write_all(self.descriptor, line)
-            self.records[record["id"]] = record
+            selfmoa_batch._write_all(self.descriptor, data)
+            for record in records:
+                self.records[record["id"]] = record
 
     def close(self) -> None:
         if self.descriptor is not None:
@@ -772,18 +775,20 @@ def _samples(store: _Store, questions: Sequence[Question], experiment: Experimen
         outputs = call.outputs or [None] * len(call.indices)
         counter.add(sum(text is not None for text in outputs), call.prompt_tokens, call.completion_tokens)
         share = _shares(call.completion_tokens, len(call.indices))
+        lines = []
         for place, (number, text) in enumerate(zip(call.indices, outputs + [None] * len(call.indices))):
             if text is None and call.error is None:
                 continue  # the server gave no text here: asked for again on its own
             usage = {"prompt_tokens": (call.prompt_tokens or 0) if place == 0 else 0, "completion_tokens": share[place]}
             key, fingerprint = store.sample_id(question, model, number)
-            store.write(_line(key, method="sample", fingerprint=fingerprint, answer=text,
-                              error=call.error, about={"item": question.id, "model": model, "sample": number,
-                                                       "reported": sorted(counter.models.get(model, ()))},
-                              calls=int(text is not None), usage=usage))
-            with counter.lock:
-                done[0] += 1
-                left[position] -= 1
+            lines.append(_line(key, method="sample", fingerprint=fingerprint, answer=text,
+                               error=call.error, about={"item": question.id, "model": model, "sample": number,
+                                                        "reported": sorted(counter.models.get(model, ()))},
+                               calls=int(text is not None), usage=usage))
+        store.write(*lines)
+        with counter.lock:
+            done[0] += len(lines)
+            left[position] -= len(lines)
         counter.show("samples", done[0], total, items())
 
     # Requests are told apart by (model, layer): each question's samples run as "layer" = its position + 1.
