@@ -1025,25 +1025,26 @@ def symmetric_eigenvalues(matrix: Sequence[Sequence[float]], tolerance: float = 
     """
     a = [list(map(float, row)) for row in matrix]
     size = len(a)
+    pairs = [(p, q) for p in range(size) for q in range(p + 1, size)]
     for _ in range(100):  # each sweep zeroes every off-diagonal entry once; a few sweeps converge
-        off = sum(a[i][j] ** 2 for i in range(size) for j in range(i + 1, size))
+        off = sum(a[p][q] ** 2 for p, q in pairs)
         if off <= tolerance ** 2:
             break
-        for p in range(size):
-            for q in range(p + 1, size):
-                if abs(a[p][q]) < 1e-300:
-                    continue
-                # The rotation angle that zeroes a[p][q]: tan(2 theta) = 2 a_pq / (a_qq - a_pp).
-                theta = (a[q][q] - a[p][p]) / (2 * a[p][q])
-                t = math.copysign(1.0, theta) / (abs(theta) + math.sqrt(theta * theta + 1))
-                c = 1 / math.sqrt(t * t + 1)
-                s = t * c
-                for k in range(size):
-                    akp, akq = a[k][p], a[k][q]
-                    a[k][p], a[k][q] = c * akp - s * akq, s * akp + c * akq
-                for k in range(size):
-                    apk, aqk = a[p][k], a[q][k]
-                    a[p][k], a[q][k] = c * apk - s * aqk, s * apk + c * aqk
+        for p, q in pairs:
+            row_p, row_q = a[p], a[q]
+            if abs(row_p[q]) < 1e-300:
+                continue
+            # The rotation angle that zeroes a[p][q]: tan(2 theta) = 2 a_pq / (a_qq - a_pp).
+            theta = (row_q[q] - row_p[p]) / (2 * row_p[q])
+            t = math.copysign(1.0, theta) / (abs(theta) + math.sqrt(theta * theta + 1))
+            c = 1 / math.sqrt(t * t + 1)
+            s = t * c
+            for row in a:  # columns p and q
+                akp, akq = row[p], row[q]
+                row[p], row[q] = c * akp - s * akq, s * akp + c * akq
+            for k in range(size):  # rows p and q
+                apk, aqk = row_p[k], row_q[k]
+                row_p[k], row_q[k] = c * apk - s * aqk, s * apk + c * aqk
     return sorted((a[i][i] for i in range(size)), reverse=True)
 
 

@@ -623,6 +623,7 @@ class _Store:
         self.records: dict[str, dict] = {}
         self.descriptor: int | None = None
         self._sample_ids: dict[tuple[type, str | int, str, int], tuple[str, str]] = {}
+        self._cells: dict[tuple[type, str | int, str], tuple[list[tuple[str, str]], str | None]] = {}
 
     def open(self) -> None:
         descriptor, _ = selfmoa_batch._open_output(self.path)
@@ -658,6 +659,19 @@ class _Store:
     def sample(self, question: Question, model: str, number: int) -> dict | None:
         """The line of a sample drawn with this experiment's settings, if it holds one that is ok."""
         return self.done(*self.sample_id(question, model, number))
+
+    def proposals(self, question: Question, cell: _Aggregation) -> tuple[list[tuple[str, str]], str | None]:
+        """A cell's proposals on a question, (model, text) of each pick whose sample is held, and the fingerprint
+        of their aggregation (None without proposals). Computed once, when the samples are all drawn: running
+        the aggregations and grading them both ask."""
+        memo = (type(question.id), question.id, cell.cell)
+        found = self._cells.get(memo)
+        if found is None:
+            proposals = [(model, text) for model, text in _sample_texts(self, question, self.experiment, cell.picks)
+                         if text is not None]
+            fingerprint = _aggregation_fingerprint(question, cell, proposals, self.experiment) if proposals else None
+            found = self._cells[memo] = (proposals, fingerprint)
+        return found
 
     def write(self, *records: dict) -> None:
         """Append the lines in one write: the samples of one request are kept all or none by a killed run, so
@@ -866,11 +880,9 @@ def _aggregations(store: _Store, questions: Sequence[Question], experiment: Expe
     todo: dict[str, tuple[int, Question, _Aggregation, list[tuple[str, str]], str]] = {}
     for position, question in enumerate(questions):
         for cell in cells:
-            proposals = [(model, text) for model, text in _sample_texts(store, question, experiment, cell.picks)
-                         if text is not None]
-            if not proposals:
+            proposals, fingerprint = store.proposals(question, cell)
+            if fingerprint is None:
                 continue  # every sample of it failed: reported as not answered
-            fingerprint = _aggregation_fingerprint(question, cell, proposals, experiment)
             key = _key("aggregation", question.id, fingerprint)
             if store.done(key, fingerprint) or key in todo:
                 continue
@@ -1016,11 +1028,9 @@ def _results(questions: Sequence[Question], experiment: Experiment, store: _Stor
             if marks:
                 alone[letter].append(sum(bool(mark["correct"]) for mark in marks) / len(marks))
         for cell in cells:
-            proposals = [(model, text) for model, text in _sample_texts(store, question, experiment, cell.picks)
-                         if text is not None]
+            proposals, fingerprint = store.proposals(question, cell)
             outcome: dict[str, Any] = {"extracted": None, "correct": None, "answered": False}
-            if proposals:
-                fingerprint = _aggregation_fingerprint(question, cell, proposals, experiment)
+            if fingerprint is not None:
                 record = store.done(_key("aggregation", question.id, fingerprint), fingerprint)
                 right = [graded[pick] for pick in cell.picks if pick in graded]
                 quality = sum(right) / len(right) if right else 0.0

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import json
 import multiprocessing
@@ -52,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 import selfmoa  # noqa: E402
 import selfmoa_eval  # noqa: E402
 from mock_models import MockServer, models  # noqa: E402
-from mock_models.server import count_tokens, prompt_tokens  # noqa: E402
+from mock_models.server import count_tokens  # noqa: E402
 from mock_models.tasks import make_tasks  # noqa: E402
 
 DOMAINS = ("MMLU", "CRUX", "MATH")
@@ -75,6 +76,17 @@ def dataset(domain: str, questions: int, seed: int) -> list[dict]:
             for task in make_tasks(domain, questions, seed=seed)]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _line_tokens(line: str) -> int:
+    return count_tokens(line)
+
+
+def _prompt_tokens(messages: list[dict]) -> int:
+    """The mock server's ``prompt_tokens(messages)``, counted line by line (no token holds a line break, so the
+    counts add up) with each line's count kept: a question's samples recur in many aggregators' prompts."""
+    return sum(sum(map(_line_tokens, message["content"].split("\n"))) + 4 for message in messages) + 2
+
+
 def mock_complete(request: selfmoa.Request) -> selfmoa.Reply:
     """A completion function that answers from the mock models without HTTP, by the mock server's rule:
     choice j of a request with seed S is sample S + j, temperature 0 is greedy, and a prompt over the
@@ -82,7 +94,7 @@ def mock_complete(request: selfmoa.Request) -> selfmoa.Reply:
     if request.seed is None and request.temperature > 0:
         raise ValueError("the in-process runner needs seeded requests; pass seed= to the method")
     messages = [dict(message) for message in request.messages]
-    used = prompt_tokens(messages)
+    used = _prompt_tokens(messages)
     if used + (request.max_tokens or 0) > models.CONTEXT_LENGTH[request.model]:
         raise selfmoa.ModelError(f"the prompt ({used} tokens) exceeds the context length", model=request.model)
     samples = ["greedy" if request.temperature == 0 else request.seed + j for j in range(request.n)]
