@@ -428,6 +428,8 @@ class ModelServer:
         wait = self.drain_timeout if drain_timeout is None else drain_timeout
         self._stopping = True
         if self._serving:
+            with contextlib.suppress(OSError):  # wakes the serve loop now, not at its next 0.1 s poll (Linux)
+                self.httpd.socket.shutdown(socket.SHUT_RD)
             self.httpd.shutdown()
         self.httpd.server_close()
         deadline = time.monotonic() + wait

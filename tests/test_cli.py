@@ -317,11 +317,8 @@ def test_batch_killed_with_sigkill_then_resumed_has_every_item_exactly_once(tmp_
     count = 40
     write_items(tmp_path / "in.jsonl", count)
     out = tmp_path / "out.jsonl"
-    server = subprocess.Popen([sys.executable, "-m", "tests.scripted_server", "0.02"], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        base_url = server.stdout.readline().strip()
-        argv = [sys.executable, str(ROOT / "selfmoa.py"), "--base-url", base_url, "-m", "q", "-n", "2",
+    with ScriptedServer(latency=0.02) as server:
+        argv = [sys.executable, str(ROOT / "selfmoa.py"), "--base-url", server.base_url, "-m", "q", "-n", "2",
                 "--concurrency", "2", "-i", str(tmp_path / "in.jsonl"), "-o", str(out)]
         rng = random.Random(1234)
         seen = []
@@ -341,9 +338,6 @@ def test_batch_killed_with_sigkill_then_resumed_has_every_item_exactly_once(tmp_
                 json.loads(line)  # every line but a possibly torn last one is whole
             seen.append(len(lines))
         finished = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    finally:
-        server.kill()
-        server.wait(timeout=10)
     assert finished.returncode == 0, finished.stderr
     assert any(0 < n < count for n in seen), f"no kill landed mid-batch (lines after each kill: {seen})"
     lines = read_lines(out)

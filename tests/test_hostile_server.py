@@ -279,9 +279,15 @@ AS_AT_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, sig
                     "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-def interrupt(command, wait_for, timeout=10.0):
+# The same, with the calls behind a server's first request waiting 0.05 s for it, not PROBE_WAIT (2 s): for a test
+# that needs every call in flight against a server that answers none.
+AS_AT_A_TERMINAL_NO_PROBE_WAIT = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                                  "import selfmoa; selfmoa.PROBE_WAIT = 0.05; sys.exit(selfmoa.main(sys.argv[2:]))")
+
+
+def interrupt(command, wait_for, timeout=10.0, launcher=AS_AT_A_TERMINAL):
     """Start selfmoa, wait until ``wait_for()`` holds, send SIGINT; the seconds it took to exit, and its output."""
-    process = subprocess.Popen([sys.executable, "-c", AS_AT_A_TERMINAL, str(ROOT / "selfmoa.py"), *command],
+    process = subprocess.Popen([sys.executable, "-c", launcher, str(ROOT / "selfmoa.py"), *command],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout
@@ -324,7 +330,7 @@ def test_ctrl_c_ends_a_batch_with_stalled_calls_within_a_second_keeping_finished
 def test_ctrl_c_ends_a_single_prompt_with_stalled_calls_within_a_second(tmp_path, stalling_server):
     url, closed, held = stalling_server
     seconds, code, out, err = interrupt(["--base-url", url, "-m", "m", "-n", "3", "--no-n", "--timeout", "30",
-                                         "slow"], lambda: len(held) == 3)
+                                         "slow"], lambda: len(held) == 3, launcher=AS_AT_A_TERMINAL_NO_PROBE_WAIT)
     assert code == 130 and seconds < 1.0 and "interrupted" in err and "Traceback" not in err
 
 

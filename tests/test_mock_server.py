@@ -186,7 +186,7 @@ def test_each_fault_kind_as_a_client_sees_it(kind):
         else:
             with pytest.raises(requests.Timeout):
                 requests.post(faulty.base_url + "/chat/completions", json={"model": "coder", "messages": USER},
-                              timeout=0.5)
+                              timeout=0.2)
         assert_alive(faulty)
 
 
@@ -406,6 +406,19 @@ def test_mock_help_names_the_models_and_both_subcommands_and_runs_nothing():
     assert "Mock models serving" not in demo.stdout and "python3 -m mock_models" in demo.stdout
 
 
+def mock_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """``python3 -m mock_models ARGV``'s exit status, stdout and stderr, run in this process (for what ends at its
+    flags: a usage error, --help)."""
+    from mock_models.__main__ import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def start_mock(*flags: str) -> tuple[subprocess.Popen, str, str]:
     """``python3 -m mock_models FLAGS`` in a process: the process, its first stdout line and first stderr line."""
     process = subprocess.Popen([sys.executable, "-m", "mock_models", *flags], cwd=ROOT, stdout=subprocess.PIPE,
@@ -443,7 +456,7 @@ def test_the_mock_listens_on_ipv6_loopback():
         process.wait(timeout=10)
 
 
-def test_retry_after_takes_fractions_of_a_second_and_sends_them():
+def test_retry_after_takes_fractions_of_a_second_and_sends_them(capsys):
     process, url, _ = start_mock("--port", "0", "--fault-rate", "1", "--faults", "429", "--retry-after", "0.1")
     try:
         reply = requests.post(url + "/chat/completions", json={"model": "coder", "messages": USER}, timeout=10)
@@ -452,8 +465,8 @@ def test_retry_after_takes_fractions_of_a_second_and_sends_them():
         process.terminate()
         process.wait(timeout=10)
     for bad in ("soon", "-1", "nan"):
-        done = run_mock("--retry-after", bad)
-        assert done.returncode == 2 and "--retry-after" in done.stderr and "seconds" in done.stderr
+        code, _, err = mock_main(capsys, "--retry-after", bad)
+        assert code == 2 and "--retry-after" in err and "seconds" in err
 
 
 # --- Today's servers (issue 22): reasoning models' restrictions, n refused, thoughts, context windows ---------
@@ -541,12 +554,11 @@ def test_each_overflow_shape():
             assert chat(running).status_code == 200  # a short prompt fits
 
 
-def test_new_flags_on_the_command_line():
-    done = subprocess.run([sys.executable, "-m", "mock_models", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=30)
+def test_new_flags_on_the_command_line(capsys):
+    code, out, _ = mock_main(capsys, "--help")
+    assert code == 0
     for flag in ("--openai-reasoning", "--refuse-n", "--thinking", "--thought-tokens", "--context-length",
                  "--overflow"):
-        assert flag in done.stdout
-    bad = subprocess.run([sys.executable, "-m", "mock_models", "--thinking", "brain"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=30)
-    assert bad.returncode == 2 and "--thinking" in bad.stderr
+        assert flag in out
+    code, _, err = mock_main(capsys, "--thinking", "brain")
+    assert code == 2 and "--thinking" in err
