@@ -342,16 +342,23 @@ def test_demo_runs_every_method_and_its_commands_rerun_as_shown(tmp_path):
     environ = {key: value for key, value in os.environ.items() if not key.startswith(("OPENAI_", "SELFMOA_"))}
     environ["PATH"] = f"{tmp_path}{os.pathsep}{environ.get('PATH', '')}"
     with MockServer() as own:
-        script = [f"export OPENAI_BASE_URL={own.base_url}"]
-        for command, _ in steps:
+        scripts, prompt = [], ""
+        for command, _ in steps:  # each command pasted into a shell of its own after the export and its PROMPT
             if command.startswith("PROMPT="):
-                script.append(command)
+                prompt = command
             elif command.startswith("python3 selfmoa.py"):
-                script += [command, "echo '<<<end>>>'"]
-        ran = subprocess.run(["bash", "-c", "\n".join(script)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120, env=environ, stdin=subprocess.DEVNULL)
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.split("<<<end>>>\n")[:-1] == [shown + "\n" for _, shown in commands]
+                scripts.append(f"export OPENAI_BASE_URL={own.base_url}\n{prompt}\n{command}")
+        shells = [subprocess.Popen(["bash", "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=environ, stdin=subprocess.DEVNULL) for script in scripts]
+        try:  # all at once: the mock's replies depend on each request alone
+            ran = [(*shell.communicate(timeout=120), shell.returncode) for shell in shells]
+        finally:
+            for shell in shells:
+                if shell.poll() is None:
+                    shell.kill()
+                    shell.communicate()
+    assert all(code == 0 for _, _, code in ran), [err for _, err, _ in ran]
+    assert [out for out, _, _ in ran] == [shown + "\n" for _, shown in commands]
 
 
 def test_latency_is_injected():
