@@ -1081,7 +1081,8 @@ def vendi_score(texts: Sequence[str]) -> float:
 
 
 class _Pool:
-    """A fixed number of worker threads taking calls in priority order (lowest first, then FIFO).
+    """At most ``workers`` threads taking calls in priority order (lowest first, then FIFO), each started when a
+    call finds no thread free.
 
     A call's priority puts first the call with the most calls still chained behind it (critical-path
     scheduling, Hu's rule, optimal for chains of equal-length calls), then earlier batch items, then
@@ -1095,6 +1096,7 @@ class _Pool:
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._threads: list[threading.Thread] = []
+        self._idle = threading.Semaphore(0)  # released by a worker that finished a call: a thread is free
         self._lock = threading.Lock()
         self._closed = False
 
@@ -1105,7 +1107,7 @@ class _Pool:
                 future.cancel()
                 return future
             self._queue.put((priority, next(self._order), future, fn, args))
-            if len(self._threads) < self.workers:
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self.workers:  # none is free
                 thread = threading.Thread(target=self._work, name=f"selfmoa-{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
                 thread.start()
@@ -1116,12 +1118,12 @@ class _Pool:
             _, _, future, fn, args = self._queue.get()
             if future is None:
                 return
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 (handed to whoever waits on the future)
-                future.set_exception(exc)
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 (handed to whoever waits on the future)
+                    future.set_exception(exc)
+            self._idle.release()
 
     def shutdown(self) -> None:
         """Cancel what is still queued and let the workers finish their current call and stop."""

@@ -73,8 +73,8 @@ class Recorder:
     def __call__(self, request: selfmoa.Request):
         with self._lock:
             self.requests.append(request)
-        key = digest(request.model, list(request.messages), request.seed)
         if self.jitter:
+            key = digest(request.model, list(request.messages), request.seed)
             time.sleep(int(key[:4], 16) / 0xFFFF * self.jitter)
         if self.reverse and request.seed is not None:
             time.sleep(max(0.0, 0.02 - 0.002 * request.seed))

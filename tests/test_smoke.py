@@ -79,11 +79,9 @@ def test_selfmoa_py_run_as_a_script_finds_its_siblings_beside_it_even_in_isolate
 def test_the_siblings_import_selfmoa_and_never_each_other():
     import ast
     for name, allowed in (("selfmoa.py", set()), ("selfmoa_batch.py", {"selfmoa"}), ("selfmoa_serve.py", {"selfmoa"})):
-        tree = ast.parse((ROOT / name).read_text(encoding="utf-8"))
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                    for alias in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.module}
+        nodes = list(ast.walk(ast.parse((ROOT / name).read_text(encoding="utf-8"))))
+        imported = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
         assert imported - set(sys.stdlib_module_names) - {"__future__"} == allowed, name
 
 
@@ -101,11 +99,11 @@ def test_the_siblings_use_only_the_internal_names_selfmoa_keeps_for_them():
         str(path.relative_to(ROOT)) for path in (ROOT / "examples").glob("*.py"))]
     assert len(programs) > 3, programs
     for name in programs:
-        tree = ast.parse((ROOT / name).read_text(encoding="utf-8"))
+        nodes = list(ast.walk(ast.parse((ROOT / name).read_text(encoding="utf-8"))))
         for module, allowed in kept.items():
-            used = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            used = {alias.name for node in nodes if isinstance(node, ast.ImportFrom)
                     and node.module == module for alias in node.names}
-            used |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            used |= {node.attr for node in nodes if isinstance(node, ast.Attribute)
                      and isinstance(node.value, ast.Name) and node.value.id == module}
             internal = {n for n in used if n.startswith("_") and not n.startswith("__")}
             assert internal <= allowed, (name, module, sorted(internal - allowed))
