@@ -3,6 +3,7 @@ n, seeds, determinism across processes, fault injection, abuse."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -348,17 +349,12 @@ def test_demo_runs_every_method_and_its_commands_rerun_as_shown(tmp_path):
                 prompt = command
             elif command.startswith("python3 selfmoa.py"):
                 scripts.append(f"export OPENAI_BASE_URL={own.base_url}\n{prompt}\n{command}")
-        shells = [subprocess.Popen(["bash", "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, env=environ, stdin=subprocess.DEVNULL) for script in scripts]
-        try:  # all at once: the mock's replies depend on each request alone
-            ran = [(*shell.communicate(timeout=120), shell.returncode) for shell in shells]
-        finally:
-            for shell in shells:
-                if shell.poll() is None:
-                    shell.kill()
-                    shell.communicate()
-    assert all(code == 0 for _, _, code in ran), [err for _, err, _ in ran]
-    assert [out for out, _, _ in ran] == [shown + "\n" for _, shown in commands]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two at a time: the replies depend on each request
+            ran = list(pool.map(lambda script: subprocess.run(  # alone; more would crowd the other tests' timing
+                ["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, env=environ,
+                stdin=subprocess.DEVNULL), scripts))
+    assert all(done.returncode == 0 for done in ran), [done.stderr for done in ran]
+    assert [done.stdout for done in ran] == [shown + "\n" for _, shown in commands]
 
 
 def test_latency_is_injected():
