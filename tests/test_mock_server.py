@@ -3,6 +3,7 @@ n, seeds, determinism across processes, fault injection, abuse."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -342,16 +343,18 @@ def test_demo_runs_every_method_and_its_commands_rerun_as_shown(tmp_path):
     environ = {key: value for key, value in os.environ.items() if not key.startswith(("OPENAI_", "SELFMOA_"))}
     environ["PATH"] = f"{tmp_path}{os.pathsep}{environ.get('PATH', '')}"
     with MockServer() as own:
-        script = [f"export OPENAI_BASE_URL={own.base_url}"]
-        for command, _ in steps:
+        scripts, prompt = [], ""
+        for command, _ in steps:  # each command pasted into a shell of its own after the export and its PROMPT
             if command.startswith("PROMPT="):
-                script.append(command)
+                prompt = command
             elif command.startswith("python3 selfmoa.py"):
-                script += [command, "echo '<<<end>>>'"]
-        ran = subprocess.run(["bash", "-c", "\n".join(script)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120, env=environ, stdin=subprocess.DEVNULL)
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.split("<<<end>>>\n")[:-1] == [shown + "\n" for _, shown in commands]
+                scripts.append(f"export OPENAI_BASE_URL={own.base_url}\n{prompt}\n{command}")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two at a time: the replies depend on each request
+            ran = list(pool.map(lambda script: subprocess.run(  # alone; more would crowd the other tests' timing
+                ["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, env=environ,
+                stdin=subprocess.DEVNULL), scripts))
+    assert all(done.returncode == 0 for done in ran), [done.stderr for done in ran]
+    assert [done.stdout for done in ran] == [shown + "\n" for _, shown in commands]
 
 
 def test_latency_is_injected():
