@@ -1283,7 +1283,7 @@ class _Run:
                 text, thought = split_thoughts(text)  # the thoughts that open it are no answer
                 if block is not None:  # a model may echo the markers of the prompt it answers: they are no answer
                     text = _strip_markers(text, block[1])
-                text = None if thought and not text.strip() else text
+                text = None if thought and not text.strip(_BLANK) else text  # only thought: wire.md's blanks
             texts.append(text)
         reply.texts = texts
         call.outputs, call.finish_reasons = texts, reply.finish_reasons

@@ -1518,6 +1518,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("dataset", metavar="DATASET", help="the JSONL dataset")
     add("--out", metavar="DIR", help="where the pool, report.md, results.json and the figures go (required)")
+    add("--no-figures", dest="figures", action="store_false",
+        help="draw no figures, even where matplotlib is installed (the report and results.json are the same)")
     add("-M", "--model", action="append", metavar="LETTER=MODEL", help="a candidate model, named by a letter "
         "(repeat it; the first is the default aggregator)")
     add("--compositions", type=_csv, metavar="LIST", help="proposer compositions, comma-separated (default: see "
@@ -1638,7 +1640,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         with client:
             results = evaluate(questions, experiment, complete=client, out=args.out, concurrency=args.concurrency,
-                               use_n=args.use_n, source=os.path.basename(args.dataset), progress=progress)
+                               use_n=args.use_n, source=os.path.basename(args.dataset), progress=progress,
+                               figures=args.figures)
     except ConfigError as exc:
         return refuse(exc)
     except (SelfMoAError, OSError) as exc:

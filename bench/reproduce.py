@@ -115,7 +115,7 @@ def flags(letters: str, compositions: list[str], seed: int, seq: tuple[int, ...]
 def run_eval(records: list[dict], argv: list[str], out: str, base_url: str | None = None) -> dict:
     """One evaluation: the dataset written to out/dataset.jsonl, then ``selfmoa eval`` on it, in this process
     against the mock models (``base_url`` None) or as a command against the mock server at ``base_url``.
-    Returns its results.json."""
+    Returns its results.json. Either way it draws no figures of its own (the reproduction draws its own)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "dataset.jsonl")
     with open(path, "w", encoding="utf-8") as file:
@@ -126,7 +126,7 @@ def run_eval(records: list[dict], argv: list[str], out: str, base_url: str | Non
         return selfmoa_eval.evaluate(selfmoa_eval.read_dataset(path), experiment, complete=mock_complete, out=out,
                                      concurrency=1, source="dataset.jsonl", figures=False)
     command = [sys.executable, str(ROOT / "selfmoa.py"), "eval", path, "--out", out, "--base-url", base_url,
-               "--concurrency", "16", *argv]
+               "--concurrency", "16", "--no-figures", *argv]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"selfmoa eval failed ({done.returncode}): {' '.join(command)}\n{done.stderr}")

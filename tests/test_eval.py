@@ -172,19 +172,6 @@ def write_dataset(tmp_path, domains=("MATH", "MMLU"), count=3, seed=0):
     return str(path)
 
 
-@pytest.fixture
-def without_figures(monkeypatch):
-    """matplotlib unimportable, as where the optional extra is not installed (CI's default run): for runs that
-    check something else than the figures, which would spend most of their CPU drawing them (figures have tests
-    of their own)."""
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-
-
-# ``python -m selfmoa_eval ARGS`` where matplotlib is not installed: for the processes of tests about something else
-EVAL_WITHOUT_FIGURES = [sys.executable, "-c", "import runpy, sys; sys.modules['matplotlib'] = None; "
-                        "runpy.run_module('selfmoa_eval', run_name='__main__', alter_sys=True)"]
-
-
 def sample_requests(server):
     return [entry["body"] for entry in server.requests
             if entry["body"] and entry["body"]["messages"][0]["role"] != "system"]
@@ -195,15 +182,14 @@ def aggregation_requests(server):
             if entry["body"] and entry["body"]["messages"][0]["role"] == "system"]
 
 
-def test_three_models_and_the_papers_compositions_cost_one_pool_plus_one_call_per_aggregation(tmp_path, capsys,
-                                                                                              without_figures):
+def test_three_models_and_the_papers_compositions_cost_one_pool_plus_one_call_per_aggregation(tmp_path, capsys):
     """The recording server sees each model asked for n samples per item, each sample once, plus one request per
     aggregation (and one per Seq round): not one full run per composition."""
     data = write_dataset(tmp_path)
     out = tmp_path / "out"
     with MockServer() as server:
         code = ev.main([data, "--out", str(out), "--base-url", server.base_url, *THREE, "--seed", "1",
-                        "--seq", "6,12"], environ={})
+                        "--seq", "6,12", "--no-figures"], environ={})
     assert code == 0, capsys.readouterr().err
     items, n = 6, 6
     samples = sample_requests(server)
@@ -235,7 +221,7 @@ def test_three_models_and_the_papers_compositions_cost_one_pool_plus_one_call_pe
     before = len(server.requests)
     with MockServer() as again:
         assert ev.main([data, "--out", str(out), "--base-url", again.base_url, *THREE, "--seed", "1",
-                        "--seq", "6,12"], environ={}) == 0
+                        "--seq", "6,12", "--no-figures"], environ={}) == 0
         assert again.requests == []
     assert len(server.requests) == before
     rerun = json.loads((out / "results.json").read_text())
@@ -293,8 +279,7 @@ def pool_ids(out):
     return ok
 
 
-def test_killed_at_random_moments_and_rerun_it_repeats_no_recorded_call_and_gives_the_same_results(
-        tmp_path, capsys, without_figures):
+def test_killed_at_random_moments_and_rerun_it_repeats_no_recorded_call_and_gives_the_same_results(tmp_path, capsys):
     """SIGKILL at (seeded) random moments of the work, then the same command until it finishes: no sample recorded
     before a run is asked for in it, the last run makes exactly the calls the dry run announced, and the results
     are those of an uninterrupted run. A moment is when the pool has grown to a random line count between what
@@ -303,7 +288,7 @@ def test_killed_at_random_moments_and_rerun_it_repeats_no_recorded_call_and_give
     The runs that are killed are processes; the uninterrupted run and the dry runs need none and run in this
     one."""
     data = write_dataset(tmp_path, domains=("MATH",), count=4)
-    argv = [data, *THREE, "--seed", "2", "--seq", "6,9", "--concurrency", "4"]
+    argv = [data, *THREE, "--seed", "2", "--seq", "6,9", "--concurrency", "4", "--no-figures"]
     rng = random.Random(23)
     with MockServer(latency=0.02, max_concurrency=4) as server:
         clean = tmp_path / "clean"
@@ -318,7 +303,7 @@ def test_killed_at_random_moments_and_rerun_it_repeats_no_recorded_call_and_give
             assert ev.main([*argv, "--out", str(killed), "--dry-run"], environ={}) == 0, capsys.readouterr().err
             announced = int(capsys.readouterr().out.split(" calls still")[0].rsplit(" ", 1)[-1])
             start = len(server.requests)
-            process = subprocess.Popen([*EVAL_WITHOUT_FIGURES, *argv, "--out", str(killed),
+            process = subprocess.Popen([sys.executable, "-m", "selfmoa_eval", *argv, "--out", str(killed),
                                         "--base-url", server.base_url], cwd=ROOT, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.PIPE, text=True)
             if kills < 4 and len(recorded) < lines * 3 // 4:
@@ -457,6 +442,18 @@ def test_figures_are_drawn_where_matplotlib_is_installed(tmp_path):
     assert (tmp_path / "accuracy.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_no_figures_draws_none_and_says_nothing_of_them(tmp_path, capsys):
+    """--no-figures: no figure files, even where matplotlib is installed, and no line about figures (nor the
+    hint of where it is not); the report and results.json are written as always."""
+    data = write_dataset(tmp_path, domains=("MATH",), count=1)
+    out = tmp_path / "out"
+    with MockServer() as server:
+        assert ev.main([data, "--out", str(out), "-M", "i=generalist", "--base-url", server.base_url, "--seed", "0",
+                        "--no-figures"], environ={}) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["pool.jsonl", "report.md", "results.json"]
+    assert "figure" not in capsys.readouterr().err.replace(str(tmp_path), "")
+
+
 # === The reference layout ==============================================================================
 
 
@@ -507,11 +504,11 @@ def test_eval_records_the_layout_in_its_manifest(tmp_path):
         selfmoa.REFERENCE_INSTRUCTION.encode()).hexdigest()
 
 
-def test_progress_reports_calls_and_tokens_on_stderr(tmp_path, capsys, without_figures):
+def test_progress_reports_calls_and_tokens_on_stderr(tmp_path, capsys):
     data = write_dataset(tmp_path, count=1)
     with MockServer() as server:
-        code = ev.main([data, "--out", str(tmp_path / "o"), *THREE, "--base-url", server.base_url, "--seed", "0"],
-                       environ={})
+        code = ev.main([data, "--out", str(tmp_path / "o"), *THREE, "--base-url", server.base_url, "--seed", "0",
+                        "--no-figures"], environ={})
     done = capsys.readouterr()
     assert code == 0, done.err
     assert "samples: 36/36, items 2/2 done; 36 calls, " in done.err
@@ -568,7 +565,7 @@ def test_readme_shows_exactly_eval_help(monkeypatch):
         assert test_readme.metavar_once(found.group(2)) == test_readme.metavar_once(eval_help()), stale
 
 
-def test_failed_calls_leave_a_complete_report_exit_1_and_are_retried_by_a_rerun(tmp_path, capsys, monkeypatch):
+def test_failed_calls_leave_a_complete_report_exit_1_and_are_retried_by_a_rerun(tmp_path, capsys):
     """A model no server has: its samples fail, the cells that need them are reported unanswered, the other
     cells are complete, the exit status is 1; a rerun asks for the failed samples again (and only them)."""
     data = write_dataset(tmp_path, count=1)
@@ -586,9 +583,8 @@ def test_failed_calls_leave_a_complete_report_exit_1_and_are_retried_by_a_rerun(
     assert rows["x alone"]["items"] == 0 and rows["x alone"]["accuracy"] is None
     assert rows["iixx"]["items"] == 2  # the x samples failed: aggregated from the two of i
     assert "| x alone | single sample | - |" in (out / "report.md").read_text()
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the first run drew the figures, where installed
-    with MockServer() as server:
-        assert ev.main([*argv, "--base-url", server.base_url], environ={}) == 1
+    with MockServer() as server:  # the first run drew the figures, where matplotlib is installed
+        assert ev.main([*argv, "--base-url", server.base_url, "--no-figures"], environ={}) == 1
         asked = {entry["body"]["model"] for entry in server.requests}
     assert asked == {"no-such-model"} and first > 0
 

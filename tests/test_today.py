@@ -8,7 +8,7 @@ import json
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import selfmoa
@@ -257,6 +257,7 @@ def dressed(answer: str, form: str, i: int) -> str:
            min_size=6, max_size=6),
        stream_pieces=st.integers(1, 7))
 @settings(max_examples=60, deadline=None)
+@example(forms=["think", "plain"], answers=["\x0c", "0", "0", "0", "0", "0"], stream_pieces=1)  # not a blank
 def test_H5_references_shown_to_an_aggregator_are_exactly_the_answers_with_thoughts_removed(forms, answers,
                                                                                           stream_pieces):
     shown: list[list[str]] = []
