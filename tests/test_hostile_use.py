@@ -253,15 +253,15 @@ def test_1100_trickling_connections_at_a_1024_file_limit_leave_health_and_keyed_
                 closed += 1
         assert closed >= 1100 - total_cap, f"only {closed} of the 1,100 trickling connections were closed"
     finally:
-        for connection in trickling:
-            connection.close()
-        process.stdin.close()
+        process.stdin.close()  # the server first: 1,100 connections closing under it would keep it busy
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
         process.stdout.close()
+        for connection in trickling:
+            connection.close()
 
 
 def test_over_the_caps_a_connection_takes_a_waiting_ones_place_or_gets_a_503_when_all_are_busy():
