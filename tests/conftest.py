@@ -6,7 +6,10 @@ so that races and other bugs a fixed seed never meets show up in CI."""
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+import selfmoa
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -19,3 +22,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # sets PYTHONDONTWRITEBYTECODE, each start compiled them from source again (selfmoa.py alone takes about 0.06 s
 # of CPU); these processes write and reuse __pycache__ as Python does by default (git ignores it).
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
+@pytest.fixture
+def retries_at_once(monkeypatch):
+    """Every HTTPClient made meanwhile, the command line's too, retries without its backoff wait (0.25 s on
+    average at the default backoff): what is retried, and what it says, stays the same."""
+    init = selfmoa.HTTPClient.__init__
+
+    def without_waits(self, *args, **kwargs):
+        init(self, *args, **{"sleep": lambda seconds: None, **kwargs})
+    monkeypatch.setattr(selfmoa.HTTPClient, "__init__", without_waits)

@@ -109,7 +109,7 @@ def test_no_stream_is_the_default_when_stdout_is_not_a_terminal(capsys):
     assert all("stream" not in b for b in bodies(server))
 
 
-def test_min_ok_and_retries_and_exit_status_1_on_model_failure(capsys):
+def test_min_ok_and_retries_and_exit_status_1_on_model_failure(capsys, retries_at_once):
     error = {"error": {"message": "overloaded", "type": "server_error"}}
     with ScriptedServer(("json", 500, error, {})) as server:
         code, out, err = run(capsys, ["--base-url", server.base_url, "-m", "q", "-n", "2", "--retries", "1",

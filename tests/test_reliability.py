@@ -122,17 +122,6 @@ def leaks(*texts) -> bool:
     return any(CANARY in text for text in texts)
 
 
-@pytest.fixture
-def retries_at_once(monkeypatch):
-    """Every HTTPClient made meanwhile, the command line's too, retries without its backoff wait (0.25 s on
-    average at the default backoff): what is retried, and what it says, stays the same."""
-    init = selfmoa.HTTPClient.__init__
-
-    def without_waits(self, *args, **kwargs):
-        init(self, *args, **{"sleep": lambda seconds: None, **kwargs})
-    monkeypatch.setattr(selfmoa.HTTPClient, "__init__", without_waits)
-
-
 @pytest.mark.parametrize("script", [
     [("json", 401, {"error": {"message": f"Incorrect API key provided: {CANARY}", "type": "auth"}}, {})],
     [("json", 500, {"error": {"message": f"internal error for key {CANARY}"}}, {})],
