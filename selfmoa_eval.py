@@ -674,8 +674,8 @@ class _Store:
         return found
 
     def write(self, *records: dict) -> None:
-        """Append the lines in one write: the samples of one request are kept all or none by a killed run, so
-        a rerun asks for them in one request again, and what they cost is the same as in an uninterrupted run."""
+        """Append the lines in one write: a killed run seldom keeps only some of one request's samples (which
+        would make the rerun ask for the rest in a request of its own, whose prompt tokens count again)."""
         data = b"".join(selfmoa_batch._dump_line(record) for record in records)
         with self.lock:
             assert self.descriptor is not None
