@@ -132,7 +132,10 @@ def test_every_example_after_the_step_runs_against_the_mock(tmp_path):
                             continue
                         if words[:2] == ["selfmoa", "serve"]:
                             assert serve is None, "one serve at a time"
-                            serve = subprocess.Popen(["bash", "-c", here(command) + " --port 0"], cwd=work,
+                            # On a free port: "--port 0" goes first, as the command may end in a comment.
+                            free = here(command).replace("selfmoa serve", "selfmoa serve --port 0", 1)
+                            assert "--port" not in command, "a later --port would override the free one"
+                            serve = subprocess.Popen(["bash", "-c", free], cwd=work,
                                                      env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                      text=True, stdin=subprocess.DEVNULL)
                             url = serve.stdout.readline().strip()
