@@ -279,11 +279,6 @@ REFERENCE_INSTRUCTION = (
 )
 LAYOUTS = ("keyed", "reference")  # how the references are laid out in the aggregator prompt (spec/wire.md 6)
 
-
-def _check_layout(layout: Any) -> None:
-    _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
-           "MoA code", 'pass layout="keyed" (the default) or layout="reference"')
-
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Prompt = str | Sequence[Message]
 Proposers = Sequence[str] | Sequence[Sequence[str]]  # MoA's: one list of models, or one list per proposer layer
@@ -1772,6 +1767,11 @@ def _check_sampled(*, model: Any, n: Any, temperature: Any, method: str) -> None
     _check(not (isinstance(temperature, (int, float)) and temperature <= 0),  # other bad values: _sampling
            "temperature", temperature, f"{method}'s diversity comes from sampling; at 0 every sample is the same",
            "pass a temperature above 0 (the paper samples at 0.7)")
+
+
+def _check_layout(layout: Any) -> None:
+    _check(layout in LAYOUTS, "layout", layout, "the references are laid out keyed or numbered as in the original "
+           "MoA code", 'pass layout="keyed" (the default) or layout="reference"')
 
 
 def _check_window(window: Any, carry: Any, n: Any = 1) -> None:
