@@ -293,6 +293,10 @@ def test_over_the_caps_a_connection_takes_a_waiting_ones_place_or_gets_a_503_whe
         release.set()
         for connection in busy:  # answered; now kept alive and waiting for a next request
             assert read_response(connection, 0.5).startswith(b"HTTP/1.1 200 ")
+        # The reply reaches the client a moment before serve marks its connection as waiting again.
+        deadline = time.monotonic() + 5
+        while not all(client.waiting for client in list(server._clients.values())) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert requests.get(server.base_url.removesuffix("/v1") + "/health", timeout=5).status_code == 200
         evicted = sum(read_reply(connection, 0.3) == b"<closed>" for connection in busy)
         assert evicted == 1
